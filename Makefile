@@ -1,0 +1,25 @@
+# A new user runs two commands: `make demo` and `make test`. Both create .venv and install what is pinned.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test bench clean
+
+$(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# Mistral's real v1 tokenizer.model ships in this wheel; --no-deps keeps its numpy/torch pins out.
+	$(PY) -m pip install -q --no-deps mistral-common
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+demo: $(STAMP)
+	$(PY) -m cancerllm.demo
+
+clean:
+	rm -rf build dist *.egg-info cancerllm/_C*.so .pytest_cache

@@ -1,0 +1,144 @@
+"""Plain-PyTorch versions of every op: the CPU path and the test oracle of the Triton kernels.
+
+Each computes in fp32 whatever the storage dtype (float64 stays float64, so tests can use it as the oracle),
+and returns the input's dtype. Shapes and semantics are those of DESIGN.md.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+def document_ids(cu_seqlens: torch.Tensor, n_tokens: int) -> torch.Tensor:
+    """Index of the document each of the flattened tokens belongs to."""
+    idx = torch.arange(n_tokens, device=cu_seqlens.device)
+    return torch.searchsorted(cu_seqlens.to(torch.int64), idx, right=True) - 1
+
+
+def attention_mask(B: int, T: int, *, window=None, cu_seqlens=None, device=None) -> torch.Tensor:
+    """Boolean [B, T, T] mask, True where query i may attend key j: causal, Mistral window
+    (i - W < j <= i), and never across a document boundary."""
+    i = torch.arange(T, device=device)
+    rel = i[:, None] - i[None, :]
+    mask = rel >= 0
+    if window is not None:
+        mask = mask & (rel < window)
+    mask = mask.expand(B, T, T)
+    if cu_seqlens is not None:
+        doc = document_ids(cu_seqlens, B * T).view(B, T)
+        mask = mask & (doc[:, :, None] == doc[:, None, :])
+    return mask
+
+
+def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
+    """Causal grouped-query attention. q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D].
+
+    The G = Hq / Hkv query heads that share a KV head are folded into the query-length axis, so K and V are
+    used once per group instead of being copied G times (no repeat_kv). With `lse=True` also returns the
+    natural-log log-sum-exp of the scaled scores, [B, Hq, T] in fp32.
+    """
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    dt = compute_dtype(q.dtype)
+    qg = q.to(dt).permute(0, 2, 1, 3).reshape(B, Hkv, G * T, D)   # query head h = kv * G + g
+    kt = k.to(dt).permute(0, 2, 1, 3)
+    vt = v.to(dt).permute(0, 2, 1, 3)
+    mask = attention_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=q.device)
+    mask = mask[:, None, None].expand(B, 1, G, T, T).reshape(B, 1, G * T, T)
+    scores = (qg @ kt.transpose(-1, -2)) * D ** -0.5
+    scores = scores.masked_fill(~mask, float("-inf"))
+    logsumexp = torch.logsumexp(scores, dim=-1, keepdim=True)
+    out = torch.exp(scores - logsumexp) @ vt
+    out = out.view(B, Hkv, G, T, D).reshape(B, Hq, T, D).permute(0, 2, 1, 3).to(q.dtype)
+    if lse:
+        return out, logsumexp.view(B, Hq, T).float()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- RMSNorm
+
+def rms_norm(x, weight, eps=1e-5, residual=None):
+    """y = x / rms(x) * weight over the last axis; with `residual`, h = x + residual is normalised and
+    (y, h) returned, so the caller carries h on as the new residual stream."""
+    if residual is not None:
+        x = x + residual
+    xf = x.to(compute_dtype(x.dtype))
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+    y = y.to(x.dtype)
+    return (y, x) if residual is not None else y
+
+
+# ---------------------------------------------------------------------------------------------- cross-entropy
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
+    """Token cross-entropy over logits [N, V] in fp32. "mean" divides by the number of non-ignored targets
+    (0 when there are none, with zero gradient). `z_loss` adds z_loss * logsumexp(logits)^2 per token."""
+    lf = logits.to(compute_dtype(logits.dtype))
+    valid = targets != ignore_index
+    safe_targets = torch.where(valid, targets, 0)
+    lse = torch.logsumexp(lf, dim=-1)
+    loss = lse - lf.gather(1, safe_targets[:, None]).squeeze(1)
+    if z_loss:
+        loss = loss + z_loss * lse.pow(2)
+    loss = torch.where(valid, loss, 0.0)
+    return reduce_loss(loss, valid, reduction)
+
+
+def reduce_loss(loss, valid, reduction):
+    if reduction == "none":
+        return loss
+    if reduction == "sum":
+        return loss.sum()
+    if reduction == "mean":
+        return loss.sum() / valid.sum().clamp(min=1)
+    raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+
+
+class ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """cross_entropy(hidden @ weight.T, targets) a chunk of tokens at a time: the [N, V] logits never exist,
+    only [chunk, V]. Gradients are computed in the forward pass (accumulated in fp32), so backward is a scale."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size):
+        dt = compute_dtype(hidden.dtype)
+        w = weight.to(dt)
+        valid = targets != ignore_index
+        n_valid = valid.sum().clamp(min=1)
+        scale = 1.0 / n_valid if reduction == "mean" else torch.ones((), device=hidden.device)
+        total = torch.zeros((), dtype=dt, device=hidden.device)
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight, dtype=dt)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h = hidden[start:start + chunk_size].to(dt)
+            t = targets[start:start + chunk_size]
+            ok = valid[start:start + chunk_size]
+            logits = h @ w.T
+            lse = torch.logsumexp(logits, dim=-1)
+            safe = torch.where(ok, t, 0)
+            total += torch.where(ok, lse - logits.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
+            # d loss / d logits = softmax - onehot, zero on ignored rows, scaled for the mean.
+            grad_logits = torch.exp(logits - lse[:, None])
+            grad_logits[torch.arange(len(t), device=t.device), safe] -= 1.0
+            grad_logits *= (ok.to(dt) * scale)[:, None]
+            grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
+            grad_weight += grad_logits.T @ h
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return (total * scale).to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
+
+
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=1024):
+    """Equals cross_entropy(hidden @ weight.T, targets) without holding the [N, V] logits.
+    hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum"."""
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_size)
