@@ -1,0 +1,249 @@
+"""Mistral, written by hand: token embedding, pre-norm blocks of grouped-query sliding-window attention with
+rotary embeddings and a SwiGLU feed-forward, a final RMSNorm and an untied output head.
+
+Module and parameter names follow Hugging Face's MistralForCausalLM, less its `model.` prefix, so checkpoints
+map one to one. Attention, RMSNorm and the loss go through `cancerllm.kernels`.
+"""
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from . import kernels
+
+
+FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), Optional[int]: (int, type(None))}
+
+
+@dataclass
+class ModelArgs:
+    dim: int = 4096
+    n_layers: int = 32
+    n_heads: int = 32
+    n_kv_heads: int = 8
+    head_dim: int = 128
+    hidden_dim: int = 14336
+    vocab_size: int = 32000
+    sliding_window: Optional[int] = 4096      # None: full causal attention
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    max_seq_len: int = 32768                  # length of the precomputed rotary table
+    attn_backend: str = "auto"                # "auto" (kernels' dispatch) or "xformers" on CUDA
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelArgs":
+        if name not in PRESETS:
+            raise ValueError(f"unknown model preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, FIELD_TYPES[f.type]) or isinstance(value, bool):
+                raise TypeError(f"ModelArgs.{f.name} must be {f.type}, got {value!r}")
+        for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
+                     "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"ModelArgs.{name} must be positive, got {getattr(self, name)}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"ModelArgs.n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"ModelArgs.head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"ModelArgs.sliding_window must be positive or None, got {self.sliding_window}")
+        if self.attn_backend not in ("auto", "xformers"):
+            raise ValueError(f"ModelArgs.attn_backend must be 'auto' or 'xformers', got {self.attn_backend!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def num_params(self, embedding: bool = True) -> int:
+        attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        block = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
+        n = self.n_layers * block + self.dim + self.vocab_size * self.dim    # + final norm, output head
+        return n + self.vocab_size * self.dim if embedding else n
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM convention: 6N for the weights (N without the embedding lookup) plus
+        12·L·H·d·T_eff for attention, T_eff being the mean number of keys a query sees (causal, windowed)."""
+        w = min(self.sliding_window or seq_len, seq_len)
+        t_eff = (w * (w + 1) / 2 + (seq_len - w) * w) / seq_len
+        return 6 * self.num_params(embedding=False) + 12 * self.n_layers * self.n_heads * self.head_dim * t_eff
+
+
+PRESETS = {
+    # Mistral-7B-v0.1, exactly.
+    "mistral-7b": dict(),
+    # CPU sizes: ~1M parameters for tests, ~34M for the CPU demo (most of it the 32k-vocabulary embeddings).
+    "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176, vocab_size=8192,
+                 sliding_window=32, max_seq_len=512),
+    "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=64, hidden_dim=1024, vocab_size=32000,
+                  sliding_window=512, max_seq_len=2048),
+    # A 1B-class shape for single-GPU benchmarks.
+    "1b": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, head_dim=128, hidden_dim=7168),
+}
+
+
+# ---------------------------------------------------------------------------------------------- rotary
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
+    """cos and sin of position * inv_freq, [max_seq_len, head_dim / 2] in fp32, indexed by position so that
+    packed documents can restart at 0."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim)
+    angles = torch.arange(max_seq_len, device=device, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate the halves of each head (Hugging Face's layout): x [B, T, H, D], cos/sin [B, T, D/2]."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
+    """Positions [B, T] that restart at 0 at each document start."""
+    from .kernels.reference import document_ids
+    idx = torch.arange(batch * seq_len, device=cu_seqlens.device)
+    starts = cu_seqlens.to(torch.int64)[document_ids(cu_seqlens, batch * seq_len)]
+    return (idx - starts).view(batch, seq_len)
+
+
+# ---------------------------------------------------------------------------------------------- layers
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x, residual=None):
+        return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.layer_id = layer_id
+        self.n_heads, self.n_kv_heads, self.head_dim = args.n_heads, args.n_kv_heads, args.head_dim
+        self.window = args.sliding_window
+        self.backend = args.attn_backend
+        self.q_proj = nn.Linear(args.dim, args.n_heads * args.head_dim, bias=False)
+        self.k_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.v_proj = nn.Linear(args.dim, args.n_kv_heads * args.head_dim, bias=False)
+        self.o_proj = nn.Linear(args.n_heads * args.head_dim, args.dim, bias=False)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None):
+        B, T, _ = x.shape
+        q = apply_rope(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is not None:   # incremental decoding: the cache stores k, v and attends over what it holds
+            out = cache.attend(self.layer_id, q, k, v)
+        else:
+            out = kernels.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
+        return self.o_proj(out.reshape(B, T, -1))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.up_proj = nn.Linear(args.dim, args.hidden_dim, bias=False)
+        self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs, layer_id: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.self_attn = Attention(args, layer_id)
+        self.post_attention_layernorm = RMSNorm(args.dim, args.norm_eps)
+        self.mlp = FeedForward(args)
+
+    def forward(self, x, cos, sin, cu_seqlens=None, cache=None):
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, cu_seqlens, cache)
+        normed, h = self.post_attention_layernorm(attn, residual=x)   # h = x + attn, fused with the norm
+        return h + self.mlp(normed)
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+        self.init_rope()
+        self.init_weights()
+
+    def init_rope(self):
+        """(Re)build the rotary tables, e.g. after the model was created on the meta device."""
+        device = self.embed_tokens.weight.device
+        device = None if device.type == "meta" else device
+        self.rope_cos, self.rope_sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
+                                                   device=device)
+
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02):
+        for name, p in self.named_parameters():
+            if name.endswith("layernorm.weight") or name == "norm.weight":
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, std)
+
+    def forward(self, tokens, positions=None, cu_seqlens=None, cache=None, targets=None, ignore_index=-100):
+        """tokens [B, T] (int) -> logits [B, T, vocab]; with `targets` [B, T], the mean cross-entropy over
+        non-ignored targets instead, computed without materialising the logits.
+
+        positions [B, T] default to 0..T-1, or restart at each document start when `cu_seqlens` (int32, [n+1],
+        offsets over the flattened B*T tokens) marks packed documents, which then never attend to each other.
+        """
+        B, T = self.check_inputs(tokens, positions, cu_seqlens, targets)
+        if positions is None:
+            positions = (positions_from_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None
+                         else torch.arange(T, device=tokens.device).expand(B, T))
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]
+        h = self.embed_tokens(tokens)
+        for layer in self.layers:
+            h = layer(h, cos, sin, cu_seqlens, cache)
+        h = self.norm(h)
+        if targets is not None:
+            return kernels.linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
+                                                ignore_index=ignore_index)
+        return self.lm_head(h)
+
+    def check_inputs(self, tokens, positions, cu_seqlens, targets):
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
+            raise ValueError(f"tokens must be a 2-D [batch, seq] tensor, got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        if tokens.dtype not in (torch.int32, torch.int64):
+            raise TypeError(f"tokens must be int32 or int64, got {tokens.dtype}")
+        B, T = tokens.shape
+        if positions is not None:
+            if positions.shape != (B, T):
+                raise ValueError(f"positions must have the tokens' shape {(B, T)}, got {tuple(positions.shape)}")
+            if positions.numel() and int(positions.max()) >= self.args.max_seq_len:
+                raise ValueError(f"positions reach {int(positions.max())} but max_seq_len={self.args.max_seq_len}")
+        elif cu_seqlens is None and T > self.args.max_seq_len:
+            raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
+        if targets is not None and targets.shape != (B, T):
+            raise ValueError(f"targets must have the tokens' shape {(B, T)}, got {tuple(targets.shape)}")
+        return B, T
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu", dtype=None) -> "Transformer":
+        from .checkpoint import load_pretrained
+        return load_pretrained(path, device=device, dtype=dtype)
+
+    def save_pretrained(self, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):
+        from .checkpoint import save_pretrained
+        save_pretrained(self, path, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype)
