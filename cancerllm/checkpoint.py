@@ -1,0 +1,225 @@
+"""Read and write the Hugging Face Mistral layout without `transformers`: config.json, model.safetensors or sharded
+model-0000k-of-0000n.safetensors + model.safetensors.index.json, and tokenizer.model beside them.
+
+Loading streams tensor by tensor into a model built on the meta device, so a checkpoint needs about its own size
+in RAM, not twice that. Nothing is ever unpickled.
+"""
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from .model import ModelArgs, Transformer
+
+CONFIG = "config.json"
+SINGLE = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+TOKENIZER = "tokenizer.model"
+HF_PREFIX = "model."
+# Buffers some older exports carry that the architecture recomputes.
+IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+def read_config(path) -> tuple[ModelArgs, torch.dtype]:
+    """ModelArgs and stored dtype from a config.json in transformers v4 (`rope_theta`, `torch_dtype`) or v5
+    (`rope_parameters`, `dtype`) naming. Refuses what the architecture cannot represent."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: missing (a Hugging Face checkpoint directory needs {CONFIG})")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(cfg).__name__}")
+
+    def refuse(key, why):
+        raise ValueError(f"{path}: {key}={cfg.get(key)!r} is not supported: {why}")
+
+    if cfg.get("model_type") != "mistral":
+        refuse("model_type", "only 'mistral' checkpoints can be represented")
+    if cfg.get("tie_word_embeddings", False):
+        refuse("tie_word_embeddings", "Mistral has an untied output head")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "the feed-forward is SwiGLU (silu)")
+    rope = cfg.get("rope_parameters") or {}
+    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        refuse("rope_scaling" if cfg.get("rope_scaling") else "rope_parameters", "only unscaled rotary embeddings")
+    for key in ("attention_bias", "mlp_bias"):
+        if cfg.get(key):
+            refuse(key, "Mistral's projections have no bias")
+
+    def get(key, kind, default=None):
+        value = cfg.get(key, default)
+        if value is None and default is None and key in REQUIRED:
+            raise ValueError(f"{path}: missing required key {key!r}")
+        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+            raise ValueError(f"{path}: {key} must be {kind.__name__ if isinstance(kind, type) else 'a number'}, "
+                             f"got {value!r}")
+        return value
+
+    n_heads = get("num_attention_heads", int)
+    dim = get("hidden_size", int)
+    args = ModelArgs(
+        dim=dim, n_layers=get("num_hidden_layers", int), n_heads=n_heads,
+        n_kv_heads=get("num_key_value_heads", int, n_heads),
+        head_dim=get("head_dim", int, None) or dim // n_heads,
+        hidden_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
+        sliding_window=get("sliding_window", int, None),
+        rope_theta=float(rope.get("rope_theta", get("rope_theta", (int, float), 10000.0))),
+        norm_eps=float(get("rms_norm_eps", (int, float), 1e-6)),
+        max_seq_len=get("max_position_embeddings", int, 32768))
+    dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
+    if dtype_name not in DTYPES:
+        raise ValueError(f"{path}: dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
+    return args, DTYPES[dtype_name]
+
+
+REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def config_dict(args: ModelArgs, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict:
+    """A config.json that transformers v4 and v5 both read."""
+    dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    return {
+        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
+        "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
+        "vocab_size": args.vocab_size, "sliding_window": args.sliding_window,
+        "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
+        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "hidden_act": "silu", "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02,
+        "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
+        "torch_dtype": dtype_name, "dtype": dtype_name,
+    }
+
+
+# ---------------------------------------------------------------------------------------------- load
+
+def weight_files(directory: Path) -> list[Path]:
+    index = directory / INDEX
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"{index}: not a safetensors index ({e})") from None
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+    elif (directory / SINGLE).is_file():
+        files = [directory / SINGLE]
+    else:
+        raise FileNotFoundError(f"{directory}: no {SINGLE} or {INDEX} found")
+    for f in files:
+        if not f.is_file():
+            raise FileNotFoundError(f"{f}: listed in {index.name} but missing")
+    return files
+
+
+def iter_tensors(files):
+    """(name, tensor) one at a time, each read from its memory-mapped file when asked for."""
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for name in sf.keys():
+                    yield name, sf.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
+
+
+def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
+    """Build a Transformer from a Hugging Face Mistral directory, in `dtype` (default: the stored one)."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: checkpoint directory not found")
+    args, stored_dtype = read_config(directory / CONFIG)
+    dtype = dtype or stored_dtype
+    with torch.device("meta"):
+        model = Transformer(args)
+    expected = {name: p.shape for name, p in model.state_dict().items()}
+    state, unexpected, misshapen = {}, [], []
+    for name, tensor in iter_tensors(weight_files(directory)):
+        key = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
+        if IGNORED_KEYS.match(key):
+            continue
+        if key not in expected:
+            unexpected.append(name)
+        elif tensor.shape != expected[key]:
+            misshapen.append(f"{name}: {tuple(tensor.shape)} in the file, {tuple(expected[key])} expected")
+        else:
+            state[key] = tensor.to(device=device, dtype=dtype)
+    missing = sorted(HF_PREFIX * (k != "lm_head.weight") + k for k in expected.keys() - state.keys())
+    problems = [f"missing: {', '.join(missing)}"] * bool(missing) + \
+               [f"unexpected: {', '.join(unexpected)}"] * bool(unexpected) + \
+               [f"wrong shape: {'; '.join(misshapen)}"] * bool(misshapen)
+    if problems:
+        raise ValueError(f"{directory}: weights do not match config.json: " + " | ".join(problems))
+    model.load_state_dict(state, assign=True)
+    model.init_rope()
+    return model
+
+
+# ---------------------------------------------------------------------------------------------- save
+
+def parse_size(size) -> int:
+    if isinstance(size, int):
+        return size
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", str(size).upper())
+    if not match:
+        raise ValueError(f"max_shard_size must be bytes or like '5GB' / '500MB', got {size!r}")
+    return int(float(match[1]) * {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9}[match[2]])
+
+
+def plan_shards(state: dict, max_bytes: int) -> list[dict]:
+    shards, current, used = [], {}, 0
+    for name, tensor in state.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        if current and used + nbytes > max_bytes:
+            shards.append(current)
+            current, used = {}, 0
+        current[name] = tensor
+        used += nbytes
+    return shards + [current]
+
+
+def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):
+    """Write a model state dict (our names) as a Hugging Face directory. Used for a local model and for the full
+    state dict that FSDP training gathers on rank 0."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    dtype = dtype or next(iter(state.values())).dtype
+    hf_state = {(k if k == "lm_head.weight" else HF_PREFIX + k): v.detach().to("cpu", dtype).contiguous()
+                for k, v in state.items()}
+    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX]:
+        stale.unlink(missing_ok=True)
+    shards = plan_shards(hf_state, parse_size(max_shard_size))
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / SINGLE), metadata={"format": "pt"})
+    else:
+        weight_map = {}
+        for i, shard in enumerate(shards, 1):
+            name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            save_file(shard, str(directory / name), metadata={"format": "pt"})
+            weight_map.update(dict.fromkeys(shard, name))
+        total = sum(t.numel() * t.element_size() for t in hf_state.values())
+        (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                  indent=2))
+    ids = {}
+    if tokenizer is not None:
+        from .tokenizer import Tokenizer
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+        tok.check_fits(args.vocab_size)
+        if tok.path.resolve() != (directory / TOKENIZER).resolve():
+            shutil.copyfile(tok.path, directory / TOKENIZER)
+        ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id)
+    (directory / CONFIG).write_text(json.dumps(config_dict(args, dtype, **ids), indent=2))
+
+
+def save_pretrained(model: Transformer, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):
+    save_state_dict(model.state_dict(), model.args, path, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                    dtype=dtype)
