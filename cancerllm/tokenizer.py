@@ -58,7 +58,7 @@ class Tokenizer:
 
 
 def train(input_files, model_prefix, *, vocab_size=8000, model_type="bpe", character_coverage=0.9999,
-          input_sentence_size=2_000_000, seed=0, num_threads=None) -> Tokenizer:
+          input_sentence_size=2_000_000, num_threads=None) -> Tokenizer:
     """Train a domain sentencepiece vocabulary on text files (one sentence or document per line), with
     Mistral's conventions: <unk>=0, <s>=1, </s>=2, no pad, byte fallback so no text is ever unencodable,
     digits split. Returns the loaded tokenizer; the model is written to `{model_prefix}.model`."""
@@ -71,7 +71,8 @@ def train(input_files, model_prefix, *, vocab_size=8000, model_type="bpe", chara
         input=",".join(files), model_prefix=str(model_prefix), vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, byte_fallback=True, split_digits=True,
         unk_id=0, bos_id=1, eos_id=2, pad_id=-1, input_sentence_size=input_sentence_size,
-        shuffle_input_sentence=True, seed_sentencepiece_size=1_000_000, random_seed=seed,
+        # No sampling of the input: the same files always give the same vocabulary.
+        shuffle_input_sentence=False, seed_sentencepiece_size=1_000_000,
         num_threads=num_threads or os.cpu_count(), minloglevel=2, max_sentence_length=1 << 16)
     return Tokenizer(f"{model_prefix}.model")
 
