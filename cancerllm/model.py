@@ -200,12 +200,14 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, tokens, positions=None, cu_seqlens=None, cache=None, targets=None, ignore_index=-100):
+    def forward(self, tokens, positions=None, cu_seqlens=None, cache=None, targets=None, ignore_index=-100,
+                last_only=False):
         """tokens [B, T] (int) -> logits [B, T, vocab]; with `targets` [B, T], the mean cross-entropy over
         non-ignored targets instead, computed without materialising the logits.
 
         positions [B, T] default to 0..T-1, or restart at each document start when `cu_seqlens` (int32, [n+1],
         offsets over the flattened B*T tokens) marks packed documents, which then never attend to each other.
+        `last_only` returns the logits of the last position only, [B, 1, vocab] (generation's prefill).
         """
         B, T = self.check_inputs(tokens, positions, cu_seqlens, targets)
         if positions is None:
@@ -215,7 +217,7 @@ class Transformer(nn.Module):
         h = self.embed_tokens(tokens)
         for layer in self.layers:
             h = layer(h, cos, sin, cu_seqlens, cache)
-        h = self.norm(h)
+        h = self.norm(h[:, -1:] if last_only else h)
         if targets is not None:
             return kernels.linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
                                                 ignore_index=ignore_index)
