@@ -1,0 +1,329 @@
+"""Build the task datasets from the bundled TCGA reports and registry labels (`python -m cancerllm.tasks.build`).
+
+Three tasks, each written as prompt/completion JSONL per split (train/val/test), the format the SFT stage reads:
+- phenotype-qa: one example per (report, field); the answer is the registry value or "not mentioned";
+- phenotype-json: one example per report; the answer is a JSON object with every field, null when unknown;
+- diagnosis: the report with its final-diagnosis section cut out (rule: `find_diagnosis_section`), the answer a
+  one-line statement built from the registry fields (`diagnosis_statement`).
+Splits are by patient and seeded. Prompts come from templates.json. Every record also carries `task`,
+`patient_id`, the (possibly truncated) `report` and the gold `fields`, which evaluation and perturbation use.
+
+Reports longer than --max-report-chars are cut to their head plus their key section (`truncate_report`): the
+synoptic/staging summary when the report has one, else the final-diagnosis section. Reports with empty text and
+reports without a registry row are counted and reported as failures, never silently dropped; a registry value
+that is not an allowed form of its field is an error naming the file, line and column.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import random
+import re
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
+
+TEMPLATES_PATH = Path(__file__).with_name("templates.json")
+TASKS = ("phenotype-qa", "phenotype-json", "diagnosis")
+SPLITS = ("train", "val", "test")
+
+REPORT_COLUMNS = ("patient_id", "text")
+# field -> registry columns, the first non-empty one wins (histology_other refines "Other, specify" rows).
+LABEL_COLUMNS = {
+    "cancer_type": ("project",), "primary_site": ("tumor_tissue_site",), "histology": ("histology_other", "histology"),
+    "laterality": ("laterality",), "grade": ("grade",), "pT": ("ajcc_pathologic_t",), "pN": ("ajcc_pathologic_n",),
+    "pM": ("ajcc_pathologic_m",), "stage": ("ajcc_pathologic_stage",), "ER": ("er_status_ihc",),
+    "PR": ("pr_status_ihc",), "HER2": ("her2_status_ihc", "her2_fish_status"), "gleason": ("gleason_score",),
+}
+# HER2 IHC results that leave the status to FISH when FISH has one.
+HER2_UNDECIDED = ("", "Equivocal", "Indeterminate")
+
+# The final-diagnosis heading: "Diagnosis"/"DIAGNOSIS" (or -es, optionally "Details") ending in '.' or ':', at a
+# sentence start, with up to two capitalised words before it that do not make it a frozen-section, operative,
+# clinical or other non-final diagnosis. Its section ends at the next known heading (capitalised, at a sentence
+# start, ending in '.' or ':'), else at the end of the report.
+DIAGNOSIS_HEADING = re.compile(r"(?:^|(?<=[.:;] ))((?:[A-Z][A-Za-z-]* ){0,2})(?:DIAGNOS[IE]S|Diagnos[ie]s)(?: Details)?\s*[:.]")
+NOT_FINAL = re.compile(r"frozen|section|\bop\b|operative|clinical|\bfs\b|pre|post|intra|quick|previous|addendum|"
+                       r"consult|secondary|\bno\b|days|procedure", re.I)
+SECTION_END = re.compile(
+    r"(?<=[.:;] )(?:comments?|note|gross(?: description)?|microscopic(?: description)?|"
+    r"clinical (?:history|information|data)|patient history|s?ynoptic(?: data| report)?|case synopsis|addendum|"
+    r"frozen section(?: diagnosis)?|intraoperative consultation|specimens?(?: received)?|source|procedure|"
+    r"snomed codes|electronically signed|reviewed and approved)\s*[:.]", re.I)
+# The compact staging summary most TCGA reports carry (OCR sometimes eats the S of SYNOPTIC).
+SYNOPTIC = re.compile(r"S?YNOPTIC|CASE SYNOPSIS|Pathologic Stag(?:e|ing)|pTNM")
+
+
+def load_templates(path=TEMPLATES_PATH) -> dict:
+    path = Path(path)
+    templates = json.loads(path.read_text())
+    missing = [f for f in FIELDS if f not in templates["questions"]]
+    if missing:
+        raise ValueError(f"{path}: no question for field(s) {', '.join(missing)}")
+    return templates
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+def open_csv(path, required):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found")
+    f = path.open(newline="", encoding="utf-8")
+    reader = csv.DictReader(f)
+    missing = [c for c in required if c not in (reader.fieldnames or [])]
+    if missing:
+        f.close()
+        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
+    return f, reader
+
+
+def read_reports(path) -> list[dict]:
+    f, reader = open_csv(path, REPORT_COLUMNS)
+    reports, seen = [], {}
+    with f:
+        for row in reader:
+            pid = row["patient_id"].strip()
+            if pid in seen:
+                raise ValueError(f"{path}:{reader.line_num}: patient {pid} already has a report (line {seen[pid]})")
+            seen[pid] = reader.line_num
+            reports.append({"patient_id": pid, "text": row["text"].strip(), "where": f"{path}:{reader.line_num}"})
+    return reports
+
+
+def registry_fields(row: dict, where: str) -> dict:
+    """One registry row -> {field: value or None}, each value checked against its field's allowed forms."""
+    out = {}
+    for field, columns in LABEL_COLUMNS.items():
+        values = [" ".join(row[c].split()) for c in columns]
+        if field == "HER2":
+            value = values[1] if values[0] in HER2_UNDECIDED and values[1] else values[0]
+        else:
+            value = next((v for v in values if v), "")
+        if field == "cancer_type" and value:
+            code = value.removeprefix("TCGA-")
+            if code not in CANCER_TYPES:
+                raise ValueError(f"{where}:project: unknown TCGA project {value!r}")
+            value = CANCER_TYPES[code]
+        if value:
+            check_value(field, value, f"{where}:{'/'.join(columns)}")
+        out[field] = value or None
+    return out
+
+
+def read_labels(path) -> tuple[dict, list[str]]:
+    """-> ({patient_id: fields}, the registry columns no field uses)."""
+    columns = sorted({c for cs in LABEL_COLUMNS.values() for c in cs})
+    f, reader = open_csv(path, ["patient_id", *columns])
+    labels = {}
+    with f:
+        unused = [c for c in reader.fieldnames if c != "patient_id" and c not in columns]
+        for row in reader:
+            pid, where = row["patient_id"].strip(), f"{path}:{reader.line_num}"
+            if pid in labels:
+                raise ValueError(f"{where}: patient {pid} has a second registry row")
+            labels[pid] = registry_fields(row, where)
+    return labels, unused
+
+
+# ---------------------------------------------------------------------------------------------- report text
+
+def find_diagnosis_section(text: str):
+    """(start, end) of the final-diagnosis section, or None. A heading preceded by FINAL wins over others."""
+    candidates = [m for m in DIAGNOSIS_HEADING.finditer(text) if not NOT_FINAL.search(m.group(1))]
+    if not candidates:
+        return None
+    heading = next((m for m in candidates if "final" in m.group(1).lower()), candidates[0])
+    ends = (m for m in SECTION_END.finditer(text, heading.end()) if m.group(0)[0].isupper())
+    end = next(ends, None)
+    return heading.start(), end.start() if end else len(text)
+
+
+def truncate_report(text: str, max_chars, key_start, marker: str):
+    """Cut `text` to at most max_chars: its head, the marker, then as much of the key section (from key_start) as
+    fits. The head gets a third of the budget. -> (text, truncated, kept_key)."""
+    if max_chars is None or len(text) <= max_chars:
+        return text, False, False
+    if key_start is None or key_start + 200 < max_chars:      # no key section, or it is (mostly) in the head
+        return text[:max_chars], True, False
+    head = max_chars // 3
+    return text[:head] + marker + text[key_start:key_start + max_chars - head - len(marker)], True, True
+
+
+def key_start(text: str, section):
+    synoptic = SYNOPTIC.search(text)
+    if synoptic:
+        return synoptic.start()
+    return section[0] if section else None
+
+
+def diagnosis_statement(fields: dict, templates: dict) -> str:
+    """The one-line diagnosis: histology; site; grade; pTNM; stage; receptors; Gleason (the parts the registry has)."""
+    t = templates["diagnosis_statement"]
+    parts = [fields["histology"] or fields["cancer_type"]]
+    if fields["primary_site"]:
+        laterality = (fields["laterality"] or "").lower()
+        parts.append(t["site"].format(laterality=laterality, site=fields["primary_site"].lower()).strip())
+    parts.append(fields["grade"])
+    parts.append(" ".join(t["tnm"].format(value=fields[f]) for f in ("pT", "pN", "pM") if fields[f]))
+    parts.append(fields["stage"])
+    parts += [t["receptor"].format(name=f, value=fields[f]) for f in ("ER", "PR", "HER2") if fields[f]]
+    if fields["gleason"]:
+        parts.append(t["gleason"].format(value=fields["gleason"]))
+    return t["separator"].join(p for p in parts if p) + t["end"]
+
+
+# ---------------------------------------------------------------------------------------------- examples
+
+def render_prompt(templates: dict, instruction: str, report: str) -> str:
+    return templates["prompt"].format(instruction=instruction, report=report)
+
+
+def json_answer(fields: dict) -> str:
+    return json.dumps({f: fields[f] for f in FIELDS})
+
+
+def task_examples(task: str, patient_id: str, report: str, fields: dict, templates: dict) -> list[dict]:
+    """The examples of one report for one task, each a complete JSONL record."""
+    base = {"task": task, "patient_id": patient_id, "report": report, "fields": fields}
+    if task == "phenotype-qa":
+        return [{**base, "field": f, "prompt": render_prompt(templates, templates["questions"][f], report),
+                 "completion": fields[f] or templates["not_mentioned"]} for f in FIELDS]
+    if task == "phenotype-json":
+        instruction = templates["json_instruction"].format(keys=", ".join(FIELDS))
+        return [{**base, "prompt": render_prompt(templates, instruction, report), "completion": json_answer(fields)}]
+    if task == "diagnosis":
+        return [{**base, "prompt": render_prompt(templates, templates["diagnosis_instruction"], report),
+                 "completion": diagnosis_statement(fields, templates)}]
+    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
+
+
+def task_inputs(text: str, max_chars, templates: dict, stats: Counter) -> dict:
+    """The report as each task sees it: whole (phenotype tasks) or without its final diagnosis, both truncated."""
+    section = find_diagnosis_section(text)
+    stats["diagnosis_section_found"] += section is not None
+    without = text[:section[0]].rstrip() + " " + text[section[1]:].lstrip() if section else text
+    marker = templates["truncation_marker"]
+    phenotype, cut, kept = truncate_report(text, max_chars, key_start(text, section), marker)
+    stats["truncated_phenotype"] += cut
+    stats["truncated_phenotype_kept_key"] += kept
+    diagnosis, cut, kept = truncate_report(without.strip(), max_chars, key_start(without, None), marker)
+    stats["truncated_diagnosis"] += cut
+    stats["truncated_diagnosis_kept_key"] += kept
+    return {"phenotype-qa": phenotype, "phenotype-json": phenotype, "diagnosis": diagnosis}
+
+
+def split_patients(patient_ids, seed: int, val_frac: float, test_frac: float) -> dict:
+    if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
+        raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum below 1")
+    ids = sorted(patient_ids)
+    random.Random(seed).shuffle(ids)
+    n_test, n_val = round(test_frac * len(ids)), round(val_frac * len(ids))
+    split = {pid: "test" for pid in ids[:n_test]}
+    split.update({pid: "val" for pid in ids[n_test:n_test + n_val]})
+    split.update({pid: "train" for pid in ids[n_test + n_val:]})
+    return split
+
+
+def token_stats(records, tokenizer) -> dict:
+    lengths = [len(tokenizer.encode(r["prompt"] + r["completion"], bos=True, eos=True)) for r in records]
+    if not lengths:
+        return {}
+    return {"median": statistics.median(lengths), "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
+            "max": max(lengths)}
+
+
+def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv", out="runs/tasks", *, seed=0,
+          val_frac=0.1, test_frac=0.1, max_report_chars=2000, tokenizer=None, templates=TEMPLATES_PATH,
+          verbose=True) -> dict:
+    """Write {out}/{task}/{split}.jsonl and {out}/manifest.json; return the manifest (counts, failures, rules)."""
+    from ..tokenizer import Tokenizer, mistral_tokenizer_path
+    if max_report_chars is not None and max_report_chars < 300:
+        raise ValueError(f"max_report_chars={max_report_chars}: too short to hold a report's head and key section")
+    templates_path, templates = Path(templates), load_templates(templates)
+    tok = Tokenizer(tokenizer or mistral_tokenizer_path())
+    report_rows = read_reports(reports)
+    registry, unused_columns = read_labels(labels)
+
+    failures, stats, kept = Counter(), Counter(), []
+    for r in report_rows:
+        if not r["text"]:
+            failures["empty_report_text"] += 1
+        elif r["patient_id"] not in registry:
+            failures["report_without_registry_row"] += 1
+        else:
+            kept.append(r)
+    failures["registry_row_without_report"] = len(registry.keys() - {r["patient_id"] for r in report_rows})
+    split_of = split_patients([r["patient_id"] for r in kept], seed, val_frac, test_frac)
+
+    records = {(t, s): [] for t in TASKS for s in SPLITS}
+    for r in kept:
+        fields = registry[r["patient_id"]]
+        for task, report in task_inputs(r["text"], max_report_chars, templates, stats).items():
+            records[task, split_of[r["patient_id"]]] += task_examples(task, r["patient_id"], report, fields,
+                                                                     templates)
+    out = Path(out)
+    for (task, split), rows in records.items():
+        (out / task).mkdir(parents=True, exist_ok=True)
+        with open(out / task / f"{split}.jsonl", "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    manifest = {
+        "sources": {"reports": str(reports), "labels": str(labels), "templates": str(templates_path),
+                    "templates_sha256": hashlib.sha256(templates_path.read_bytes()).hexdigest()},
+        "tokenizer": {"path": str(tok.path), "sha256": tok.fingerprint()},
+        "seed": seed, "fractions": {"val": val_frac, "test": test_frac}, "max_report_chars": max_report_chars,
+        "reports_read": len(report_rows), "reports_used": len(kept),
+        "patients": dict(Counter(split_of.values())),
+        "failures": dict(failures), "unused_registry_columns": unused_columns,
+        "diagnosis_section": {"rule": find_diagnosis_section.__doc__ + " Headings: " + DIAGNOSIS_HEADING.pattern,
+                              "found": stats["diagnosis_section_found"],
+                              "fraction_found": stats["diagnosis_section_found"] / max(len(kept), 1)},
+        "truncation": {k: v for k, v in stats.items() if k.startswith("truncated")},
+        "examples": {t: {s: len(records[t, s]) for s in SPLITS} for t in TASKS},
+        "tokens_per_example": {t: token_stats(records[t, "train"], tok) for t in TASKS},
+        "schema": json_schema(),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if verbose:
+        print_summary(manifest, out)
+    return manifest
+
+
+def print_summary(m: dict, out: Path):
+    print(f"reports: {m['reports_read']} read, {m['reports_used']} used; failures: {m['failures']}")
+    print(f"patients per split: {m['patients']}")
+    ds = m["diagnosis_section"]
+    print(f"final-diagnosis section found in {ds['found']}/{m['reports_used']} reports ({ds['fraction_found']:.1%})")
+    print(f"truncation to {m['max_report_chars']} chars: {m['truncation']}")
+    for task, counts in m["examples"].items():
+        print(f"{task:15s} {counts}  tokens/example (train) {m['tokens_per_example'][task]}")
+    print(f"unused registry columns: {', '.join(m['unused_registry_columns'])}")
+    print(f"wrote {out}/<task>/<split>.jsonl and {out}/manifest.json")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--reports", default="data/tcga/reports.csv")
+    p.add_argument("--labels", default="data/tcga/patient_labels.csv")
+    p.add_argument("--out", default="runs/tasks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-frac", type=float, default=0.1)
+    p.add_argument("--test-frac", type=float, default=0.1)
+    p.add_argument("--max-report-chars", type=int, default=2000,
+                   help="cut longer reports to head + synoptic/diagnosis section; 0 keeps them whole")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: Mistral's v1)")
+    p.add_argument("--templates", default=str(TEMPLATES_PATH))
+    a = p.parse_args(argv)
+    try:
+        build(a.reports, a.labels, a.out, seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac,
+              max_report_chars=a.max_report_chars or None, tokenizer=a.tokenizer, templates=a.templates)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"cancerllm.tasks.build: {e}")
+
+
+if __name__ == "__main__":
+    main()
