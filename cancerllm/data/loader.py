@@ -29,7 +29,7 @@ The contract (both backends; tests/test_data_loader.py holds them to it):
 """
 import numpy as np
 
-from .shards import read_shard
+from .shards import ShardError, read_shard
 
 M64 = (1 << 64) - 1
 FEISTEL_ROUNDS = 4
@@ -188,8 +188,11 @@ class CppBackend:
 
     def __init__(self, paths, *, seq_len, batch_size, rank, world_size, seed, verify, pad_id, num_threads, prefetch):
         from .. import _C
-        self.impl = _C.Loader([str(p) for p in paths], seq_len, batch_size, rank, world_size, seed, verify, pad_id,
-                              num_threads, prefetch)
+        try:
+            self.impl = _C.Loader([str(p) for p in paths], seq_len, batch_size, rank, world_size, seed, verify,
+                                  pad_id, num_threads, prefetch)
+        except _C.ShardError as e:      # one exception type for a bad shard, whichever backend read it
+            raise ShardError(str(e)) from None
         self.sft, self.num_samples = self.impl.sft, self.impl.num_samples
         self.truncated_examples = self.impl.truncated_examples
 

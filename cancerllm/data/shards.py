@@ -22,7 +22,7 @@ header says. The tokens are stored as the model will read them: `prepare` has al
 """
 import os
 import struct
-import tempfile
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,9 +123,9 @@ def write_shard(path, docs, *, loss_masks=None, vocab_size: Optional[int] = None
     header = HEADER.pack(MAGIC, VERSION, flags, dtype.itemsize, vocab_size, tokens.size, len(docs), crc, bytes(20))
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             f.write(header)
             for s in sections:
                 f.write(s)
@@ -133,7 +133,7 @@ def write_shard(path, docs, *, loss_masks=None, vocab_size: Optional[int] = None
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 

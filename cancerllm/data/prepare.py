@@ -1,0 +1,321 @@
+"""Tokenize text into train/validation shards: `python -m cancerllm.data.prepare INPUT ... --tokenizer T --out DIR`.
+
+Inputs, chosen by extension or --format:
+  .csv    one document per row, text in --text-column (default "text")
+  .jsonl  one JSON object per line, text under the --text-column key; with --sft, {"prompt", "completion"}
+  .txt    one document per line
+
+Every document becomes BOS + tokens + EOS. An SFT example becomes BOS + prompt + completion + EOS with a loss
+mask that is set on the completion tokens and EOS only. Rows that cannot be used (empty text, undecodable bytes,
+a missing column, bad JSON) are counted and reported with file and line, and listed in the manifest; --strict
+makes the first one fatal. Each document goes to train or validation by a hash of (seed, its group): the
+--group-column value (e.g. patient_id, so one patient never lands on both sides), else the document itself.
+
+The output folder receives train-00000.bin, ..., val-00000.bin (format: cancerllm/data/shards.py) and
+manifest.json: the tokenizer's sha256, per-source and per-split document and token totals, the bad rows.
+"""
+import argparse
+import csv
+import hashlib
+import json
+import os
+import sys
+import time
+from itertools import islice
+from multiprocessing import Pool
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from ..tokenizer import Tokenizer
+from .shards import read_shard, token_dtype, write_shard
+
+FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".txt": "text"}
+CHUNK = 64                    # documents per task sent to a tokenizer worker
+MAX_REPORTED = 20             # bad rows printed; the manifest lists them all
+
+
+class BadRow(Exception):
+    """A row that cannot be used; the message says why."""
+
+
+# ----------------------------------------------------------------------------------------------- reading
+
+def check_text(value, what: str, allow_empty: bool = False) -> str:
+    if value is None:
+        raise BadRow(f"missing {what}")
+    if not isinstance(value, str):
+        raise BadRow(f"{what} is {type(value).__name__}, not a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRow(f"undecodable bytes in {what}") from None
+    if not allow_empty and not value.strip():
+        raise BadRow(f"empty {what}")
+    return value
+
+
+def csv_rows(path: Path, f, text_column: str, group_column):
+    reader = csv.DictReader(f)
+    for name in filter(None, (text_column, group_column)):
+        if reader.fieldnames is None or name not in reader.fieldnames:
+            raise ValueError(f"{path}: no column {name!r}; columns are {reader.fieldnames}")
+    line = reader.line_num + 1
+    for row in reader:
+        yield line, lambda row=row: (row.get(text_column), row.get(group_column) if group_column else None)
+        line = reader.line_num + 1
+
+
+def jsonl_rows(path: Path, f, text_column: str, group_column, sft: bool):
+    def fields(raw):
+        try:
+            obj = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise BadRow(f"invalid JSON ({e.msg})") from None
+        if not isinstance(obj, dict):
+            raise BadRow(f"a JSON {type(obj).__name__}, not an object")
+        group = obj.get(group_column) if group_column else None
+        group = None if group is None else str(group)
+        if sft:
+            return (obj.get("prompt"), obj.get("completion")), group
+        return obj.get(text_column), group
+    for line, raw in enumerate(f, 1):
+        if raw.strip():
+            yield line, lambda raw=raw: fields(raw)
+
+
+def text_rows(path: Path, f):
+    for line, raw in enumerate(f, 1):
+        yield line, lambda raw=raw: (raw.rstrip("\n"), None)
+
+
+def read_records(path: Path, fmt: str, args, bad: list):
+    """Yield (source, line, text or (prompt, completion), group) of the usable rows of one file; append the
+    others to `bad` as dicts (file, line, reason), or raise at the first one with args.strict."""
+    # surrogateescape keeps undecodable bytes visible to check_text instead of failing the whole file
+    with open(path, encoding="utf-8", errors="surrogateescape", newline="" if fmt == "csv" else None) as f:
+        if fmt == "csv":
+            rows = csv_rows(path, f, args.text_column, args.group_column)
+        elif fmt == "jsonl":
+            rows = jsonl_rows(path, f, args.text_column, args.group_column, args.sft)
+        else:
+            rows = text_rows(path, f)
+        for line, parse in rows:
+            try:
+                value, group = parse()
+                if args.sft:
+                    value = (check_text(value[0], "prompt", allow_empty=True), check_text(value[1], "completion"))
+                else:
+                    value = check_text(value, args.text_column if fmt != "text" else "text")
+                if args.group_column and (group is None or not str(group).strip()):
+                    raise BadRow(f"missing {args.group_column}")
+            except BadRow as e:
+                if args.strict:
+                    raise SystemExit(f"{path}:{line}: {e} (--strict)") from None
+                bad.append({"file": str(path), "line": line, "reason": str(e)})
+                continue
+            yield str(path), line, value, group
+
+
+# ----------------------------------------------------------------------------------------------- tokenizing
+
+TOKENIZER = None
+
+
+def init_worker(tokenizer_path: str):
+    global TOKENIZER
+    TOKENIZER = Tokenizer(tokenizer_path)
+
+
+def tokenize(chunk):
+    """[(source, line, value, group)] -> [(source, line, group, tokens, loss mask or None)]."""
+    out = []
+    for source, line, value, group in chunk:
+        if isinstance(value, tuple):            # SFT: loss on the completion and EOS only
+            prompt = TOKENIZER.encode(value[0], bos=True, eos=False)
+            completion = TOKENIZER.encode(value[1], bos=False, eos=True)
+            tokens = np.asarray(prompt + completion, dtype=np.uint32)
+            mask = np.concatenate([np.zeros(len(prompt), np.uint8), np.ones(len(completion), np.uint8)])
+        else:
+            tokens, mask = np.asarray(TOKENIZER.encode(value, bos=True, eos=True), dtype=np.uint32), None
+        out.append((source, line, group, tokens, mask))
+    return out
+
+
+def chunks(records, size: int):
+    records = iter(records)
+    while chunk := list(islice(records, size)):
+        yield chunk
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+def in_validation(key: str, seed: int, fraction: float) -> bool:
+    """Deterministic, order-independent split: a hash of (seed, group) mapped to [0, 1)."""
+    h = hashlib.blake2b(f"{seed}\0{key}".encode("utf-8", "surrogateescape"), digest_size=8).digest()
+    return int.from_bytes(h, "little") / 2**64 < fraction
+
+
+class ShardWriter:
+    """Collects one split's documents and writes a shard each time they reach the target token count."""
+
+    def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int):
+        self.out, self.split, self.shard_tokens, self.vocab_size = out, split, shard_tokens, vocab_size
+        self.docs, self.masks, self.pending, self.shards = [], [], 0, []
+
+    def add(self, tokens, mask):
+        self.docs.append(tokens)
+        self.masks.append(mask)
+        self.pending += len(tokens)
+        if self.pending >= self.shard_tokens:
+            self.flush()
+
+    def flush(self):
+        if not self.docs:
+            return
+        path = self.out / f"{self.split}-{len(self.shards):05d}.bin"
+        masks = self.masks if self.masks[0] is not None else None
+        write_shard(path, self.docs, loss_masks=masks, vocab_size=self.vocab_size)
+        self.shards.append({"file": path.name, "documents": len(self.docs), "tokens": self.pending})
+        self.docs, self.masks, self.pending = [], [], 0
+
+    def summary(self) -> dict:
+        return {"shards": self.shards, "documents": sum(s["documents"] for s in self.shards),
+                "tokens": sum(s["tokens"] for s in self.shards)}
+
+
+def input_format(path: Path, forced) -> str:
+    if forced:
+        return forced
+    if path.suffix.lower() not in FORMATS:
+        raise ValueError(f"{path}: unknown input format {path.suffix!r}; use --format csv|jsonl|text")
+    return FORMATS[path.suffix.lower()]
+
+
+def prepare(args) -> dict:
+    """Run the whole command for parsed arguments; returns the manifest (also written to out/manifest.json)."""
+    inputs = [Path(p) for p in args.inputs]
+    for p in inputs:
+        if not p.is_file():
+            raise FileNotFoundError(f"input not found: {p}")
+    formats = [input_format(p, args.format) for p in inputs]
+    if args.sft and set(formats) != {"jsonl"}:
+        raise ValueError("--sft reads JSONL of {\"prompt\", \"completion\"}; got " + ", ".join(map(str, inputs)))
+    out = Path(args.out)
+    if out.is_dir() and any(out.glob("*.bin")):
+        raise FileExistsError(f"{out} already holds shards; choose an empty output folder")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = Tokenizer(args.tokenizer)
+    shard_tokens = max(1, int(args.shard_mb * 2**20) // token_dtype(tokenizer.vocab_size).itemsize)
+    writers = {s: ShardWriter(out, s, shard_tokens, tokenizer.vocab_size) for s in ("train", "val")}
+    sources = {str(p): {"documents": 0, "tokens": 0, "bad_rows": 0, "bytes": p.stat().st_size} for p in inputs}
+    bad = []
+
+    def records():
+        for path, fmt in zip(inputs, formats):
+            yield from read_records(path, fmt, args, bad)
+
+    start = time.perf_counter()
+    with Pool(args.workers, init_worker, (str(tokenizer.path),)) if args.workers > 1 else nullpool(tokenizer) as pool:
+        bar = tqdm(unit="doc", desc="tokenizing", disable=args.quiet, file=sys.stderr)
+        for chunk in pool.imap(tokenize, chunks(records(), CHUNK)):
+            for source, line, group, tokens, mask in chunk:
+                key = group if group is not None else f"{source}:{line}"
+                writers["val" if in_validation(key, args.seed, args.val_fraction) else "train"].add(tokens, mask)
+                sources[source]["documents"] += 1
+                sources[source]["tokens"] += len(tokens)
+            bar.update(len(chunk))
+        bar.close()
+    for w in writers.values():
+        w.flush()
+    for row in bad:
+        sources[row["file"]]["bad_rows"] += 1
+    manifest = {
+        "format": "cancerllm-shards", "version": 1, "kind": "sft" if args.sft else "pretrain",
+        "tokenizer": {"path": str(tokenizer.path), "sha256": tokenizer.fingerprint(),
+                      "vocab_size": tokenizer.vocab_size, "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id},
+        "split": {"by": args.group_column or "document", "val_fraction": args.val_fraction, "seed": args.seed},
+        "sources": sources,
+        "splits": {s: w.summary() for s, w in writers.items()},
+        "bad_rows": bad,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if args.verify:
+        verify(out, manifest)
+    report(manifest, args.quiet)
+    return manifest
+
+
+class nullpool:
+    """The Pool interface, in this process: --workers 1 needs no worker processes."""
+
+    def __init__(self, tokenizer: Tokenizer):
+        global TOKENIZER
+        TOKENIZER = tokenizer
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, fn, items):
+        return map(fn, items)
+
+
+def verify(out: Path, manifest: dict):
+    """Re-read every shard with its checksum and compare its counts with the manifest."""
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            shard = read_shard(out / entry["file"], verify=True)
+            if (len(shard), len(shard.tokens)) != (entry["documents"], entry["tokens"]):
+                raise ValueError(f"{out / entry['file']}: holds {len(shard)} documents and {len(shard.tokens)} "
+                                 f"tokens, the manifest says {entry['documents']} and {entry['tokens']}")
+
+
+def report(manifest: dict, quiet: bool):
+    bad = manifest["bad_rows"]
+    for row in bad[:MAX_REPORTED]:
+        print(f"{row['file']}:{row['line']}: skipped: {row['reason']}", file=sys.stderr)
+    if len(bad) > MAX_REPORTED:
+        print(f"... and {len(bad) - MAX_REPORTED} more bad rows (all listed in manifest.json)", file=sys.stderr)
+    if quiet:
+        return
+    for name, split in manifest["splits"].items():
+        print(f"{name}: {split['documents']} documents, {split['tokens']} tokens in {len(split['shards'])} shards")
+    print(f"{len(bad)} bad rows; tokenizer sha256 {manifest['tokenizer']['sha256'][:12]}…; {manifest['seconds']} s")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m cancerllm.data.prepare", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="CSV, JSONL or text files")
+    p.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
+    p.add_argument("--out", required=True, help="output folder (must hold no shards yet)")
+    p.add_argument("--format", choices=sorted(set(FORMATS.values())), help="override the format of every input")
+    p.add_argument("--text-column", default="text", help="CSV column / JSON key holding the text (default text)")
+    p.add_argument("--group-column", help="split by this column (e.g. patient_id) instead of by document")
+    p.add_argument("--sft", action="store_true", help='JSONL of {"prompt", "completion"}: tokens + loss mask')
+    p.add_argument("--val-fraction", type=float, default=0.05, help="share of groups in validation (default 0.05)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
+    p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB of tokens (default 64)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (default: cores)")
+    p.add_argument("--strict", action="store_true", help="stop at the first bad row")
+    p.add_argument("--verify", action="store_true", help="re-read every shard and check its checksum and counts")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    args = p.parse_args(argv)
+    if not 0.0 <= args.val_fraction < 1.0:
+        p.error(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.workers < 1 or args.shard_mb <= 0:
+        p.error("--workers and --shard-mb must be positive")
+    return args
+
+
+def main(argv=None) -> dict:
+    return prepare(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

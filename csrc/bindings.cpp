@@ -1,0 +1,76 @@
+// cancerllm._C: the shard reader and the packed loader for Python. Batches reach NumPy without a copy: the
+// arrays are views of the C++ buffers, which a capsule frees when the last array goes away.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "loader.h"
+
+namespace py = pybind11;
+using namespace cancerllm;
+
+namespace {
+
+template <typename T>
+py::array view(std::vector<T>& data, std::vector<py::ssize_t> shape, const py::object& owner,
+               py::dtype dtype = py::dtype::of<T>()) {
+  return py::array(dtype, shape, {}, data.data(), owner);
+}
+
+py::dict to_numpy(std::unique_ptr<Batch> batch, py::ssize_t B, py::ssize_t T) {
+  Batch* raw = batch.release();
+  py::capsule owner(raw, [](void* p) { delete static_cast<Batch*>(p); });
+  py::dict out;
+  out["tokens"] = view(raw->tokens, {B, T}, owner);
+  out["targets"] = view(raw->targets, {B, T}, owner);
+  out["positions"] = view(raw->positions, {B, T}, owner);
+  out["loss_mask"] = view(raw->loss_mask, {B, T}, owner, py::dtype::of<bool>());
+  out["cu_seqlens"] = view(raw->cu_seqlens, {static_cast<py::ssize_t>(raw->cu_seqlens.size())}, owner);
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "cancerllm's C++ data loader: memory-mapped token shards packed into training batches";
+  py::register_exception<ShardError>(m, "ShardError", PyExc_ValueError);
+
+  m.def("crc32", [](py::bytes data) {
+    std::string s = data;
+    return crc32(reinterpret_cast<const uint8_t*>(s.data()), s.size());
+  }, "zlib-compatible crc32 of bytes");
+
+  m.def("read_shard_info", [](const std::string& path, bool verify) {
+    py::gil_scoped_release release;
+    ShardFile shard(path, verify);
+    py::gil_scoped_acquire acquire;
+    py::dict info;
+    info["n_tokens"] = shard.n_tokens();
+    info["n_docs"] = shard.n_docs();
+    info["vocab_size"] = shard.vocab_size();
+    info["token_size"] = shard.token_size();
+    info["sft"] = shard.has_loss_mask();
+    return info;
+  }, py::arg("path"), py::arg("verify") = true, "Open and validate a shard; its header facts as a dict");
+
+  py::class_<Loader>(m, "Loader")
+      .def(py::init<const std::vector<std::string>&, uint64_t, uint64_t, uint64_t, uint64_t, uint64_t, bool,
+                    int64_t, int, int>(),
+           py::arg("paths"), py::arg("seq_len"), py::arg("batch_size"), py::arg("rank"), py::arg("world_size"),
+           py::arg("seed"), py::arg("verify"), py::arg("pad_id"), py::arg("num_threads"), py::arg("prefetch"),
+           py::call_guard<py::gil_scoped_release>())
+      .def_property_readonly("sft", [](const Loader& l) { return l.dataset().sft(); })
+      .def_property_readonly("num_samples", [](const Loader& l) { return l.dataset().num_samples(); })
+      .def_property_readonly("truncated_examples", [](const Loader& l) { return l.dataset().truncated_examples(); })
+      .def("start", &Loader::start, py::arg("sample_index"), py::call_guard<py::gil_scoped_release>())
+      .def("stop", &Loader::stop, py::call_guard<py::gil_scoped_release>())
+      .def("next", [](Loader& l) {
+        std::unique_ptr<Batch> batch;
+        {
+          py::gil_scoped_release release;
+          batch = l.next();
+        }
+        auto B = static_cast<py::ssize_t>(batch->tokens.size() / l.dataset().seq_len());
+        return to_numpy(std::move(batch), B, static_cast<py::ssize_t>(l.dataset().seq_len()));
+      });
+}

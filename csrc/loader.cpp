@@ -1,0 +1,191 @@
+#include "loader.h"
+
+#include <algorithm>
+
+#include "shuffle.h"
+
+namespace cancerllm {
+
+Dataset::Dataset(const std::vector<std::string>& paths, uint64_t seq_len, bool verify, int64_t pad_id)
+    : seq_len_(seq_len), pad_id_(pad_id) {
+  if (paths.empty()) throw std::invalid_argument("PackedLoader: no shard paths");
+  if (seq_len == 0) throw std::invalid_argument("PackedLoader: seq_len must be positive");
+  bases_.push_back(0);
+  for (const auto& path : paths) {
+    shards_.push_back(std::make_unique<ShardFile>(path, verify));
+    const ShardFile& shard = *shards_.back();
+    if (shards_.size() > 1 && shard.has_loss_mask() != sft_)
+      throw std::invalid_argument("PackedLoader: mixing SFT shards (with a loss mask) and pretraining shards: " +
+                                  paths.front() + ", " + path);
+    sft_ = shard.has_loss_mask();
+    for (uint64_t i = 0; i < shard.n_docs(); ++i) doc_starts_.push_back(bases_.back() + shard.offsets()[i]);
+    bases_.push_back(bases_.back() + shard.n_tokens());
+  }
+  doc_starts_.push_back(bases_.back());
+  if (sft_) {
+    pack_sft_rows();
+  } else {
+    num_samples_ = bases_.back() > 0 ? (bases_.back() - 1) / seq_len_ : 0;
+  }
+  if (num_samples_ == 0)
+    throw std::invalid_argument("PackedLoader: " + std::to_string(bases_.back()) +
+                                " tokens do not fill one row of seq_len + 1 = " + std::to_string(seq_len_ + 1));
+}
+
+// Greedy, in stream order: whole documents while they fit; a document longer than a row sits alone, truncated.
+void Dataset::pack_sft_rows() {
+  const uint64_t n_docs = doc_starts_.size() - 1, capacity = seq_len_ + 1;
+  uint64_t used = 0;
+  rows_.push_back(0);
+  for (uint64_t d = 0; d < n_docs; ++d) {
+    uint64_t len = doc_starts_[d + 1] - doc_starts_[d];
+    truncated_ += len > capacity;
+    len = std::min(len, capacity);
+    if (used && used + len > capacity) {
+      rows_.push_back(d);
+      used = 0;
+    }
+    used += len;
+  }
+  rows_.push_back(n_docs);
+  num_samples_ = rows_.size() - 1;
+}
+
+void Dataset::gather(uint64_t lo, uint64_t hi, int64_t* tokens, uint8_t* bits) const {
+  size_t i = std::upper_bound(bases_.begin(), bases_.end(), lo) - bases_.begin() - 1;
+  while (lo < hi) {
+    uint64_t a = lo - bases_[i], b = std::min(hi, bases_[i + 1]) - bases_[i];
+    shards_[i]->copy_tokens(a, b, tokens);
+    shards_[i]->copy_mask(a, b, bits);
+    tokens += b - a;
+    bits += b - a;
+    lo = bases_[i] + b;
+    ++i;
+  }
+}
+
+void Dataset::fill_row(uint64_t sample, int64_t* tokens, uint8_t* starts, uint8_t* bits) const {
+  const uint64_t n = seq_len_ + 1;
+  std::fill(starts, starts + n, 0);
+  if (!sft_) {
+    uint64_t lo = sample * seq_len_;
+    gather(lo, lo + n, tokens, bits);
+    auto d = std::lower_bound(doc_starts_.begin(), doc_starts_.end() - 1, lo);
+    for (; d != doc_starts_.end() - 1 && *d < lo + n; ++d) starts[*d - lo] = 1;
+    return;
+  }
+  uint64_t at = 0;
+  for (uint64_t d = rows_[sample]; d < rows_[sample + 1]; ++d) {
+    uint64_t a = doc_starts_[d], b = std::min(doc_starts_[d + 1], a + n);
+    gather(a, b, tokens + at, bits + at);
+    starts[at] = 1;
+    at += b - a;
+  }
+  if (at < n) {
+    std::fill(tokens + at, tokens + n, pad_id_);
+    std::fill(bits + at, bits + n, 0);
+    starts[at] = 1;
+  }
+}
+
+Loader::Loader(const std::vector<std::string>& paths, uint64_t seq_len, uint64_t batch_size, uint64_t rank,
+               uint64_t world_size, uint64_t seed, bool verify, int64_t pad_id, int num_threads, int prefetch)
+    : dataset_(paths, seq_len, verify, pad_id),
+      batch_size_(batch_size), rank_(rank), world_size_(world_size), seed_(seed),
+      num_threads_(num_threads), prefetch_(prefetch) {
+  if (batch_size == 0 || world_size == 0 || rank >= world_size)
+    throw std::invalid_argument("PackedLoader: need batch_size >= 1 and 0 <= rank < world_size");
+  if (num_threads < 1 || prefetch < 1)
+    throw std::invalid_argument("PackedLoader: num_threads and prefetch must be at least 1");
+}
+
+Loader::~Loader() { stop(); }
+
+void Loader::make_batch(uint64_t g0, uint64_t step, Batch& batch) const {
+  const uint64_t B = batch_size_, T = dataset_.seq_len(), S = dataset_.num_samples();
+  const uint64_t first = g0 + (step * world_size_ + rank_) * B;
+  batch.tokens.resize(B * T);
+  batch.targets.resize(B * T);
+  batch.positions.resize(B * T);
+  batch.loss_mask.resize(B * T);
+  batch.cu_seqlens.clear();
+  std::vector<int64_t> row(T + 1);
+  std::vector<uint8_t> starts(T + 1), bits(T + 1);
+  for (uint64_t b = 0; b < B; ++b) {
+    const uint64_t g = first + b;
+    dataset_.fill_row(Permutation(S, seed_, g / S)(g % S), row.data(), starts.data(), bits.data());
+    int64_t pos = 0;
+    for (uint64_t t = 0; t < T; ++t) {
+      const uint64_t i = b * T + t;
+      if (t == 0 || starts[t]) {
+        pos = 0;
+        batch.cu_seqlens.push_back(static_cast<int32_t>(i));
+      }
+      batch.tokens[i] = row[t];
+      batch.targets[i] = row[t + 1];
+      batch.positions[i] = pos++;
+      batch.loss_mask[i] = bits[t + 1] && !starts[t + 1];
+    }
+  }
+  batch.cu_seqlens.push_back(static_cast<int32_t>(B * T));
+}
+
+void Loader::start(uint64_t g0) {
+  stop();
+  std::lock_guard<std::mutex> lock(mu_);
+  g0_ = g0;
+  next_to_make_ = next_to_take_ = 0;
+  ready_.clear();
+  error_ = nullptr;
+  stopping_ = false;
+  for (int i = 0; i < num_threads_; ++i) threads_.emplace_back(&Loader::work, this);
+}
+
+void Loader::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    stopping_ = true;
+  }
+  space_cv_.notify_all();
+  ready_cv_.notify_all();
+  for (auto& t : threads_) t.join();
+  threads_.clear();
+}
+
+// Each worker claims the next step number, builds it outside the lock and files it under its number, so the
+// order of batches does not depend on which thread finishes first.
+void Loader::work() {
+  for (;;) {
+    uint64_t step;
+    {
+      std::unique_lock<std::mutex> lock(mu_);
+      space_cv_.wait(lock, [&] { return stopping_ || next_to_make_ < next_to_take_ + prefetch_; });
+      if (stopping_) return;
+      step = next_to_make_++;
+    }
+    auto batch = std::make_unique<Batch>();
+    try {
+      make_batch(g0_, step, *batch);
+    } catch (...) {
+      std::lock_guard<std::mutex> lock(mu_);
+      error_ = std::current_exception();
+      ready_cv_.notify_all();
+      return;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    ready_[step] = std::move(batch);
+    ready_cv_.notify_all();
+  }
+}
+
+std::unique_ptr<Batch> Loader::next() {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (threads_.empty()) throw std::logic_error("PackedLoader: next() after stop()");
+  ready_cv_.wait(lock, [&] { return error_ || ready_.count(next_to_take_); });
+  if (error_) std::rethrow_exception(error_);
+  auto node = ready_.extract(next_to_take_++);
+  space_cv_.notify_all();
+  return std::move(node.mapped());
+}
+
+}  // namespace cancerllm
