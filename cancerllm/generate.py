@@ -1,0 +1,381 @@
+"""Text generation with a KV cache: batched prompts of different lengths, sampling, stop strings, streaming.
+
+    gen = Generator.from_pretrained("export/", device="cpu", dtype=torch.float32)
+    results = gen.generate(["Report: ...", [1, 415, 2990]], max_new_tokens=64, stop=["\\n\\n"])
+    for piece in gen.stream("Report: ...", max_new_tokens=64):
+        print(piece, end="", flush=True)
+
+    python -m cancerllm.generate --model export/ --prompt "Report: ..." --max-new-tokens 64
+
+How a call runs
+- Prefill: each prompt is run through the model on its own row of the cache (cancerllm/cache.py), in chunks of
+  `prefill_chunk` tokens that attend to the cache plus themselves. Rows keep their own positions 0..len-1: no
+  padding anywhere, so prompts of any lengths share a batch and no work is spent on pad tokens.
+- Decode: every unfinished row advances one token per step in one forward pass. A row stops on its own: EOS,
+  a stop string, `max_new_tokens`, or the model's max_seq_len (the length of its rotary table, which bounds
+  positions even when a sliding window keeps the cache itself at W slots). Finished rows are compacted out of
+  the batch and the cache, so they cost nothing afterwards.
+- Host synchronisation: one per decode step, copying the n new token ids to the host, where EOS, budgets and
+  stop strings are checked (and text is streamed). Sampling itself never syncs: a categorical draw is the argmax
+  of probs / Exponential(1) noise, drawn from the call's own torch.Generator.
+
+Sampling: logits are processed in fp32, in this order: repetition penalty (Hugging Face's: a seen token's
+positive logit is divided by the penalty, a negative one multiplied; "seen" is the prompt plus what was
+generated), the logits processor, then temperature 0 -> greedy argmax, otherwise temperature, top-k, top-p and
+the draw. A `seed` makes sampling reproducible: the same prompts, options and seed give the same tokens (a row's
+draws depend on the batch it is in, since all rows share the call's generator).
+
+Logits processors (schema-constrained decoding) are objects with three methods:
+    reset(batch_size)       once per call, before the first token; batch_size = number of prompts.
+    mask(logits, rows)      before every sampling step. logits: fp32 [n, vocab] tensor of the n unfinished rows;
+                            rows: list of n prompt indices (row i of logits belongs to prompt rows[i]). Set the
+                            logits of forbidden tokens to -inf in place and return None; leave at least one
+                            token allowed per row.
+    advance(row, token_id)  after every step, for each row that was masked, in the same order, with the token
+                            chosen for prompt `row` (both ints).
+Under greedy decoding the processor sees exactly the logits the argmax will see.
+
+Thread safety: a Generator serialises its calls with a lock (a stream holds it until exhausted or closed), so
+sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
+"""
+import argparse
+import math
+import secrets
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional
+
+import torch
+
+from .cache import KVCache
+from .model import Transformer
+from .tokenizer import Tokenizer
+
+
+@dataclass
+class GenerationResult:
+    text: str                 # the new text, cut before the stop string when one ended it
+    token_ids: list           # the new tokens, including the EOS or the token that completed a stop string
+    finish_reason: str        # "eos", "stop" or "length"
+    prompt_tokens: int
+    prefill_s: float          # the whole batch's prefill, which produced this row's first token
+    decode_s: float           # from the end of the prefill until this row finished
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+
+    def __post_init__(self):
+        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def penalize_repeats(logits, seen, penalty: float) -> None:
+    """Hugging Face's repetition penalty, in place: logits [n, V], seen [n, V] bool."""
+    penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+    torch.where(seen, penalized, logits, out=logits)
+
+
+def sample(logits, sampling: Sampling, rng: torch.Generator):
+    """Next token ids [n] from fp32 logits [n, V] (modified in place), without a host sync."""
+    if sampling.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits /= sampling.temperature
+    if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, sampling.top_k, dim=-1).values[:, -1:]
+        logits.masked_fill_(logits < kth, -math.inf)
+    if sampling.top_p < 1:
+        # Keep the smallest set of most likely tokens whose probability reaches top_p (at least one).
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        outside = probs.cumsum(dim=-1) - probs >= sampling.top_p
+        logits.scatter_(1, order, sorted_logits.masked_fill(outside, -math.inf))
+    probs = logits.softmax(dim=-1)
+    noise = torch.empty_like(probs).exponential_(generator=rng)
+    return (probs / noise).argmax(dim=-1)   # argmax of p / Exp(1) is a draw from p
+
+
+# ---------------------------------------------------------------------------------------------- text
+
+class IncrementalText:
+    """The text of a growing token sequence, cut at the first stop string, handed out piece by piece.
+
+    The whole sequence is decoded at each token, because sentencepiece pieces cannot be decoded one by one (byte
+    pieces combine into characters; the first piece loses its leading space). `take()` returns only text that can
+    no longer change: a trailing unfinished multi-byte character (decoded as U+FFFD for now) and a tail that may
+    still grow into a stop string are held back until resolved.
+    """
+
+    def __init__(self, tokenizer, stop: tuple):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.ids = []
+        self.text = ""
+        self.stopped = False
+        self.shown = 0        # characters of text already handed out
+
+    def push(self, token: int) -> bool:
+        """Append a token; True when the text now contains a stop string (the text is then cut before it)."""
+        self.ids.append(token)
+        self.text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
+        if hits:
+            self.text = self.text[:min(hits)]
+            self.stopped = True
+        return self.stopped
+
+    def take(self, final: bool = False) -> str:
+        """The text not handed out yet that is safe to show; all of it when `final`."""
+        end = len(self.text) if final or self.stopped else self.stable_end()
+        piece = self.text[self.shown:end]
+        self.shown = max(self.shown, end)
+        return piece
+
+    def stable_end(self) -> int:
+        end = len(self.text.rstrip("\ufffd"))
+        held = max((k for s in self.stop for k in range(1, min(len(s), end + 1))
+                    if self.text.endswith(s[:k], 0, end)), default=0)
+        return end - held
+
+
+@dataclass
+class Row:
+    """One prompt's state during a call."""
+    prompt: list
+    budget: int                               # new tokens allowed: max_new_tokens, capped by max_seq_len
+    text: Optional[IncrementalText] = None    # kept up to date when stop strings or streaming need it
+    tokens: list = field(default_factory=list)
+    finish_reason: Optional[str] = None
+    prefill_end: float = 0.0
+    finished_at: float = 0.0
+
+    def push(self, token: int, eos_id: Optional[int]) -> None:
+        self.tokens.append(token)
+        if token == eos_id:
+            self.finish_reason = "eos"
+        elif self.text is not None and self.text.push(token):
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.budget:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            self.finished_at = time.perf_counter()
+
+
+# ---------------------------------------------------------------------------------------------- generator
+
+class Generator:
+    """A model and its tokenizer, ready to generate. See the module docstring for how a call runs.
+
+    prefill_chunk: prompt tokens per prefill forward pass (bounds prefill activation memory).
+    compile: torch.compile the one-token decode forward pass (first calls are slow while it compiles).
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, prefill_chunk: int = 512, compile: bool = False):
+        if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        tokenizer.check_fits(model.args.vocab_size)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.args = model.args
+        self.prefill_chunk = prefill_chunk
+        weight = model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.decode_forward = torch.compile(self.forward, dynamic=True) if compile else self.forward
+        self.lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path, *, device="cpu", dtype=None, **options) -> "Generator":
+        """Load a training export or a Hugging Face Mistral checkpoint directory (config.json, safetensors
+        weights, tokenizer.model)."""
+        if isinstance(dtype, str):
+            dtype = parse_dtype(dtype)
+        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
+        return cls(model, Tokenizer(Path(path) / "tokenizer.model"), **options)
+
+    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+                 top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
+                 logits_processor=None, ignore_eos: bool = False) -> list:
+        """One GenerationResult per prompt (a string, or a list of token ids used as given). `stop`: a string
+        or a list of strings; `ignore_eos` generates through EOS (benchmarks)."""
+        if not isinstance(prompts, (list, tuple)) or not prompts:
+            raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r:.80}")
+        with self.lock:
+            rows, steps = self.start(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed,
+                                     repetition_penalty, logits_processor, ignore_eos, track_text=False)
+            for _ in steps:
+                pass
+        return [self.result(row, steps.prefill_s) for row in rows]
+
+    def stream(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
+               top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
+               logits_processor=None, ignore_eos: bool = False) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece, as generate() would return it whole."""
+        with self.lock:
+            rows, steps = self.start([prompt], max_new_tokens, temperature, top_k, top_p, stop, seed,
+                                     repetition_penalty, logits_processor, ignore_eos, track_text=True)
+            text = rows[0].text
+            for _ in steps:
+                piece = text.take(final=rows[0].finish_reason is not None)
+                if piece:
+                    yield piece
+
+    # ------------------------------------------------------------------------------------------ internals
+
+    def start(self, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, repetition_penalty,
+              processor, ignore_eos, track_text):
+        """Check the arguments and set up the rows; returns (rows, an iterator of decode steps)."""
+        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise ValueError(f"seed must be None or an int, got {seed!r}")
+        if processor is not None and not all(callable(getattr(processor, m, None))
+                                             for m in ("reset", "mask", "advance")):
+            raise ValueError("logits_processor must have reset(batch_size), mask(logits, rows) and "
+                             f"advance(row, token_id) methods, got {type(processor).__name__}")
+        stop = check_stop(stop)
+        rows = []
+        for i, prompt in enumerate(prompts):
+            ids = self.prompt_ids(prompt, i)
+            budget = min(max_new_tokens, self.args.max_seq_len - len(ids))
+            rows.append(Row(ids, budget, IncrementalText(self.tokenizer, stop) if stop or track_text else None))
+        eos_id = None if ignore_eos else self.tokenizer.eos_id
+        seed = secrets.randbits(63) if seed is None else seed
+        return rows, DecodeSteps(self, rows, sampling, seed, processor, eos_id)
+
+    def prompt_ids(self, prompt, index: int) -> list:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt, bos=True)
+        elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            ids = list(prompt)
+        else:
+            raise ValueError(f"prompts[{index}] must be a string or a list of token ids, got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError(f"prompts[{index}] is empty")
+        if not all(0 <= t < self.args.vocab_size for t in ids):
+            raise ValueError(f"prompts[{index}] has token ids outside [0, {self.args.vocab_size})")
+        if len(ids) >= self.args.max_seq_len:
+            raise ValueError(f"prompts[{index}] has {len(ids)} tokens, but the model's context (max_seq_len="
+                             f"{self.args.max_seq_len}) leaves no room for a new token")
+        return ids
+
+    def forward(self, tokens, positions, cache: KVCache, rows: slice, last_only: bool = False):
+        """fp32 logits [n, V] of the last position of each row's tokens [n, T]."""
+        cache.begin(rows, positions)
+        return self.model(tokens, positions=positions, cache=cache, last_only=last_only)[:, -1].float()
+
+    def prefill(self, cache: KVCache, row: int, prompt: list):
+        """Run one prompt into its row of the cache, chunk by chunk; its last position's logits [1, V]."""
+        ids = torch.tensor([prompt], device=self.device)
+        for start in range(0, len(prompt), self.prefill_chunk):
+            chunk = ids[:, start:start + self.prefill_chunk]
+            positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
+            logits = self.forward(chunk, positions, cache, slice(row, row + 1), last_only=True)
+        return logits
+
+    def result(self, row: Row, prefill_s: float) -> GenerationResult:
+        text = row.text.text if row.text is not None else self.tokenizer.decode(row.tokens)
+        decode_s = max(row.finished_at - row.prefill_end, 0.0) if row.tokens else 0.0
+        return GenerationResult(text, row.tokens, row.finish_reason or "length", len(row.prompt), prefill_s,
+                                decode_s)
+
+
+class DecodeSteps:
+    """Iterating runs a call: the prefill, then one decode step per iteration, yielding after each step (the rows'
+    tokens, text and finish reasons are up to date)."""
+
+    def __init__(self, gen: Generator, rows: list, sampling: Sampling, seed: int, processor, eos_id):
+        self.gen, self.rows, self.sampling, self.processor, self.eos_id = gen, rows, sampling, processor, eos_id
+        self.rng = torch.Generator(gen.device).manual_seed(seed)
+        self.prefill_s = 0.0
+
+    def __iter__(self):
+        gen, rows = self.gen, self.rows
+        if all(row.budget == 0 for row in rows):
+            return
+        device = gen.device
+        max_len = max(len(row.prompt) + row.budget for row in rows)
+        cache = KVCache.for_model(gen.args, len(rows), max_len, dtype=gen.dtype, device=device)
+        seen = self.seen_tokens() if self.sampling.repetition_penalty != 1 else None
+        if self.processor is not None:
+            self.processor.reset(len(rows))
+        start = time.perf_counter()
+        with torch.inference_mode():
+            logits = torch.cat([gen.prefill(cache, i, row.prompt) for i, row in enumerate(rows)])
+            positions = torch.tensor([[len(row.prompt)] for row in rows], device=device)   # of the next token
+        active = list(range(len(rows)))   # prompt index of each batch row
+        self.prefill_s = time.perf_counter() - start
+        for row in rows:
+            row.prefill_end = start + self.prefill_s
+        while True:
+            with torch.inference_mode():
+                tokens = self.pick(logits, active, seen)
+            for index, token in zip(active, tokens.tolist()):   # the step's one host sync
+                rows[index].push(token, self.eos_id)
+                if self.processor is not None:
+                    self.processor.advance(index, token)
+            yield
+            keep = [i for i, index in enumerate(active) if rows[index].finish_reason is None]
+            if not keep:
+                return
+            with torch.inference_mode():
+                if len(keep) < len(active):   # compact: finished rows leave the batch and the cache
+                    keep_t = torch.tensor(keep, device=device)
+                    cache.keep_rows(keep_t)
+                    tokens, positions = tokens[keep_t], positions[keep_t]
+                    seen = seen[keep_t] if seen is not None else None
+                    active = [active[i] for i in keep]
+                logits = gen.decode_forward(tokens[:, None], positions, cache, slice(0, len(active)))
+                positions += 1
+
+    def pick(self, logits, active: list, seen):
+        """The next token of each active row [n]; `seen` learns them."""
+        if seen is not None:
+            penalize_repeats(logits, seen, self.sampling.repetition_penalty)
+        if self.processor is not None:
+            self.processor.mask(logits, list(active))
+        tokens = sample(logits, self.sampling, self.rng)
+        if seen is not None:
+            seen.scatter_(1, tokens[:, None], True)
+        return tokens
+
+    def seen_tokens(self):
+        seen = torch.zeros(len(self.rows), self.gen.args.vocab_size, dtype=torch.bool, device=self.gen.device)
+        for i, row in enumerate(self.rows):
+            seen[i, torch.tensor(row.prompt, device=self.gen.device)] = True
+        return seen
+
+
+def check_stop(stop) -> tuple:
+    """Stop strings as a tuple: None, a string, or a list/tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be None, a string or a list of strings, got {stop!r:.80}")
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty")
+    return tuple(stop)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+              "float16": torch.float16, "fp16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {name!r}")
+    return dtypes[name]
