@@ -1,8 +1,93 @@
 """cancerllm.kernels: attention, RMSNorm and cross-entropy ops (DESIGN.md, "Public API").
 
-The reference implementations in `reference.py` serve every device for now; the Triton kernels take over on
-CUDA tensors once they land, and `CANCERLLM_KERNELS=triton|torch` forces one path.
+Every op checks its inputs (`validate.py`, the same errors on every path), then runs the Triton kernel on CUDA
+tensors and the plain-PyTorch reference (`reference.py`) elsewhere. `CANCERLLM_KERNELS=triton|torch` forces one
+path, read at each call (Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported).
+Attention can also run on xformers' memory-efficient kernel (`backend="xformers"`, CUDA only).
 """
-from .reference import attention, cross_entropy, linear_cross_entropy, rms_norm
+import os
 
-__all__ = ["attention", "rms_norm", "cross_entropy", "linear_cross_entropy"]
+from . import reference
+from .attention import attention as triton_attention
+from .cross_entropy import cross_entropy as triton_cross_entropy
+from .linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
+from .rms_norm import rms_norm as triton_rms_norm
+from .validate import (check_attention, check_cross_entropy, check_linear_cross_entropy, check_rms_norm)
+
+__all__ = ["attention", "rms_norm", "cross_entropy", "linear_cross_entropy", "use_triton"]
+
+
+def use_triton(tensor) -> bool:
+    """Whether an op on `tensor` runs the Triton kernel: on CUDA, unless CANCERLLM_KERNELS says otherwise."""
+    mode = os.environ.get("CANCERLLM_KERNELS", "auto").strip().lower() or "auto"
+    if mode == "auto":
+        return tensor.is_cuda
+    if mode in ("triton", "torch"):
+        return mode == "triton"
+    raise ValueError(f"CANCERLLM_KERNELS must be 'triton', 'torch' or unset, got {mode!r}")
+
+
+def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False, backend="auto"):
+    """Causal grouped-query attention with an optional Mistral sliding window and packed documents.
+    q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D] (and the log-sum-exp [B, Hq, T] with `lse=True`).
+    backend: "auto" (Triton on CUDA, reference elsewhere) or "xformers" (needs xformers and CUDA tensors)."""
+    check_attention(q, k, v, window, cu_seqlens)
+    if backend == "xformers":
+        if lse:
+            raise ValueError("attention: lse=True is not available with backend='xformers'")
+        return xformers_attention(q, k, v, window=window, cu_seqlens=cu_seqlens)
+    if backend != "auto":
+        raise ValueError(f"attention: backend must be 'auto' or 'xformers', got {backend!r}")
+    impl = triton_attention if use_triton(q) else reference.attention
+    return impl(q, k, v, window=window, cu_seqlens=cu_seqlens, lse=lse)
+
+
+def xformers_attention(q, k, v, *, window=None, cu_seqlens=None):
+    """The same attention on xformers: all B*T tokens as one block-diagonal sequence (rows or packed documents),
+    K/V heads broadcast to their group through the 5-D [1, B*T, Hkv, G, D] layout, so nothing is copied."""
+    try:
+        import xformers.ops as xops
+        from xformers.ops.fmha import attn_bias
+    except ImportError as e:
+        raise RuntimeError("attention: backend='xformers' needs the xformers package") from e
+    if not q.is_cuda:
+        raise ValueError(f"attention: backend='xformers' needs CUDA tensors, q is on {q.device}")
+    B, T, Hq, D = q.shape
+    Hkv = k.shape[2]
+    G = Hq // Hkv
+    offsets = cu_seqlens.tolist() if cu_seqlens is not None else list(range(0, B * T + 1, T))
+    seqlens = [end - start for start, end in zip(offsets, offsets[1:]) if end > start]
+    if window is None:
+        bias = attn_bias.BlockDiagonalCausalMask.from_seqlens(seqlens)
+    else:   # xformers' local mask: key j visible to query i iff i - window < j <= i, as Mistral's
+        bias = attn_bias.BlockDiagonalCausalLocalAttentionMask.from_seqlens(seqlens, window_size=window)
+    out = xops.memory_efficient_attention(
+        q.reshape(1, B * T, Hkv, G, D),
+        k.reshape(1, B * T, Hkv, 1, D).expand(1, B * T, Hkv, G, D),
+        v.reshape(1, B * T, Hkv, 1, D).expand(1, B * T, Hkv, G, D),
+        attn_bias=bias,
+    )
+    return out.reshape(B, T, Hq, D)
+
+
+def rms_norm(x, weight, eps=1e-5, residual=None):
+    """y = x / rms(x) * weight over the last axis; with `residual`, (norm(x + residual), x + residual)."""
+    check_rms_norm(x, weight, eps, residual)
+    impl = triton_rms_norm if use_triton(x) else reference.rms_norm
+    return impl(x, weight, eps, residual=residual)
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
+    """Token cross-entropy over logits [N, V] in fp32; reduction "mean" (over non-ignored targets), "sum" or
+    "none"; `z_loss` adds z_loss * logsumexp(logits)^2 per token. All targets ignored: loss 0, gradient 0."""
+    check_cross_entropy(logits, targets, ignore_index, reduction, z_loss)
+    impl = triton_cross_entropy if use_triton(logits) else reference.cross_entropy
+    return impl(logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
+
+
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=1024):
+    """cross_entropy(hidden @ weight.T, targets) a chunk of `chunk_size` tokens at a time, never holding the
+    [N, V] logits. hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum"."""
+    check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size)
+    impl = triton_linear_cross_entropy if use_triton(hidden) else reference.linear_cross_entropy
+    return impl(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)

@@ -1,0 +1,98 @@
+"""Cross-entropy over [N, V] logits in Triton, with the gradient computed in the forward pass.
+
+One program per row makes two passes over the vocabulary in BLOCK_V chunks, in fp32 whatever the storage dtype:
+an online max / sum-of-exponentials gives lse = logsumexp(logits), then the gradient
+    d loss / d logits = softmax * (1 + 2 * z_loss * lse) - onehot(target)
+is written, scaled by 1 / (number of non-ignored targets) for the mean. Ignored rows get loss 0 and gradient 0;
+when every row is ignored the mean is 0 (no 0 / 0). The backward is then a multiplication by the incoming
+gradient. The gradient may overwrite the logits (`grad_in_logits`), which the fused linear cross-entropy uses for
+the logits chunks it owns.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .reference import reduce_loss
+from .triton_utils import INTERPRET
+
+
+@triton.jit
+def _cross_entropy_fwd(
+    LOGITS, GRAD, TARGETS, LOSS, N_VALID, stride_row, stride_grad_row, V, ignore_index, z_loss,
+    MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    LOGITS += row * stride_row
+    GRAD += row * stride_grad_row
+    target = tl.load(TARGETS + row)
+    valid = target != ignore_index
+    cols = tl.arange(0, BLOCK_V)
+
+    m = float("-inf")
+    s = 0.0
+    for v0 in range(0, V, BLOCK_V):
+        x = tl.load(LOGITS + v0 + cols, mask=v0 + cols < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, tl.max(x, 0))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
+        m = m_new
+    lse = m + tl.log(s)
+    target_logit = tl.load(LOGITS + tl.where(valid, target, 0)).to(tl.float32)
+    loss = lse - target_logit + z_loss * lse * lse
+    tl.store(LOSS + row, tl.where(valid, loss, 0.0))
+
+    if COMPUTE_GRAD:
+        scale = tl.where(valid, 1.0, 0.0)
+        if MEAN:
+            scale = scale / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
+        softmax_scale = scale * (1.0 + 2.0 * z_loss * lse)
+        for v0 in range(0, V, BLOCK_V):
+            mask = v0 + cols < V
+            x = tl.load(LOGITS + v0 + cols, mask=mask, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) * softmax_scale - tl.where(v0 + cols == target, scale, 0.0)
+            tl.store(GRAD + v0 + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
+
+
+def cross_entropy_rows(logits, targets, n_valid, *, ignore_index, z_loss=0.0, mean_grad=True, grad=None):
+    """Per-row losses [N] (fp32, 0 on ignored rows); when `grad` ([N, V], may be `logits` itself) is given, fills
+    it with d(sum of losses)/d logits, or d(mean)/d logits with `mean_grad`, n_valid being a 0-d tensor."""
+    N, V = logits.shape
+    loss = torch.empty(N, device=logits.device, dtype=torch.float32)
+    block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 8192)
+    _cross_entropy_fwd[(N,)](
+        logits, logits if grad is None else grad, targets, loss, n_valid,
+        logits.stride(0), logits.stride(0) if grad is None else grad.stride(0), V, ignore_index, z_loss,
+        MEAN=mean_grad, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
+        num_warps=1 if INTERPRET else 16 if block_v >= 8192 else 8,
+    )
+    return loss
+
+
+def _row_major(t):
+    """Logits with unit stride along the vocabulary; rows may be strided (a slice of a larger tensor)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, targets, ignore_index, reduction, z_loss):
+        logits = _row_major(logits)
+        targets = targets.contiguous()
+        n_valid = (targets != ignore_index).sum()
+        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        loss = cross_entropy_rows(logits, targets, n_valid, ignore_index=ignore_index, z_loss=z_loss,
+                                  mean_grad=reduction == "mean", grad=grad)
+        ctx.save_for_backward(grad)
+        ctx.reduction = reduction
+        return reduce_loss(loss, targets != ignore_index, reduction)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
+        return grad * scale.to(grad.dtype), None, None, None, None
+
+
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
+    """The Triton twin of `reference.cross_entropy` (inputs already checked by `cancerllm.kernels`); logits whose
+    vocabulary axis is strided are copied to contiguous ones, strided rows are read in place."""
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(z_loss))
