@@ -27,6 +27,8 @@ The contract (both backends; tests/test_data_loader.py holds them to it):
 * Arrays. tokens, targets, positions: int64 [batch, seq_len]; loss_mask: bool [batch, seq_len];
   cu_seqlens: int32 [n + 1]. The C++ backend hands over its buffers without copying (`torch.from_numpy`).
 """
+from pathlib import Path
+
 import numpy as np
 
 from .shards import ShardError, read_shard
@@ -72,6 +74,9 @@ def check_args(paths, seq_len, batch_size, rank, world_size, seed):
                              ("rank", rank, 0), ("seed", seed, 0)):
         if not isinstance(value, int) or isinstance(value, bool) or value < low:
             raise ValueError(f"PackedLoader: {name} must be an integer >= {low}, got {value!r}")
+    for p in paths:
+        if not Path(p).is_file():
+            raise FileNotFoundError(f"PackedLoader: shard not found: {p}")
     if rank >= world_size:
         raise ValueError(f"PackedLoader: rank {rank} is not below world_size {world_size}")
     if seed > M64:
