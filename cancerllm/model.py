@@ -143,7 +143,7 @@ class Attention(nn.Module):
         if cache is not None:   # incremental decoding: the cache stores k, v and attends over what it holds
             out = cache.attend(self.layer_id, q, k, v)
         else:
-            out = kernels.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
+            out = kernels.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=self.backend)
         return self.o_proj(out.reshape(B, T, -1))
 
 
