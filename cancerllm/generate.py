@@ -39,6 +39,7 @@ Thread safety: a Generator serialises its calls with a lock (a stream holds it u
 sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
 """
 import argparse
+import json
 import math
 import secrets
 import sys
@@ -379,3 +380,71 @@ def parse_dtype(name: str) -> torch.dtype:
     if name not in dtypes:
         raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {name!r}")
     return dtypes[name]
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def read_prompts(args, parser) -> list:
+    """--prompt arguments, else --prompt-file (or stdin when neither is given): the whole text is one prompt,
+    or one prompt per non-empty line with --lines."""
+    if args.prompt:
+        return args.prompt
+    if args.prompt_file in (None, "-"):
+        text = sys.stdin.read()
+    else:
+        try:
+            text = Path(args.prompt_file).read_text()
+        except OSError as e:
+            parser.error(f"--prompt-file {args.prompt_file}: {e.strerror}")
+    prompts = [line for line in text.splitlines() if line.strip()] if args.lines else [text]
+    if not prompts or not any(p.strip() for p in prompts):
+        parser.error(f"no prompt found in {args.prompt_file or 'stdin'}")
+    return prompts
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m cancerllm.generate",
+                                     description="Generate text from a cancerllm or Hugging Face Mistral checkpoint.")
+    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.model)")
+    parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
+    parser.add_argument("--prompt-file", help="read the prompt(s) from this file ('-': stdin, the default)")
+    parser.add_argument("--lines", action="store_true", help="one prompt per non-empty line of the file or stdin")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-k", type=int, default=None)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", help="a stop string; repeatable")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--prefill-chunk", type=int, default=512)
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
+    parser.add_argument("--jsonl", action="store_true", help="print one JSON object per result")
+    args = parser.parse_args(argv)
+    prompts = read_prompts(args, parser)
+    gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
+                                    prefill_chunk=args.prefill_chunk, compile=args.compile)
+    results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
+                           repetition_penalty=args.repetition_penalty)
+    for i, r in enumerate(results):
+        if args.jsonl:
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}))
+        else:
+            print(("---\n" if i else "") + r.text)
+    print_speed(results)
+
+
+def print_speed(results: list) -> None:
+    """Tokens/s on stderr: prefill (prompt tokens, which also yield each row's first new token) and decode."""
+    prompt_tokens = sum(r.prompt_tokens for r in results)
+    decoded = sum(max(len(r.token_ids) - 1, 0) for r in results)
+    prefill_s, decode_s = results[0].prefill_s, max(r.decode_s for r in results)
+    print(f"{len(results)} prompt(s): prefill {prompt_tokens} tokens in {prefill_s:.3f} s "
+          f"({prompt_tokens / max(prefill_s, 1e-9):.1f} tok/s); decode {decoded} tokens in {decode_s:.3f} s "
+          f"({decoded / max(decode_s, 1e-9):.1f} tok/s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
