@@ -1,0 +1,113 @@
+"""Baselines for phenotype extraction: the majority value per field, and a regular-expression extractor for the
+fields pathology reports state in a standard way (pT/pN/pM, stage, grade, laterality, Gleason, ER/PR/HER2).
+
+Each pattern captures the value's own text (group `v`), with the vocabulary of surface forms that slot can take,
+so the counterfactual perturbation (perturb.py) can rewrite a stated value in place and know the new gold.
+"""
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+from .fields import FIELDS
+from .metrics import normalize_value
+
+REGEX_FIELDS = ("laterality", "grade", "pT", "pN", "pM", "stage", "ER", "PR", "HER2", "gleason")
+RECEPTOR_WORDS = ["positive", "negative"]
+# Between a receptor's name and its result: a few words, no sentence or clause break.
+GAP = r"[^.;]{0,40}?"
+
+
+@dataclass(frozen=True)
+class Pattern:
+    regex: re.Pattern
+    canonical: callable           # the `v` group's text -> the field's value in registry spelling
+    vocabulary: tuple = ()        # surface forms the `v` slot can be rewritten to (empty: not editable)
+
+
+@dataclass(frozen=True)
+class Mention:
+    field: str
+    start: int                    # span of the value's own text
+    end: int
+    value: str                    # registry spelling
+    pattern: Pattern
+
+
+def _tnm(letter, vocabulary):
+    # pT needs its p; pN and pM may instead follow the previous category directly ("pT2 N0 MX", "pT2N0").
+    after_category = r"(?:(?<=[TN][0-4X])|(?<=[TN][0-4][a-d])|(?<=Tis)|(?<=\)))\s?"
+    lead = r"\b[yr]?[pP]" if letter == "T" else rf"(?:\b[yr]?[pP]|{after_category})"
+    tail = r"(?:is|[0-4X])(?:mi|[a-d])?\d?" if letter == "T" else r"[0-3X](?:mi|[a-c])?"
+    return Pattern(re.compile(lead + rf"(?P<v>{letter}{tail})(?![a-z0-9])"), lambda v: v, tuple(vocabulary))
+
+
+def _receptor(names):
+    return Pattern(re.compile(rf"(?:{names}){GAP}\b(?P<v>positive|negative|equivocal)\b", re.I),
+                   lambda v: v.capitalize(), tuple(RECEPTOR_WORDS))
+
+
+def _gleason_sum(match_text):
+    numbers = [int(n) for n in re.findall(r"\d+", match_text)]
+    return str(numbers[-1]) if "=" in match_text else str(sum(numbers[:2]))
+
+
+PATTERNS = {
+    "pT": [_tnm("T", ["T1", "T1a", "T1b", "T2", "T2a", "T2b", "T3", "T3a", "T3b", "T4", "T4a"])],
+    "pN": [_tnm("N", ["N0", "N1", "N1a", "N2", "N2a", "N3"])],
+    "pM": [_tnm("M", ["M0", "M1", "MX"])],
+    "stage": [Pattern(re.compile(r"\b[Ss]tage(?: [Gg]roup(?:ing)?)?:?\s*(?P<v>IV|I{1,3})(?P<s>[ABC])?\b"),
+                      lambda v: "Stage " + v, ("I", "II", "III", "IV"))],
+    "grade": [
+        Pattern(re.compile(r"\bG(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
+        Pattern(re.compile(r"\b[Gg]rade:?\s*(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
+        Pattern(re.compile(r"\b(?P<v>well|moderately|poorly)[ -]differentiated", re.I),
+                lambda v: {"well": "G1", "moderately": "G2", "poorly": "G3"}[v.lower()],
+                ("well", "moderately", "poorly")),
+        Pattern(re.compile(r"\b(?P<v>high|low)[ -]grade\b", re.I), lambda v: v.capitalize() + " Grade",
+                ("high", "low")),
+    ],
+    "laterality": [Pattern(re.compile(r"\b(?P<v>left|right|bilateral)\b", re.I), lambda v: v.capitalize(),
+                           ("left", "right"))],
+    "ER": [_receptor(r"estrogen receptors?|\bER\b")],
+    "PR": [_receptor(r"progesterone receptors?|\bPR\b")],
+    "HER2": [_receptor(r"\bHER-?2(?:/neu)?|c-?erb-?B-?2")],
+    "gleason": [Pattern(re.compile(r"Gleason(?: score| grade| sum)?:?\s*(?P<v>\d\s*\+\s*\d(?:\s*=\s*\d+)?|\d+)",
+                                   re.I), _gleason_sum)],
+}
+
+
+def find_mentions(field: str, text: str) -> list[Mention]:
+    """Every statement of `field` in the text, in text order."""
+    found = []
+    for pattern in PATTERNS[field]:
+        for m in pattern.regex.finditer(text):
+            value = pattern.canonical(m.group("v"))
+            if field == "stage" and m.group("s"):
+                value += m.group("s")
+            found.append(Mention(field, m.start("v"), m.end("v"), value, pattern))
+    return sorted(found, key=lambda m: m.start)
+
+
+def regex_extract(text: str) -> dict:
+    """{field: value or None} for every field: the first mention, or for laterality the most frequent side."""
+    out = {f: None for f in FIELDS}
+    for field in REGEX_FIELDS:
+        mentions = find_mentions(field, text)
+        if not mentions:
+            continue
+        if field == "laterality":
+            sides = Counter(m.value for m in mentions)
+            out[field] = "Bilateral" if "Bilateral" in sides else sides.most_common(1)[0][0]
+        else:
+            out[field] = mentions[0].value
+    return out
+
+
+def majority_values(train_fields) -> dict:
+    """The most frequent non-null value of each field over the training records ({field: value}); a field with no
+    value in training predicts null. Ties go to the value seen first."""
+    out = {}
+    for f in FIELDS:
+        counts = Counter(r[f] for r in train_fields if normalize_value(f, r[f]) is not None)
+        out[f] = counts.most_common(1)[0][0] if counts else None
+    return out
