@@ -1,0 +1,201 @@
+"""Flash attention (Triton, under the interpreter) against the float64 reference: output, log-sum-exp and dQ/dK/dV
+on fresh random inputs; dispatch; the model with the Triton path forced; bad input. Tolerances: kernels.testing."""
+import pytest
+import torch
+
+from cancerllm import ModelArgs, Transformer, kernels
+from cancerllm.kernels import reference
+from cancerllm.kernels.attention import attention as triton_attention
+from cancerllm.kernels.testing import assert_close, poisoned_allocations
+
+
+def random_qkv(B, T, Hq, Hkv, D, dtype):
+    return [torch.randn(B, T, H, D, dtype=dtype).requires_grad_() for H in (Hq, Hkv, Hkv)]
+
+
+def check_against_reference(B, T, Hq, Hkv, D, dtype=torch.float32, window=None, offsets=None):
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
+    q, k, v = random_qkv(B, T, Hq, Hkv, D, dtype)
+    with poisoned_allocations():
+        out, lse = triton_attention(q, k, v, window=window, cu_seqlens=cu_seqlens, lse=True)
+        grad_out = torch.randn_like(out)
+        out.backward(grad_out)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out64, lse64 = reference.attention(q64, k64, v64, window=window, cu_seqlens=cu_seqlens, lse=True)
+    out64.backward(grad_out.double())
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    assert_close("out", out, out64, dtype)
+    assert_close("lse", lse, lse64, torch.float32)
+    assert_close("dq", q.grad, q64.grad, dtype)
+    assert_close("dk", k.grad, k64.grad, dtype)
+    assert_close("dv", v.grad, v64.grad, dtype)
+
+
+# Under the interpreter the tiles are 16 query rows (16 // G tokens) by 16 keys, so these lengths are odd and
+# cross several blocks. (B, T, Hq, Hkv, D, window)
+SHAPES = [
+    pytest.param(1, 37, 4, 4, 16, None, id="causal-G1-odd-T"),
+    pytest.param(2, 29, 4, 2, 32, 5, id="window-below-block-G2"),
+    pytest.param(1, 45, 8, 2, 24, 100, id="window-above-T-G4-D24"),
+    pytest.param(1, 40, 4, 1, 16, 16, id="window-one-block-G4"),
+    pytest.param(1, 21, 6, 2, 16, 7, id="G3-not-power-of-two"),
+    pytest.param(1, 19, 2, 1, 128, 11, id="D128"),
+]
+
+
+@pytest.mark.parametrize("B, T, Hq, Hkv, D, window", SHAPES)
+def test_matches_reference(B, T, Hq, Hkv, D, window):
+    check_against_reference(B, T, Hq, Hkv, D, window=window)
+
+
+# Several documents of unequal lengths per row, documents of length 1, an empty one (repeated offset).
+PACKED = [
+    pytest.param(2, 24, 4, 1, 16, 4, [0, 1, 7, 24, 30, 31, 48], id="docs-window4-G4"),
+    pytest.param(1, 40, 4, 2, 64, None, [0, 17, 17, 18, 40], id="docs-causal-empty-doc-G2"),
+    pytest.param(2, 20, 2, 2, 16, 30, [0, 20, 23, 39, 40], id="docs-G1-doc-of-1-at-end"),
+]
+
+
+@pytest.mark.parametrize("B, T, Hq, Hkv, D, window, offsets", PACKED)
+def test_packed_documents_match_reference(B, T, Hq, Hkv, D, window, offsets):
+    check_against_reference(B, T, Hq, Hkv, D, window=window, offsets=offsets)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_storage(dtype):
+    check_against_reference(2, 26, 4, 2, 32, dtype=dtype, window=9, offsets=[0, 3, 26, 27, 52])
+
+
+def test_non_contiguous_inputs_are_copied():
+    """q, k, v transposed views ([B, H, T, D] storage): the kernel copies them and gives the same result."""
+    q, k, v = (torch.randn(1, H, 23, 16).transpose(1, 2) for H in (4, 2, 2))
+    assert not q.is_contiguous()
+    expected = reference.attention(q.double(), k.double(), v.double(), window=6)
+    assert_close("out", triton_attention(q, k, v, window=6), expected, torch.float32)
+
+
+def test_poisoning_is_active():
+    with poisoned_allocations():
+        assert torch.empty(3).isnan().all() and torch.empty_like(torch.ones(2)).isnan().all()
+
+
+# ---------------------------------------------------------------------------------------------- dispatch, model
+
+def test_dispatch(monkeypatch):
+    x = torch.ones(1)
+    monkeypatch.delenv("CANCERLLM_KERNELS", raising=False)
+    assert not kernels.use_triton(x)             # CPU tensors take the reference by default
+    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+    assert kernels.use_triton(x)
+    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+    assert not kernels.use_triton(x)
+    monkeypatch.setenv("CANCERLLM_KERNELS", "cuda")
+    with pytest.raises(ValueError, match="CANCERLLM_KERNELS"):
+        kernels.use_triton(x)
+
+
+def model_loss_and_grads(model, tokens, targets, cu_seqlens):
+    model.zero_grad()
+    loss = model(tokens, cu_seqlens=cu_seqlens, targets=targets)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_model_triton_path_equals_reference_path(monkeypatch):
+    """A tiny Mistral (sliding window shorter than the sequence, GQA, packed documents, ignored targets):
+    loss and every parameter gradient agree between CANCERLLM_KERNELS=triton and =torch."""
+    args = ModelArgs.preset("tiny", vocab_size=256, max_seq_len=64, sliding_window=5)
+    model = Transformer(args)
+    tokens = torch.randint(0, args.vocab_size, (2, 12))
+    targets = torch.randint(0, args.vocab_size, (2, 12))
+    targets[0, :3] = -100
+    cu_seqlens = torch.tensor([0, 7, 12, 13, 24], dtype=torch.int32)
+
+    calls = []
+    for name in ("triton_attention", "triton_rms_norm", "triton_linear_cross_entropy"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+
+    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+    ref_loss, ref_grads = model_loss_and_grads(model, tokens, targets, cu_seqlens)
+    assert not calls
+    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+    loss, grads = model_loss_and_grads(model, tokens, targets, cu_seqlens)
+    assert set(calls) == {"triton_attention", "triton_rms_norm", "triton_linear_cross_entropy"}
+
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+def test_rejects_mismatched_shapes_dtypes_devices():
+    q, k, v = (torch.randn(1, 8, H, 16) for H in (4, 2, 2))
+    with pytest.raises(ValueError, match="k and v must have one shape"):
+        kernels.attention(q, k, v[:, :, :1])
+    with pytest.raises(ValueError, match=r"k and v must be \[B, T, Hkv, D\]"):
+        kernels.attention(q, k[:, :7], v[:, :7])
+    with pytest.raises(ValueError, match="multiple of k/v's 3 heads"):
+        kernels.attention(q, torch.randn(1, 8, 3, 16), torch.randn(1, 8, 3, 16))
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        kernels.attention(q[0], k, v)
+    with pytest.raises(ValueError, match="must share one dtype"):
+        kernels.attention(q, k.half(), v)
+    with pytest.raises(ValueError, match="must share one device"):
+        kernels.attention(q, k.to("meta"), v)
+    with pytest.raises(TypeError, match="q must have dtype"):
+        kernels.attention(q.long(), k.long(), v.long())
+
+
+def test_triton_path_limits():
+    with pytest.raises(ValueError, match="head dim must be in 16..128"):
+        triton_attention(*(torch.randn(1, 4, 2, 8) for _ in range(3)))
+    with pytest.raises(TypeError, match="float64"):
+        triton_attention(*(torch.randn(1, 4, 2, 16, dtype=torch.float64) for _ in range(3)))
+
+
+@pytest.mark.parametrize("window, message", [(0, "window must be positive"), (-3, "window must be positive"),
+                                             (2.5, "window must be a positive int"), (True, "positive int")])
+def test_rejects_bad_window(window, message):
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises((ValueError, TypeError), match=message):
+        kernels.attention(q, q, q, window=window)
+
+
+@pytest.mark.parametrize("offsets, message", [
+    ([1, 8, 16], "from 0 to B\\*T=16"),
+    ([0, 8, 15], "from 0 to B\\*T=16"),
+    ([0, 8, 5, 8, 16], "non-decreasing"),
+    ([0, 5, 16], "every multiple of T=8"),
+    ([16], "from 0 to B\\*T=16"),
+])
+def test_rejects_cu_seqlens_that_do_not_cover_the_sequence(offsets, message):
+    q = torch.randn(2, 8, 2, 16)
+    with pytest.raises(ValueError, match=message):
+        kernels.attention(q, q, q, cu_seqlens=torch.tensor(offsets, dtype=torch.int32))
+
+
+def test_rejects_cu_seqlens_of_wrong_type_or_device():
+    q = torch.randn(1, 8, 2, 16)
+    with pytest.raises(TypeError, match="cu_seqlens must have dtype"):
+        kernels.attention(q, q, q, cu_seqlens=torch.tensor([0.0, 8.0]))
+    with pytest.raises(ValueError, match="cu_seqlens must be 1-D"):
+        kernels.attention(q, q, q, cu_seqlens=torch.tensor([[0, 8]], dtype=torch.int32))
+    with pytest.raises(ValueError, match="cu_seqlens is on meta"):
+        kernels.attention(q, q, q, cu_seqlens=torch.tensor([0, 8], dtype=torch.int32, device="meta"))
+
+
+def test_cu_seqlens_rechecked_after_in_place_change():
+    q = torch.randn(1, 8, 2, 16)
+    cu_seqlens = torch.tensor([0, 3, 8], dtype=torch.int32)
+    kernels.attention(q, q, q, cu_seqlens=cu_seqlens)
+    cu_seqlens[1] = 9
+    with pytest.raises(ValueError, match="non-decreasing"):
+        kernels.attention(q, q, q, cu_seqlens=cu_seqlens)
+
+
+def test_rejects_unknown_backend():
+    q = torch.randn(1, 4, 2, 16)
+    with pytest.raises(ValueError, match="backend must be 'auto' or 'xformers'"):
+        kernels.attention(q, q, q, backend="flash")
