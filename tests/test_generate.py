@@ -1,0 +1,298 @@
+"""The generator against Hugging Face transformers (greedy, token for token) and against full recomputation;
+stopping, streaming, sampling, the logits-processor protocol, bad input and the command line."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from cancerllm import ModelArgs, Transformer, Generator
+from cancerllm.cache import KVCache
+from cancerllm.generate import IncrementalText, Sampling, sample
+from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+
+transformers = pytest.importorskip("transformers")
+
+VOCAB = 32000   # Mistral's tokenizer, so that text tests and model tests share one vocabulary
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return Tokenizer(mistral_tokenizer_path())
+
+
+def hf_and_ours(window, max_seq_len=256):
+    """A random tiny MistralForCausalLM and our Transformer holding the same weights."""
+    config = transformers.MistralConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, sliding_window=window, max_position_embeddings=max_seq_len,
+        rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager",
+        initializer_range=0.1)   # peaked logits: greedy ties within float noise become vanishingly rare
+    hf = transformers.MistralForCausalLM(config).eval()
+    hf.generation_config.eos_token_id = None
+    hf.generation_config.pad_token_id = 0
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=VOCAB,
+                     sliding_window=window, max_seq_len=max_seq_len)
+    ours = Transformer(args)
+    ours.load_state_dict({name.removeprefix("model."): p for name, p in hf.state_dict().items()})
+    return hf, ours
+
+
+def random_prompts(*lengths):
+    return [torch.randint(3, VOCAB, (n,)).tolist() for n in lengths]
+
+
+def hf_greedy(hf, prompts, max_new_tokens, **options):
+    """transformers' generate on left-padded prompts; the new tokens of each row."""
+    L = max(map(len, prompts))
+    ids = torch.tensor([[0] * (L - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (L - len(p)) + [1] * len(p) for p in prompts])
+    out = hf.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, **options)
+    return out[:, L:].tolist()
+
+
+class ForceTokens:
+    """A logits processor that makes row r emit sequences[r] (None: unconstrained) and logs every call."""
+
+    def __init__(self, sequences, record_logits=False):
+        self.sequences, self.record_logits = sequences, record_logits
+
+    def reset(self, batch_size):
+        self.batch_size = batch_size
+        self.steps = [0] * batch_size
+        self.logits = [[] for _ in range(batch_size)]
+        self.advanced = []
+
+    def mask(self, logits, rows):
+        assert logits.dtype == torch.float32 and logits.shape[0] == len(rows)
+        for i, row in enumerate(rows):
+            if self.record_logits:
+                self.logits[row].append(logits[i].clone())
+            sequence = self.sequences[row]
+            if sequence is not None and self.steps[row] < len(sequence):
+                forced = sequence[self.steps[row]]
+                logits[i] = -math.inf
+                logits[i, forced] = 0.0
+
+    def advance(self, row, token_id):
+        self.advanced.append((row, token_id))
+        self.steps[row] += 1
+
+
+# ---------------------------------------------------------------------------------------------- vs transformers
+
+@pytest.mark.parametrize("prefill_chunk", [3, 8, 64])
+def test_greedy_matches_transformers_past_the_window(tokenizer, prefill_chunk):
+    hf, ours = hf_and_ours(window=8)
+    prompts = random_prompts(13)                       # prompt alone exceeds W; prompt + output is 5 W
+    [result] = Generator(ours, tokenizer, prefill_chunk=prefill_chunk).generate(prompts, max_new_tokens=27,
+                                                                                ignore_eos=True)
+    assert result.token_ids == hf_greedy(hf, prompts, 27)[0]
+    assert result.finish_reason == "length"
+
+
+def test_greedy_matches_transformers_without_window(tokenizer):
+    hf, ours = hf_and_ours(window=None)
+    prompts = random_prompts(9)
+    [result] = Generator(ours, tokenizer, prefill_chunk=4).generate(prompts, max_new_tokens=20, ignore_eos=True)
+    assert result.token_ids == hf_greedy(hf, prompts, 20)[0]
+
+
+@pytest.mark.parametrize("window", [8, None])
+def test_batched_prompts_of_different_lengths_match_transformers(tokenizer, window):
+    hf, ours = hf_and_ours(window=window)
+    prompts = random_prompts(3, 12, 20, 1)
+    results = Generator(ours, tokenizer, prefill_chunk=5).generate(prompts, max_new_tokens=16, ignore_eos=True)
+    assert [r.token_ids for r in results] == hf_greedy(hf, prompts, 16)
+
+
+def test_repetition_penalty_matches_transformers(tokenizer):
+    hf, ours = hf_and_ours(window=8)
+    prompts = random_prompts(10)
+    [result] = Generator(ours, tokenizer).generate(prompts, max_new_tokens=20, repetition_penalty=1.5,
+                                                   ignore_eos=True)
+    assert result.token_ids == hf_greedy(hf, prompts, 20, repetition_penalty=1.5)[0]
+
+
+# ---------------------------------------------------------------------------------------------- the cache
+
+@pytest.mark.parametrize("window", [6, None])
+def test_cached_logits_equal_full_recomputation_every_step(tokenizer, window):
+    """Every step's logits, seen through a processor, against the model run on the whole sequence so far; rows
+    of different lengths, one finishing early (EOS forced at its 3rd token) so the batch is compacted."""
+    _, model = hf_and_ours(window=window)
+    prompts = random_prompts(10, 4, 15)
+    processor = ForceTokens([None, [5, 6, tokenizer.eos_id], None], record_logits=True)
+    results = Generator(model, tokenizer, prefill_chunk=4).generate(prompts, max_new_tokens=12,
+                                                                    logits_processor=processor)
+    assert [len(r.token_ids) for r in results][1] == 3 and results[1].finish_reason == "eos"
+    with torch.no_grad():
+        for prompt, result, logged in zip(prompts, results, processor.logits):
+            assert len(logged) == len(result.token_ids)
+            for t, logits in enumerate(logged):
+                full = model(torch.tensor([prompt + result.token_ids[:t]]))[0, -1].float()
+                torch.testing.assert_close(logits, full, rtol=1e-4, atol=1e-4)
+
+
+def test_rolling_buffer_holds_window_slots_only():
+    args = ModelArgs.preset("tiny", sliding_window=32, max_seq_len=4096)
+    cache = KVCache.for_model(args, batch=2, max_len=4000, dtype=torch.float32, device="cpu")
+    assert cache.k.shape == (args.n_layers, 2, args.n_kv_heads, 32, args.head_dim)
+    assert cache.bytes_per_token == 2 * args.n_layers * args.n_kv_heads * args.head_dim * 4
+    short = KVCache.for_model(args, batch=1, max_len=10, dtype=torch.float32, device="cpu")
+    assert short.k.shape[3] == 10
+
+
+# ---------------------------------------------------------------------------------------------- stopping
+
+def test_rows_stop_on_their_own_without_disturbing_the_others(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    prompts = random_prompts(7, 11, 5)
+    text_ids = tokenizer.encode("Gleason score 7. Done", bos=False)
+    processor = ForceTokens([[tokenizer.eos_id], text_ids, None])
+    results = gen.generate(prompts, max_new_tokens=10, stop=[". D"], logits_processor=processor)
+    assert [r.finish_reason for r in results] == ["eos", "stop", "length"]
+    assert results[0].token_ids == [tokenizer.eos_id] and results[0].text == ""
+    assert results[1].text == "Gleason score 7"
+    assert len(results[2].token_ids) == 10
+    alone = gen.generate([prompts[2]], max_new_tokens=10)[0]
+    assert alone.token_ids == results[2].token_ids
+    assert processor.batch_size == 3
+    assert [row for row, _ in processor.advanced[:3]] == [0, 1, 2]     # every row, in batch order
+    assert all(row != 0 for row, _ in processor.advanced[3:])          # row 0 finished after one token
+
+
+def test_stop_string_across_tokens_and_in_any_position(tokenizer):
+    _, model = hf_and_ours(window=None)
+    ids = tokenizer.encode("Stage IIB, pT2 pN1. Receptors negative.", bos=False)
+    gen = Generator(model, tokenizer)
+    for stop, expected in [("pN1", "Stage IIB, pT2 "), (["XYZ", "2 p"], "Stage IIB, pT"), ("Stage", "")]:
+        [r] = gen.generate(["x"], max_new_tokens=len(ids), stop=stop, logits_processor=ForceTokens([ids]))
+        assert (r.text, r.finish_reason) == (expected, "stop")
+    [r] = gen.generate(["x"], max_new_tokens=len(ids), stop="absent", logits_processor=ForceTokens([ids]))
+    assert (r.text, r.finish_reason, r.token_ids) == ("Stage IIB, pT2 pN1. Receptors negative.", "length", ids)
+
+
+# ---------------------------------------------------------------------------------------------- streaming
+
+NON_ASCII = "Carcinome épidermoïde du poumon — 肺癌, grade 3 🙂 ok"
+
+
+def test_stream_concatenates_to_the_full_text_with_non_ascii(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    ids = tokenizer.encode(NON_ASCII, bos=False)
+    assert any(tokenizer.id_to_piece(i).startswith("<0x") for i in ids)   # byte pieces: multi-byte characters
+    options = dict(max_new_tokens=len(ids), logits_processor=ForceTokens([ids]))
+    pieces = list(gen.stream("Report:", **options))
+    assert "".join(pieces) == NON_ASCII == gen.generate(["Report:"], **options)[0].text
+    assert len(pieces) > 5 and not any("\ufffd" in p for p in pieces)
+
+
+def test_stream_holds_back_a_possible_stop_string(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    ids = tokenizer.encode(NON_ASCII, bos=False)
+    options = dict(max_new_tokens=len(ids), stop="grade 3", logits_processor=ForceTokens([ids]))
+    pieces = list(gen.stream("Report:", **options))
+    assert "".join(pieces) == "Carcinome épidermoïde du poumon — 肺癌, " == gen.generate(["Report:"], **options)[0].text
+
+
+def test_stream_of_random_tokens_equals_generate(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    options = dict(max_new_tokens=40, temperature=1.0, seed=7)
+    assert "".join(gen.stream("Report:", **options)) == gen.generate(["Report:"], **options)[0].text
+
+
+def test_incremental_text_holds_back_unfinished_characters(tokenizer):
+    text = IncrementalText(tokenizer, stop=())
+    ids = tokenizer.encode("🙂", bos=False)    # four byte pieces after the space piece
+    shown = []
+    for i in ids:
+        text.push(i)
+        shown.append(text.take())
+    assert "".join(shown) == "🙂" and shown[-1] == "🙂"
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+def test_seeded_sampling_is_reproducible(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    prompts = random_prompts(5, 9)
+    options = dict(max_new_tokens=15, temperature=1.2, top_k=100, top_p=0.95, repetition_penalty=1.1)
+    first = [r.token_ids for r in gen.generate(prompts, seed=1234, **options)]
+    assert first == [r.token_ids for r in gen.generate(prompts, seed=1234, **options)]
+    assert first != [r.token_ids for r in gen.generate(prompts, seed=4321, **options)]
+    greedy = [r.token_ids for r in gen.generate(prompts, max_new_tokens=15)]
+    assert greedy == [r.token_ids for r in gen.generate(prompts, max_new_tokens=15, temperature=1.0, top_k=1,
+                                                        seed=3)]
+
+
+def test_top_k_and_top_p_restrict_the_draws():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).expand(2000, 5)
+    rng = torch.Generator().manual_seed(0)
+    top2 = sample(logits.clone(), Sampling(temperature=1.0, top_k=2), rng)
+    assert set(top2.tolist()) == {0, 1}
+    p = torch.softmax(logits[0], -1)                      # 0.64, 0.24, ...: top_p 0.8 keeps two tokens
+    nucleus = sample(logits.clone(), Sampling(temperature=1.0, top_p=float(p[0] + p[1]) - 0.01), rng)
+    assert set(nucleus.tolist()) == {0, 1}
+    free = sample(logits.clone(), Sampling(temperature=1.0), rng)
+    assert set(free.tolist()) == {0, 1, 2, 3, 4}
+    assert abs((free == 0).float().mean().item() - p[0].item()) < 0.05
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("prompts, options, message", [
+    ([], {}, "prompts"),
+    ("a string", {}, "prompts"),
+    ([[]], {}, r"prompts\[0\] is empty"),
+    (["ok", 3], {}, r"prompts\[1\]"),
+    ([[1, VOCAB]], {}, r"prompts\[0\] has token ids"),
+    ([[1] * 300], {}, "max_seq_len"),
+    (["ok"], {"max_new_tokens": -1}, "max_new_tokens"),
+    (["ok"], {"top_p": 0.0}, "top_p"),
+    (["ok"], {"top_p": 1.5}, "top_p"),
+    (["ok"], {"top_k": 0}, "top_k"),
+    (["ok"], {"temperature": -1.0}, "temperature"),
+    (["ok"], {"stop": 3}, "stop"),
+    (["ok"], {"stop": ["a", None]}, "stop"),
+    (["ok"], {"seed": "1"}, "seed"),
+    (["ok"], {"logits_processor": object()}, "logits_processor"),
+])
+def test_bad_input_raises_a_clear_value_error(tokenizer, prompts, options, message):
+    _, model = hf_and_ours(window=None, max_seq_len=256)
+    with pytest.raises(ValueError, match=message):
+        Generator(model, tokenizer).generate(prompts, **{"max_new_tokens": 4, **options})
+
+
+def test_generation_stops_at_the_context_and_zero_new_tokens_is_empty(tokenizer):
+    _, model = hf_and_ours(window=None, max_seq_len=32)
+    gen = Generator(model, tokenizer)
+    [r] = gen.generate([random_prompts(28)[0]], max_new_tokens=10, ignore_eos=True)
+    assert (len(r.token_ids), r.finish_reason) == (4, "length")
+    [r] = gen.generate(["x"], max_new_tokens=0)
+    assert (r.token_ids, r.text, r.finish_reason) == ([], "", "length")
+
+
+# ---------------------------------------------------------------------------------------------- from disk
+
+def test_from_pretrained_and_command_line(tokenizer, tmp_path):
+    _, model = hf_and_ours(window=8)
+    model.save_pretrained(tmp_path, tokenizer=tokenizer)
+    loaded = Generator.from_pretrained(tmp_path, dtype="float32")
+    prompts = ["Invasive ductal carcinoma", "Left breast"]
+    expected = [r.token_ids for r in Generator(model, tokenizer).generate(prompts, max_new_tokens=6)]
+    assert [r.token_ids for r in loaded.generate(prompts, max_new_tokens=6)] == expected
+    (tmp_path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+    done = subprocess.run([sys.executable, "-m", "cancerllm.generate", "--model", str(tmp_path), "--prompt-file",
+                           str(tmp_path / "prompts.txt"), "--lines", "--max-new-tokens", "6", "--jsonl"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["token_ids"] for line in done.stdout.splitlines()] == expected
+    assert "tok/s" in done.stderr
