@@ -55,8 +55,8 @@ PATTERNS = {
     "pT": [_tnm("T", ["T1", "T1a", "T1b", "T2", "T2a", "T2b", "T3", "T3a", "T3b", "T4", "T4a"])],
     "pN": [_tnm("N", ["N0", "N1", "N1a", "N2", "N2a", "N3"])],
     "pM": [_tnm("M", ["M0", "M1", "MX"])],
-    "stage": [Pattern(re.compile(r"\b[Ss]tage(?: [Gg]roup(?:ing)?)?:?\s*(?P<v>IV|I{1,3})(?P<s>[ABC])?\b"),
-                      lambda v: "Stage " + v, ("I", "II", "III", "IV"))],
+    "stage": [Pattern(re.compile(r"\b[Ss]tage(?: [Gg]roup(?:ing)?)?:?\s*(?P<v>(?:IV|I{1,3})[ABC]?)\b"),
+                      lambda v: "Stage " + v, ("I", "IA", "IB", "II", "IIA", "IIB", "III", "IIIA", "IIIB", "IV"))],
     "grade": [
         Pattern(re.compile(r"\bG(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
         Pattern(re.compile(r"\b[Gg]rade:?\s*(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
@@ -81,10 +81,7 @@ def find_mentions(field: str, text: str) -> list[Mention]:
     found = []
     for pattern in PATTERNS[field]:
         for m in pattern.regex.finditer(text):
-            value = pattern.canonical(m.group("v"))
-            if field == "stage" and m.group("s"):
-                value += m.group("s")
-            found.append(Mention(field, m.start("v"), m.end("v"), value, pattern))
+            found.append(Mention(field, m.start("v"), m.end("v"), pattern.canonical(m.group("v")), pattern))
     return sorted(found, key=lambda m: m.start)
 
 

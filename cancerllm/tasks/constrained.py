@@ -1,0 +1,58 @@
+"""Schema-constrained JSON decoding for the phenotype-json task, as a logits processor for cancerllm.Generator.
+
+Why xgrammar rather than our own state machine: masking a 32k sentencepiece vocabulary against a JSON schema means
+knowing, per step, which token strings (with byte-fallback pieces, '▁' spaces and multi-character merges) keep the
+output a prefix of some valid document. xgrammar compiles the schema into a pushdown automaton and precomputes
+per-state token masks in C++, so a step costs microseconds; a hand-written Python walk over the vocabulary would
+cost tens of milliseconds per row per step and would be one more parser to get right. It installs beside the
+pinned torch (it needs torch>=1.10 and transformers, both present) and is maintained by the MLC/SGLang authors.
+
+The grammar is fields.json_schema() with no free whitespace, so keys come in FIELDS order with json.dumps's
+separators: exactly the form the SFT completions were written in (build.json_answer), plus one optional leading
+space, because sentencepiece encodes a completion with its dummy prefix ('▁{"'), the token a trained model
+expects to emit first.
+"""
+import json
+
+import torch
+import xgrammar as xgr
+
+from .fields import json_schema
+
+
+class JsonSchemaProcessor:
+    """reset(batch_size) / mask(logits, rows) / advance(row, token_id), the Generator's logits-processor protocol.
+
+    tokenizer: cancerllm.Tokenizer; vocab_size: the model's logits width (>= the tokenizer's pieces)."""
+
+    def __init__(self, tokenizer, schema: dict = None, vocab_size: int = None):
+        self.vocab_size = vocab_size or tokenizer.vocab_size
+        if self.vocab_size < tokenizer.vocab_size:
+            raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's "
+                             f"{tokenizer.vocab_size} pieces")
+        pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
+        info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.BYTE_FALLBACK, vocab_size=self.vocab_size,
+                                 stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
+        body = xgr.Grammar.from_json_schema(json.dumps(schema or json_schema()), any_whitespace=False,
+                                            strict_mode=True)
+        grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " " | ""'), body)
+        self.grammar = xgr.GrammarCompiler(info).compile_grammar(grammar)
+        self.matchers, self.bitmask = [], None
+
+    def reset(self, batch_size: int):
+        self.matchers = [xgr.GrammarMatcher(self.grammar) for _ in range(batch_size)]
+        self.bitmask = xgr.allocate_token_bitmask(batch_size, self.vocab_size)
+
+    def mask(self, logits: torch.Tensor, rows) -> None:
+        if logits.shape[1] != self.vocab_size:
+            raise ValueError(f"logits have {logits.shape[1]} columns, the processor was built for {self.vocab_size}")
+        for i, row in enumerate(rows):
+            self.matchers[row].fill_next_token_bitmask(self.bitmask, i)
+        xgr.apply_token_bitmask_inplace(logits, self.bitmask[:len(rows)].to(logits.device))
+
+    def advance(self, row: int, token_id: int) -> None:
+        matcher = self.matchers[row]
+        if matcher.is_terminated():       # the object is closed; only the stop token was allowed
+            return
+        if not matcher.accept_token(token_id):
+            raise RuntimeError(f"row {row}: token {token_id} breaks the JSON schema although it was masked in")
