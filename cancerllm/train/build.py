@@ -1,0 +1,84 @@
+"""Building the pieces of a run from its config: the model (random init or a Hugging Face checkpoint, LoRA,
+FSDP2) and the training and validation loaders."""
+import glob
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..data import PackedLoader
+from ..model import ModelArgs, Transformer
+from .checkpointing import load_full_weights
+from .config import Config, DataConfig
+from .lora import apply_lora, reset_adapters
+from .parallel import Dist, parallelize
+
+
+def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
+    """Create, adapt, shard and fill the model.
+
+    A random init on CPU builds the full model on every rank from the same seed and then shards it, so the
+    weights do not depend on the world size. On GPU, and whenever weights come from a checkpoint, the model is
+    created on the meta device, sharded, and only then materialised: no rank ever holds a full fp32 copy on GPU.
+    """
+    args = (read_pretrained_args(cfg.model.init_from) if cfg.model.init_from
+            else ModelArgs.preset(cfg.model.preset, **cfg.model.overrides))
+    torch.manual_seed(cfg.train.seed)
+    on_meta = d.device.type == "cuda" or cfg.model.init_from is not None
+    with torch.device("meta" if on_meta else "cpu"):
+        model = Transformer(args)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora)
+    parallelize(model, mesh, cfg.parallel, d.device)
+    if on_meta:
+        model.to_empty(device=d.device)
+        model.init_rope()
+        if cfg.model.init_from:
+            state = (Transformer.from_pretrained(cfg.model.init_from, dtype=torch.float32).state_dict()
+                     if d.is_main else {})
+            load_full_weights(model, state)
+        else:
+            model.init_weights()
+        if cfg.lora.enabled:
+            reset_adapters(model)
+    return args, model
+
+
+def read_pretrained_args(path) -> ModelArgs:
+    from ..checkpoint import CONFIG, read_config
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.init_from: {path} is not a directory")
+    return read_config(Path(path) / CONFIG)[0]
+
+
+def resolve_tokenizer(value):
+    """data.tokenizer: a tokenizer.model path, "mistral" for Mistral's v1 vocabulary (shipped in mistral-common),
+    or None (the export then has no tokenizer.model)."""
+    if value == "mistral":
+        from ..tokenizer import mistral_tokenizer_path
+        return mistral_tokenizer_path()
+    if value is not None and not Path(value).is_file():
+        raise FileNotFoundError(f"data.tokenizer: {value} is not a file")
+    return value
+
+
+def expand_paths(patterns: list[str], key: str) -> list[str]:
+    paths = []
+    for pattern in patterns:
+        matched = sorted(glob.glob(pattern))
+        if not matched:
+            raise FileNotFoundError(f"{key}: no shard matches {pattern!r} (run `python -m cancerllm.data.prepare` "
+                                    "first?)")
+        paths.extend(matched)
+    return paths
+
+
+def build_loader(cfg: DataConfig, patterns: list[str], key: str, *, stage: str, seed: int) -> PackedLoader:
+    """A PackedLoader over this rank's part of the shards; the stage must match the shards' kind."""
+    loader = PackedLoader(expand_paths(patterns, key), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                          rank=dist.get_rank(), world_size=dist.get_world_size(), seed=seed, backend=cfg.backend,
+                          num_threads=cfg.num_threads)
+    if loader.sft != (stage == "sft"):
+        kind = "SFT (prompt/completion, with a loss mask)" if loader.sft else "pretraining"
+        raise ValueError(f"{key}: the shards are {kind} shards but train.stage = {stage!r}")
+    return loader

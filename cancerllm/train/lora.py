@@ -1,0 +1,105 @@
+"""LoRA: a trainable low-rank update next to each frozen linear weight, y = x W^T + (alpha / r) * drop(x) A^T B^T.
+
+A `LoRALinear` keeps the replaced layer's `weight` under the same name, so the base checkpoint loads as it is and
+the frozen and trainable tensors shard together under FSDP2 (which allows mixed requires_grad in one unit).
+B starts at zero, so training starts exactly from the base model. Adapters are saved on their own in the PEFT
+layout and merged into the base weights (W + (alpha / r) B A) for export.
+"""
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from .config import LoraConfig
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight = base.weight
+        self.weight.requires_grad_(False)
+        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
+        self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
+        if base.weight.device.type != "meta":
+            self.reset_adapter()
+
+    @torch.no_grad()
+    def reset_adapter(self):
+        """PEFT's initialisation: A as nn.Linear's default, B zero (the update starts at exactly 0)."""
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B)
+
+    def forward(self, x):
+        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+
+def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
+    """Replace the targeted nn.Linear layers of every block by LoRALinear and freeze everything else.
+    Returns the names of the replaced layers."""
+    replaced = []
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear) and child_name in cfg.targets and name.startswith("layers."):
+                setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout))
+                replaced.append(f"{name}.{child_name}")
+    if not replaced:
+        raise ValueError(f"lora.targets={cfg.targets} matched no linear layer of the model")
+    for pname, p in model.named_parameters():
+        p.requires_grad_(is_adapter(pname))
+    return replaced
+
+
+def reset_adapters(model: nn.Module):
+    for module in model.modules():
+        if isinstance(module, LoRALinear):
+            module.reset_adapter()
+
+
+def is_adapter(name: str) -> bool:
+    return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
+
+
+def merge_state_dict(state: dict, cfg: LoraConfig) -> dict:
+    """A full state dict with adapters -> the plain model's: W + (alpha / r) B A for every adapted weight."""
+    scale = cfg.alpha / cfg.rank
+    merged = {}
+    for name, tensor in state.items():
+        if is_adapter(name):
+            continue
+        prefix = name[:-len("weight")]
+        if prefix + "lora_A" in state:
+            a, b = state[prefix + "lora_A"].float(), state[prefix + "lora_B"].float()
+            tensor = (tensor.float() + scale * (b @ a)).to(tensor.dtype)
+        merged[name] = tensor
+    return merged
+
+
+def save_adapters(state: dict, cfg: LoraConfig, path, base_model: str = None):
+    """The adapters alone, in PEFT's layout (adapter_model.safetensors + adapter_config.json)."""
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {f"base_model.model.model.{name.replace('lora_A', 'lora_A.weight').replace('lora_B', 'lora_B.weight')}":
+               t.detach().cpu().contiguous() for name, t in state.items() if is_adapter(name)}
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": cfg.rank, "lora_alpha": cfg.alpha,
+              "lora_dropout": cfg.dropout, "target_modules": cfg.targets, "bias": "none",
+              "base_model_name_or_path": base_model}
+    (directory / "adapter_config.json").write_text(json.dumps(config, indent=2))
+
+
+def trainable_summary(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of the unsharded model."""
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        total += n
+        trainable += n * p.requires_grad
+    return trainable, total

@@ -1,0 +1,87 @@
+"""Process group, device mesh and FSDP2: each transformer block and then the root are `fully_shard`ed over a
+data-parallel mesh (HSDP when `parallel.replicate` > 1: replicate across groups, shard within one), with
+optional activation checkpointing and `torch.compile` per block applied first."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from .config import ParallelConfig
+
+
+@dataclass
+class Dist:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> Dist:
+    """Join the torchrun job, or form a one-process group when started as a plain `python train.py`."""
+    device = (torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if "RANK" in os.environ:
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return Dist(dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0)), dist.get_world_size(), device)
+
+
+def build_mesh(cfg: ParallelConfig, world_size: int, device: torch.device) -> DeviceMesh:
+    """A 2-D (replicate, shard) mesh for HSDP, or a 1-D shard mesh; their product must be the world size."""
+    shard = world_size // cfg.replicate if cfg.shard == -1 else cfg.shard
+    if cfg.replicate * shard != world_size:
+        raise ValueError(f"parallel.replicate={cfg.replicate} x parallel.shard={cfg.shard} does not match the "
+                         f"world size {world_size}")
+    if cfg.replicate == 1:
+        return init_device_mesh(device.type, (shard,), mesh_dim_names=("dp_shard",))
+    return init_device_mesh(device.type, (cfg.replicate, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+
+
+def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
+    """Compute dtype of the sharded parameters: bf16 on GPU and fp32 on CPU unless configured."""
+    if cfg.mixed_precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+
+
+def apply_activation_checkpointing(model, every: int):
+    """Recompute the activations of every `every`-th block in backward instead of storing them."""
+    for i, block in enumerate(model.layers):
+        if (i + 1) % every == 0:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+
+
+def parallelize(model, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device):
+    """Activation checkpointing, then torch.compile, then FSDP2 per block and at the root (in that order, as
+    torchtitan does: each block is one all-gather / reduce-scatter unit). Reductions are always fp32."""
+    if cfg.activation_checkpoint_every:
+        apply_activation_checkpointing(model, cfg.activation_checkpoint_every)
+    if cfg.compile:
+        for i, block in enumerate(model.layers):
+            model.layers[i] = torch.compile(block, fullgraph=False)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, device), reduce_dtype=torch.float32)
+    for i, block in enumerate(model.layers):
+        # The last block's parameters are needed again at once by the root's backward: keep them gathered.
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    return model
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    """Sum a few numbers over all ranks in one collective (fp64, so token counts stay exact)."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()

@@ -1,0 +1,114 @@
+"""One optimizer step over several micro-batches, the validation pass, and the guard against non-finite steps.
+
+The model returns the mean loss of a micro-batch. The step's loss is the mean over every valid target token of
+every micro-batch on every rank, so each micro-batch's mean is weighted by its share of those tokens (and by the
+data-parallel size, because FSDP averages gradients over ranks): micro-batches and ranks with more loss tokens
+(SFT completions differ in length) count for more, exactly as one large batch would.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .parallel import all_reduce_sum
+
+IGNORE_INDEX = -100
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Loader batch (NumPy) -> model inputs; targets that carry no loss become IGNORE_INDEX."""
+    def move(a):
+        return torch.from_numpy(a).to(device, non_blocking=True)
+    targets = move(batch["targets"]).masked_fill(~move(batch["loss_mask"]), IGNORE_INDEX)
+    return {"tokens": move(batch["tokens"]), "positions": move(batch["positions"]),
+            "cu_seqlens": move(batch["cu_seqlens"]), "targets": targets}
+
+
+@dataclass
+class StepResult:
+    loss: float            # mean over all valid target tokens of the step
+    grad_norm: float       # global norm before clipping
+    tokens: int            # input tokens processed, all ranks
+    loss_tokens: int       # target tokens that carried loss, all ranks
+    skipped: bool          # non-finite loss or gradient: the optimizer step was not taken
+    stop_requested: bool   # some rank asked to stop (SIGTERM)
+
+
+def set_gradient_sync(model, sync: bool):
+    """FSDP2: reduce-scatter gradients only after the last micro-batch."""
+    if hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(sync)
+
+
+def grad_norm_and_clip(params, max_norm: float) -> float:
+    """Global gradient norm over the sharded parameters, clipping to max_norm (0: measure only)."""
+    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"), foreach=True)
+    if hasattr(norm, "full_tensor"):
+        norm = norm.full_tensor()
+    return float(norm)
+
+
+def train_step(model, optimizer, micro_batches: list[dict], *, dp_size: int, max_norm: float, device,
+               stop_requested: bool = False) -> StepResult:
+    n_valid = [int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches]
+    tokens = sum(mb["tokens"].numel() for mb in micro_batches)
+    total_valid, total_tokens, stops = all_reduce_sum([sum(n_valid), tokens, float(stop_requested)], device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    for i, (mb, n) in enumerate(zip(micro_batches, n_valid)):
+        set_gradient_sync(model, i == len(micro_batches) - 1)
+        mean = model(mb["tokens"], positions=mb["positions"], cu_seqlens=mb["cu_seqlens"], targets=mb["targets"])
+        (mean * (n * dp_size / max(total_valid, 1))).backward()
+        loss_sum += mean.detach().double() * n
+    (loss_sum_all,) = all_reduce_sum([float(loss_sum)], device)
+    loss = loss_sum_all / max(total_valid, 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = grad_norm_and_clip(params, max_norm)
+    skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss, grad_norm, int(total_tokens), int(total_valid), skipped, stops > 0)
+
+
+@torch.no_grad()
+def evaluate(model, batches, device) -> tuple[float, int]:
+    """(mean loss over every valid target token of these batches on all ranks, that token count)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, count = 0.0, 0
+    for batch in batches:
+        mb = to_device(batch, device)
+        n = int((mb["targets"] != IGNORE_INDEX).sum())
+        mean = model(mb["tokens"], positions=mb["positions"], cu_seqlens=mb["cu_seqlens"], targets=mb["targets"])
+        loss_sum += float(mean) * n
+        count += n
+    loss_sum, count = all_reduce_sum([loss_sum, count], device)
+    model.train(was_training)
+    return loss_sum / max(count, 1), int(count)
+
+
+class NonFiniteGuard:
+    """Counts steps skipped for a non-finite loss or gradient norm, and stops the run after `limit` in a row."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.skipped_total = 0
+        self.in_a_row = 0
+
+    def update(self, step: int, result: StepResult):
+        if not result.skipped:
+            self.in_a_row = 0
+            return
+        self.skipped_total += 1
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise FloatingPointError(
+                f"step {step}: {self.in_a_row} steps in a row had a non-finite loss or gradient norm "
+                f"(loss={result.loss}, grad_norm={result.grad_norm}); stopping (train.max_bad_steps={self.limit}). "
+                "Lower optim.lr, check the data, or resume from an earlier checkpoint.")
+
+    def state_dict(self) -> dict:
+        return {"skipped_total": self.skipped_total, "in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict):
+        self.skipped_total, self.in_a_row = int(state["skipped_total"]), int(state["in_a_row"])

@@ -1,0 +1,164 @@
+"""End-to-end training runs under `torchrun --standalone --nproc_per_node=2` (gloo, CPU) of a tiny model.
+
+One uninterrupted pretraining run is shared by several tests: its loss goes down on the bundled TCGA reports,
+a run resumed from its mid-way checkpoint reproduces its losses bit for bit, its export loads in transformers
+with the same logits, and a LoRA run starting from that export trains only the adapters.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+
+TINY = """
+[model]
+preset = "tiny"
+overrides = {{dim = 32, n_layers = 2, n_heads = 4, n_kv_heads = 2, head_dim = 8, hidden_dim = 64, vocab_size = 32000}}
+[data]
+train = ["{shards}/train-*.bin"]
+val = ["{shards}/val-*.bin"]
+tokenizer = "mistral"
+seq_len = 48
+batch_size = 2
+backend = "python"
+[train]
+steps = 8
+grad_accum = 2
+val_every = 4
+val_batches = 2
+[optim]
+lr = 1e-2
+warmup_steps = 2
+[checkpoint]
+dir = "{run}"
+every = 4
+export_dtype = "float32"
+"""
+
+
+def run_train(config: Path, *extra, check=True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([*TORCHRUN, str(ROOT / "train.py"), "--config", str(config), *extra], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=240)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def records(run_dir: Path, key="loss") -> dict:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return {r["step"]: r[key] for r in map(json.loads, lines) if key in r}
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """The bundled TCGA reports, tokenized with Mistral's vocabulary by the prepare command."""
+    from cancerllm.tokenizer import mistral_tokenizer_path
+    out = tmp_path_factory.mktemp("shards") / "tcga"
+    subprocess.run([sys.executable, "-m", "cancerllm.data.prepare", str(ROOT / "data/tcga/reports.csv"),
+                    "--tokenizer", str(mistral_tokenizer_path()), "--out", str(out), "--group-column", "patient_id",
+                    "--workers", "1", "--quiet"], check=True, cwd=ROOT)
+    return out
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, shards):
+    run = tmp_path_factory.mktemp("full") / "run"
+    config = run.parent / "tiny.toml"
+    config.write_text(TINY.format(shards=shards, run=run))
+    run_train(config)
+    return config, run
+
+
+def test_two_process_run_learns_and_writes_its_run_directory(full_run):
+    _, run = full_run
+    losses = records(run)
+    assert sorted(losses) == list(range(1, 9))
+    assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]) - 0.5
+    val = records(run, "val_loss")
+    assert sorted(val) == [4, 8] and val[8] < val[4]
+    env = json.loads((run / "environment.json").read_text())
+    assert env["world_size"] == 2 and env["torch"] == torch.__version__
+    assert "steps = 8" in (run / "config.toml").read_text()
+    assert (run / "checkpoints/latest").read_text().strip() == "step-00000008"
+
+
+def test_resume_from_checkpoint_reproduces_losses_bitwise(full_run, tmp_path):
+    config, run = full_run
+    # The state a run killed between its step-4 and step-8 checkpoints leaves behind (steps 5..8 logged
+    # or not, step 8 never saved).
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-00000008")
+    (resumed / "checkpoints/latest").write_text("step-00000004\n")
+    config_text = config.read_text().replace(str(run), str(resumed))
+    (tmp_path / "tiny.toml").write_text(config_text)
+    proc = run_train(tmp_path / "tiny.toml", "--set", "checkpoint.export=false")
+    assert "resumed from" in proc.stdout and "(step 4)" in proc.stdout
+    assert records(resumed) == records(run)                  # exact float equality, every step 1..8
+    assert records(resumed, "val_loss") == records(run, "val_loss")
+
+
+def test_export_loads_in_transformers_with_the_same_logits(full_run):
+    transformers = pytest.importorskip("transformers")
+    from cancerllm import Transformer
+    _, run = full_run
+    export = run / "export"
+    assert (export / "tokenizer.model").is_file()
+    ours = Transformer.from_pretrained(export, dtype=torch.float32).eval()
+    theirs = transformers.MistralForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, tmp_path):
+    from safetensors.torch import load_file
+    config, base_run = full_run
+    run = tmp_path / "lora"
+    (tmp_path / "lora.toml").write_text(config.read_text().replace(str(base_run), str(run)))
+    proc = run_train(tmp_path / "lora.toml", "--set", f'model.init_from="{base_run / "export"}"', "--set", "lora.enabled=true",
+              "--set", "lora.rank=4", "--set", "lora.alpha=8.0", "--set", "train.steps=3", "--set", "data.val=[]",
+              "--set", "optim.lr=0.05")
+    base = load_file(base_run / "export/model.safetensors")
+    merged = load_file(run / "export/model.safetensors")
+    adapters = load_file(run / "export-adapters/adapter_model.safetensors")
+    assert merged.keys() == base.keys()
+    adapted = 0
+    for name, weight in base.items():
+        module = name[len("model."):-len(".weight")] if name.startswith("model.") else None
+        a_key = f"base_model.model.model.{module}.lora_A.weight"
+        if a_key in adapters:
+            b = adapters[a_key.replace("lora_A", "lora_B")]
+            assert b.abs().max() > 0, f"{name}: lora_B never trained"
+            expected = weight + (8.0 / 4) * b @ adapters[a_key]
+            torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+            adapted += 1
+        else:      # embeddings, norms, the output head: frozen, bit for bit
+            assert torch.equal(merged[name], weight), f"{name} changed under LoRA"
+    assert adapted == 2 * 7
+    assert "trainable" in proc.stdout and "optimizer state" in proc.stdout
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_bad_config_key_is_refused_before_any_work(tmp_path, shards):
+    config = tmp_path / "bad.toml"
+    config.write_text(TINY.format(shards=shards, run=tmp_path / "run") + "\n[log]\nevry = 3\n")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "unknown key log.evry" in proc.stderr and str(config) in proc.stderr
+    assert not (tmp_path / "run").exists()
+    config.write_text(TINY.format(shards=shards, run=tmp_path / "run"))
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config), "--set",
+                           "train.steps=many"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "train.steps must be int, got 'many'" in proc.stderr
+    assert not (tmp_path / "run").exists()

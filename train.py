@@ -1,0 +1,136 @@
+"""Train a Mistral model: `torchrun --nproc_per_node=N train.py --config configs/X.toml [--set key=value ...]`,
+or `python train.py ...` as a single process.
+
+config -> process group and mesh -> model (LoRA, FSDP2) -> optimizer -> loaders -> resume -> loop -> export.
+The pieces live in cancerllm/train/; configs/ holds the CPU default and the 7B recipes.
+"""
+import argparse
+import signal
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from cancerllm.train.build import build_loader, build_model, resolve_tokenizer
+from cancerllm.train.checkpointing import Checkpointer
+from cancerllm.train.config import ConfigError, load_config, to_toml
+from cancerllm.train.lora import trainable_summary
+from cancerllm.train.metrics import MetricsLogger, environment, write_run_info
+from cancerllm.train.optim import build_optimizer, build_scheduler, optimizer_bytes
+from cancerllm.train.parallel import all_reduce_sum, build_mesh, init_distributed
+from cancerllm.train.step import NonFiniteGuard, evaluate, to_device, train_step
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="TOML run config")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override a config key (repeatable)")
+    resume = parser.add_mutually_exclusive_group()
+    resume.add_argument("--resume", action="store_const", const="always", dest="resume",
+                        help="resume from the run directory's latest checkpoint (an error if there is none)")
+    resume.add_argument("--no-resume", action="store_const", const="never", dest="resume",
+                        help="start from scratch even if the run directory has a checkpoint")
+    args = parser.parse_args(argv)
+    overrides = args.set + ([f'checkpoint.resume="{args.resume}"'] if args.resume else [])
+    return args.config, overrides
+
+
+class StopSignal:
+    """SIGTERM (a preempted job, a cancelled torchrun) sets a flag; the loop saves a checkpoint and exits."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self.handle)
+
+    def handle(self, signum, frame):
+        self.requested = True
+
+
+def main(argv=None):
+    config_path, overrides = parse_args(argv)
+    try:
+        cfg = load_config(config_path, overrides)       # every key checked before any work starts
+        tokenizer = resolve_tokenizer(cfg.data.tokenizer)
+    except (ConfigError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    stop = StopSignal()
+
+    d = init_distributed()
+    mesh = build_mesh(cfg.parallel, d.world_size, d.device)
+    run_dir = Path(cfg.checkpoint.dir)
+    if d.is_main:
+        write_run_info(run_dir, to_toml(cfg), environment(d.world_size, d.device))
+
+    args, model = build_model(cfg, d, mesh)
+    torch.manual_seed(cfg.train.seed + d.rank)           # per-rank stream for dropout from here on
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    loader = build_loader(cfg.data, cfg.data.train, "data.train", stage=cfg.train.stage, seed=cfg.train.seed)
+    val_loader = (build_loader(cfg.data, cfg.data.val, "data.val", stage=cfg.train.stage, seed=cfg.train.seed)
+                  if cfg.data.val else None)
+    guard = NonFiniteGuard(cfg.train.max_bad_steps)
+
+    log = MetricsLogger(run_dir, is_main=d.is_main, every=cfg.log.every, flops_per_token=args.flops_per_token(
+        cfg.data.seq_len), peak_tflops=cfg.log.peak_tflops, device=d.device, world_size=d.world_size)
+    trainable, total = trainable_summary(model)
+    log.print(f"model {cfg.model.init_from or cfg.model.preset}: {total:,} parameters, {trainable:,} trainable "
+              f"({trainable / total:.2%}); AdamW state {2 * 4 * trainable / 2**20:,.1f} MiB in all; "
+              f"{d.world_size} rank(s) on {d.device.type}, mesh {mesh.shape}")
+
+    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
+    start = 0
+    latest = checkpointer.latest() if cfg.checkpoint.resume != "never" else None
+    if cfg.checkpoint.resume == "always" and latest is None:
+        raise FileNotFoundError(f"--resume: {run_dir}/checkpoints has no checkpoint")
+    if latest is not None:
+        start = checkpointer.load(latest, model, optimizer, scheduler, loader, guard)
+        log.print(f"resumed from {latest} (step {start})")
+    log.truncate_after(start)                            # steps after `start` are (re)logged by this run
+
+    def validate(step):
+        val_loader.load_state_dict(val_state)            # the same validation batches every time
+        loss, tokens = evaluate(model, (next(val_loader) for _ in range(cfg.train.val_batches)), d.device)
+        log.validation(step, loss, tokens)
+
+    val_state = val_loader.state_dict() if val_loader else None
+    step = start
+    log.reset_timer()
+    while step < cfg.train.steps:
+        micro_batches = [to_device(next(loader), d.device) for _ in range(cfg.train.grad_accum)]
+        result = train_step(model, optimizer, micro_batches, dp_size=d.world_size, max_norm=cfg.train.max_norm,
+                            device=d.device, stop_requested=stop.requested)
+        lr = scheduler.get_last_lr()[0]
+        scheduler.step()
+        step += 1
+        guard.update(step, result)
+        log.step(step, result, lr, guard.skipped_total)
+        if step == start + 1 and not result.skipped:
+            (state_bytes,) = all_reduce_sum([optimizer_bytes(optimizer)], d.device)
+            log.print(f"optimizer state: {state_bytes / 2**20:,.1f} MiB over all ranks")
+        if val_loader and cfg.train.val_every and step % cfg.train.val_every == 0:
+            validate(step)
+        if result.stop_requested:
+            checkpointer.save(step, model, optimizer, scheduler, loader, guard)
+            log.print(f"stop requested (SIGTERM): saved a checkpoint at step {step}; exiting")
+            dist.destroy_process_group()
+            sys.exit(0)
+        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
+            checkpointer.save(step, model, optimizer, scheduler, loader, guard)
+        log.reset_timer()                                # checkpoint and validation time is not step time
+
+    if val_loader and not (cfg.train.val_every and step % cfg.train.val_every == 0):
+        validate(step)
+    checkpointer.save(step, model, optimizer, scheduler, loader, guard)
+    if cfg.checkpoint.export:
+        path = checkpointer.export(model, args, run_dir / "export", tokenizer=tokenizer,
+                                   dtype=cfg.checkpoint.export_dtype, lora=cfg.lora if cfg.lora.enabled else None)
+        log.print(f"exported a Hugging Face checkpoint to {path}")
+    loader.close()
+    dist.barrier()                                       # no rank tears the group down under another's feet
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
