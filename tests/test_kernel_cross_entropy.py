@@ -1,0 +1,133 @@
+"""Cross-entropy and fused linear cross-entropy (Triton, under the interpreter) against float64 references: loss
+and gradients on fresh random inputs, ignored and all-ignored targets, z-loss; bad input. Tolerances:
+kernels.testing (the loss is fp32 math whatever the storage dtype)."""
+import pytest
+import torch
+
+from cancerllm import kernels
+from cancerllm.kernels import reference
+from cancerllm.kernels.cross_entropy import cross_entropy as triton_cross_entropy
+from cancerllm.kernels.linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
+from cancerllm.kernels.testing import assert_close, poisoned_allocations
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+V = 1500    # the interpreter's vocabulary chunk is 1024: two chunks, the second partial
+
+
+def random_targets(n, vocab, ignore_index=-100):
+    targets = torch.randint(0, vocab, (n,))
+    targets[torch.rand(n) < 0.3] = ignore_index
+    return targets
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("z_loss", [0.0, 1e-3])
+def test_cross_entropy_matches_reference(dtype, reduction, z_loss):
+    logits = (3 * torch.randn(11, V)).to(dtype).requires_grad_()
+    targets = random_targets(11, V)
+    with poisoned_allocations():
+        loss = triton_cross_entropy(logits, targets, reduction=reduction, z_loss=z_loss)
+        grad_loss = torch.rand_like(loss)
+        loss.backward(grad_loss)
+    logits64 = logits.detach().double().requires_grad_()
+    loss64 = reference.cross_entropy(logits64, targets, reduction=reduction, z_loss=z_loss)
+    loss64.backward(grad_loss.double())
+    assert loss.dtype == torch.float32
+    assert_close("loss", loss, loss64, torch.float32)
+    assert_close("dlogits", logits.grad, logits64.grad, dtype)
+
+
+def test_custom_ignore_index_and_strided_rows():
+    """Class 0 as the ignore_index; logits that are a column slice of a wider tensor are read in place."""
+    wide = torch.randn(9, V + 7)
+    logits = wide[:, :V].requires_grad_()
+    targets = random_targets(9, V, ignore_index=0)
+    loss = triton_cross_entropy(logits, targets, ignore_index=0)
+    loss.backward()
+    logits64 = logits.detach().double().requires_grad_()
+    loss64 = reference.cross_entropy(logits64, targets, ignore_index=0)
+    loss64.backward()
+    assert_close("loss", loss, loss64, torch.float32)
+    assert_close("dlogits", logits.grad, logits64.grad, torch.float32)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_all_ignored_gives_zero_loss_and_gradient(reduction):
+    logits = torch.randn(5, 40, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.full((5,), -100)
+    loss = triton_cross_entropy(logits, targets, reduction=reduction)
+    loss.sum().backward()
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert torch.equal(logits.grad, torch.zeros_like(logits))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_matches_unfused(dtype, reduction):
+    """Chunks of 16 over 50 tokens (the last chunk partial); compared with cross_entropy(h @ W.T) in float64."""
+    hidden = torch.randn(50, 32, dtype=dtype, requires_grad=True)
+    weight = (0.3 * torch.randn(V, 32)).to(dtype).requires_grad_()
+    targets = random_targets(50, V)
+    with poisoned_allocations():
+        loss = triton_linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=16)
+        loss.backward(torch.tensor(0.5, dtype=loss.dtype))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    loss64 = reference.cross_entropy(h64 @ w64.T, targets, reduction=reduction)
+    (0.5 * loss64).backward()
+    assert loss.dtype == dtype          # the reference's result dtype
+    assert_close("loss", loss, loss64, dtype)
+    assert_close("dhidden", hidden.grad, h64.grad, dtype)
+    assert_close("dweight", weight.grad, w64.grad, dtype)
+
+
+def test_linear_cross_entropy_all_ignored():
+    hidden = torch.randn(6, 16, requires_grad=True)
+    weight = torch.randn(40, 16, requires_grad=True)
+    loss = triton_linear_cross_entropy(hidden, weight, torch.full((6,), -100), chunk_size=4)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+def test_dispatch_forced_triton_on_cpu(monkeypatch):
+    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+    logits, targets = torch.randn(4, 30), torch.randint(0, 30, (4,))
+    expected = reference.cross_entropy(logits.double(), targets)
+    assert_close("loss", kernels.cross_entropy(logits, targets), expected, torch.float32)
+    assert_close("loss", kernels.linear_cross_entropy(torch.eye(4), logits.T.contiguous(), targets),
+                 expected, torch.float32)
+
+
+@pytest.mark.parametrize("make_args, error, message", [
+    (lambda x, t: (x[None], t), ValueError, "logits must be 2-D"),
+    (lambda x, t: (x, t[:-1]), ValueError, "targets has 5 entries but there are 6 rows"),
+    (lambda x, t: (x, t.float()), TypeError, "targets must have dtype"),
+    (lambda x, t: (x, t.to("meta")), ValueError, "logits, targets must share one device"),
+    (lambda x, t: (x, torch.tensor([0, 1, 2, 3, 4, 10])), ValueError, r"targets\[5\]=10 is outside \[0, 10\)"),
+    (lambda x, t: (x, torch.tensor([0, 1, -5, 3, 4, 9])), ValueError, r"targets\[2\]=-5"),
+])
+def test_cross_entropy_rejects_bad_input(make_args, error, message):
+    with pytest.raises(error, match=message):
+        kernels.cross_entropy(*make_args(torch.randn(6, 10), torch.randint(0, 10, (6,))))
+
+
+def test_cross_entropy_rejects_bad_options():
+    logits, targets = torch.randn(6, 10), torch.randint(0, 10, (6,))
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        kernels.cross_entropy(logits, targets, reduction="avg")
+    with pytest.raises(ValueError, match="z_loss must be a non-negative number"):
+        kernels.cross_entropy(logits, targets, z_loss=-1.0)
+
+
+@pytest.mark.parametrize("make_args, kwargs, message", [
+    (lambda h, w, t: (h, w[:, :-1], t), {}, r"weight must be \[V, D\] with hidden's D=8"),
+    (lambda h, w, t: (h, w.half(), t), {}, "hidden, weight must share one dtype"),
+    (lambda h, w, t: (h, w, t), {"reduction": "none"}, "reduction must be one of 'mean', 'sum'"),
+    (lambda h, w, t: (h, w, t), {"chunk_size": 0}, "chunk_size must be a positive int"),
+    (lambda h, w, t: (h, w, t + 20), {}, "is outside"),
+])
+def test_linear_cross_entropy_rejects_bad_input(make_args, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        kernels.linear_cross_entropy(*make_args(torch.randn(6, 8), torch.randn(20, 8), torch.randint(0, 20, (6,))),
+                                     **kwargs)
