@@ -1,0 +1,314 @@
+"""Evaluate a checkpoint on a task's split, beside the baselines, on clean and perturbed reports.
+
+    python -m cancerllm.eval --checkpoint runs/sft/export --task phenotype-json --split test \\
+        --perturb misspell,ocr,counterfactual --out reports/
+
+Systems: the checkpoint, the majority value per field (from the train split), the regular-expression extractor,
+and with --baseline-checkpoint a Hugging Face Mistral-family checkpoint zero-shot (same prompts). Scores:
+- phenotype tasks: per-field P/R/F1 on normalised values, micro and macro; the study's instance-averaged set F1
+  (exact and ROUGE-1 match; an instance is one question, or one report's set of "field: value" items);
+- diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
+  the per-field F1 of the fields the statement states (read back with the regex extractor).
+Answers that do not parse (JSON task) count as all-null predictions and are reported. Each perturbation reruns
+the same examples with perturbed reports; its table gives the headline F1 on those examples, clean and perturbed.
+Writes eval_{task}_{split}.md and .json to --out.
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from .tasks import perturb as P
+from .tasks.api import json_processor, parse_phenotypes, task_prompt
+from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
+from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates
+from .tasks.fields import FIELDS
+from .tasks.metrics import field_scores, instance_f1, normalize_value, text_scores
+
+MAX_NEW_TOKENS = {"phenotype-qa": 24, "phenotype-json": 256, "diagnosis": 96}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+def read_jsonl(path: Path) -> list:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (build the datasets: python -m cancerllm.tasks.build)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def check_tokenizer(checkpoint: Path, manifest: dict, manifest_path: Path):
+    from .tokenizer import Tokenizer
+    tok = Tokenizer(checkpoint / "tokenizer.model")
+    if tok.fingerprint() != manifest["tokenizer"]["sha256"]:
+        raise ValueError(f"{checkpoint / 'tokenizer.model'} is not the tokenizer the datasets were built with "
+                         f"({manifest['tokenizer']['path']}, recorded in {manifest_path}): rebuild the datasets "
+                         "with --tokenizer pointing at the checkpoint's tokenizer, or evaluate a matching checkpoint")
+
+
+def limit_patients(records: list, limit) -> list:
+    """The records of the first `limit` patients (all of a patient's QA questions stay together)."""
+    if limit is None:
+        return records
+    keep = list(dict.fromkeys(r["patient_id"] for r in records))[:limit]
+    return [r for r in records if r["patient_id"] in set(keep)]
+
+
+# ---------------------------------------------------------------------------------------------- systems
+
+class ModelSystem:
+    """Batched greedy generation through cancerllm.Generator; JSON answers decoded under the schema."""
+
+    def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, stop, constrained=True):
+        from .generate import Generator
+        self.name, self.task, self.batch_size, self.stop = name, task, batch_size, stop
+        self.generator = Generator.from_pretrained(checkpoint)
+        self.max_new_tokens = max_new_tokens
+        self.processor = json_processor(self.generator) if task == "phenotype-json" and constrained else None
+        self.tokens, self.seconds = 0, 0.0
+
+    def answers(self, records) -> list[str]:
+        out = []
+        for i in tqdm(range(0, len(records), self.batch_size), desc=self.name, unit="batch", leave=False):
+            prompts = [r["prompt"] for r in records[i:i + self.batch_size]]
+            start = time.perf_counter()
+            results = self.generator.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=0.0,
+                                              stop=self.stop, logits_processor=self.processor)
+            self.seconds += time.perf_counter() - start
+            self.tokens += sum(len(r.token_ids) for r in results)
+            out += [r.text.strip() for r in results]
+        return out
+
+
+class RuleSystem:
+    """Majority or regex: answers computed from the report without a model."""
+
+    def __init__(self, name, fields_of, templates):
+        self.name, self.fields_of, self.templates = name, fields_of, templates
+
+    def answers(self, records) -> list[str]:
+        t = self.templates
+        out = []
+        for r in records:
+            fields = self.fields_of(r["report"])
+            if r["task"] == "phenotype-qa":
+                out.append(fields[r["field"]] or t["not_mentioned"])
+            elif r["task"] == "phenotype-json":
+                out.append(json.dumps(fields))
+            else:
+                out.append(diagnosis_statement(fields, t) if any(fields.values()) else "")
+        return out
+
+
+# ---------------------------------------------------------------------------------------------- scoring
+
+def qa_scores(records, answers, not_mentioned) -> dict:
+    golds = [[r["fields"][r["field"]] or not_mentioned] for r in records]
+    preds = [[a] for a in answers]
+    by_patient, gold_fields = {}, {}
+    for r, a in zip(records, answers):
+        by_patient.setdefault(r["patient_id"], {})[r["field"]] = a
+        gold_fields[r["patient_id"]] = r["fields"]
+    pids = list(by_patient)
+    scores = field_scores([by_patient[p] for p in pids], [gold_fields[p] for p in pids])
+    for f, s in scores["fields"].items():
+        idx = [i for i, r in enumerate(records) if r["field"] == f]
+        s["set_f1_exact"] = instance_f1([preds[i] for i in idx], [golds[i] for i in idx], "exact")["f1"]
+    return {**scores, "set_exact": instance_f1(preds, golds, "exact"), "set_rouge1": instance_f1(preds, golds, "rouge1"),
+            "parse_failures": 0, "headline": scores["micro"]["f1"]}
+
+
+def field_items(fields: dict) -> list[str]:
+    return [f"{f}: {fields[f]}" for f in FIELDS if normalize_value(f, fields.get(f)) is not None]
+
+
+def json_scores(records, answers) -> dict:
+    parsed = [parse_phenotypes(a) for a in answers]
+    preds = [p or {} for p in parsed]
+    golds = [r["fields"] for r in records]
+    scores = field_scores(preds, golds)
+    items_p, items_g = [field_items(p) for p in preds], [field_items(g) for g in golds]
+    return {**scores, "set_exact": instance_f1(items_p, items_g, "exact"),
+            "set_rouge1": instance_f1(items_p, items_g, "rouge1"),
+            "parse_failures": sum(p is None for p in parsed), "headline": scores["micro"]["f1"]}
+
+
+def diagnosis_scores(records, answers, separator) -> dict:
+    golds = [r["completion"] for r in records]
+    text = text_scores(answers, golds)
+    split = lambda s: [x.strip() for x in s.rstrip(".").split(separator.strip()) if x.strip()]
+    stated = field_scores([regex_extract(a) for a in answers], [r["fields"] for r in records], fields=REGEX_FIELDS)
+    return {**stated, **text, "set_exact": instance_f1(list(map(split, answers)), list(map(split, golds)), "exact"),
+            "set_rouge1": instance_f1(list(map(split, answers)), list(map(split, golds)), "rouge1"),
+            "parse_failures": 0, "headline": text["token_f1"]}
+
+
+def score(task, records, answers, templates) -> dict:
+    if task == "phenotype-qa":
+        return qa_scores(records, answers, templates["not_mentioned"])
+    if task == "phenotype-json":
+        return json_scores(records, answers)
+    return diagnosis_scores(records, answers, templates["diagnosis_statement"]["separator"])
+
+
+# ---------------------------------------------------------------------------------------------- perturbations
+
+def perturb_records(records, kind, templates, seed, misspell_rate, ocr_rate):
+    """The records with perturbed reports and prompts (and, for counterfactuals, edited golds); records whose
+    report states no editable value are left out of the counterfactual set, and counted."""
+    out, skipped = [], 0
+    for r in records:
+        key = r["patient_id"]
+        if kind == "misspell":
+            report, fields = P.misspell(r["report"], misspell_rate, seed, key), r["fields"]
+        elif kind == "ocr":
+            report, fields = P.ocr_noise(r["report"], ocr_rate, seed, key), r["fields"]
+        else:
+            edited = P.counterfactual(r["report"], r["fields"], seed, key)
+            if edited is None:
+                skipped += 1
+                continue
+            report, fields, _ = edited
+        new = {**r, "report": report, "fields": fields, "prompt": task_prompt(r["task"], report, templates,
+                                                                              r.get("field"))}
+        if r["task"] == "diagnosis":
+            new["completion"] = diagnosis_statement(fields, templates)
+        out.append(new)
+    return out, skipped
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+def fmt(x):
+    return f"{x:.3f}" if isinstance(x, float) else str(x)
+
+
+def markdown(result: dict) -> str:
+    task, systems = result["task"], result["systems"]
+    lines = [f"# {task} — {result['split']} split ({result['n_examples']} examples, {result['n_reports']} reports)",
+             "", f"checkpoint: `{result['checkpoint']}`", ""]
+    if task == "diagnosis":
+        cols = ["token F1", "ROUGE-L", "set F1 exact", "set F1 ROUGE-1", "stated-field micro F1"]
+        row = lambda s: [s["token_f1"], s["rouge_l"], s["set_exact"]["f1"], s["set_rouge1"]["f1"], s["micro"]["f1"]]
+    else:
+        cols = ["micro P", "micro R", "micro F1", "macro F1", "set F1 exact", "set F1 ROUGE-1", "parse failures"]
+        row = lambda s: [s["micro"]["precision"], s["micro"]["recall"], s["micro"]["f1"], s["macro"]["f1"],
+                         s["set_exact"]["f1"], s["set_rouge1"]["f1"], s["parse_failures"]]
+    lines += ["| system | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(fmt(x) for x in row(s)) + " |" for name, s in systems.items()]
+    fields = next(iter(systems.values()))["fields"]
+    lines += ["", "Per-field F1 (normalised values; n = examples with a gold value)", "",
+              "| field | n | " + " | ".join(systems) + " |", "|---" * (len(systems) + 2) + "|"]
+    lines += [f"| {f} | {fields[f]['n_gold']} | " + " | ".join(fmt(s["fields"][f]["f1"]) for s in systems.values())
+              + " |" for f in fields]
+    if result["robustness"]:
+        lines += ["", f"Robustness ({result['headline_metric']})", "",
+                  "| perturbation | system | n | clean | perturbed | drop |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['perturbation']} | {p['system']} | {p['n']} | {fmt(p['clean'])} | {fmt(p['perturbed'])} | "
+                  f"{fmt(p['drop'])} |" for p in result["robustness"]]
+    if result.get("speed"):
+        lines += ["", "Generation speed: " + ", ".join(f"{k}: {v['tokens_per_s']:.1f} tokens/s ({v['tokens']} tokens)"
+                                                        for k, v in result["speed"].items())]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- entry points
+
+def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
+             baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
+             ocr_rate=0.05, constrained=True, verbose=True) -> dict:
+    """Score the checkpoint and the baselines on `data/{task}/{split}.jsonl`; write the Markdown and JSON to `out`
+    and return the result dict."""
+    if task not in TASKS:
+        raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
+    if split not in SPLITS:
+        raise ValueError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    unknown = [p for p in perturb if p not in P.PERTURBATIONS]
+    if unknown:
+        raise ValueError(f"--perturb: unknown {', '.join(unknown)}; known: {', '.join(P.PERTURBATIONS)}")
+    data, checkpoint = Path(data), Path(checkpoint)
+    manifest_path = data / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not found (build the datasets: python -m cancerllm.tasks.build)")
+    manifest = json.loads(manifest_path.read_text())
+    templates = load_templates(manifest["sources"]["templates"])
+    for path in filter(None, (checkpoint, baseline_checkpoint)):
+        check_tokenizer(Path(path), manifest, manifest_path)
+    records = limit_patients(read_jsonl(data / task / f"{split}.jsonl"), limit)
+    if not records:
+        raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")
+    majority = majority_values([r["fields"] for r in read_jsonl(data / "phenotype-json" / "train.jsonl")])
+    budget = max_new_tokens or MAX_NEW_TOKENS[task]
+    systems = [ModelSystem("model", checkpoint, task, batch_size, budget, templates["stop"], constrained),
+               RuleSystem("majority", lambda report: majority, templates),
+               RuleSystem("regex", regex_extract, templates)]
+    if baseline_checkpoint:
+        systems.append(ModelSystem(f"zero-shot {Path(baseline_checkpoint).name}", baseline_checkpoint, task,
+                                   batch_size, budget, templates["stop"], constrained))
+
+    clean = {s.name: s.answers(records) for s in systems}
+    result = {"task": task, "split": split, "checkpoint": str(checkpoint), "n_examples": len(records),
+              "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
+              "constrained": constrained and task == "phenotype-json",
+              "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
+              "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
+              "robustness": []}
+    for kind in perturb:
+        perturbed, skipped = perturb_records(records, kind, templates, seed, misspell_rate, ocr_rate)
+        kept = {(r["patient_id"], r.get("field")) for r in perturbed}
+        for s in systems:
+            base = [(r, a) for r, a in zip(records, clean[s.name]) if (r["patient_id"], r.get("field")) in kept]
+            before = score(task, [r for r, _ in base], [a for _, a in base], templates)["headline"] if base else 0.0
+            after = score(task, perturbed, s.answers(perturbed), templates)["headline"] if perturbed else 0.0
+            result["robustness"].append({"perturbation": kind, "system": s.name, "n": len(perturbed),
+                                         "skipped_no_editable_value": skipped, "clean": before,
+                                         "perturbed": after, "drop": before - after})
+    result["speed"] = {s.name: {"tokens": s.tokens, "seconds": s.seconds,
+                                "tokens_per_s": s.tokens / s.seconds if s.seconds else 0.0}
+                       for s in systems if isinstance(s, ModelSystem)}
+    write(result, Path(out), verbose)
+    return result
+
+
+def write(result: dict, out: Path, verbose: bool):
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"eval_{result['task']}_{result['split']}"
+    table = markdown(result)
+    stem.with_suffix(".md").write_text(table)
+    stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    if verbose:
+        print(table)
+        print(f"wrote {stem}.md and {stem}.json")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--checkpoint", required=True, help="model directory (config.json, safetensors, tokenizer.model)")
+    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--data", default="runs/tasks", help="output directory of python -m cancerllm.tasks.build")
+    p.add_argument("--out", default="reports")
+    p.add_argument("--perturb", default="", help=f"comma-separated: {','.join(P.PERTURBATIONS)}")
+    p.add_argument("--baseline-checkpoint", default=None, help="Hugging Face Mistral checkpoint, run zero-shot")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N reports only")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0, help="perturbation seed")
+    p.add_argument("--misspell-rate", type=float, default=0.1)
+    p.add_argument("--ocr-rate", type=float, default=0.05)
+    p.add_argument("--unconstrained", action="store_true", help="decode JSON answers without the schema")
+    a = p.parse_args(argv)
+    try:
+        evaluate(a.checkpoint, a.task, a.split, data=a.data, out=a.out, perturb=[x for x in a.perturb.split(",") if x],
+                 baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
+                 max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
+                 constrained=not a.unconstrained)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"cancerllm.eval: {e}")
+
+
+if __name__ == "__main__":
+    main()

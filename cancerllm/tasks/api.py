@@ -1,0 +1,70 @@
+"""The task helpers DESIGN.md puts on cancerllm.Generator: a report in, phenotypes or a diagnosis out.
+
+The report is prepared exactly as the datasets were (build.task_inputs: truncated to `max_report_chars`, and for
+the diagnosis without its final-diagnosis section) and put into the same prompt template; phenotypes are decoded
+under the JSON schema (constrained.py), so the answer always parses unless `max_new_tokens` cuts it short.
+"""
+import json
+from collections import Counter
+
+from .build import load_templates, render_prompt, task_inputs
+from .fields import FIELDS
+
+_processors = {}
+
+
+def json_processor(generator):
+    """One JsonSchemaProcessor per (tokenizer file, vocabulary width): building one indexes the whole vocabulary."""
+    from .constrained import JsonSchemaProcessor
+    key = (str(generator.tokenizer.path), generator.args.vocab_size)
+    if key not in _processors:
+        _processors[key] = JsonSchemaProcessor(generator.tokenizer, vocab_size=generator.args.vocab_size)
+    return _processors[key]
+
+
+def parse_phenotypes(text: str):
+    """The phenotype object of a JSON answer, or None when it does not parse or its keys are not exactly FIELDS."""
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    if not isinstance(obj, dict) or sorted(obj) != sorted(FIELDS):
+        return None
+    return obj
+
+
+def task_prompt(task: str, report: str, templates: dict, field: str = None) -> str:
+    if task == "phenotype-qa":
+        instruction = templates["questions"][field]
+    elif task == "phenotype-json":
+        instruction = templates["json_instruction"].format(keys=", ".join(FIELDS))
+    else:
+        instruction = templates["diagnosis_instruction"]
+    return render_prompt(templates, instruction, report)
+
+
+def _prepared(report: str, task: str, max_report_chars, templates):
+    if not isinstance(report, str) or not report.strip():
+        raise ValueError("report must be a non-empty string")
+    return task_inputs(report.strip(), max_report_chars, templates, Counter())[task]
+
+
+def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=2000) -> dict:
+    """{field: value or None} for every phenotype field, decoded under the schema."""
+    templates = load_templates()
+    prompt = task_prompt("phenotype-json", _prepared(report, "phenotype-json", max_report_chars, templates),
+                         templates)
+    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0,
+                                stop=templates["stop"], logits_processor=json_processor(generator))[0]
+    fields = parse_phenotypes(result.text)
+    if fields is None:
+        raise ValueError(f"the answer did not complete within max_new_tokens={max_new_tokens}: {result.text!r}")
+    return fields
+
+
+def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=2000) -> str:
+    """A one-line diagnosis statement for the report (its final-diagnosis section, if any, is not shown)."""
+    templates = load_templates()
+    prompt = task_prompt("diagnosis", _prepared(report, "diagnosis", max_report_chars, templates), templates)
+    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"])
+    return result[0].text.strip()
