@@ -234,6 +234,16 @@ class Generator:
                 if piece:
                     yield piece
 
+    def extract_phenotypes(self, report: str, **options) -> dict:
+        """{field: value or None} for a pathology report, decoded under the JSON schema (cancerllm/tasks/api.py)."""
+        from .tasks.api import extract_phenotypes
+        return extract_phenotypes(self, report, **options)
+
+    def generate_diagnosis(self, report: str, **options) -> str:
+        """A one-line diagnosis statement for a pathology report (cancerllm/tasks/api.py)."""
+        from .tasks.api import generate_diagnosis
+        return generate_diagnosis(self, report, **options)
+
     # ------------------------------------------------------------------------------------------ internals
 
     def start(self, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, repetition_penalty,
