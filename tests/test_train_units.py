@@ -1,0 +1,238 @@
+"""The training pieces in one process (a one-rank gloo group, FSDP2 over it): config refusal, schedule and
+weight-decay groups, SFT loss masking, gradient-accumulation weighting, non-finite steps, and a checkpoint
+interrupted while being written."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+
+from cancerllm import ModelArgs, Transformer
+from cancerllm.data import PackedLoader, write_shard
+from cancerllm.train.checkpointing import Checkpointer
+from cancerllm.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig, ParallelConfig, load_config
+from cancerllm.train.lora import apply_lora, merge_state_dict
+from cancerllm.train.optim import build_optimizer, build_scheduler, lr_factor
+from cancerllm.train.parallel import build_mesh, parallelize
+from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, to_device, train_step
+
+ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def process_group():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def sharded_model(seed=0, lora=None):
+    torch.manual_seed(seed)
+    model = Transformer(ModelArgs.preset("tiny", **ARGS))
+    if lora:
+        apply_lora(model, lora)
+    return parallelize(model, build_mesh(ParallelConfig(), 1, CPU), ParallelConfig(), CPU)
+
+
+@pytest.fixture
+def sft_shard(tmp_path):
+    """Prompt/completion examples: the mask marks the completion (and EOS) only."""
+    rng = np.random.default_rng(1)
+    docs, masks = [], []
+    for _ in range(40):
+        prompt, completion = rng.integers(3, 256, rng.integers(3, 12)), rng.integers(3, 256, rng.integers(2, 8))
+        docs.append(np.concatenate([[1], prompt, completion, [2]]))
+        masks.append(np.concatenate([np.zeros(1 + len(prompt)), np.ones(len(completion) + 1)]).astype(np.uint8))
+    path = write_shard(tmp_path / "sft-00000.bin", docs, loss_masks=masks, vocab_size=256)
+    return path, docs, masks
+
+
+def write_config(tmp_path, text):
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\ntrain = ["x.bin"]\n' + text)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- config
+
+@pytest.mark.parametrize("text, overrides, message", [
+    ("[train]\nstepz = 3\n", [], "unknown key train.stepz"),
+    ("[trian]\nsteps = 3\n", [], "unknown section(s) trian"),
+    ("[train]\nsteps = 2.5\n", [], "train.steps must be int, got 2.5"),
+    ("[lora]\nenabled = 1\n", [], "lora.enabled must be bool, got 1"),
+    ("", ["optim.betas=[0.9]"], "optim.betas must be two numbers"),
+    ("", ["train.stage=rlhf"], "train.stage must be one of pretrain, sft"),
+    ("", ["model.overrides.n_layer=2"], "unexpected keyword argument 'n_layer'"),
+    ("", ["train.steps=0"], "train.steps must be positive"),
+])
+def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, overrides, message):
+    path = write_config(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path, overrides)
+    assert message in str(e.value) and str(path) in str(e.value)
+
+
+def test_malformed_override_names_the_argument(tmp_path):
+    with pytest.raises(ConfigError, match="--set trainsteps=3: expected section.key=value"):
+        load_config(write_config(tmp_path, ""), ["trainsteps=3"])
+
+
+def test_overrides_are_typed_toml_values(tmp_path):
+    cfg = load_config(write_config(tmp_path, "[optim]\nlr = 1\n"),
+                      ["optim.betas=[0.8, 0.9]", "lora.enabled=true", "checkpoint.dir=runs/x", "model.overrides.dim=64"])
+    assert cfg.optim.lr == 1.0 and isinstance(cfg.optim.lr, float)
+    assert cfg.optim.betas == [0.8, 0.9] and cfg.lora.enabled is True
+    assert cfg.checkpoint.dir == "runs/x" and cfg.model.overrides == {"dim": 64}
+
+
+# ---------------------------------------------------------------------------------------------- optimizer
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+    f = [lr_factor(s, warmup=4, total=20, floor=0.1) for s in range(20)]
+    assert f[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert all(a >= b for a, b in zip(f[4:], f[5:]))
+    assert f[-1] == pytest.approx(0.1)
+    assert f[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 8 / 15)))
+
+
+def test_norms_and_embeddings_get_no_weight_decay():
+    model = sharded_model()
+    optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert "embed_tokens.weight" in plain and "norm.weight" in plain
+    assert all("layernorm" in n or n in ("embed_tokens.weight", "norm.weight") for n in plain)
+    assert "lm_head.weight" in decayed and "layers.0.self_attn.q_proj.weight" in decayed
+
+
+def test_lora_optimizer_holds_only_adapters_and_merge_adds_the_update():
+    cfg = LoraConfig(rank=4, alpha=8.0)
+    model = sharded_model(lora=cfg)
+    optimizer = build_optimizer(model, OptimConfig())
+    names = {id(p): n for n, p in model.named_parameters()}
+    in_optimizer = {names[id(p)] for g in optimizer.param_groups for p in g["params"]}
+    assert in_optimizer and all(n.endswith(("lora_A", "lora_B")) for n in in_optimizer)
+    assert len(in_optimizer) == 2 * 7 * 2
+    state = {"w.weight": torch.randn(6, 5), "w.lora_A": torch.randn(4, 5), "w.lora_B": torch.randn(6, 4)}
+    merged = merge_state_dict(state, cfg)
+    assert merged.keys() == {"w.weight"}
+    torch.testing.assert_close(merged["w.weight"], state["w.weight"] + 2.0 * state["w.lora_B"] @ state["w.lora_A"])
+
+
+# ---------------------------------------------------------------------------------------------- SFT and the loss
+
+def test_sft_targets_carry_loss_on_completion_tokens_only(sft_shard):
+    path, docs, masks = sft_shard
+    loader = PackedLoader([path], seq_len=32, batch_size=4, backend="python")
+    raw = next(loader)
+    batch = to_device(raw, CPU)
+    carried = batch["targets"] != IGNORE_INDEX
+    assert carried.any() and not carried.all()
+    # Every carried target is a completion token or EOS of some example; no prompt token ever is.
+    completion_tokens = {int(t) for d, m in zip(docs, masks) for t in d[m.astype(bool)]}
+    prompt_only = {int(t) for d, m in zip(docs, masks) for t in d[~m.astype(bool)]} - completion_tokens
+    assert not prompt_only & set(batch["targets"][carried].tolist())
+    # Changing what the prompt positions would predict does not change the loss.
+    model = Transformer(ModelArgs.preset("tiny", **ARGS))
+    inputs = dict(positions=batch["positions"], cu_seqlens=batch["cu_seqlens"])
+    loss = model(batch["tokens"], targets=batch["targets"], **inputs)
+    scrambled = dict(raw, targets=np.where(raw["loss_mask"], raw["targets"], (raw["targets"] + 7) % 256))
+    assert torch.equal(model(batch["tokens"], targets=to_device(scrambled, CPU)["targets"], **inputs), loss)
+
+
+def test_accumulated_micro_batches_weigh_each_loss_token_equally(sft_shard):
+    """Two micro-batches of one row each (different numbers of loss tokens) give the step of one batch of both
+    rows: the loss and, through SGD with lr 1, the gradient."""
+    path, _, _ = sft_shard
+    one = to_device(next(PackedLoader([path], seq_len=32, batch_size=2, backend="python")), CPU)
+    micro_loader = PackedLoader([path], seq_len=32, batch_size=1, backend="python")
+    micro = [to_device(next(micro_loader), CPU) for _ in range(2)]
+    assert (micro[0]["targets"] != IGNORE_INDEX).sum() != (micro[1]["targets"] != IGNORE_INDEX).sum()
+    results, weights = [], []
+    for batches in ([one], micro):
+        model = sharded_model(seed=1)
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        results.append(train_step(model, optimizer, batches, dp_size=1, max_norm=0.0, device=CPU))
+        weights.append({n: p.full_tensor() for n, p in model.named_parameters()})
+    assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
+    assert results[0].loss_tokens == results[1].loss_tokens
+    for name in weights[0]:
+        torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------- failures
+
+def test_non_finite_step_is_skipped_counted_and_stops_the_run_when_repeated(sft_shard):
+    path, _, _ = sft_shard
+    batch = to_device(next(PackedLoader([path], seq_len=32, batch_size=2, backend="python")), CPU)
+    model = sharded_model()
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
+    guard = NonFiniteGuard(limit=3)
+    embed = model.embed_tokens.weight
+    token = int(batch["tokens"][0, 0])
+    with torch.no_grad():
+        embed.to_local()[token] = float("nan")          # inject: every step sees a NaN activation
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    for step in (1, 2):
+        result = train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU)
+        guard.update(step, result)
+        assert result.skipped and math.isnan(result.loss)
+    assert guard.skipped_total == 2 and guard.in_a_row == 2
+    assert not optimizer.state                             # no optimizer step was taken
+    for n, p in model.named_parameters():
+        assert torch.equal(p.full_tensor(), before[n]) or n == "embed_tokens.weight"
+    with torch.no_grad():
+        embed.to_local()[token] = 0.0
+    result = train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU)
+    guard.update(3, result)
+    assert not result.skipped and guard.in_a_row == 0 and guard.skipped_total == 2
+    with torch.no_grad():
+        embed.to_local()[token] = float("inf")
+    with pytest.raises(FloatingPointError, match="3 steps in a row"):
+        for step in (4, 5, 6):
+            guard.update(step, train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU))
+    assert guard.skipped_total == 5
+
+
+def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path, sft_shard, monkeypatch):
+    path, _, _ = sft_shard
+    cfg = OptimConfig(lr=1e-2, warmup_steps=1)
+    model = sharded_model()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, 10)
+    loader = PackedLoader([path], seq_len=32, batch_size=2, backend="python")
+    guard = NonFiniteGuard(3)
+    for _ in range(2):
+        train_step(model, optimizer, [to_device(next(loader), CPU)], dp_size=1, max_norm=1.0, device=CPU)
+        scheduler.step()
+    checkpointer = Checkpointer(tmp_path, keep=2)
+    checkpointer.save(2, model, optimizer, scheduler, loader, guard)
+    saved = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    train_step(model, optimizer, [to_device(next(loader), CPU)], dp_size=1, max_norm=1.0, device=CPU)
+
+    real_save = dcp.save
+
+    def save_then_die(state, checkpoint_id):       # the data files land, then the process "dies"
+        real_save({"model": state["model"]}, checkpoint_id=checkpoint_id)
+        raise KeyboardInterrupt("killed while writing the checkpoint")
+    monkeypatch.setattr(dcp, "save", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        checkpointer.save(3, model, optimizer, scheduler, loader, guard)
+    monkeypatch.setattr(dcp, "save", real_save)
+    assert (tmp_path / "checkpoints/step-00000003.tmp").is_dir()
+
+    restarted = Checkpointer(tmp_path, keep=2)             # a new run cleans up and finds step 2
+    assert not (tmp_path / "checkpoints/step-00000003.tmp").exists()
+    assert restarted.latest().name == "step-00000002"
+    fresh = sharded_model(seed=5)
+    fresh_optimizer = build_optimizer(fresh, cfg)
+    fresh_scheduler = build_scheduler(fresh_optimizer, cfg, 10)
+    fresh_loader = PackedLoader([path], seq_len=32, batch_size=2, backend="python")
+    step = restarted.load(restarted.latest(), fresh, fresh_optimizer, fresh_scheduler, fresh_loader, NonFiniteGuard(3))
+    assert step == 2 and fresh_scheduler.last_epoch == 2 and fresh_loader.state_dict()["sample_index"] == 4
+    for n, p in fresh.named_parameters():
+        assert torch.equal(p.full_tensor(), saved[n]), n
