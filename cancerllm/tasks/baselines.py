@@ -59,7 +59,7 @@ PATTERNS = {
                       lambda v: "Stage " + v, ("I", "IA", "IB", "II", "IIA", "IIB", "III", "IIIA", "IIIB", "IV"))],
     "grade": [
         Pattern(re.compile(r"\bG(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
-        Pattern(re.compile(r"\b[Gg]rade:?\s*(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
+        Pattern(re.compile(r"(?<!Gleason )\b[Gg]rade:?\s*(?P<v>[1-4])\b"), lambda v: "G" + v, ("1", "2", "3")),
         Pattern(re.compile(r"\b(?P<v>well|moderately|poorly)[ -]differentiated", re.I),
                 lambda v: {"well": "G1", "moderately": "G2", "poorly": "G3"}[v.lower()],
                 ("well", "moderately", "poorly")),

@@ -2,7 +2,8 @@
 output on every run and machine: random.Random seeded with a string is).
 
 - misspell: each word of three or more letters is, with probability `rate`, given one character edit (deletion,
-  insertion, substitution or transposition of neighbours). Words with digits (pT2, 3+4) are left alone.
+  insertion, substitution or transposition of neighbours). Values are left alone: words with digits (pT2, 3+4)
+  and short all-capital words (IIA, ER, HER).
 - ocr: each character is, with probability `rate`, replaced by a typical OCR confusion (l->1, O->0, m->rn, ...,
   a space dropped, a period read as a comma).
 - counterfactual: one value the report states for a field (found by the regex baseline's patterns, and equal to
@@ -18,7 +19,7 @@ from .metrics import normalize_value
 
 OCR_CONFUSIONS = {"l": "1", "I": "l", "O": "0", "o": "0", "S": "5", "s": "5", "e": "c", "c": "e", "m": "rn",
                   "n": "ri", "B": "8", "g": "q", "i": "l", "a": "o", "t": "f", " ": "", ".": ","}
-WORD = re.compile(r"[A-Za-z]{3,}")
+WORD = re.compile(r"\b(?![A-Z]{1,4}\b)[A-Za-z]{3,}\b")
 
 
 def rng_for(seed: int, key: str) -> random.Random:
@@ -57,7 +58,7 @@ def ocr_noise(text: str, rate: float, seed: int = 0, key: str = "") -> str:
 
 
 def match_case(new: str, old: str) -> str:
-    if old.isupper() and len(old) > 1:
+    if old.isalpha() and old.isupper() and len(old) > 1:     # LEFT -> RIGHT, but N0 -> N2a, not N2A
         return new.upper()
     return new[0].upper() + new[1:] if old[0].isupper() else new
 

@@ -1,0 +1,132 @@
+import csv
+import json
+
+import pytest
+
+from cancerllm.tasks.build import (TASKS, build, find_diagnosis_section, load_templates, split_patients,
+                                   truncate_report)
+from cancerllm.tasks.fields import FIELDS
+
+LABEL_HEADER = open("data/tcga/patient_labels.csv").readline().strip().split(",")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tasks")
+    return out, build(out=out, max_report_chars=1500, verbose=False)
+
+
+def read(path):
+    return [json.loads(line) for line in open(path)]
+
+
+def test_patients_never_in_two_splits_and_counts_add_up(built):
+    out, m = built
+    assert m["reports_used"] + sum(v for k, v in m["failures"].items() if k.startswith(("empty", "report_"))) \
+        == m["reports_read"]
+    assert sum(m["patients"].values()) == m["reports_used"]
+    for task in TASKS:
+        owner = {}
+        for split in ("train", "val", "test"):
+            rows = read(out / task / f"{split}.jsonl")
+            assert len(rows) == m["examples"][task][split]
+            patients = {r["patient_id"] for r in rows}
+            assert len(patients) == m["patients"][split]
+            for p in patients:
+                assert owner.setdefault(p, split) == split, f"{p} in {owner[p]} and {split}"
+            if task == "phenotype-qa":
+                assert len(rows) == len(FIELDS) * len(patients)
+
+
+def test_records_hold_prompt_completion_and_truncated_reports(built):
+    out, m = built
+    qa = read(out / "phenotype-qa" / "val.jsonl")
+    assert all(len(r["report"]) <= 1500 and r["report"] in r["prompt"] for r in qa)
+    assert all(r["completion"] == (r["fields"][r["field"]] or "not mentioned") for r in qa)
+    js = read(out / "phenotype-json" / "val.jsonl")
+    assert all(list(json.loads(r["completion"])) == list(FIELDS) for r in js)
+    dx = read(out / "diagnosis" / "val.jsonl")
+    assert all(r["completion"].endswith(".") and "\n" not in r["completion"] for r in dx)
+    assert 0.5 < m["diagnosis_section"]["fraction_found"] <= 1
+    assert m["truncation"]["truncated_phenotype"] > 0
+
+
+def test_templates_come_from_the_file(tmp_path):
+    templates = load_templates()
+    templates["questions"]["pT"] = "Which T category does the report give?"
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(templates))
+    reports, labels = small_inputs(tmp_path, n=4)
+    build(reports, labels, tmp_path / "out", templates=path, test_frac=0, val_frac=0, verbose=False)
+    rows = read(tmp_path / "out" / "phenotype-qa" / "train.jsonl")
+    assert sum("Which T category does the report give?" in r["prompt"] for r in rows) == 4
+
+
+def small_inputs(tmp_path, n, edit=None):
+    """The first n bundled reports and their registry rows, optionally edited by edit(report_rows, label_rows)."""
+    with open("data/tcga/reports.csv", newline="") as f:
+        reports = list(csv.DictReader(f))[:n]
+    ids = {r["patient_id"] for r in reports}
+    with open("data/tcga/patient_labels.csv", newline="") as f:
+        labels = [r for r in csv.DictReader(f) if r["patient_id"] in ids]
+    if edit:
+        edit(reports, labels)
+    paths = []
+    for name, rows in (("reports.csv", reports), ("labels.csv", labels)):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+        paths.append(tmp_path / name)
+    return paths
+
+
+def test_empty_reports_and_unlabelled_reports_are_counted(tmp_path):
+    def edit(reports, labels):
+        reports[0]["text"] = "   "
+        labels.remove(next(l for l in labels if l["patient_id"] == reports[1]["patient_id"]))
+    reports, labels = small_inputs(tmp_path, n=6, edit=edit)
+    m = build(reports, labels, tmp_path / "out", verbose=False)
+    assert m["failures"]["empty_report_text"] == 1
+    assert m["failures"]["report_without_registry_row"] == 1
+    assert m["reports_used"] == 4
+
+
+def test_invalid_label_value_names_file_line_and_column(tmp_path):
+    def edit(reports, labels):
+        labels[2]["ajcc_pathologic_t"] = "T9"
+    reports, labels = small_inputs(tmp_path, n=5, edit=edit)
+    with pytest.raises(ValueError, match=r"labels.csv:4:ajcc_pathologic_t: 'T9' is not an allowed pT"):
+        build(reports, labels, tmp_path / "out", verbose=False)
+
+
+def test_missing_label_column_is_an_error(tmp_path):
+    def edit(reports, labels):
+        for row in labels:
+            del row["grade"]
+    reports, labels = small_inputs(tmp_path, n=3, edit=edit)
+    with pytest.raises(ValueError, match="missing column.*grade"):
+        build(reports, labels, tmp_path / "out", verbose=False)
+
+
+def test_split_is_seeded():
+    ids = [f"P{i}" for i in range(100)]
+    a, b, c = split_patients(ids, 0, 0.1, 0.1), split_patients(ids, 0, 0.1, 0.1), split_patients(ids, 1, 0.1, 0.1)
+    assert a == b and a != c
+    assert sorted(a.values()).count("test") == 10
+
+
+def test_diagnosis_section_rule():
+    text = ("CLINICAL HISTORY. Mass. FROZEN SECTION DIAGNOSIS: benign. FINAL DIAGNOSIS: Breast, left: invasive "
+            "ductal carcinoma, grade 2. COMMENT. See note.")
+    start, end = find_diagnosis_section(text)
+    assert text[start:end].startswith("FINAL DIAGNOSIS:") and text[end:].startswith("COMMENT.")
+    assert find_diagnosis_section("Clinical diagnosis: mass. Gross: tan tissue.") is None
+
+
+def test_truncation_keeps_head_and_key_section():
+    text = "H" * 1000 + "SYNOPTIC DATA. pT2 N0" + "x" * 1000
+    cut, truncated, kept = truncate_report(text, 600, 1000, " [...] ")
+    assert truncated and kept and len(cut) == 600
+    assert cut.startswith("H" * 200) and "SYNOPTIC DATA. pT2 N0" in cut
+    assert truncate_report("short", 600, None, " [...] ") == ("short", False, False)
