@@ -1,0 +1,94 @@
+"""Constrained decoding and the eval CLI end to end, on a tiny random model with Mistral's real tokenizer."""
+import csv
+import json
+
+import pytest
+import torch
+
+from cancerllm import ModelArgs, Transformer
+from cancerllm.generate import Generator
+from cancerllm.tasks.build import build
+from cancerllm.tasks.constrained import JsonSchemaProcessor
+from cancerllm.tasks.fields import ALLOWED, FIELDS
+from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+from cancerllm import eval as cancer_eval
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=32000, max_seq_len=1024))
+    model.init_weights()
+    path = tmp_path_factory.mktemp("ckpt")
+    model.save_pretrained(path, tokenizer=mistral_tokenizer_path())
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Datasets from the first 30 bundled reports (the test split then holds 3 patients)."""
+    tmp = tmp_path_factory.mktemp("data")
+    with open("data/tcga/reports.csv", newline="") as f:
+        rows = list(csv.DictReader(f))[:30]
+    with open(tmp / "reports.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    build(tmp / "reports.csv", "data/tcga/patient_labels.csv", tmp / "tasks", max_report_chars=600, verbose=False)
+    return tmp / "tasks"
+
+
+def test_constrained_output_always_parses_with_exactly_the_keys(checkpoint):
+    gen = Generator.from_pretrained(checkpoint)
+    proc = JsonSchemaProcessor(gen.tokenizer, vocab_size=gen.args.vocab_size)
+    for seed in range(2):
+        results = gen.generate(["Report: left breast, pT2 N0.", "x", "Diagnosis:"], max_new_tokens=800,
+                               temperature=1.0, seed=seed, logits_processor=proc)
+        for r in results:
+            assert r.finish_reason == "eos", r.text
+            obj = json.loads(r.text)
+            assert list(obj) == list(FIELDS)
+            for f, v in obj.items():
+                assert v is None or (v in ALLOWED[f] if f in ALLOWED else isinstance(v, str))
+    unconstrained = gen.generate(["x"], max_new_tokens=40, temperature=1.0, seed=0)[0].text
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(unconstrained)
+
+
+def test_generator_task_helpers(checkpoint):
+    gen = Generator.from_pretrained(checkpoint)
+    fields = gen.extract_phenotypes("FINAL DIAGNOSIS: Left breast, invasive ductal carcinoma.", max_new_tokens=800)
+    assert list(fields) == list(FIELDS)
+    assert isinstance(gen.generate_diagnosis("Left breast mass.", max_new_tokens=8), str)
+    with pytest.raises(ValueError, match="non-empty"):
+        gen.extract_phenotypes("  ")
+
+
+@pytest.mark.parametrize("task", ["phenotype-qa", "phenotype-json", "diagnosis"])
+def test_eval_cli_end_to_end(task, checkpoint, data, tmp_path):
+    cancer_eval.main(["--checkpoint", str(checkpoint), "--task", task, "--data", str(data), "--out", str(tmp_path),
+                      "--limit", "2", "--max-new-tokens", "6", "--perturb", "misspell,ocr,counterfactual"])
+    result = json.loads((tmp_path / f"eval_{task}_test.json").read_text())
+    table = (tmp_path / f"eval_{task}_test.md").read_text()
+    assert set(result["systems"]) == {"model", "majority", "regex"}
+    assert result["n_reports"] == 2
+    assert len(result["robustness"]) == 9
+    for name, s in result["systems"].items():
+        assert set(s["fields"]) >= {"pT", "stage"} and 0 <= s["micro"]["f1"] <= 1
+        assert f"| {name} |" in table
+    if task == "phenotype-json":      # 6 tokens cannot close the object: every answer is a counted failure
+        assert result["systems"]["model"]["parse_failures"] == 2
+    assert "Robustness" in table
+
+
+def test_eval_refuses_a_checkpoint_with_another_tokenizer(checkpoint, data, tmp_path):
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["tokenizer"]["sha256"] = "0" * 64
+    other = tmp_path / "tasks"
+    other.mkdir()
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not the tokenizer the datasets were built with"):
+        cancer_eval.evaluate(checkpoint, "diagnosis", data=other, out=tmp_path, verbose=False)
+    with pytest.raises(SystemExit, match="unknown"):
+        cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "diagnosis", "--data", str(data),
+                          "--perturb", "typos"])
