@@ -236,3 +236,11 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
     assert step == 2 and fresh_scheduler.last_epoch == 2 and fresh_loader.state_dict()["sample_index"] == 4
     for n, p in fresh.named_parameters():
         assert torch.equal(p.full_tensor(), saved[n]), n
+
+
+@pytest.mark.parametrize("name", ["cpu-small", "cpu-small-sft", "mistral-7b-pretrain", "mistral-7b-sft",
+                                  "mistral-7b-lora-sft"])
+def test_shipped_configs_pass_the_schema(name):
+    from pathlib import Path
+    cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")
+    assert cfg.train.stage == ("sft" if "sft" in name else "pretrain")
