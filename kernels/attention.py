@@ -14,8 +14,6 @@ Layout: q [B, T, Hq, D], k and v [B, T, Hkv, D]; query head h reads KV head h //
 - Backward recomputes the probabilities from the saved log-sum-exp: one kernel for dK/dV (a program per key block,
   looping over the queries that see it), one for dQ (a program per query block, like the forward).
 """
-import math
-
 import torch
 import triton
 import triton.language as tl
@@ -24,10 +22,10 @@ from .reference import document_ids
 from .triton_utils import INTERPRET, dot_dtype, mm
 from .validate import check_triton_attention
 
-LOG2E = 1.4426950408889634
-# Scores of keys a query must not see. Finite "minus infinity" for the running max, so that a row whose first
-# visited key block is entirely masked gets exp2(-inf - MASKED) = 0 rather than exp2(-inf - -inf) = NaN.
-NEG_BIG = -1.0e30
+LOG2E = tl.constexpr(1.4426950408889634)      # scores are exponentiated with exp2: s * log2(e)
+# Initial running max: a finite "minus infinity", so that a row whose first visited key block is entirely
+# masked gets exp2(-inf - NEG_BIG) = 0 rather than exp2(-inf - -inf) = NaN.
+NEG_BIG = tl.constexpr(-1.0e30)
 
 
 # ---------------------------------------------------------------------------------------------- shared pieces
@@ -110,7 +108,7 @@ def _attn_fwd(
     out = acc / l_i[:, None]
     tl.store(O + b * stride_ob + tok[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
              out.to(O.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
-    tl.store(LSE + (b * Hq + head) * T + tok, (m_i + tl.log2(l_i)) / 1.4426950408889634, mask=ok)
+    tl.store(LSE + (b * Hq + head) * T + tok, (m_i + tl.log2(l_i)) / LOG2E, mask=ok)
 
 
 # ---------------------------------------------------------------------------------------------- backward
@@ -160,7 +158,7 @@ def _attn_bwd_dkdv(
         q_offs = (b * T + tok[:, None]) * Hq * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :]
         q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
         do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * LOG2E
         delta = tl.load(DELTA + (b * Hq + head) * T + tok, mask=ok, other=0.0)
         lo = _first_key(tok, ok, DOC_START, b, T, WINDOW, HAS_DOCS)
         s_t = mm(k, tl.trans(q), DOT_DTYPE) * qk_scale                         # [keys, rows]
@@ -192,7 +190,7 @@ def _attn_bwd_dq(
     q_offs = (b * T + tok[:, None]) * Hq * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :]
     q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
     do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + (b * Hq + head) * T + tok, mask=ok, other=0.0)
     lo = _first_key(tok, ok, DOC_START, b, T, WINDOW, HAS_DOCS)
     dq = tl.zeros([BLOCK_T * G_PAD, D_PAD], tl.float32)
@@ -255,7 +253,7 @@ class FlashAttention(torch.autograd.Function):
             q, k, v, out, lse, doc_start,
             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2), out.stride(0), out.stride(1), out.stride(2),
-            T, Hq, window, sm_scale * LOG2E,
+            T, Hq, window, sm_scale * LOG2E.value,
             G=G, G_PAD=G_PAD, HEAD_DIM=D, D_PAD=max(16, triton.next_power_of_2(D)),
             BLOCK_T=block_t, BLOCK_N=cfg["BLOCK_N"], HAS_DOCS=has_docs, DOT_DTYPE=dot_dtype(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -289,10 +287,10 @@ class FlashAttention(torch.autograd.Function):
                       HAS_DOCS=ctx.has_docs, DOT_DTYPE=dot_dtype(q.dtype), **launch)
         _attn_bwd_dkdv[(triton.cdiv(T, cfg["BLOCK_N"]), B, Hkv)](
             q, k, v, grad_out, lse, delta, dk, dv, doc_start, doc_end,
-            T, Hq, Hkv, ctx.window, sm_scale * LOG2E, sm_scale, **common)
+            T, Hq, Hkv, ctx.window, sm_scale * LOG2E.value, sm_scale, **common)
         _attn_bwd_dq[(triton.cdiv(T, block_t), B, Hkv)](
             q, k, v, grad_out, lse, delta, dq, doc_start,
-            T, Hq, Hkv, ctx.window, sm_scale * LOG2E, sm_scale, **common)
+            T, Hq, Hkv, ctx.window, sm_scale * LOG2E.value, sm_scale, **common)
         return dq, dk, dv, None, None
 
 
