@@ -1,0 +1,174 @@
+"""Training-step throughput: our single-process step (train.py's path: FSDP2 over one rank, fused linear
+cross-entropy, GQA attention without repeated K/V) against transformers' MistralForCausalLM trained with plain
+PyTorch (forward, loss, backward, AdamW) on the same batches for the same number of steps.
+
+    python bench/train.py                      # CPU: `small` at seq 1024 (target >= 1.1x tokens/s, <= 0.6x memory)
+    python bench/train.py --preset 1b          # GPU: tokens/s/GPU and MFU (add --preset mistral-7b if it fits)
+
+Each side runs in its own process so that its peak memory is its own (CPU: peak RSS, also net of the process
+before the model existed; GPU: peak allocated). Model FLOP/s use ModelArgs.flops_per_token (6N + attention) and
+are given as a fraction of this machine's measured fp32 matmul rate (CPU) or of the GPU's bf16 peak.
+"""
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import gpu_peaks, machine, print_table, write_results  # noqa: E402
+
+
+def peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def matmul_tflops(device) -> float:
+    """Measured dense matmul rate: fp32 on CPU, bf16 on GPU."""
+    n = 2048 if device.type == "cpu" else 8192
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 5 if device.type == "cpu" else 50
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_batches(args, batch, seq_len, steps, device):
+    """Random token rows, one document per row (so both models see the same attention pattern)."""
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(steps):
+        tokens = torch.randint(0, args.vocab_size, (batch, seq_len + 1), generator=g)
+        cu = torch.arange(0, batch * seq_len + 1, seq_len, dtype=torch.int32)
+        out.append({"tokens": tokens[:, :-1].to(device), "targets": tokens[:, 1:].to(device),
+                    "positions": torch.arange(seq_len).expand(batch, seq_len).to(device), "cu_seqlens": cu.to(device)})
+    return out
+
+
+def ours(args, batches, device):
+    """train.py's step: FSDP2 over a one-rank group, bf16 compute on GPU, fused loss."""
+    import torch.distributed as dist
+    from cancerllm import Transformer
+    from cancerllm.train.config import OptimConfig, ParallelConfig
+    from cancerllm.train.optim import build_optimizer
+    from cancerllm.train.parallel import build_mesh, parallelize
+    from cancerllm.train.step import train_step
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
+    with torch.device(device):
+        model = Transformer(args)
+    parallelize(model, build_mesh(ParallelConfig(), 1, device), ParallelConfig(), device)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-4, implementation="auto"))
+
+    def step(batch):
+        return train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=device).loss
+    return step
+
+
+def transformers_side(args, batches, device):
+    """MistralForCausalLM as a plain PyTorch user trains it: labels -> loss, backward, AdamW (bf16 autocast on GPU)."""
+    from transformers import MistralConfig, MistralForCausalLM
+    config = MistralConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
+                           num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
+                           num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim,
+                           sliding_window=args.sliding_window, rope_theta=args.rope_theta, rms_norm_eps=args.norm_eps,
+                           max_position_embeddings=args.max_seq_len, tie_word_embeddings=False)
+    model = MistralForCausalLM(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def step(batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(batch["tokens"]).logits
+        loss = torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), batch["targets"].flatten())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(loss)
+    return step
+
+
+def run_side(side: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
+    from cancerllm import ModelArgs
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    args = ModelArgs.preset(preset)
+    batches = make_batches(args, batch, seq_len, warmup + steps, device)
+    rss_before = peak_rss_gib()
+    step = (ours if side == "ours" else transformers_side)(args, batches, device)
+    for b in batches[:warmup]:
+        step(b)
+    sync(device)
+    start = time.perf_counter()
+    losses = [step(b) for b in batches[warmup:]]
+    sync(device)
+    elapsed = time.perf_counter() - start
+    tokens_per_s = batch * seq_len * steps / elapsed
+    flops = args.flops_per_token(seq_len) * tokens_per_s
+    row = {"side": side, "preset": preset, "batch": batch, "seq_len": seq_len, "steps": steps,
+           "tokens_per_s": tokens_per_s, "model_tflops": flops / 1e12, "final_loss": losses[-1]}
+    if device.type == "cuda":
+        row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        peak = gpu_peaks(torch.cuda.get_device_name())[0]
+        row["mfu"] = flops / (peak * 1e12) if peak else None
+    else:
+        row["peak_mem_gib"] = peak_rss_gib()
+        row["train_mem_gib"] = row["peak_mem_gib"] - rss_before
+    row["matmul_tflops"] = matmul_tflops(device)
+    row["fraction_of_matmul"] = row["model_tflops"] / row["matmul_tflops"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    gpu = torch.cuda.is_available()
+    parser.add_argument("--preset", action="append", help="model preset(s) (default: small on CPU, 1b on GPU)")
+    parser.add_argument("--batch", type=int, default=4 if gpu else 2)
+    parser.add_argument("--seq-len", type=int, default=2048 if gpu else 1024)
+    parser.add_argument("--steps", type=int, default=10 if gpu else 3)
+    parser.add_argument("--warmup", type=int, default=3 if gpu else 1)
+    parser.add_argument("--side", choices=["ours", "transformers"], help=argparse.SUPPRESS)  # child process
+    a = parser.parse_args()
+    presets = a.preset or ["1b" if gpu else "small"]
+    if a.side:
+        print(json.dumps(run_side(a.side, presets[0], a.batch, a.seq_len, a.steps, a.warmup)))
+        return
+    rows = []
+    for preset in presets:
+        for side in ("ours", "transformers"):
+            cmd = [sys.executable, __file__, "--side", side, "--preset", preset, "--batch", str(a.batch),
+                   "--seq-len", str(a.seq_len), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:         # e.g. out of memory for 7B on one GPU: report it, go on
+                rows.append({"side": side, "preset": preset, "error": proc.stderr.strip().splitlines()[-1][:120]})
+                continue
+            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        ours_row, theirs = rows[-2], rows[-1]
+        if "tokens_per_s" in ours_row and "tokens_per_s" in theirs:
+            ours_row["speedup"] = ours_row["tokens_per_s"] / theirs["tokens_per_s"]
+            ours_row["memory_ratio"] = ours_row["peak_mem_gib"] / theirs["peak_mem_gib"]
+            if "train_mem_gib" in ours_row:
+                ours_row["train_memory_ratio"] = ours_row["train_mem_gib"] / theirs["train_mem_gib"]
+    print(json.dumps(machine()))
+    columns = ["preset", "side", "seq_len", "tokens_per_s", "peak_mem_gib", "train_mem_gib", "model_tflops",
+               "matmul_tflops", "fraction_of_matmul", "mfu", "speedup", "memory_ratio", "train_memory_ratio", "error"]
+    print_table(rows, columns)
+    print(f"results: {write_results('train', rows)}")
+
+
+if __name__ == "__main__":
+    main()
