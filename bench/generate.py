@@ -1,0 +1,180 @@
+"""Generation speed: cancerllm's Generator against transformers' generate on the same weights, in one process.
+
+The `small` preset with random weights (fp32 on CPU), greedy, prompts of 512 tokens, 128 new tokens, at batch 1
+and 8. Each engine runs twice per repetition, for 1 and for 128 new tokens: prefill tokens/s = B * prompt /
+t(1), decode tokens/s = B * 127 / (t(128) - t(1)), the same arithmetic for both. Repetitions alternate the
+engines and the best time of each is kept, so that load from other processes on a shared machine hits both
+alike. Both generate through EOS, and their tokens are checked equal.
+
+Decode is memory bound: each step reads every weight but the embedding table once (plus each row's cached keys
+and values), so the bound is B * bandwidth / bytes per step, with the read bandwidth measured in this run
+(CPU: a sum over a buffer far larger than the caches; GPU: a device-to-device copy).
+
+    .venv/bin/python bench/generate.py [--batches 1 8] [--reps 3] [--compile] [--device cuda --dtype bfloat16]
+"""
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, print_table, write_results   # noqa: E402
+from cancerllm import Generator, ModelArgs, Transformer   # noqa: E402
+from cancerllm.cache import KVCache   # noqa: E402
+from cancerllm.generate import parse_dtype   # noqa: E402
+from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path   # noqa: E402
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def read_bandwidth_gbps(device) -> float:
+    """Best of 5 reads of a 512 MiB buffer (CPU: a sum; GPU: a copy, counted as read + write / 2)."""
+    buf = torch.ones(128 * 2 ** 20, device=device)
+    if device.type == "cuda":
+        out = torch.empty_like(buf)
+        op, bytes_moved = (lambda: out.copy_(buf)), 2 * buf.nbytes
+    else:
+        op, bytes_moved = (lambda: buf.sum()), buf.nbytes
+    best = float("inf")
+    for _ in range(5):
+        sync(device)
+        start = time.perf_counter()
+        op()
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return bytes_moved / best / 1e9
+
+
+def hf_twin(model: Transformer):
+    """transformers' MistralForCausalLM holding our model's weights (same names, plus the "model." prefix)."""
+    import transformers
+    a = model.args
+    config = transformers.MistralConfig(
+        vocab_size=a.vocab_size, hidden_size=a.dim, intermediate_size=a.hidden_dim, num_hidden_layers=a.n_layers,
+        num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
+        sliding_window=a.sliding_window, max_position_embeddings=a.max_seq_len, rope_theta=a.rope_theta,
+        rms_norm_eps=a.norm_eps, tie_word_embeddings=False)
+    hf = transformers.MistralForCausalLM(config).to(device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
+    hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
+                        for k, v in model.state_dict().items()})
+    hf.generation_config.eos_token_id = None     # generate through EOS, like ignore_eos=True on our side
+    hf.generation_config.pad_token_id = 0
+    return hf.eval()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - start, out
+
+
+def ours(gen: Generator, prompts):
+    """A function of max_new_tokens returning the new token ids of every row."""
+    return lambda n: [r.token_ids for r in gen.generate(prompts, max_new_tokens=n, ignore_eos=True)]
+
+
+def theirs(hf, prompts, device):
+    ids = torch.tensor(prompts, device=device)
+
+    def run(n):
+        with torch.inference_mode():
+            out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                              do_sample=False)
+        return out[:, ids.shape[1]:].tolist()
+    return run
+
+
+def measure(runs: dict, new_tokens: int, reps: int, device):
+    """Best t(1) and t(new_tokens) per engine, alternating engines; plus each engine's last output."""
+    best = {name: [float("inf"), float("inf")] for name in runs}
+    outputs, peak_mb = {}, {}
+    for name, run in runs.items():   # warm up: first calls allocate and pick kernels
+        run(2)
+    for _ in range(reps):
+        for name, run in runs.items():
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            t1, _ = timed(lambda: run(1), device)
+            tn, outputs[name] = timed(lambda: run(new_tokens), device)
+            best[name] = [min(best[name][0], t1), min(best[name][1], tn)]
+            if device.type == "cuda":
+                peak_mb[name] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return best, outputs, peak_mb
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compile", action="store_true", help="also time our generator with a compiled decode step")
+    opts = parser.parse_args()
+    device, dtype = torch.device(opts.device), parse_dtype(opts.dtype)
+
+    torch.manual_seed(0)
+    args = ModelArgs.preset(opts.preset)
+    model = Transformer(args).to(device=device, dtype=dtype).eval()
+    model.init_rope()
+    tokenizer = Tokenizer(mistral_tokenizer_path())
+    hf = hf_twin(model)
+    gens = {"cancerllm": Generator(model, tokenizer)}
+    if opts.compile:
+        gens["cancerllm+compile"] = Generator(model, tokenizer, compile=True)
+
+    bandwidth = read_bandwidth_gbps(device)
+    weight_bytes = args.num_params(embedding=False) * dtype.itemsize
+    cache_bpt = KVCache.for_model(args, 1, 1, dtype=dtype, device="meta").bytes_per_token
+    mean_context = min(opts.prompt_len + opts.new_tokens // 2, args.sliding_window or 1 << 62)
+    rows = []
+    for batch in opts.batches:
+        prompts = torch.randint(3, args.vocab_size, (batch, opts.prompt_len)).tolist()
+        runs = {name: ours(gen, prompts) for name, gen in gens.items()}
+        runs["transformers"] = theirs(hf, prompts, device)
+        best, outputs, peak_mb = measure(runs, opts.new_tokens, opts.reps, device)
+        step_bytes = weight_bytes + batch * mean_context * cache_bpt
+        bound = batch * bandwidth * 1e9 / step_bytes
+        peer = best["transformers"]
+        peer_decode = batch * (opts.new_tokens - 1) / (peer[1] - peer[0])
+        for name, (t1, tn) in best.items():
+            decode = batch * (opts.new_tokens - 1) / (tn - t1)
+            rows.append({
+                "batch": batch, "engine": name,
+                "prefill_tok_s": batch * opts.prompt_len / t1,
+                "decode_tok_s": decode,
+                "decode_vs_transformers": decode / peer_decode,
+                "prefill_vs_transformers": peer[0] / t1,
+                "decode_vs_bound": decode / bound,
+                "outputs_equal": outputs[name] == outputs["transformers"],
+                "peak_gpu_mib": peak_mb.get(name),
+            })
+    peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    info = machine()
+    print(f"generate bench: preset {opts.preset} {opts.dtype} on {opts.device}, prompt {opts.prompt_len}, "
+          f"{opts.new_tokens} new tokens, greedy; {info['cpu']} x{info['cores']}, torch {info['torch']}")
+    print(f"read bandwidth {bandwidth:.1f} GB/s; weights read per decode step {weight_bytes / 1e6:.1f} MB; "
+          f"KV cache {cache_bpt} B/token ({cache_bpt * min(args.sliding_window or 1 << 62, 640) / 2 ** 20:.2f} "
+          f"MiB per row at 640 tokens, flat past the {args.sliding_window}-token window); "
+          f"process peak RSS {peak_rss_mib:.0f} MiB (both engines)")
+    columns = ["batch", "engine", "prefill_tok_s", "decode_tok_s", "decode_vs_transformers",
+               "prefill_vs_transformers", "decode_vs_bound", "outputs_equal"]
+    print_table(rows, columns + (["peak_gpu_mib"] if device.type == "cuda" else []))
+    path = write_results("generate", rows, preset=opts.preset, dtype=opts.dtype, device=opts.device,
+                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, read_bandwidth_gbps=bandwidth,
+                         weight_bytes=weight_bytes, kv_cache_bytes_per_token=cache_bpt, peak_rss_mib=peak_rss_mib)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
