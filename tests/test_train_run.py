@@ -162,3 +162,25 @@ def test_bad_config_key_is_refused_before_any_work(tmp_path, shards):
                            "train.steps=many"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "train.steps must be int, got 'many'" in proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_sigterm_saves_a_final_checkpoint_then_exits(tmp_path, shards):
+    import signal
+    import time
+    run = tmp_path / "run"
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY.format(shards=shards, run=run))
+    proc = subprocess.Popen([*TORCHRUN, str(ROOT / "train.py"), "--config", str(config), "--set", "train.steps=2000",
+                             "--set", "checkpoint.every=0", "--set", "data.val=[]"], cwd=ROOT,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3) and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)                   # what a scheduler's preemption sends to torchrun
+    output, _ = proc.communicate(timeout=120)
+    assert "stop requested (SIGTERM): saved a checkpoint at step" in output, output[-2000:]
+    saved = int((run / "checkpoints/latest").read_text().strip().split("-")[1])
+    assert 3 <= saved < 2000
+    assert max(records(run)) == saved
