@@ -1,16 +1,19 @@
 """Generation speed: cancerllm's Generator against transformers' generate on the same weights, in one process.
 
 The `small` preset with random weights (fp32 on CPU), greedy, prompts of 512 tokens, 128 new tokens, at batch 1
-and 8. Each engine runs twice per repetition, for 1 and for 128 new tokens: prefill tokens/s = B * prompt /
-t(1), decode tokens/s = B * 127 / (t(128) - t(1)), the same arithmetic for both. Repetitions alternate the
-engines and the best time of each is kept, so that load from other processes on a shared machine hits both
-alike. Both generate through EOS, and their tokens are checked equal.
+and 8. Prefill tokens/s = B * prompt / time of a 1-token generation; decode tokens/s = B / the median gap
+between sampling steps of a 128-token generation, stamped by a logits processor in both engines (the median
+shrugs off load spikes from other processes on a shared machine). Repetitions alternate the engines and keep
+each one's best. Both generate through EOS, and their tokens are checked equal.
 
 Decode is memory bound: each step reads every weight but the embedding table once (plus each row's cached keys
 and values), so the bound is B * bandwidth / bytes per step, with the read bandwidth measured in this run
 (CPU: a sum over a buffer far larger than the caches; GPU: a device-to-device copy).
 
-    .venv/bin/python bench/generate.py [--batches 1 8] [--reps 3] [--compile] [--device cuda --dtype bfloat16]
+    .venv/bin/python bench/generate.py [--batches 1 8] [--reps 3] [--device cuda --dtype bfloat16]
+
+Rows: cancerllm (default: on CPU its linears run on oneDNN), cancerllm-mkl (CPU only: F.linear on MKL, showing
+what oneDNN buys), transformers.
 """
 import argparse
 import resource
@@ -76,38 +79,73 @@ def timed(fn, device):
     return time.perf_counter() - start, out
 
 
-def ours(gen: Generator, prompts):
+class StepClock:
+    """Stamps the time at each sampling step, as our logits processor (mask) and as transformers' (__call__):
+    the median gap between stamps is one decode step, robust to load spikes from other processes."""
+
+    def __init__(self, device):
+        self.device, self.stamps = device, []
+
+    def reset(self, batch_size):
+        self.stamps = []
+
+    def mask(self, logits, rows):
+        sync(self.device)
+        self.stamps.append(time.perf_counter())
+
+    def advance(self, row, token_id):
+        pass
+
+    def __call__(self, input_ids, scores):
+        self.mask(scores, None)
+        return scores
+
+    def median_step_s(self) -> float:
+        gaps = sorted(b - a for a, b in zip(self.stamps, self.stamps[1:]))
+        return gaps[len(gaps) // 2]
+
+
+def ours(gen: Generator, prompts, clock):
     """A function of max_new_tokens returning the new token ids of every row."""
-    return lambda n: [r.token_ids for r in gen.generate(prompts, max_new_tokens=n, ignore_eos=True)]
+    def run(n):
+        clock.reset(len(prompts))
+        results = gen.generate(prompts, max_new_tokens=n, ignore_eos=True, logits_processor=clock)
+        return [r.token_ids for r in results]
+    return run
 
 
-def theirs(hf, prompts, device):
+def theirs(hf, prompts, device, clock):
+    from transformers import LogitsProcessorList
     ids = torch.tensor(prompts, device=device)
 
     def run(n):
+        clock.reset(len(prompts))
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False)
+                              do_sample=False, logits_processor=LogitsProcessorList([clock]))
         return out[:, ids.shape[1]:].tolist()
     return run
 
 
-def measure(runs: dict, new_tokens: int, reps: int, device):
-    """Best t(1) and t(new_tokens) per engine, alternating engines; plus each engine's last output."""
-    best = {name: [float("inf"), float("inf")] for name in runs}
-    outputs, peak_mb = {}, {}
-    for name, run in runs.items():   # warm up: first calls allocate and pick kernels
+def measure(runs: dict, clocks: dict, new_tokens: int, reps: int, device):
+    """Per engine: the best prefill time (a 1-token generation), the best median decode step, the output of a
+    full generation and the peak GPU memory; repetitions alternate the engines."""
+    prefill_s = {name: float("inf") for name in runs}
+    step_s = dict(prefill_s)
+    outputs, peak_mib = {}, {}
+    for run in runs.values():   # warm up: first calls allocate and pick kernels
         run(2)
     for _ in range(reps):
         for name, run in runs.items():
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats()
             t1, _ = timed(lambda: run(1), device)
-            tn, outputs[name] = timed(lambda: run(new_tokens), device)
-            best[name] = [min(best[name][0], t1), min(best[name][1], tn)]
+            prefill_s[name] = min(prefill_s[name], t1)
+            outputs[name] = run(new_tokens)
+            step_s[name] = min(step_s[name], clocks[name].median_step_s())
             if device.type == "cuda":
-                peak_mb[name] = torch.cuda.max_memory_allocated() / 2 ** 20
-    return best, outputs, peak_mb
+                peak_mib[name] = torch.cuda.max_memory_allocated() / 2 ** 20
+    return prefill_s, step_s, outputs, peak_mib
 
 
 def main():
@@ -119,7 +157,6 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--compile", action="store_true", help="also time our generator with a compiled decode step")
     opts = parser.parse_args()
     device, dtype = torch.device(opts.device), parse_dtype(opts.dtype)
 
@@ -130,8 +167,8 @@ def main():
     tokenizer = Tokenizer(mistral_tokenizer_path())
     hf = hf_twin(model)
     gens = {"cancerllm": Generator(model, tokenizer)}
-    if opts.compile:
-        gens["cancerllm+compile"] = Generator(model, tokenizer, compile=True)
+    if device.type == "cpu":   # what routing the linears through oneDNN buys, against MKL's F.linear
+        gens["cancerllm-mkl"] = Generator(model, tokenizer, onednn=False)
 
     bandwidth = read_bandwidth_gbps(device)
     weight_bytes = args.num_params(embedding=False) * dtype.itemsize
@@ -140,24 +177,23 @@ def main():
     rows = []
     for batch in opts.batches:
         prompts = torch.randint(3, args.vocab_size, (batch, opts.prompt_len)).tolist()
-        runs = {name: ours(gen, prompts) for name, gen in gens.items()}
-        runs["transformers"] = theirs(hf, prompts, device)
-        best, outputs, peak_mb = measure(runs, opts.new_tokens, opts.reps, device)
+        clocks = {name: StepClock(device) for name in [*gens, "transformers"]}
+        runs = {name: ours(gen, prompts, clocks[name]) for name, gen in gens.items()}
+        runs["transformers"] = theirs(hf, prompts, device, clocks["transformers"])
+        prefill_s, step_s, outputs, peak_mib = measure(runs, clocks, opts.new_tokens, opts.reps, device)
         step_bytes = weight_bytes + batch * mean_context * cache_bpt
         bound = batch * bandwidth * 1e9 / step_bytes
-        peer = best["transformers"]
-        peer_decode = batch * (opts.new_tokens - 1) / (peer[1] - peer[0])
-        for name, (t1, tn) in best.items():
-            decode = batch * (opts.new_tokens - 1) / (tn - t1)
+        for name in runs:
+            decode = batch / step_s[name]
             rows.append({
                 "batch": batch, "engine": name,
-                "prefill_tok_s": batch * opts.prompt_len / t1,
+                "prefill_tok_s": batch * opts.prompt_len / prefill_s[name],
                 "decode_tok_s": decode,
-                "decode_vs_transformers": decode / peer_decode,
-                "prefill_vs_transformers": peer[0] / t1,
+                "decode_vs_transformers": step_s["transformers"] / step_s[name],
+                "prefill_vs_transformers": prefill_s["transformers"] / prefill_s[name],
                 "decode_vs_bound": decode / bound,
                 "outputs_equal": outputs[name] == outputs["transformers"],
-                "peak_gpu_mib": peak_mb.get(name),
+                "peak_gpu_mib": peak_mib.get(name),
             })
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = machine()

@@ -100,11 +100,12 @@ def test_greedy_matches_transformers_without_window(tokenizer):
     assert result.token_ids == hf_greedy(hf, prompts, 20)[0]
 
 
-@pytest.mark.parametrize("window", [8, None])
-def test_batched_prompts_of_different_lengths_match_transformers(tokenizer, window):
+@pytest.mark.parametrize("window, onednn", [(8, True), (None, True), (8, False)])
+def test_batched_prompts_of_different_lengths_match_transformers(tokenizer, window, onednn):
     hf, ours = hf_and_ours(window=window)
     prompts = random_prompts(3, 12, 20, 1)
-    results = Generator(ours, tokenizer, prefill_chunk=5).generate(prompts, max_new_tokens=16, ignore_eos=True)
+    gen = Generator(ours, tokenizer, prefill_chunk=5, onednn=onednn)
+    results = gen.generate(prompts, max_new_tokens=16, ignore_eos=True)
     assert [r.token_ids for r in results] == hf_greedy(hf, prompts, 16)
 
 
