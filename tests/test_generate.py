@@ -12,8 +12,9 @@ from cancerllm import ModelArgs, Transformer, Generator
 from cancerllm.cache import KVCache
 from cancerllm.generate import IncrementalText, Sampling, sample
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+from hf_util import hf_model, our_name, tiny_args
 
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
 VOCAB = 32000   # Mistral's tokenizer, so that text tests and model tests share one vocabulary
 
@@ -25,18 +26,12 @@ def tokenizer():
 
 def hf_and_ours(window, max_seq_len=256):
     """A random tiny MistralForCausalLM and our Transformer holding the same weights."""
-    config = transformers.MistralConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, sliding_window=window, max_position_embeddings=max_seq_len,
-        rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="eager",
-        initializer_range=0.1)   # peaked logits: greedy ties within float noise become vanishingly rare
-    hf = transformers.MistralForCausalLM(config).eval()
-    hf.generation_config.eos_token_id = None
+    args = tiny_args(vocab_size=VOCAB, sliding_window=window, max_seq_len=max_seq_len)
+    hf = hf_model(args)
+    hf.generation_config.eos_token_id = None     # generate through EOS, like ignore_eos=True on our side
     hf.generation_config.pad_token_id = 0
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128, vocab_size=VOCAB,
-                     sliding_window=window, max_seq_len=max_seq_len)
     ours = Transformer(args)
-    ours.load_state_dict({name.removeprefix("model."): p for name, p in hf.state_dict().items()})
+    ours.load_state_dict({our_name(name): p for name, p in hf.state_dict().items()})
     return hf, ours
 
 
