@@ -63,7 +63,8 @@ def hf_twin(model: Transformer):
         num_attention_heads=a.n_heads, num_key_value_heads=a.n_kv_heads, head_dim=a.head_dim,
         sliding_window=a.sliding_window, max_position_embeddings=a.max_seq_len, rope_theta=a.rope_theta,
         rms_norm_eps=a.norm_eps, tie_word_embeddings=False)
-    hf = transformers.MistralForCausalLM(config).to(device=model.lm_head.weight.device, dtype=model.lm_head.weight.dtype)
+    weight = model.lm_head.weight
+    hf = transformers.MistralForCausalLM(config).to(device=weight.device, dtype=weight.dtype)
     hf.load_state_dict({("lm_head.weight" if k == "lm_head.weight" else "model." + k): v
                         for k, v in model.state_dict().items()})
     hf.generation_config.eos_token_id = None     # generate through EOS, like ignore_eos=True on our side

@@ -452,7 +452,8 @@ def read_prompts(args, parser) -> list:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cancerllm.generate",
                                      description="Generate text from a cancerllm or Hugging Face Mistral checkpoint.")
-    parser.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.model)")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (config.json, safetensors, tokenizer.model)")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     parser.add_argument("--prompt-file", help="read the prompt(s) from this file ('-': stdin, the default)")
     parser.add_argument("--lines", action="store_true", help="one prompt per non-empty line of the file or stdin")

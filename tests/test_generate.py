@@ -194,7 +194,8 @@ def test_stream_holds_back_a_possible_stop_string(tokenizer):
     ids = tokenizer.encode(NON_ASCII, bos=False)
     options = dict(max_new_tokens=len(ids), stop="grade 3", logits_processor=ForceTokens([ids]))
     pieces = list(gen.stream("Report:", **options))
-    assert "".join(pieces) == "Carcinome épidermoïde du poumon — 肺癌, " == gen.generate(["Report:"], **options)[0].text
+    expected = "Carcinome épidermoïde du poumon — 肺癌, "
+    assert "".join(pieces) == expected == gen.generate(["Report:"], **options)[0].text
 
 
 def test_stream_of_random_tokens_equals_generate(tokenizer):
