@@ -78,14 +78,15 @@ class ForceTokens:
 
 # ---------------------------------------------------------------------------------------------- vs transformers
 
-@pytest.mark.parametrize("prefill_chunk", [3, 8, 64])
-def test_greedy_matches_transformers_past_the_window(tokenizer, prefill_chunk):
+def test_greedy_matches_transformers_past_the_window(tokenizer):
     hf, ours = hf_and_ours(window=8)
     prompts = random_prompts(13)                       # prompt alone exceeds W; prompt + output is 5 W
-    [result] = Generator(ours, tokenizer, prefill_chunk=prefill_chunk).generate(prompts, max_new_tokens=27,
-                                                                                ignore_eos=True)
-    assert result.token_ids == hf_greedy(hf, prompts, 27)[0]
-    assert result.finish_reason == "length"
+    expected = hf_greedy(hf, prompts, 27)[0]
+    for prefill_chunk in (3, 8, 64):                   # chunks smaller than, equal to and larger than W
+        gen = Generator(ours, tokenizer, prefill_chunk=prefill_chunk)
+        [result] = gen.generate(prompts, max_new_tokens=27, ignore_eos=True)
+        assert result.token_ids == expected, f"prefill_chunk={prefill_chunk}"
+        assert result.finish_reason == "length"
 
 
 def test_greedy_matches_transformers_without_window(tokenizer):
