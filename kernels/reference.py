@@ -124,8 +124,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(ok, t, 0)
             total += torch.where(ok, lse - logits.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
-            # d loss / d logits = softmax - onehot, zero on ignored rows, scaled for the mean.
-            grad_logits = torch.exp(logits - lse[:, None])
+            # d loss / d logits = softmax - onehot, zero on ignored rows, scaled for the mean; in place over the
+            # chunk's logits, which are not needed any more.
+            grad_logits = logits.sub_(lse[:, None]).exp_()
             grad_logits[torch.arange(len(t), device=t.device), safe] -= 1.0
             grad_logits *= (ok.to(dt) * scale)[:, None]
             grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
