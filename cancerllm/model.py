@@ -209,7 +209,7 @@ class Transformer(nn.Module):
         offsets over the flattened B*T tokens) marks packed documents, which then never attend to each other.
         `last_only` returns the logits of the last position only, [B, 1, vocab] (generation's prefill).
         """
-        B, T = self.check_inputs(tokens, positions, cu_seqlens, targets)
+        B, T = self.check_inputs(tokens, positions, cu_seqlens, targets, cache)
         if positions is None:
             positions = (positions_from_cu_seqlens(cu_seqlens, B, T) if cu_seqlens is not None
                          else torch.arange(T, device=tokens.device).expand(B, T))
@@ -223,7 +223,7 @@ class Transformer(nn.Module):
                                                 ignore_index=ignore_index)
         return self.lm_head(h)
 
-    def check_inputs(self, tokens, positions, cu_seqlens, targets):
+    def check_inputs(self, tokens, positions, cu_seqlens, targets, cache=None):
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a 2-D [batch, seq] tensor, got "
                              f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
@@ -233,7 +233,8 @@ class Transformer(nn.Module):
         if positions is not None:
             if positions.shape != (B, T):
                 raise ValueError(f"positions must have the tokens' shape {(B, T)}, got {tuple(positions.shape)}")
-            if positions.numel() and int(positions.max()) >= self.args.max_seq_len:
+            # A decode step skips this host sync: the generator bounds its positions once per request.
+            if cache is None and positions.numel() and int(positions.max()) >= self.args.max_seq_len:
                 raise ValueError(f"positions reach {int(positions.max())} but max_seq_len={self.args.max_seq_len}")
         elif cu_seqlens is None and T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
