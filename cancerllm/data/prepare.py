@@ -21,8 +21,9 @@ import json
 import os
 import sys
 import time
+from collections import deque
 from itertools import islice
-from multiprocessing import Pool
+import multiprocessing
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,24 @@ def tokenize(chunk):
     return out
 
 
+def tokenize_all(records, workers: int, tokenizer: Tokenizer):
+    """Tokenized chunks, in input order. Reading stays on this thread (not in a pool thread, as Pool.imap
+    would do) so that a --strict error is raised here; at most 4 chunks per worker are in flight."""
+    global TOKENIZER
+    if workers == 1:
+        TOKENIZER = tokenizer
+        yield from map(tokenize, chunks(records, CHUNK))
+        return
+    with multiprocessing.Pool(workers, init_worker, (str(tokenizer.path),)) as pool:
+        pending = deque()
+        for chunk in chunks(records, CHUNK):
+            pending.append(pool.apply_async(tokenize, (chunk,)))
+            if len(pending) > 4 * workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
 def chunks(records, size: int):
     records = iter(records)
     while chunk := list(islice(records, size)):
@@ -217,16 +236,15 @@ def prepare(args) -> dict:
             yield from read_records(path, fmt, args, bad)
 
     start = time.perf_counter()
-    with Pool(args.workers, init_worker, (str(tokenizer.path),)) if args.workers > 1 else nullpool(tokenizer) as pool:
-        bar = tqdm(unit="doc", desc="tokenizing", disable=args.quiet, file=sys.stderr)
-        for chunk in pool.imap(tokenize, chunks(records(), CHUNK)):
-            for source, line, group, tokens, mask in chunk:
-                key = group if group is not None else f"{source}:{line}"
-                writers["val" if in_validation(key, args.seed, args.val_fraction) else "train"].add(tokens, mask)
-                sources[source]["documents"] += 1
-                sources[source]["tokens"] += len(tokens)
-            bar.update(len(chunk))
-        bar.close()
+    bar = tqdm(unit="doc", desc="tokenizing", disable=args.quiet, file=sys.stderr)
+    for chunk in tokenize_all(records(), args.workers, tokenizer):
+        for source, line, group, tokens, mask in chunk:
+            key = group if group is not None else f"{source}:{line}"
+            writers["val" if in_validation(key, args.seed, args.val_fraction) else "train"].add(tokens, mask)
+            sources[source]["documents"] += 1
+            sources[source]["tokens"] += len(tokens)
+        bar.update(len(chunk))
+    bar.close()
     for w in writers.values():
         w.flush()
     for row in bad:
@@ -246,23 +264,6 @@ def prepare(args) -> dict:
         verify(out, manifest)
     report(manifest, args.quiet)
     return manifest
-
-
-class nullpool:
-    """The Pool interface, in this process: --workers 1 needs no worker processes."""
-
-    def __init__(self, tokenizer: Tokenizer):
-        global TOKENIZER
-        TOKENIZER = tokenizer
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def imap(self, fn, items):
-        return map(fn, items)
 
 
 def verify(out: Path, manifest: dict):
