@@ -1,5 +1,5 @@
 // cancerllm._C: the shard reader and the packed loader for Python. Batches reach NumPy without a copy: the
-// arrays are views of the C++ buffers, which a capsule frees when the last array goes away.
+// arrays are views of the C++ buffers, which go back to the loader's pool when the last array goes away.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -17,9 +17,20 @@ py::array view(std::vector<T>& data, std::vector<py::ssize_t> shape, const py::o
   return py::array(dtype, shape, {}, data.data(), owner);
 }
 
-py::dict to_numpy(std::unique_ptr<Batch> batch, py::ssize_t B, py::ssize_t T) {
-  Batch* raw = batch.release();
-  py::capsule owner(raw, [](void* p) { delete static_cast<Batch*>(p); });
+// Keeps a batch alive while any of its arrays exists, then hands its buffers back to the pool.
+struct Lease {
+  std::shared_ptr<BatchPool> pool;
+  std::unique_ptr<Batch> batch;
+};
+
+py::dict to_numpy(std::unique_ptr<Batch> batch, std::shared_ptr<BatchPool> pool, py::ssize_t B, py::ssize_t T) {
+  Batch* raw = batch.get();
+  auto* lease = new Lease{std::move(pool), std::move(batch)};
+  py::capsule owner(lease, [](void* p) {
+    auto* lease = static_cast<Lease*>(p);
+    lease->pool->give(std::move(lease->batch));
+    delete lease;
+  });
   py::dict out;
   out["tokens"] = view(raw->tokens, {B, T}, owner);
   out["targets"] = view(raw->targets, {B, T}, owner);
@@ -71,6 +82,6 @@ PYBIND11_MODULE(_C, m) {
           batch = l.next();
         }
         auto B = static_cast<py::ssize_t>(batch->tokens.size() / l.dataset().seq_len());
-        return to_numpy(std::move(batch), B, static_cast<py::ssize_t>(l.dataset().seq_len()));
+        return to_numpy(std::move(batch), l.pool(), B, static_cast<py::ssize_t>(l.dataset().seq_len()));
       });
 }

@@ -88,11 +88,25 @@ void Dataset::fill_row(uint64_t sample, int64_t* tokens, uint8_t* starts, uint8_
   }
 }
 
+std::unique_ptr<Batch> BatchPool::take() {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.empty()) return std::make_unique<Batch>();
+  auto batch = std::move(free_.back());
+  free_.pop_back();
+  return batch;
+}
+
+void BatchPool::give(std::unique_ptr<Batch> batch) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (free_.size() < capacity_) free_.push_back(std::move(batch));
+}
+
 Loader::Loader(const std::vector<std::string>& paths, uint64_t seq_len, uint64_t batch_size, uint64_t rank,
                uint64_t world_size, uint64_t seed, bool verify, int64_t pad_id, int num_threads, int prefetch)
     : dataset_(paths, seq_len, verify, pad_id),
       batch_size_(batch_size), rank_(rank), world_size_(world_size), seed_(seed),
-      num_threads_(num_threads), prefetch_(prefetch) {
+      num_threads_(num_threads), prefetch_(prefetch),
+      pool_(std::make_shared<BatchPool>(static_cast<size_t>(num_threads) + prefetch + 2)) {
   if (batch_size == 0 || world_size == 0 || rank >= world_size)
     throw std::invalid_argument("PackedLoader: need batch_size >= 1 and 0 <= rank < world_size");
   if (num_threads < 1 || prefetch < 1)
@@ -163,7 +177,7 @@ void Loader::work() {
       if (stopping_) return;
       step = next_to_make_++;
     }
-    auto batch = std::make_unique<Batch>();
+    auto batch = pool_->take();
     try {
       make_batch(g0_, step, *batch);
     } catch (...) {

@@ -22,6 +22,20 @@ struct Batch {
   std::vector<int32_t> cu_seqlens;                  // segment starts over batch * seq_len, then batch * seq_len
 };
 
+// Recycles batch buffers once Python lets go of them: a fresh multi-megabyte allocation per batch would cost a
+// page fault every 4 KiB. Shared by the loader and the arrays it hands out, so either may go first.
+class BatchPool {
+ public:
+  explicit BatchPool(size_t capacity) : capacity_(capacity) {}
+  std::unique_ptr<Batch> take();
+  void give(std::unique_ptr<Batch> batch);
+
+ private:
+  std::mutex mu_;
+  std::vector<std::unique_ptr<Batch>> free_;
+  size_t capacity_;
+};
+
 // The shards as one token stream cut into samples: rows of seq_len + 1 tokens.
 class Dataset {
  public:
@@ -57,6 +71,7 @@ class Loader {
   ~Loader();
 
   const Dataset& dataset() const { return dataset_; }
+  const std::shared_ptr<BatchPool>& pool() const { return pool_; }
   // (Re)starts the pipeline so that the next batch is step 0 from global sample index g0.
   void start(uint64_t g0);
   // Blocks until the next batch is built; rethrows a worker's exception.
@@ -71,6 +86,7 @@ class Loader {
   Dataset dataset_;
   uint64_t batch_size_, rank_, world_size_, seed_;
   int num_threads_, prefetch_;
+  std::shared_ptr<BatchPool> pool_;
 
   std::mutex mu_;
   std::condition_variable ready_cv_, space_cv_;

@@ -58,12 +58,19 @@ def check_text(value, what: str, allow_empty: bool = False) -> str:
 
 
 def csv_rows(path: Path, f, text_column: str, group_column):
+    csv.field_size_limit(2**31 - 1)         # clinical notes can exceed csv's default 128 KiB per field
     reader = csv.DictReader(f)
     for name in filter(None, (text_column, group_column)):
         if reader.fieldnames is None or name not in reader.fieldnames:
             raise ValueError(f"{path}: no column {name!r}; columns are {reader.fieldnames}")
     line = reader.line_num + 1
-    for row in reader:
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:               # the rest of the file cannot be parsed reliably: not a row error
+            raise ValueError(f"{path}:{line}: malformed CSV ({e})") from None
         yield line, lambda row=row: (row.get(text_column), row.get(group_column) if group_column else None)
         line = reader.line_num + 1
 
