@@ -9,9 +9,9 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from . import kernels
+from .kernels.reference import compute_dtype
 
 
 FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), Optional[int]: (int, type(None))}
@@ -96,11 +96,37 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
     return angles.cos(), angles.sin()
 
 
+class Rotary(torch.autograd.Function):
+    """Rotary embedding that saves nothing but the cos/sin it was given (shared by every layer): its backward
+    is the inverse rotation of the incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return rotate(x, cos, sin, sign=1.0)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        cos, sin = ctx.saved_tensors
+        return rotate(grad_out, cos, sin, sign=-1.0), None, None
+
+
+def rotate(x, cos, sin, sign: float):
+    """Rotate the halves (x1, x2) of each head by sign * angle: (x1 cos - sign x2 sin, x2 cos + sign x1 sin),
+    in fp32 (float64 stays float64)."""
+    dt = compute_dtype(x.dtype)
+    x1, x2 = x.to(dt).chunk(2, dim=-1)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    out = torch.empty(x.shape, dtype=dt, device=x.device)
+    out1, out2 = out.chunk(2, dim=-1)
+    torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)
+    torch.mul(x2, cos, out=out2).addcmul_(x1, sin, value=sign)
+    return out.to(x.dtype)
+
+
 def apply_rope(x, cos, sin):
     """Rotate the halves of each head (Hugging Face's layout): x [B, T, H, D], cos/sin [B, T, D/2]."""
-    x1, x2 = x.float().chunk(2, dim=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    return Rotary.apply(x, cos, sin)
 
 
 def positions_from_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> torch.Tensor:
@@ -155,7 +181,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(args.hidden_dim, args.dim, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(kernels.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -1,4 +1,4 @@
-"""cancerllm.kernels: attention, RMSNorm and cross-entropy ops (DESIGN.md, "Public API").
+"""cancerllm.kernels: attention, RMSNorm, SwiGLU and cross-entropy ops (DESIGN.md, "Public API").
 
 Every op checks its inputs (`validate.py`, the same errors on every path), then runs the Triton kernel on CUDA
 tensors and the plain-PyTorch reference (`reference.py`) elsewhere. `CANCERLLM_KERNELS=triton|torch` forces one
@@ -14,7 +14,7 @@ from .linear_cross_entropy import linear_cross_entropy as triton_linear_cross_en
 from .rms_norm import rms_norm as triton_rms_norm
 from .validate import (check_attention, check_cross_entropy, check_linear_cross_entropy, check_rms_norm)
 
-__all__ = ["attention", "rms_norm", "cross_entropy", "linear_cross_entropy", "use_triton"]
+__all__ = ["attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton"]
 
 
 def use_triton(tensor) -> bool:
@@ -75,6 +75,15 @@ def rms_norm(x, weight, eps=1e-5, residual=None):
     check_rms_norm(x, weight, eps, residual)
     impl = triton_rms_norm if use_triton(x) else reference.rms_norm
     return impl(x, weight, eps, residual=residual)
+
+
+def swiglu(gate, up):
+    """silu(gate) * up for the feed-forward, saving only gate and up for backward. One path on every device:
+    plain PyTorch elementwise ops, which are already memory-bound next to the matmuls around them."""
+    if gate.shape != up.shape or gate.dtype != up.dtype:
+        raise ValueError(f"swiglu: gate and up must share shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
+                         f"and {tuple(up.shape)} {up.dtype}")
+    return reference.swiglu(gate, up)
 
 
 def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
