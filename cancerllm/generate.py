@@ -16,15 +16,19 @@ How a call runs
   positions even when a sliding window keeps the cache itself at W slots). Finished rows are compacted out of
   the batch and the cache, so they cost nothing afterwards.
 - Host synchronisation: one per decode step, copying the n new token ids to the host, where EOS, budgets and
-  stop strings are checked (and text is streamed); the model's input check adds one (positions.max()). Sampling
-  itself never syncs: a categorical draw is the argmax of probs / Exponential(1) noise, drawn from the call's own
-  torch.Generator.
-- Speed on CPU: the cache is allocated once per call and written in place (no per-step concatenation); a step
-  allocates only its activations and a few [n]-sized index tensors. In fp32 the linears run on oneDNN
-  (OneDNNLinear), the largest single win. torch.compile of the decode step was measured and left out: as is
-  (the model's input check syncs on positions.max(), breaking the graph) it ran at 149 vs 151 tok/s eager at
-  batch 1 and 238 vs 829 at batch 8 (small preset, 2 cores); with that check bypassed and weights frozen,
-  inductor's packed-MKL linears gave 4.2 ms per step at batch 1, no better than oneDNN eager (4.4 ms).
+  stop strings are checked (and text is streamed). Sampling itself never syncs: a categorical draw is the argmax
+  of probs / Exponential(1) noise, drawn from the call's own torch.Generator.
+- Speed on CPU: the forward passes run on a DecodeModel, the model's weights laid out once per Generator (a
+  snapshot, rebuilt when the model changes; see Generator). The cache is allocated once per call and written in
+  place (no per-step concatenation). In fp32 the matmuls run on oneDNN with weights prepacked in its blocked
+  layout, called directly, with the SwiGLU and the residual additions fused into them as post-ops.
+  What each choice bought (small preset, 2 shared cores; decode step time at batch 1 / batch 8):
+    MKL F.linear through the model (the starting point)                     baseline
+    oneDNN via a TorchFunctionMode around the model                         1.45x / -     (prefill 1.35x)
+    DecodeModel + prepacked oneDNN weights, called directly                 see bench/generate.py
+  torch.compile of the decode step was measured on the model and left out: with the model's positions.max()
+  sync it ran at 149 vs 151 tok/s eager at batch 1 and 238 vs 829 at batch 8; with that sync bypassed and
+  weights frozen, inductor's packed-MKL linears gave 4.2 ms per step at batch 1, no better than oneDNN eager.
 
 Sampling: logits are processed in fp32, in this order: repetition penalty (Hugging Face's: a seen token's
 positive logit is divided by the penalty, a negative one multiplied; "seen" is the prompt plus what was
@@ -46,7 +50,6 @@ Thread safety: a Generator serialises its calls with a lock (a stream holds it u
 sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
 """
 import argparse
-import contextlib
 import json
 import math
 import secrets
@@ -59,7 +62,6 @@ from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .cache import KVCache
 from .model import Transformer
@@ -186,27 +188,110 @@ class Row:
             self.finished_at = time.perf_counter()
 
 
-# ---------------------------------------------------------------------------------------------- CPU linears
+# ---------------------------------------------------------------------------------------------- decode-time model
 
-class OneDNNLinear(TorchFunctionMode):
-    """Routes F.linear through oneDNN's inner product (torch.ops.mkldnn._linear_pointwise, the op inductor uses
-    for CPU linears) while active. In fp32, F.linear runs on MKL, whose paths for a few rows against a large
-    weight (decode: 1 to 8 rows) read the weights far below the memory bandwidth; oneDNN makes a decode step about
-    1.45x faster and prefill about 1.35x (bench/generate.py, cancerllm vs cancerllm-mkl). A thread-local mode
-    entered around the generator's forward passes: the model itself is untouched. Its price is a Python call per
-    torch function inside the forward pass (~0.9 ms of a 4.4 ms step on the small preset)."""
+PACK_BATCH = 8   # the batch size oneDNN packs the weights for; measured best at batch 1 and 8 alike
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is F.linear:
-            x, weight = args[:2]
-            bias = args[2] if len(args) > 2 else kwargs.get("bias")
-            return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        return func(*args, **kwargs)
+
+class DecodeModel:
+    """The model's forward pass over a KVCache, written for generation, on weights laid out for it once.
+
+    The same maths as Transformer.forward with a cache (tests/test_generate.py checks it token for token against
+    transformers and against full recomputation), in fewer, larger ops: tokens are flattened to [n*T, dim]; the
+    q, k and v projections are one matmul on a fused weight and rope rotates q and k together; on oneDNN (fp32 on
+    CPU) the SwiGLU's silu and product and both residual additions run as post-ops of the matmuls
+    (mkldnn._linear_pointwise), called directly. What each part bought is in the module docstring.
+
+    Snapshot: the fused q/k/v weight is a copy (memory: the attention's input projections once more, 6% of the
+    non-embedding weights on the `small` preset); the other weights are the model's own tensors. `stale()` tells
+    whether any parameter or buffer of the model was replaced or modified in place since (version counters), so
+    the Generator rebuilds the view before a call instead of decoding with old weights.
+    """
+
+    def __init__(self, model: Transformer, onednn: bool):
+        a = model.args
+        self.model, self.args, self.onednn = model, a, onednn
+        self.versions = tensor_versions(model)
+        self.n_heads, self.n_kv_heads, self.head_dim, self.dim, self.eps = (a.n_heads, a.n_kv_heads, a.head_dim,
+                                                                             a.dim, a.norm_eps)
+        with torch.no_grad():
+            self.embed = model.embed_tokens.weight.detach()
+            # Rope in one pass over q and k: x * cos + roll(x, D/2) * sin, with sin's first half negated.
+            cos, sin = model.rope_cos, model.rope_sin
+            self.rope_cos = torch.cat([cos, cos], dim=-1)
+            self.rope_sin = torch.cat([-sin, sin], dim=-1)
+            self.layers = [dict(
+                attn_norm=layer.input_layernorm.weight.detach(),
+                qkv=torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                               layer.self_attn.v_proj.weight]).detach(),
+                o=layer.self_attn.o_proj.weight.detach(),
+                mlp_norm=layer.post_attention_layernorm.weight.detach(),
+                gate=layer.mlp.gate_proj.weight.detach(),
+                up=layer.mlp.up_proj.weight.detach(),
+                down=layer.mlp.down_proj.weight.detach(),
+            ) for layer in model.layers]
+            self.norm = model.norm.weight.detach()
+            self.lm_head = model.lm_head.weight.detach()
+            if onednn:   # oneDNN's blocked layout, reordered once here rather than inside every matmul
+                pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)   # noqa: E731
+                self.lm_head = pack(self.lm_head)
+                for layer in self.layers:
+                    for name in ("qkv", "o", "gate", "up", "down"):
+                        layer[name] = pack(layer[name])
+
+    def stale(self) -> bool:
+        now = tensor_versions(self.model)
+        return len(now) != len(self.versions) or any(
+            t is not t0 or version != v0 or ptr != p0 for (t, version, ptr), (t0, v0, p0) in zip(now, self.versions))
+
+    # The four matmul shapes of a layer; on oneDNN with the epilogue fused.
+    def linear(self, x, w):
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+        return F.linear(x, w)
+
+    def linear_add(self, x, w, residual):
+        """residual + x @ w.T"""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, None, "add")
+        return torch.addmm(residual, x, w.t())
+
+    def swiglu(self, x, layer):
+        """silu(x @ gate.T) * (x @ up.T)"""
+        if self.onednn:
+            gate = torch.ops.mkldnn._linear_pointwise(x, layer["gate"], None, "swish", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, gate, layer["up"], None, "mul")
+        return F.silu(F.linear(x, layer["gate"])).mul_(F.linear(x, layer["up"]))
+
+    def rms_norm(self, x, weight):
+        return F.rms_norm(x.float(), (self.dim,), weight.float(), self.eps).to(x.dtype)
+
+    def __call__(self, tokens, positions, cache: KVCache):
+        """Logits [n, V] (fp32) of the last position of each row's tokens [n, T] at positions [n, T], the cache
+        prepared by cache.begin()."""
+        n, T = tokens.shape
+        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
+        cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]   # [n, T, 1, D]
+        h = F.embedding(tokens.view(-1), self.embed)                                            # [n*T, dim]
+        for i, layer in enumerate(self.layers):
+            qkv = self.linear(self.rms_norm(h, layer["attn_norm"]), layer["qkv"]).view(n, T, Hq + 2 * Hkv, D)
+            qk = qkv[:, :, :Hq + Hkv].float()
+            qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin).to(h.dtype)
+            attn = cache.attend(i, qk[:, :, :Hq], qk[:, :, Hq:], qkv[:, :, Hq + Hkv:])
+            h = self.linear_add(attn.reshape(n * T, Hq * D), layer["o"], h)
+            h = self.linear_add(self.swiglu(self.rms_norm(h, layer["mlp_norm"]), layer), layer["down"], h)
+        if T > 1:
+            h = h.view(n, T, self.dim)[:, -1]
+        return self.linear(self.rms_norm(h, self.norm), self.lm_head).float()
+
+
+def tensor_versions(model) -> list:
+    """Each parameter and buffer with its version counter and storage: changes when one is replaced or modified."""
+    return [(t, t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers())]
 
 
 def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    # bf16 linears already run on oneDNN inside F.linear; there the mode would only add its dispatch cost.
+    # bf16 linears already run on oneDNN inside F.linear.
     return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
             and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
@@ -217,7 +302,12 @@ class Generator:
     """A model and its tokenizer, ready to generate. See the module docstring for how a call runs.
 
     prefill_chunk: prompt tokens per prefill forward pass (bounds prefill activation memory).
-    onednn: on CPU in fp32, run the model's linears on oneDNN rather than MKL (OneDNNLinear); False: F.linear.
+    onednn: on CPU in fp32, run the linears on oneDNN rather than MKL (DecodeModel); False: F.linear.
+
+    Weights: the Generator decodes with a DecodeModel built from the model's weights at construction. Before each
+    call it checks the model's parameters and buffers (identity, version counter, storage) and rebuilds it when
+    any was replaced or modified in place (an optimizer step, load_state_dict, model.to(...)), so edits to the
+    model are always seen; writes the version counters miss (through `.data`) need an explicit `refresh()`.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, prefill_chunk: int = 512, onednn: bool = True):
@@ -228,10 +318,16 @@ class Generator:
         self.tokenizer = tokenizer
         self.args = model.args
         self.prefill_chunk = prefill_chunk
-        weight = model.lm_head.weight
-        self.device, self.dtype = weight.device, weight.dtype
-        self.onednn = onednn and onednn_usable(self.device, self.dtype)
+        self.use_onednn = onednn
         self.lock = threading.Lock()
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Rebuild the decode-time view of the model's weights (see the class docstring)."""
+        weight = self.model.lm_head.weight
+        self.device, self.dtype = weight.device, weight.dtype
+        self.onednn = self.use_onednn and onednn_usable(self.device, self.dtype)
+        self.decoder = DecodeModel(self.model, self.onednn)
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, **options) -> "Generator":
@@ -294,6 +390,8 @@ class Generator:
             raise ValueError("logits_processor must have reset(batch_size), mask(logits, rows) and "
                              f"advance(row, token_id) methods, got {type(processor).__name__}")
         stop = check_stop(stop)
+        if self.decoder.stale():
+            self.refresh()
         rows = []
         for i, prompt in enumerate(prompts):
             ids = self.prompt_ids(prompt, i)
@@ -319,12 +417,10 @@ class Generator:
                              f"{self.args.max_seq_len}) leaves no room for a new token")
         return ids
 
-    def forward(self, tokens, positions, cache: KVCache, rows: slice, last_only: bool = False):
+    def forward(self, tokens, positions, cache: KVCache, rows: slice):
         """fp32 logits [n, V] of the last position of each row's tokens [n, T]."""
         cache.begin(rows, positions)
-        with OneDNNLinear() if self.onednn else contextlib.nullcontext():
-            logits = self.model(tokens, positions=positions, cache=cache, last_only=last_only)
-        return logits[:, -1].float()
+        return self.decoder(tokens, positions, cache)
 
     def prefill(self, cache: KVCache, row: int, prompt: list):
         """Run one prompt into its row of the cache, chunk by chunk; its last position's logits [1, V]."""
@@ -332,7 +428,7 @@ class Generator:
         for start in range(0, len(prompt), self.prefill_chunk):
             chunk = ids[:, start:start + self.prefill_chunk]
             positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-            logits = self.forward(chunk, positions, cache, slice(row, row + 1), last_only=True)
+            logits = self.forward(chunk, positions, cache, slice(row, row + 1))
         return logits
 
     def result(self, row: Row, prefill_s: float) -> GenerationResult:

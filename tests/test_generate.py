@@ -142,6 +142,32 @@ def test_rolling_buffer_holds_window_slots_only():
     assert short.k.shape[3] == 10
 
 
+def test_generator_follows_changes_to_the_model_weights(tokenizer):
+    """The decode-time weights are rebuilt when the model's parameters change in place or are replaced, and by
+    refresh() after writes the version counters miss."""
+    _, model = hf_and_ours(window=8)
+    _, other = hf_and_ours(window=8)
+    prompts = random_prompts(6, 9)
+
+    def tokens(gen):
+        return [r.token_ids for r in gen.generate(prompts, max_new_tokens=8, ignore_eos=True)]
+
+    gen = Generator(model, tokenizer)
+    before = tokens(gen)
+    model.load_state_dict(other.state_dict())               # in place: version counters move
+    assert tokens(gen) == tokens(Generator(other, tokenizer)) != before
+    with torch.no_grad():
+        model.layers[0].self_attn.k_proj.weight.mul_(3.0)
+    assert tokens(gen) == tokens(Generator(model, tokenizer))
+    model.layers[1].mlp.up_proj.weight = torch.nn.Parameter(other.layers[1].mlp.up_proj.weight * -1.0)
+    assert tokens(gen) == tokens(Generator(model, tokenizer))
+    expected_stale = tokens(gen)
+    model.lm_head.weight.data.mul_(-1.0)                     # invisible to version counters: refresh() needed
+    assert tokens(gen) == expected_stale
+    gen.refresh()
+    assert tokens(gen) == tokens(Generator(model, tokenizer)) != expected_stale
+
+
 # ---------------------------------------------------------------------------------------------- stopping
 
 def test_rows_stop_on_their_own_without_disturbing_the_others(tokenizer):
