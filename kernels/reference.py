@@ -171,16 +171,21 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             t = targets[start:start + chunk_size]
             ok = valid[start:start + chunk_size]
             logits = h @ w.T
-            lse = torch.logsumexp(logits, dim=-1)
             safe = torch.where(ok, t, 0)
-            total += torch.where(ok, lse - logits.gather(1, safe[:, None]).squeeze(1), 0.0).sum()
-            # d loss / d logits = softmax - onehot, zero on ignored rows, scaled for the mean; in place over the
-            # chunk's logits, which are not needed any more.
-            grad_logits = logits.sub_(lse[:, None]).exp_()
-            grad_logits[torch.arange(len(t), device=t.device), safe] -= 1.0
-            grad_logits *= (ok.to(dt) * scale)[:, None]
+            target_logit = logits.gather(1, safe[:, None]).squeeze(1)
+            # The softmax in place over the chunk's logits (logsumexp would allocate a second [chunk, V] buffer):
+            # exp(logits - max), then its row sums give lse = max + log(sum).
+            row_max = logits.amax(-1, keepdim=True)
+            probs = logits.sub_(row_max).exp_()
+            row_sum = probs.sum(-1, keepdim=True)
+            lse = (row_sum.log() + row_max).squeeze(1)
+            total += torch.where(ok, lse - target_logit, 0.0).sum()
+            # d loss / d logits = (softmax - onehot) * row scale, the row scale being 0 on ignored rows.
+            row_scale = ok.to(dt) * scale
+            grad_logits = probs.mul_(row_scale[:, None] / row_sum)
+            grad_logits[torch.arange(len(t), device=t.device), safe] -= row_scale
             grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
-            grad_weight += grad_logits.T @ h
+            grad_weight.addmm_(grad_logits.T, h)
         ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return (total * scale).to(hidden.dtype)
 
