@@ -66,8 +66,11 @@ class KVCache:
         if self.window is not None:
             visible &= key_pos > query_pos - self.window
         # Queries are laid out [n, Hkv, T * groups, D] by attend(): repeat each query's row of the mask per group.
+        # An additive float mask, built once per pass: SDPA would convert a boolean one in every layer.
         K = visible.shape[-1]
-        self.mask = visible[:, None, :, None, :].expand(n, 1, T, self.groups, K).reshape(n, 1, T * self.groups, K)
+        visible = visible[:, None, :, None, :].expand(n, 1, T, self.groups, K).reshape(n, 1, T * self.groups, K)
+        self.mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(
+            ~visible, -torch.inf)
         self.rows = rows
 
     def attend(self, layer_id: int, q, k, v):
