@@ -1,0 +1,187 @@
+"""The embedded default, end to end on 2 CPU cores: `make demo` (= `python -m cancerllm.demo`).
+
+1. task datasets from the bundled TCGA reports and registry labels, split by patient (cancerllm.tasks.build);
+2. a domain tokenizer (8,000 pieces) trained on the training patients' reports;
+3. pretraining shards of those reports, then pretraining of the `small` preset with `torchrun` on 2 processes
+   (configs/cpu-small.toml);
+4. SFT shards of the task training examples, then instruction tuning of that export (configs/cpu-small-sft.toml);
+5. evaluation on the test patients, beside the majority and regular-expression baselines, on clean and perturbed
+   reports (cancerllm.eval);
+6. reports/demo.md, reports/demo.json and reports/loss_curve.png.
+
+Everything lands under runs/demo/ (recreated each time) and reports/; the same seed gives the same run.
+"""
+import argparse
+import json
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .eval import evaluate, read_jsonl
+from .tasks.build import build
+from .tokenizer import train as train_tokenizer
+
+RUN = Path("runs/demo")
+REPORTS_CSV = Path("data/tcga/reports.csv")
+# What the SFT stage sees: every training report once for each generation task, plus a sample of the (13x larger)
+# question-answering set, so that the stage fits the CPU budget.
+QA_SAMPLE = 1500
+# Task inputs are cut to the report's head plus its synoptic / diagnosis section: shorter rows let the CPU budget
+# cover more examples.
+MAX_REPORT_CHARS = 1200
+EVAL_PLAN = [  # (task, reports evaluated or None for all, perturbations)
+    ("phenotype-json", None, ("misspell", "ocr", "counterfactual")),
+    ("diagnosis", None, ("misspell",)),
+    ("phenotype-qa", 24, ()),
+]
+
+
+def step(title):
+    print(f"\n=== {title}", flush=True)
+    return time.perf_counter()
+
+
+def run(cmd, what):
+    print("$ " + " ".join(str(c) for c in cmd), flush=True)
+    if subprocess.run([str(c) for c in cmd]).returncode:
+        sys.exit(f"demo: {what} failed (command above)")
+
+
+def training_patients(tasks_dir: Path) -> set:
+    return {r["patient_id"] for r in read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl")}
+
+
+def write_pretraining_corpus(patients: set, out: Path) -> int:
+    """Full reports of the training patients, one JSON object per line (test patients' text never trains)."""
+    import csv
+    csv.field_size_limit(sys.maxsize)
+    n = 0
+    with open(REPORTS_CSV, newline="") as f, open(out, "w") as w:
+        for row in csv.DictReader(f):
+            if row["patient_id"] in patients:
+                w.write(json.dumps({"patient_id": row["patient_id"], "text": row["text"]}) + "\n")
+                n += 1
+    return n
+
+
+def write_sft_mixture(tasks_dir: Path, out: Path, seed: int) -> dict:
+    qa = read_jsonl(tasks_dir / "phenotype-qa" / "train.jsonl")
+    parts = {"phenotype-json": read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl"),
+             "diagnosis": read_jsonl(tasks_dir / "diagnosis" / "train.jsonl"),
+             "phenotype-qa": random.Random(seed).sample(qa, min(QA_SAMPLE, len(qa)))}
+    rows = [r for part in parts.values() for r in part]
+    random.Random(seed).shuffle(rows)
+    with open(out, "w") as f:
+        f.writelines(json.dumps({"patient_id": r["patient_id"], "prompt": r["prompt"],
+                                 "completion": r["completion"]}) + "\n" for r in rows)
+    return {task: len(part) for task, part in parts.items()}
+
+
+def torchrun(config, seed, nproc):
+    run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+         "--config", config, "--no-resume", "--set", f"train.seed={seed}"], f"training with {config}")
+
+
+def read_metrics(run_dir: Path) -> list:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def plot_losses(stages: dict, out: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    offset = 0
+    for name, records in stages.items():
+        train = [r for r in records if "loss" in r and not r["skipped"]]
+        val = [r for r in records if "val_loss" in r]
+        ax.plot([offset + r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
+        ax.plot([offset + r["step"] for r in val], [r["val_loss"] for r in val], "o--", label=f"{name} validation")
+        offset += max((r["step"] for r in records), default=0)
+    ax.set_xlabel("optimizer step (pretraining, then SFT)")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("cancerllm demo: small preset on TCGA reports, 2 CPU processes")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+
+
+def summary_markdown(results: dict, timings: dict, info: dict) -> str:
+    lines = ["# cancerllm demo", "",
+             f"`small` preset ({info['parameters']:,} parameters, domain vocabulary of {info['vocab']:,}) pretrained "
+             f"on {info['pretrain_reports']} training patients' TCGA reports, then instruction-tuned on "
+             + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items()) + " examples; evaluated on the "
+             "test patients (never seen in training). 2 CPU processes.", "",
+             "| stage | minutes |", "|---|---|"]
+    lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
+    lines += ["", f"Losses: pretraining {info['pretrain_loss']}, SFT {info['sft_loss']} "
+              "(first → last step; loss_curve.png).", ""]
+    for task, result in results.items():
+        lines += [f"## {task}", "", (Path("reports") / f"eval_{task}_test.md").read_text(), ""]
+    return "\n".join(lines)
+
+
+def loss_span(records) -> str:
+    losses = [r["loss"] for r in records if "loss" in r and not r["skipped"]]
+    return f"{losses[0]:.2f} → {losses[-1]:.2f}" if losses else "-"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
+    parser.add_argument("--reports", default="reports", help="where the Markdown, JSON and PNG go")
+    args = parser.parse_args(argv)
+    started, timings = time.perf_counter(), {}
+    shutil.rmtree(RUN, ignore_errors=True)
+    RUN.mkdir(parents=True)
+    tasks_dir, tokenizer_prefix = RUN / "tasks", RUN / "tokenizer"
+
+    t = step("1-2. task datasets (split by patient) and a domain tokenizer from the training patients' reports")
+    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, verbose=False)                    # fixes the patient split
+    patients = training_patients(tasks_dir)
+    n_reports = write_pretraining_corpus(patients, RUN / "pretrain.jsonl")
+    corpus = RUN / "tokenizer_corpus.txt"
+    corpus.write_text("\n".join(json.loads(line)["text"] for line in open(RUN / "pretrain.jsonl")))
+    tokenizer = train_tokenizer([corpus], tokenizer_prefix, vocab_size=8000)
+    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path)         # same split, stamped with our tokenizer
+    timings["datasets and tokenizer"] = time.perf_counter() - t
+
+    t = step("3. pretraining: shards, then torchrun train.py --config configs/cpu-small.toml")
+    run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "pretrain.jsonl", "--tokenizer", tokenizer.path,
+         "--out", RUN / "shards/pretrain", "--group-column", "patient_id", "--seed", args.seed], "pretraining prepare")
+    torchrun("configs/cpu-small.toml", args.seed, args.nproc)
+    timings["pretraining"] = time.perf_counter() - t
+
+    t = step("4. instruction tuning: SFT shards, then torchrun train.py --config configs/cpu-small-sft.toml")
+    sft_examples = write_sft_mixture(tasks_dir, RUN / "sft.jsonl", args.seed)
+    run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
+         "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed], "SFT prepare")
+    torchrun("configs/cpu-small-sft.toml", args.seed, args.nproc)
+    timings["instruction tuning"] = time.perf_counter() - t
+
+    t = step("5. evaluation on the test patients, beside the baselines")
+    results = {task: evaluate(RUN / "sft/export", task, "test", data=tasks_dir, out=args.reports, perturb=perturb,
+                              limit=limit, seed=args.seed)
+               for task, limit, perturb in EVAL_PLAN}
+    timings["evaluation"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+
+    reports = Path(args.reports)
+    stages = {"pretraining": read_metrics(RUN / "pretrain"), "SFT": read_metrics(RUN / "sft")}
+    plot_losses(stages, reports / "loss_curve.png")
+    from .checkpoint import read_config
+    model_args, _ = read_config(RUN / "sft/export/config.json")
+    info = {"parameters": model_args.num_params(), "vocab": tokenizer.vocab_size, "pretrain_reports": n_reports,
+            "sft_examples": sft_examples, "pretrain_loss": loss_span(stages["pretraining"]),
+            "sft_loss": loss_span(stages["SFT"])}
+    (reports / "demo.md").write_text(summary_markdown(results, timings, info))
+    (reports / "demo.json").write_text(json.dumps({"info": info, "timings_s": timings, "results": results}, indent=2))
+    print(f"\ndemo finished in {timings['total'] / 60:.1f} min: {reports}/demo.md, demo.json, loss_curve.png")
+
+
+if __name__ == "__main__":
+    main()
