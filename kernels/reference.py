@@ -195,7 +195,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=1024):
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512):
     """Equals cross_entropy(hidden @ weight.T, targets) without holding the [N, V] logits.
     hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum"."""
     if reduction not in ("mean", "sum"):
