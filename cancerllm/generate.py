@@ -22,13 +22,20 @@ How a call runs
   snapshot, rebuilt when the model changes; see Generator). The cache is allocated once per call and written in
   place (no per-step concatenation). In fp32 the matmuls run on oneDNN with weights prepacked in its blocked
   layout, called directly, with the SwiGLU and the residual additions fused into them as post-ops.
-  What each choice bought (small preset, 2 shared cores; decode step time at batch 1 / batch 8):
-    MKL F.linear through the model (the starting point)                     baseline
-    oneDNN via a TorchFunctionMode around the model                         1.45x / -     (prefill 1.35x)
-    DecodeModel + prepacked oneDNN weights, called directly                 see bench/generate.py
+  What each choice bought (small preset, fp32, prompt 512; the 2 cores are shared, so step times are one
+  thread's CPU time, median of 16 steps, best of 8 alternating runs; batch 1 / batch 8):
+    oneDNN via a TorchFunctionMode around the model (before)   6.25 / 11.4 ms per step  (1.45x over MKL)
+    DecodeModel with prepacked oneDNN weights (now)           3.2  /  6.4 ms per step  (1.95x / 1.8x more)
+  Of that: prepacking alone, per matmul, takes the output head from 0.93 to 0.59 ms at batch 1 and from 5.0 to
+  0.95 ms at batch 8 (packing for batch 8 was as good as or better than for batch 1 at every shape); the
+  additive float mask takes the attention from 205 to 190 us per layer at batch 8. Fused q/k/v, the fused
+  post-ops and the removed mode dispatch were not timed one by one. Prefill of 512 tokens: 0.105-0.110 s vs
+  0.114 s before. At batch 1 the matmuls are now 2.6 of 3.5 ms (profiler): the 87 MB of weights read at
+  about 34 GB/s, the read bandwidth of this machine, so a step is within ~30% of its memory bound.
   torch.compile of the decode step was measured on the model and left out: with the model's positions.max()
   sync it ran at 149 vs 151 tok/s eager at batch 1 and 238 vs 829 at batch 8; with that sync bypassed and
-  weights frozen, inductor's packed-MKL linears gave 4.2 ms per step at batch 1, no better than oneDNN eager.
+  weights frozen, inductor's packed-MKL linears gave 4.2 ms per step at batch 1, no better than oneDNN eager
+  then (it was not retried on DecodeModel).
 
 Sampling: logits are processed in fp32, in this order: repetition penalty (Hugging Face's: a seen token's
 positive logit is divided by the penalty, a negative one multiplied; "seen" is the prompt plus what was
@@ -202,10 +209,11 @@ class DecodeModel:
     CPU) the SwiGLU's silu and product and both residual additions run as post-ops of the matmuls
     (mkldnn._linear_pointwise), called directly. What each part bought is in the module docstring.
 
-    Snapshot: the fused q/k/v weight is a copy (memory: the attention's input projections once more, 6% of the
-    non-embedding weights on the `small` preset); the other weights are the model's own tensors. `stale()` tells
-    whether any parameter or buffer of the model was replaced or modified in place since (version counters), so
-    the Generator rebuilds the view before a call instead of decoding with old weights.
+    Snapshot and memory: on oneDNN every matmul weight is a copy in oneDNN's blocked layout (the model's
+    non-embedding weights once more: 87 MB on the `small` preset); otherwise only the fused q/k/v weight is a copy
+    (7% of them) and the rest are the model's own tensors. `stale()` tells whether any parameter or buffer of the
+    model was replaced or modified in place since (version counters), so the Generator rebuilds the view before
+    a call instead of decoding with old weights.
     """
 
     def __init__(self, model: Transformer, onednn: bool):
