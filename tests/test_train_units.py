@@ -1,6 +1,6 @@
-"""The training pieces in one process (a one-rank gloo group, FSDP2 over it): config refusal, schedule and
-weight-decay groups, SFT loss masking, gradient-accumulation weighting, non-finite steps, and a checkpoint
-interrupted while being written."""
+"""The training pieces in one process (a one-rank gloo group; the fp32 model stays a plain module there, a bf16 one
+is wrapped by FSDP2 for its cast): config refusal, schedule and weight-decay groups, SFT loss masking,
+gradient-accumulation weighting, non-finite steps, and a checkpoint interrupted while being written."""
 import math
 
 import numpy as np
@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.tensor import DTensor
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.data import PackedLoader, write_shard
@@ -15,7 +16,7 @@ from cancerllm.train.checkpointing import Checkpointer
 from cancerllm.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig, ParallelConfig, load_config
 from cancerllm.train.lora import apply_lora, merge_state_dict
 from cancerllm.train.optim import build_optimizer, build_scheduler, lr_factor
-from cancerllm.train.parallel import build_mesh, parallelize
+from cancerllm.train.parallel import build_mesh, full_tensor, parallelize
 from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, to_device, train_step
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
@@ -29,12 +30,22 @@ def process_group():
     dist.destroy_process_group()
 
 
-def sharded_model(seed=0, lora=None):
+def one_rank_model(seed=0, lora=None, parallel=ParallelConfig()):
     torch.manual_seed(seed)
     model = Transformer(ModelArgs.preset("tiny", **ARGS))
     if lora:
         apply_lora(model, lora)
-    return parallelize(model, build_mesh(ParallelConfig(), 1, CPU), ParallelConfig(), CPU)
+    return parallelize(model, build_mesh(parallel, 1, CPU), parallel, CPU)
+
+
+def test_one_rank_model_is_sharded_only_when_fsdp_has_a_cast_to_do():
+    plain = one_rank_model(parallel=ParallelConfig(activation_checkpoint_every=1))
+    assert not any(isinstance(p, DTensor) for p in plain.parameters())
+    assert all(type(block).__name__ == "CheckpointWrapper" for block in plain.layers)
+    assert full_tensor(plain.norm.weight) is plain.norm.weight
+    bf16 = one_rank_model(parallel=ParallelConfig(mixed_precision="bf16"))
+    assert all(isinstance(p, DTensor) for p in bf16.parameters())
+    torch.testing.assert_close(full_tensor(bf16.norm.weight), torch.ones(ARGS["dim"]))
 
 
 @pytest.fixture
@@ -99,7 +110,7 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
 
 
 def test_norms_and_embeddings_get_no_weight_decay():
-    model = sharded_model()
+    model = one_rank_model()
     optimizer = build_optimizer(model, OptimConfig(weight_decay=0.1))
     names = {id(p): n for n, p in model.named_parameters()}
     decayed = {names[id(p)] for g in optimizer.param_groups if g["weight_decay"] > 0 for p in g["params"]}
@@ -111,7 +122,7 @@ def test_norms_and_embeddings_get_no_weight_decay():
 
 def test_lora_optimizer_holds_only_adapters_and_merge_adds_the_update():
     cfg = LoraConfig(rank=4, alpha=8.0)
-    model = sharded_model(lora=cfg)
+    model = one_rank_model(lora=cfg)
     optimizer = build_optimizer(model, OptimConfig())
     names = {id(p): n for n, p in model.named_parameters()}
     in_optimizer = {names[id(p)] for g in optimizer.param_groups for p in g["params"]}
@@ -154,10 +165,10 @@ def test_accumulated_micro_batches_weigh_each_loss_token_equally(sft_shard):
     assert (micro[0]["targets"] != IGNORE_INDEX).sum() != (micro[1]["targets"] != IGNORE_INDEX).sum()
     results, weights = [], []
     for batches in ([one], micro):
-        model = sharded_model(seed=1)
+        model = one_rank_model(seed=1)
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
         results.append(train_step(model, optimizer, batches, dp_size=1, max_norm=0.0, device=CPU))
-        weights.append({n: p.full_tensor() for n, p in model.named_parameters()})
+        weights.append({n: full_tensor(p) for n, p in model.named_parameters()})
     assert results[0].loss == pytest.approx(results[1].loss, rel=1e-6)
     assert results[0].loss_tokens == results[1].loss_tokens
     for name in weights[0]:
@@ -169,14 +180,14 @@ def test_accumulated_micro_batches_weigh_each_loss_token_equally(sft_shard):
 def test_non_finite_step_is_skipped_counted_and_stops_the_run_when_repeated(sft_shard):
     path, _, _ = sft_shard
     batch = to_device(next(PackedLoader([path], seq_len=32, batch_size=2, backend="python")), CPU)
-    model = sharded_model()
+    model = one_rank_model()
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2))
     guard = NonFiniteGuard(limit=3)
     embed = model.embed_tokens.weight
     token = int(batch["tokens"][0, 0])
     with torch.no_grad():
-        embed.to_local()[token] = float("nan")          # inject: every step sees a NaN activation
-    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+        embed[token] = float("nan")          # inject: every step sees a NaN activation
+    before = {n: full_tensor(p).clone() for n, p in model.named_parameters()}
     for step in (1, 2):
         result = train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU)
         guard.update(step, result)
@@ -184,14 +195,14 @@ def test_non_finite_step_is_skipped_counted_and_stops_the_run_when_repeated(sft_
     assert guard.skipped_total == 2 and guard.in_a_row == 2
     assert not optimizer.state                             # no optimizer step was taken
     for n, p in model.named_parameters():
-        assert torch.equal(p.full_tensor(), before[n]) or n == "embed_tokens.weight"
+        assert torch.equal(full_tensor(p), before[n]) or n == "embed_tokens.weight"
     with torch.no_grad():
-        embed.to_local()[token] = 0.0
+        embed[token] = 0.0
     result = train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU)
     guard.update(3, result)
     assert not result.skipped and guard.in_a_row == 0 and guard.skipped_total == 2
     with torch.no_grad():
-        embed.to_local()[token] = float("inf")
+        embed[token] = float("inf")
     with pytest.raises(FloatingPointError, match="3 steps in a row"):
         for step in (4, 5, 6):
             guard.update(step, train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU))
@@ -201,7 +212,7 @@ def test_non_finite_step_is_skipped_counted_and_stops_the_run_when_repeated(sft_
 def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_path, sft_shard, monkeypatch):
     path, _, _ = sft_shard
     cfg = OptimConfig(lr=1e-2, warmup_steps=1)
-    model = sharded_model()
+    model = one_rank_model()
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, 10)
     loader = PackedLoader([path], seq_len=32, batch_size=2, backend="python")
@@ -211,7 +222,7 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
         scheduler.step()
     checkpointer = Checkpointer(tmp_path, keep=2)
     checkpointer.save(2, model, optimizer, scheduler, loader, guard)
-    saved = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    saved = {n: full_tensor(p).clone() for n, p in model.named_parameters()}
     train_step(model, optimizer, [to_device(next(loader), CPU)], dp_size=1, max_norm=1.0, device=CPU)
 
     real_save = dcp.save
@@ -228,14 +239,14 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
     restarted = Checkpointer(tmp_path, keep=2)             # a new run cleans up and finds step 2
     assert not (tmp_path / "checkpoints/step-00000003.tmp").exists()
     assert restarted.latest().name == "step-00000002"
-    fresh = sharded_model(seed=5)
+    fresh = one_rank_model(seed=5)
     fresh_optimizer = build_optimizer(fresh, cfg)
     fresh_scheduler = build_scheduler(fresh_optimizer, cfg, 10)
     fresh_loader = PackedLoader([path], seq_len=32, batch_size=2, backend="python")
     step = restarted.load(restarted.latest(), fresh, fresh_optimizer, fresh_scheduler, fresh_loader, NonFiniteGuard(3))
     assert step == 2 and fresh_scheduler.last_epoch == 2 and fresh_loader.state_dict()["sample_index"] == 4
     for n, p in fresh.named_parameters():
-        assert torch.equal(p.full_tensor(), saved[n]), n
+        assert torch.equal(full_tensor(p), saved[n]), n
 
 
 @pytest.mark.parametrize("name", ["cpu-small", "cpu-small-sft", "mistral-7b-pretrain", "mistral-7b-sft",

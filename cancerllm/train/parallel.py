@@ -1,6 +1,7 @@
 """Process group, device mesh and FSDP2: each transformer block and then the root are `fully_shard`ed over a
 data-parallel mesh (HSDP when `parallel.replicate` > 1: replicate across groups, shard within one), with
-optional activation checkpointing and `torch.compile` per block applied first."""
+optional activation checkpointing and `torch.compile` per block applied first. A one-rank mesh computing in the
+parameters' own dtype has nothing to shard, reduce or cast, so its model stays a plain module."""
 import os
 from dataclasses import dataclass
 
@@ -9,6 +10,7 @@ import torch.distributed as dist
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from .config import ParallelConfig
 
@@ -66,18 +68,30 @@ def apply_activation_checkpointing(model, every: int):
 
 def parallelize(model, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.device):
     """Activation checkpointing, then torch.compile, then FSDP2 per block and at the root (in that order, as
-    torchtitan does: each block is one all-gather / reduce-scatter unit). Reductions are always fp32."""
+    torchtitan does: each block is one all-gather / reduce-scatter unit). Reductions are always fp32.
+
+    FSDP2 is skipped on a one-rank mesh when the compute dtype is the parameters' dtype: it would only add its
+    buffers and hooks (~100 MB peak on CPU for the `small` preset). A one-rank bf16 run keeps it for the cast."""
     if cfg.activation_checkpoint_every:
         apply_activation_checkpointing(model, cfg.activation_checkpoint_every)
     if cfg.compile:
         for i, block in enumerate(model.layers):
             model.layers[i] = torch.compile(block, fullgraph=False)
-    policy = MixedPrecisionPolicy(param_dtype=param_dtype(cfg, device), reduce_dtype=torch.float32)
+    compute_dtype = param_dtype(cfg, device)
+    if mesh.size() == 1 and all(p.dtype == compute_dtype for p in model.parameters()):
+        return model
+    policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by the root's backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """The whole of a parameter, gradient or norm: gathered from the ranks when FSDP sharded it (a DTensor),
+    the tensor itself when the model is a plain module."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
 
 
 def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
