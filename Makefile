@@ -21,5 +21,11 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m cancerllm.demo
 
+bench: $(STAMP)
+	$(PY) bench/kernels.py --quick
+	$(PY) bench/loader.py
+	$(PY) bench/train.py
+	$(PY) bench/generate.py
+
 clean:
 	rm -rf build dist *.egg-info cancerllm/_C*.so .pytest_cache

@@ -14,3 +14,16 @@ def fresh_seed(request):
     torch.manual_seed(seed)
     request.node.user_properties.append(("seed", seed))
     yield
+
+
+@pytest.fixture(autouse=True)
+def kernel_test_device(request):
+    """CANCERLLM_TEST_DEVICE=cuda (with TRITON_INTERPRET=0, bench/gpu.sh) runs the kernel tests' tensors on the
+    GPU, so the same checks cover the compiled kernels; by default everything stays on the CPU."""
+    device = os.environ.get("CANCERLLM_TEST_DEVICE", "cpu")
+    if device == "cpu" or not request.module.__name__.startswith("test_kernel_"):
+        yield
+        return
+    torch.set_default_device(device)
+    yield
+    torch.set_default_device(None)
