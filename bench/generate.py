@@ -99,7 +99,7 @@ class StepClock:
         self.stamps.append(time.perf_counter())
 
     def advance(self, row, token_id):
-        pass
+        """The clock keeps no per-row state."""
 
     def __call__(self, input_ids, scores):
         self.mask(scores, None)

@@ -185,7 +185,7 @@ class PythonBackend:
         return batch
 
     def close(self):
-        pass
+        """The Python backend holds no threads or mappings to release."""
 
 
 class CppBackend:

@@ -15,7 +15,7 @@ from ..model import ModelArgs
 
 
 class ConfigError(ValueError):
-    pass
+    """A config file or override that the schema refuses; the message names the file and key."""
 
 
 @dataclass
