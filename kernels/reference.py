@@ -3,6 +3,8 @@
 Each computes in fp32 whatever the storage dtype (float64 stays float64, so tests can use it as the oracle),
 and returns the input's dtype. Shapes and semantics are those of DESIGN.md.
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -34,6 +36,29 @@ def attention_mask(B: int, T: int, *, window=None, cu_seqlens=None, device=None)
     return mask
 
 
+_last_sdpa_mask = None     # (key, cu_seqlens, weak reference to the mask) of the last sdpa_mask call
+
+
+def sdpa_mask(B: int, T: int, *, window, cu_seqlens, device, dtype) -> torch.Tensor:
+    """Additive [B, 1, T, T] mask (0 where `attention_mask` allows, -inf elsewhere): SDPA converts a boolean mask
+    to this in every call and keeps each copy for backward. Every layer of a forward asks for the same one, so
+    the last mask is handed out again while it is alive (held by autograd until backward) and B, T, window,
+    device, dtype, inference mode and the very cu_seqlens tensor, unmodified, repeat: backward keeps one mask
+    instead of one per layer."""
+    global _last_sdpa_mask
+    key = (B, T, window, device, dtype, torch.is_inference_mode_enabled(),
+           None if cu_seqlens is None else cu_seqlens._version)
+    if _last_sdpa_mask is not None and _last_sdpa_mask[0] == key and _last_sdpa_mask[1] is cu_seqlens:
+        mask = _last_sdpa_mask[2]()
+        if mask is not None:
+            return mask
+    allowed = attention_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=device)[:, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
+    if not torch.compiler.is_compiling():        # inside a compiled graph the mask is traced, not memoised
+        _last_sdpa_mask = (key, cu_seqlens, weakref.ref(mask))
+    return mask
+
+
 def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
     """Causal grouped-query attention. q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D].
 
@@ -44,12 +69,14 @@ def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
     dt = compute_dtype(q.dtype)
     kt = k.to(dt).permute(0, 2, 1, 3)
     vt = v.to(dt).permute(0, 2, 1, 3)
-    mask = attention_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=q.device)[:, None]
     if not lse:
         # PyTorch's fused kernel with its own GQA: ~4x faster on CPU than the explicit softmax, and backward keeps
-        # only q, k, v, the output and one [B, 1, T, T] mask (no [T, T] scores, no copies of q, K or V).
+        # only q, k, v, the output and the [B, 1, T, T] mask all layers share (no [T, T] scores, no copies of q,
+        # K or V).
+        mask = sdpa_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=q.device, dtype=dt)
         out = F.scaled_dot_product_attention(q.to(dt).permute(0, 2, 1, 3), kt, vt, attn_mask=mask, enable_gqa=True)
         return out.permute(0, 2, 1, 3).to(q.dtype)
+    mask = attention_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=q.device)[:, None]
     G = Hq // k.shape[2]
     qg = q.to(dt).permute(0, 2, 1, 3).reshape(B, -1, G * T, D)   # query head h = kv * G + g, folded into length
     mask = mask[:, :, None].expand(B, 1, G, T, T).reshape(B, 1, G * T, T)
