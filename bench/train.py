@@ -1,4 +1,4 @@
-"""Training-step throughput: our single-process step (train.py's path: FSDP2 over one rank, fused linear
+"""Training-step throughput: our single-process step (train.py's path: parallelize() over a one-rank mesh, fused linear
 cross-entropy, GQA attention without repeated K/V) against transformers' MistralForCausalLM trained with plain
 PyTorch (forward, loss, backward, AdamW) on the same batches for the same number of steps.
 
@@ -66,7 +66,7 @@ def make_batches(args, batch, seq_len, steps, device):
 
 
 def ours(args, batches, device):
-    """train.py's step: FSDP2 over a one-rank group, bf16 compute on GPU, fused loss."""
+    """train.py's step: parallelize() over a one-rank mesh (plain module in fp32, FSDP2 for a bf16 cast), fused loss."""
     import torch.distributed as dist
     from cancerllm import Transformer
     from cancerllm.train.config import OptimConfig, ParallelConfig
