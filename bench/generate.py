@@ -16,8 +16,8 @@ Rows: cancerllm (default: on CPU in fp32 its DecodeModel runs the matmuls on one
 fused post-ops), cancerllm-mkl (CPU only: the same DecodeModel on F.linear, showing what oneDNN buys),
 transformers. What each choice in the generator bought is listed in cancerllm/generate.py's docstring.
 
-Last run (15:46, load average ~6 on the 2 shared cores, so the ratios are noisy): decode 2.26x transformers at
-batch 1 and 6.5x at batch 8, outputs equal; before DecodeModel, on a quiet machine: 1.52x and 1.51x.
+Last runs (idle 2-core machine, twice): decode 3.17-3.18x transformers at batch 1 and 3.19-3.21x at batch 8,
+prefill 1.32-1.38x, outputs equal; before DecodeModel: 1.52x and 1.51x.
 """
 import argparse
 import resource
