@@ -57,6 +57,7 @@ Thread safety: a Generator serialises its calls with a lock (a stream holds it u
 sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
 """
 import argparse
+import collections
 import json
 import math
 import secrets
@@ -356,8 +357,7 @@ class Generator:
         with self.lock:
             rows, steps = self.start(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed,
                                      repetition_penalty, logits_processor, ignore_eos, track_text=False)
-            for _ in steps:
-                pass
+            collections.deque(steps, maxlen=0)   # run every decode step; generate() needs no per-step text
         return [self.result(row, steps.prefill_s) for row in rows]
 
     def stream(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
