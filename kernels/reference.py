@@ -3,8 +3,6 @@
 Each computes in fp32 whatever the storage dtype (float64 stays float64, so tests can use it as the oracle),
 and returns the input's dtype. Shapes and semantics are those of DESIGN.md.
 """
-import weakref
-
 import torch
 import torch.nn.functional as F
 
@@ -36,46 +34,36 @@ def attention_mask(B: int, T: int, *, window=None, cu_seqlens=None, device=None)
     return mask
 
 
-_last_sdpa_mask = None     # (key, cu_seqlens, weak reference to the mask) of the last sdpa_mask call
+def segments(B: int, T: int, cu_seqlens) -> list[tuple[int, int]]:
+    """(start, end) of every run of the flattened B*T tokens that attends only within itself: the documents of
+    `cu_seqlens` cut at row ends (a row never attends to another), or the rows themselves."""
+    bounds = set(range(0, B * T + 1, T))
+    if cu_seqlens is not None:
+        bounds.update(cu_seqlens.tolist())
+    bounds = sorted(bounds)
+    return [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
 
 
-def sdpa_mask(B: int, T: int, *, window, cu_seqlens, device, dtype) -> torch.Tensor:
-    """Additive [B, 1, T, T] mask (0 where `attention_mask` allows, -inf elsewhere): SDPA converts a boolean mask
-    to this in every call and keeps each copy for backward. Every layer of a forward asks for the same one, so
-    the last mask is handed out again while it is alive (held by autograd until backward) and B, T, window,
-    device, dtype, inference mode and the very cu_seqlens tensor, unmodified, repeat: backward keeps one mask
-    instead of one per layer."""
-    global _last_sdpa_mask
-    key = (B, T, window, device, dtype, torch.is_inference_mode_enabled(),
-           None if cu_seqlens is None else cu_seqlens._version)
-    if _last_sdpa_mask is not None and _last_sdpa_mask[0] == key and _last_sdpa_mask[1] is cu_seqlens:
-        mask = _last_sdpa_mask[2]()
-        if mask is not None:
-            return mask
-    allowed = attention_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=device)[:, None]
-    mask = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-    if not torch.compiler.is_compiling():        # inside a compiled graph the mask is traced, not memoised
-        _last_sdpa_mask = (key, cu_seqlens, weakref.ref(mask))
-    return mask
+def window_mask(L: int, window: int, device, dtype) -> torch.Tensor:
+    """Additive [L, L] mask of a causal window: 0 where i - W < j <= i, -inf elsewhere."""
+    i = torch.arange(L, device=device)
+    rel = i[:, None] - i[None, :]
+    return torch.zeros(L, L, dtype=dtype, device=device).masked_fill_((rel < 0) | (rel >= window), float("-inf"))
 
 
 def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
     """Causal grouped-query attention. q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D].
 
     K and V are used once per group of G = Hq / Hkv query heads instead of being copied G times (no
-    repeat_kv). With `lse=True` also returns the natural-log log-sum-exp of the scaled scores, [B, Hq, T] in fp32.
+    repeat_kv). With `lse=True` also returns the natural-log log-sum-exp of the scaled scores, [B, Hq, T] in fp32,
+    from an explicit masked softmax (the oracle the faster path is tested against).
     """
     B, T, Hq, D = q.shape
     dt = compute_dtype(q.dtype)
+    if not lse:
+        return attention_by_segment(q, k, v, window, cu_seqlens, dt)
     kt = k.to(dt).permute(0, 2, 1, 3)
     vt = v.to(dt).permute(0, 2, 1, 3)
-    if not lse:
-        # PyTorch's fused kernel with its own GQA: ~4x faster on CPU than the explicit softmax, and backward keeps
-        # only q, k, v, the output and the [B, 1, T, T] mask all layers share (no [T, T] scores, no copies of q,
-        # K or V).
-        mask = sdpa_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=q.device, dtype=dt)
-        out = F.scaled_dot_product_attention(q.to(dt).permute(0, 2, 1, 3), kt, vt, attn_mask=mask, enable_gqa=True)
-        return out.permute(0, 2, 1, 3).to(q.dtype)
     mask = attention_mask(B, T, window=window, cu_seqlens=cu_seqlens, device=q.device)[:, None]
     G = Hq // k.shape[2]
     qg = q.to(dt).permute(0, 2, 1, 3).reshape(B, -1, G * T, D)   # query head h = kv * G + g, folded into length
@@ -85,6 +73,29 @@ def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
     logsumexp = torch.logsumexp(scores, dim=-1, keepdim=True)
     out = (torch.exp(scores - logsumexp) @ vt).view(B, -1, G, T, D).reshape(B, Hq, T, D)
     return out.permute(0, 2, 1, 3).to(q.dtype), logsumexp.view(B, Hq, T).float()
+
+
+def attention_by_segment(q, k, v, window, cu_seqlens, dt):
+    """PyTorch's fused SDPA once per document (per row without documents), causal: no [B, T, T] mask to build or
+    keep for backward, and no work on the key blocks another document or the causal order hides (the CPU kernel
+    skips the upper triangle only with is_causal). Only a segment longer than the window needs a mask."""
+    B, T, Hq, D = q.shape
+    if cu_seqlens is None:                                          # whole rows: one call
+        mask = None if window is None or T <= window else window_mask(T, window, q.device, dt)
+        out = F.scaled_dot_product_attention(*(t.to(dt).transpose(1, 2) for t in (q, k, v)), attn_mask=mask,
+                                             is_causal=mask is None, enable_gqa=True)
+        return out.transpose(1, 2).to(q.dtype)
+    qf, kf, vf = (t.reshape(B * T, t.shape[2], D).to(dt) for t in (q, k, v))
+    outs = []
+    for s, e in segments(B, T, cu_seqlens):
+        qs, ks, vs = (t[s:e].transpose(0, 1)[None] for t in (qf, kf, vf))
+        if window is None or e - s <= window:
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=window_mask(e - s, window, q.device, dt),
+                                               enable_gqa=True)
+        outs.append(o[0].transpose(0, 1))
+    return torch.cat(outs).view(B, T, Hq, D).to(q.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- RMSNorm

@@ -108,3 +108,26 @@ def test_rope_saves_only_cos_and_sin():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         apply_rope(x, cos, sin)
     assert len(saved) == 2 and all(s.data_ptr() in (cos.data_ptr(), sin.data_ptr()) for s in saved)
+
+
+# (B, T, window, offsets): rows without documents inside and beyond the window; documents shorter and longer than
+# the window, one running across a row end, an empty one (repeated offset), one of a single token.
+ATTENTION_LAYOUTS = [
+    pytest.param(2, 13, None, None, id="rows-causal"),
+    pytest.param(2, 13, 5, None, id="rows-longer-than-window"),
+    pytest.param(2, 16, 6, [0, 3, 3, 12, 20, 21, 32], id="docs-window-crossing-row-end"),
+    pytest.param(1, 24, None, [0, 1, 10, 24], id="docs-causal"),
+]
+
+
+@pytest.mark.parametrize("B, T, window, offsets", ATTENTION_LAYOUTS)
+def test_attention_by_segment_matches_the_explicit_softmax(B, T, window, offsets):
+    """The CPU path (fused SDPA once per document) against the masked softmax that also yields the LSE."""
+    cu_seqlens = None if offsets is None else torch.tensor(offsets, dtype=torch.int32)
+    q, k, v = leaves((B, T, 6, 8), (B, T, 2, 8), (B, T, 2, 8))
+    out = reference.attention(q, k, v, window=window, cu_seqlens=cu_seqlens)
+    expected, _ = reference.attention(q, k, v, window=window, cu_seqlens=cu_seqlens, lse=True)
+    torch.testing.assert_close(out, expected, **TOL)
+    grad_out = torch.randn_like(out)
+    for got, want in zip(grads_of(out, (q, k, v), grad_out), grads_of(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(got, want, **TOL)
