@@ -1,6 +1,7 @@
 #include "loader.h"
 
 #include <algorithm>
+#include <numeric>
 
 #include "shuffle.h"
 
@@ -64,27 +65,26 @@ void Dataset::gather(uint64_t lo, uint64_t hi, int64_t* tokens, uint8_t* bits) c
   }
 }
 
-void Dataset::fill_row(uint64_t sample, int64_t* tokens, uint8_t* starts, uint8_t* bits) const {
+void Dataset::fill_row(uint64_t sample, int64_t* tokens, uint8_t* bits, std::vector<uint64_t>& starts) const {
   const uint64_t n = seq_len_ + 1;
-  std::fill(starts, starts + n, 0);
   if (!sft_) {
     uint64_t lo = sample * seq_len_;
     gather(lo, lo + n, tokens, bits);
     auto d = std::lower_bound(doc_starts_.begin(), doc_starts_.end() - 1, lo);
-    for (; d != doc_starts_.end() - 1 && *d < lo + n; ++d) starts[*d - lo] = 1;
+    for (; d != doc_starts_.end() - 1 && *d < lo + n; ++d) starts.push_back(*d - lo);
     return;
   }
   uint64_t at = 0;
   for (uint64_t d = rows_[sample]; d < rows_[sample + 1]; ++d) {
     uint64_t a = doc_starts_[d], b = std::min(doc_starts_[d + 1], a + n);
     gather(a, b, tokens + at, bits + at);
-    starts[at] = 1;
+    starts.push_back(at);
     at += b - a;
   }
   if (at < n) {
     std::fill(tokens + at, tokens + n, pad_id_);
     std::fill(bits + at, bits + n, 0);
-    starts[at] = 1;
+    starts.push_back(at);
   }
 }
 
@@ -115,6 +115,8 @@ Loader::Loader(const std::vector<std::string>& paths, uint64_t seq_len, uint64_t
 
 Loader::~Loader() { stop(); }
 
+// Row by row, in runs the compiler vectorises: tokens and targets are the row shifted by one, the loss mask is
+// the targets' bits cleared where a document begins, and positions count up from each segment start.
 void Loader::make_batch(uint64_t g0, uint64_t step, Batch& batch) const {
   const uint64_t B = batch_size_, T = dataset_.seq_len(), S = dataset_.num_samples();
   const uint64_t first = g0 + (step * world_size_ + rank_) * B;
@@ -124,22 +126,28 @@ void Loader::make_batch(uint64_t g0, uint64_t step, Batch& batch) const {
   batch.loss_mask.resize(B * T);
   batch.cu_seqlens.clear();
   std::vector<int64_t> row(T + 1);
-  std::vector<uint8_t> starts(T + 1), bits(T + 1);
+  std::vector<uint8_t> bits(T + 1);
+  std::vector<uint64_t> starts;
   for (uint64_t b = 0; b < B; ++b) {
-    const uint64_t g = first + b;
-    dataset_.fill_row(Permutation(S, seed_, g / S)(g % S), row.data(), starts.data(), bits.data());
-    int64_t pos = 0;
-    for (uint64_t t = 0; t < T; ++t) {
-      const uint64_t i = b * T + t;
-      if (t == 0 || starts[t]) {
-        pos = 0;
-        batch.cu_seqlens.push_back(static_cast<int32_t>(i));
-      }
-      batch.tokens[i] = row[t];
-      batch.targets[i] = row[t + 1];
-      batch.positions[i] = pos++;
-      batch.loss_mask[i] = bits[t + 1] && !starts[t + 1];
+    const uint64_t g = first + b, at = b * T;
+    starts.clear();
+    dataset_.fill_row(Permutation(S, seed_, g / S)(g % S), row.data(), bits.data(), starts);
+    std::copy(row.begin(), row.begin() + T, batch.tokens.begin() + at);
+    std::copy(row.begin() + 1, row.end(), batch.targets.begin() + at);
+    uint8_t* mask = batch.loss_mask.data() + at;
+    std::copy(bits.begin() + 1, bits.end(), mask);
+    int64_t* positions = batch.positions.data() + at;
+    uint64_t segment = 0;  // every row starts a segment, whether or not a document starts there
+    for (uint64_t s : starts) {
+      if (s == segment) continue;  // the row start, or an empty document
+      mask[s - 1] = 0;             // target s - 1 is the first token of the next document
+      if (s == T) break;
+      batch.cu_seqlens.push_back(static_cast<int32_t>(at + segment));
+      std::iota(positions + segment, positions + s, int64_t{0});
+      segment = s;
     }
+    batch.cu_seqlens.push_back(static_cast<int32_t>(at + segment));
+    std::iota(positions + segment, positions + T, int64_t{0});
   }
   batch.cu_seqlens.push_back(static_cast<int32_t>(B * T));
 }

@@ -46,8 +46,9 @@ class Dataset {
   uint64_t truncated_examples() const { return truncated_; }
   uint64_t seq_len() const { return seq_len_; }
 
-  // One row: seq_len + 1 tokens, flags marking document (and padding) starts, and loss-mask bits.
-  void fill_row(uint64_t sample, int64_t* tokens, uint8_t* starts, uint8_t* bits) const;
+  // One row: seq_len + 1 tokens and their loss-mask bits; appends to `starts` the row offsets where a document
+  // (or the padding) begins, in increasing order.
+  void fill_row(uint64_t sample, int64_t* tokens, uint8_t* bits, std::vector<uint64_t>& starts) const;
 
  private:
   void gather(uint64_t lo, uint64_t hi, int64_t* tokens, uint8_t* bits) const;
