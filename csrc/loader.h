@@ -2,6 +2,7 @@
 // is spelled out in cancerllm/data/loader.py; the pure-Python backend there must produce identical batches.
 #pragma once
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <exception>
@@ -83,6 +84,8 @@ class Loader {
 
  private:
   void work();
+  void spin_until_filed() const;
+  static constexpr int kSpinMicroseconds = 50;
 
   Dataset dataset_;
   uint64_t batch_size_, rank_, world_size_, seed_;
@@ -94,6 +97,7 @@ class Loader {
   std::vector<std::thread> threads_;
   std::map<uint64_t, std::unique_ptr<Batch>> ready_;
   std::exception_ptr error_;
+  std::atomic<uint64_t> filed_{0};  // batches filed since start(), read by next() without the lock
   uint64_t g0_ = 0, next_to_make_ = 0, next_to_take_ = 0;
   bool stopping_ = false;
 };
