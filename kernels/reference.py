@@ -3,6 +3,8 @@
 Each computes in fp32 whatever the storage dtype (float64 stays float64, so tests can use it as the oracle),
 and returns the input's dtype. Shapes and semantics are those of DESIGN.md.
 """
+import weakref
+
 import torch
 import torch.nn.functional as F
 
@@ -44,11 +46,23 @@ def segments(B: int, T: int, cu_seqlens) -> list[tuple[int, int]]:
     return [(s, e) for s, e in zip(bounds, bounds[1:]) if e > s]
 
 
+_window_masks = weakref.WeakValueDictionary()   # window_mask's masks, for as long as something holds them
+
+
 def window_mask(L: int, window: int, device, dtype) -> torch.Tensor:
-    """Additive [L, L] mask of a causal window: 0 where i - W < j <= i, -inf elsewhere."""
-    i = torch.arange(L, device=device)
-    rel = i[:, None] - i[None, :]
-    return torch.zeros(L, L, dtype=dtype, device=device).masked_fill_((rel < 0) | (rel >= window), float("-inf"))
+    """Additive [L, L] mask of a causal window: 0 where i - W < j <= i, -inf elsewhere.
+
+    SDPA keeps its mask for backward, and every layer of a forward asks for the same one: a mask is handed out
+    again while it is alive, so backward holds one copy instead of one per layer and segment."""
+    key = (L, window, str(device), dtype, torch.is_inference_mode_enabled())
+    mask = _window_masks.get(key)
+    if mask is None:
+        i = torch.arange(L, device=device)
+        rel = i[:, None] - i[None, :]
+        mask = torch.zeros(L, L, dtype=dtype, device=device).masked_fill_((rel < 0) | (rel >= window), float("-inf"))
+        if not torch.compiler.is_compiling():    # inside a compiled graph the mask is traced, not memoised
+            _window_masks[key] = mask
+    return mask
 
 
 def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
