@@ -3,6 +3,7 @@ data-parallel mesh (HSDP when `parallel.replicate` > 1: replicate across groups,
 optional activation checkpointing and `torch.compile` per block applied first. A one-rank mesh computing in the
 parameters' own dtype has nothing to shard, reduce or cast, so its model stays a plain module."""
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -56,7 +57,12 @@ def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
     """Compute dtype of the sharded parameters: bf16 on GPU and fp32 on CPU unless configured."""
     if cfg.mixed_precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return torch.bfloat16 if cfg.mixed_precision == "bf16" else torch.float32
+    if cfg.mixed_precision == "fp32":
+        return torch.float32
+    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        warnings.warn("parallel.mixed_precision = 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): "
+                      "oneDNN emulates it, which is slower than fp32")
+    return torch.bfloat16
 
 
 def apply_activation_checkpointing(model, every: int):
