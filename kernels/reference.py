@@ -57,9 +57,8 @@ def window_mask(L: int, window: int, device, dtype) -> torch.Tensor:
     key = (L, window, str(device), dtype, torch.is_inference_mode_enabled())
     mask = _window_masks.get(key)
     if mask is None:
-        i = torch.arange(L, device=device)
-        rel = i[:, None] - i[None, :]
-        mask = torch.zeros(L, L, dtype=dtype, device=device).masked_fill_((rel < 0) | (rel >= window), float("-inf"))
+        allowed = attention_mask(1, L, window=window, device=device)[0]
+        mask = torch.zeros(L, L, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
         if not torch.compiler.is_compiling():    # inside a compiled graph the mask is traced, not memoised
             _window_masks[key] = mask
     return mask
