@@ -5,6 +5,7 @@ config -> process group and mesh -> model (LoRA, FSDP2) -> optimizer -> loaders 
 The pieces live in cancerllm/train/; configs/ holds the CPU default and the 7B recipes.
 """
 import argparse
+import gc
 import signal
 import sys
 from pathlib import Path
@@ -56,8 +57,18 @@ def main(argv=None):
     except (ConfigError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     stop = StopSignal()
-
     d = init_distributed()
+    try:
+        train(cfg, tokenizer, d, stop)
+    finally:
+        # Free the model, optimizer and their DTensors (and the Work objects they hold) while the group and
+        # the interpreter are both alive, so no backend thread outlives its objects at exit.
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def train(cfg, tokenizer, d, stop: StopSignal):
+    """One run, from the mesh to the export; returns early (after a checkpoint) when SIGTERM arrived."""
     mesh = build_mesh(cfg.parallel, d.world_size, d.device)
     run_dir = Path(cfg.checkpoint.dir)
     if d.is_main:
@@ -114,8 +125,7 @@ def main(argv=None):
         if result.stop_requested:
             checkpointer.save(step, model, optimizer, scheduler, loader, guard)
             log.print(f"stop requested (SIGTERM): saved a checkpoint at step {step}; exiting")
-            dist.destroy_process_group()
-            sys.exit(0)
+            return
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
             checkpointer.save(step, model, optimizer, scheduler, loader, guard)
         log.reset_timer()                                # checkpoint and validation time is not step time
@@ -128,8 +138,9 @@ def main(argv=None):
                                    dtype=cfg.checkpoint.export_dtype, lora=cfg.lora if cfg.lora.enabled else None)
         log.print(f"exported a Hugging Face checkpoint to {path}")
     loader.close()
+    if val_loader:
+        val_loader.close()
     dist.barrier()                                       # no rank tears the group down under another's feet
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
