@@ -63,24 +63,39 @@ void Dataset::pack_sft_rows() {
   num_samples_ = rows_.size() - 1;
 }
 
-void Dataset::gather(uint64_t lo, uint64_t hi, int64_t* tokens, uint8_t* bits) const {
+void RowView::put(const ShardFile& shard, uint64_t a, uint64_t b, uint64_t at) const {
+  const uint64_t n_inputs = std::min(b - a, seq_len - std::min(at, seq_len));  // row indices below seq_len
+  if (n_inputs) shard.copy_tokens(a, a + n_inputs, tokens + at);
+  const uint64_t skip = at == 0;  // row index 0 is no one's target
+  if (b - a > skip) {
+    shard.copy_tokens(a + skip, b, targets + at + skip - 1);
+    shard.copy_mask(a + skip, b, mask + at + skip - 1);
+  }
+}
+
+void RowView::pad(uint64_t at, int64_t pad_id) const {
+  if (at < seq_len) std::fill(tokens + at, tokens + seq_len, pad_id);
+  const uint64_t first_target = std::max<uint64_t>(at, 1) - 1;
+  std::fill(targets + first_target, targets + seq_len, pad_id);
+  std::fill(mask + first_target, mask + seq_len, uint8_t{0});
+}
+
+void Dataset::gather(uint64_t lo, uint64_t hi, const RowView& row, uint64_t at) const {
   size_t i = std::upper_bound(bases_.begin(), bases_.end(), lo) - bases_.begin() - 1;
   while (lo < hi) {
     uint64_t a = lo - bases_[i], b = std::min(hi, bases_[i + 1]) - bases_[i];
-    shards_[i]->copy_tokens(a, b, tokens);
-    shards_[i]->copy_mask(a, b, bits);
-    tokens += b - a;
-    bits += b - a;
+    row.put(*shards_[i], a, b, at);
+    at += b - a;
     lo = bases_[i] + b;
     ++i;
   }
 }
 
-void Dataset::fill_row(uint64_t sample, int64_t* tokens, uint8_t* bits, std::vector<uint64_t>& starts) const {
+void Dataset::fill_row(uint64_t sample, const RowView& row, std::vector<uint64_t>& starts) const {
   const uint64_t n = seq_len_ + 1;
   if (!sft_) {
     uint64_t lo = sample * seq_len_;
-    gather(lo, lo + n, tokens, bits);
+    gather(lo, lo + n, row, 0);
     auto d = std::lower_bound(doc_starts_.begin(), doc_starts_.end() - 1, lo);
     for (; d != doc_starts_.end() - 1 && *d < lo + n; ++d) starts.push_back(*d - lo);
     return;
@@ -88,13 +103,12 @@ void Dataset::fill_row(uint64_t sample, int64_t* tokens, uint8_t* bits, std::vec
   uint64_t at = 0;
   for (uint64_t d = rows_[sample]; d < rows_[sample + 1]; ++d) {
     uint64_t a = doc_starts_[d], b = std::min(doc_starts_[d + 1], a + n);
-    gather(a, b, tokens + at, bits + at);
+    gather(a, b, row, at);
     starts.push_back(at);
     at += b - a;
   }
   if (at < n) {
-    std::fill(tokens + at, tokens + n, pad_id_);
-    std::fill(bits + at, bits + n, 0);
+    row.pad(at, pad_id_);
     starts.push_back(at);
   }
 }
@@ -126,8 +140,8 @@ Loader::Loader(const std::vector<std::string>& paths, uint64_t seq_len, uint64_t
 
 Loader::~Loader() { stop(); }
 
-// Row by row, in runs the compiler vectorises: tokens and targets are the row shifted by one, the loss mask is
-// the targets' bits cleared where a document begins, and positions count up from each segment start.
+// Row by row, in runs the compiler vectorises: tokens and targets come straight from the shards, the loss mask
+// is the targets' bits cleared where a document begins, and positions count up from each segment start.
 void Loader::make_batch(uint64_t g0, uint64_t step, Batch& batch) const {
   const uint64_t B = batch_size_, T = dataset_.seq_len(), S = dataset_.num_samples();
   const uint64_t first = g0 + (step * world_size_ + rank_) * B;
@@ -136,17 +150,13 @@ void Loader::make_batch(uint64_t g0, uint64_t step, Batch& batch) const {
   batch.positions.resize(B * T);
   batch.loss_mask.resize(B * T);
   batch.cu_seqlens.clear();
-  std::vector<int64_t> row(T + 1);
-  std::vector<uint8_t> bits(T + 1);
   std::vector<uint64_t> starts;
   for (uint64_t b = 0; b < B; ++b) {
     const uint64_t g = first + b, at = b * T;
-    starts.clear();
-    dataset_.fill_row(Permutation(S, seed_, g / S)(g % S), row.data(), bits.data(), starts);
-    std::copy(row.begin(), row.begin() + T, batch.tokens.begin() + at);
-    std::copy(row.begin() + 1, row.end(), batch.targets.begin() + at);
     uint8_t* mask = batch.loss_mask.data() + at;
-    std::copy(bits.begin() + 1, bits.end(), mask);
+    starts.clear();
+    dataset_.fill_row(Permutation(S, seed_, g / S)(g % S),
+                      RowView{batch.tokens.data() + at, batch.targets.data() + at, mask, T}, starts);
     int64_t* positions = batch.positions.data() + at;
     uint64_t segment = 0;  // every row starts a segment, whether or not a document starts there
     for (uint64_t s : starts) {
@@ -231,7 +241,7 @@ std::unique_ptr<Batch> Loader::next() {
   ready_cv_.wait(lock, [&] { return error_ || ready_.count(next_to_take_); });
   if (error_) std::rethrow_exception(error_);
   auto node = ready_.extract(next_to_take_++);
-  space_cv_.notify_all();
+  space_cv_.notify_one();  // one slot freed: one worker can use it
   return std::move(node.mapped());
 }
 

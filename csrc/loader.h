@@ -37,6 +37,21 @@ class BatchPool {
   size_t capacity_;
 };
 
+// Where one sample (a row of seq_len + 1 tokens) lands in a batch: row index i is tokens[i] when i < seq_len
+// and, as a prediction target, targets[i - 1] with loss bit mask[i - 1] when i >= 1. Writing both straight from
+// the shard saves a pass through an intermediate row.
+struct RowView {
+  int64_t* tokens;
+  int64_t* targets;
+  uint8_t* mask;
+  uint64_t seq_len;
+
+  // Stream tokens [a, b) of `shard` at row indices [at, at + b - a).
+  void put(const ShardFile& shard, uint64_t a, uint64_t b, uint64_t at) const;
+  // Row indices [at, seq_len + 1) hold `pad_id` and carry no loss.
+  void pad(uint64_t at, int64_t pad_id) const;
+};
+
 // The shards as one token stream cut into samples: rows of seq_len + 1 tokens.
 class Dataset {
  public:
@@ -47,12 +62,12 @@ class Dataset {
   uint64_t truncated_examples() const { return truncated_; }
   uint64_t seq_len() const { return seq_len_; }
 
-  // One row: seq_len + 1 tokens and their loss-mask bits; appends to `starts` the row offsets where a document
-  // (or the padding) begins, in increasing order.
-  void fill_row(uint64_t sample, int64_t* tokens, uint8_t* bits, std::vector<uint64_t>& starts) const;
+  // One sample into `row`, loss bits as the shards have them; appends to `starts` the row indices where a
+  // document (or the padding) begins, in increasing order.
+  void fill_row(uint64_t sample, const RowView& row, std::vector<uint64_t>& starts) const;
 
  private:
-  void gather(uint64_t lo, uint64_t hi, int64_t* tokens, uint8_t* bits) const;
+  void gather(uint64_t lo, uint64_t hi, const RowView& row, uint64_t at) const;
   void pack_sft_rows();
 
   std::vector<std::unique_ptr<ShardFile>> shards_;
