@@ -4,7 +4,8 @@
         --perturb misspell,ocr,counterfactual --out reports/
 
 Systems: the checkpoint, the majority value per field (from the train split), the regular-expression extractor,
-and with --baseline-checkpoint a Hugging Face Mistral-family checkpoint zero-shot (same prompts). Scores:
+and with --baseline-checkpoint a Hugging Face Mistral-family checkpoint zero-shot (same prompts, read through its
+own tokenizer.model). Scores:
 - phenotype tasks: per-field P/R/F1 on normalised values, micro and macro; the study's instance-averaged set F1
   (exact and ROUGE-1 match; an instance is one question, or one report's set of "field: value" items);
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
@@ -235,8 +236,9 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
         raise FileNotFoundError(f"{manifest_path}: not found (build the datasets: python -m cancerllm.tasks.build)")
     manifest = json.loads(manifest_path.read_text())
     templates = load_templates(manifest["sources"]["templates"])
-    for path in filter(None, (checkpoint, baseline_checkpoint)):
-        check_tokenizer(Path(path), manifest, manifest_path)
+    # The datasets are text; the tokenizer they record is the one the fine-tuned model was trained with. A zero-shot
+    # baseline brings its own tokenizer and reads the same prompts through it, so it is not held to that one.
+    check_tokenizer(checkpoint, manifest, manifest_path)
     records = limit_patients(read_jsonl(data / task / f"{split}.jsonl"), limit)
     if not records:
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")

@@ -11,6 +11,7 @@ from cancerllm.tasks.build import build
 from cancerllm.tasks.constrained import JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+from cancerllm.tokenizer import train as train_tokenizer
 from cancerllm import eval as cancer_eval
 
 
@@ -92,3 +93,22 @@ def test_eval_refuses_a_checkpoint_with_another_tokenizer(checkpoint, data, tmp_
     with pytest.raises(SystemExit, match="unknown"):
         cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "diagnosis", "--data", str(data),
                           "--perturb", "typos"])
+
+
+def test_zero_shot_baseline_from_a_transformers_checkpoint(checkpoint, data, tmp_path):
+    """A checkpoint as transformers saves it, with a tokenizer of its own (not the datasets'), joins the table
+    under its name: the manifest's tokenizer record binds the fine-tuned model only, and prompts are text."""
+    pytest.importorskip("transformers")
+    from hf_util import hf_model, tiny_args
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(r["report"] for r in cancer_eval.read_jsonl(data / "phenotype-json" / "train.jsonl")))
+    own = train_tokenizer([corpus], tmp_path / "own", vocab_size=400)
+    assert own.fingerprint() != Tokenizer(checkpoint / "tokenizer.model").fingerprint()
+    baseline = tmp_path / "Mistral-tiny-random"
+    hf_model(tiny_args(vocab_size=own.vocab_size, max_seq_len=2048)).save_pretrained(baseline)
+    (baseline / "tokenizer.model").write_bytes(own.path.read_bytes())
+    result = cancer_eval.evaluate(checkpoint, "phenotype-json", data=data, out=tmp_path, limit=2, max_new_tokens=6,
+                                  baseline_checkpoint=baseline, verbose=False)
+    assert set(result["systems"]) == {"model", "majority", "regex", "zero-shot Mistral-tiny-random"}
+    assert result["systems"]["zero-shot Mistral-tiny-random"]["parse_failures"] == 2     # 6 tokens close nothing
+    assert "| zero-shot Mistral-tiny-random |" in (tmp_path / "eval_phenotype-json_test.md").read_text()
