@@ -140,6 +140,65 @@ def test_sft_masks_only_the_completion_and_eos(tmp_path, tokenizer):
         np.testing.assert_array_equal(shard.doc_mask(i), [0] * len(prompt) + [1] * len(completion))
 
 
+def examples_in(out):
+    pairs = []
+    for path in sorted(out.glob("train-*.bin")):
+        shard = read_shard(path)
+        pairs += [(bytes(shard.doc(i)), bytes(shard.doc_mask(i))) for i in range(len(shard))]
+    return sorted(pairs)
+
+
+def greedy_rows(lengths, capacity):
+    """The loader's SFT rule, written out: whole examples in order while they fit; a long one alone."""
+    rows, used = 0, 0
+    for n in (min(n, capacity) for n in lengths):
+        if rows == 0 or used + n > capacity:
+            rows, used = rows + 1, 0
+        used += n
+    return rows
+
+
+def rows_bound(lengths, capacity):
+    """A lower bound on the rows of any packing: total tokens over capacity."""
+    return -(-sum(min(n, capacity) for n in lengths) // capacity)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_best_fit_order_gives_the_loader_full_rows(seed):
+    from cancerllm.data.prepare import best_fit_order
+    rng = np.random.default_rng(seed)
+    capacity = 65
+    lengths = list(rng.integers(2, 60, size=300)) + [90, 65, 64]          # too long, exactly a row, almost
+    order, rows = best_fit_order(lengths, capacity)
+    assert sorted(order) == list(range(len(lengths)))                        # every example once
+    assert greedy_rows([lengths[i] for i in order], capacity) == rows        # the loader forms exactly those bins
+    assert rows_bound(lengths, capacity) <= rows < greedy_rows(lengths, capacity)
+    assert rows <= 1.1 * rows_bound(lengths, capacity) + 1
+
+
+def test_pack_to_writes_the_same_examples_in_fewer_rows(tmp_path, tokenizer, reports):
+    from cancerllm.data import PackedLoader
+    rng = np.random.default_rng(0)
+    examples = [{"prompt": r["text"][:int(rng.integers(20, 400))], "completion": r["cancer_type"]}
+                for r in reports[:120]]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(map(json.dumps, examples)) + "\n")
+    plain, packed = tmp_path / "plain", tmp_path / "packed"
+    run(tokenizer, [path], plain, "--sft", "--val-fraction", "0")
+    manifest = run(tokenizer, [path], packed, "--sft", "--val-fraction", "0", "--pack-to", "128", "--shard-mb",
+                   "0.0005")                                               # several shards: packing spans them
+    assert examples_in(plain) == examples_in(packed)                       # same examples and masks, reordered
+    packing = manifest["splits"]["train"]["packing"]
+    loaders = {name: PackedLoader(sorted(out.glob("train-*.bin")), seq_len=128, batch_size=1, backend="python")
+               for name, out in (("plain", plain), ("packed", packed))}
+    assert len(manifest["splits"]["train"]["shards"]) > 1
+    assert loaders["packed"].num_samples == packing["rows"] < loaders["plain"].num_samples
+    assert packing["fill"] > 0.9
+    with pytest.raises(ValueError, match="--pack-to"):
+        run(tokenizer, [path], tmp_path / "pretrain", "--format", "jsonl", "--text-column", "prompt", "--pack-to",
+            "128")
+
+
 def test_refuses_a_folder_with_shards_and_bad_arguments(tmp_path, tokenizer):
     text = tmp_path / "a.txt"
     text.write_text("Some report.\n")
