@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 from .eval import evaluate, read_jsonl
@@ -25,6 +26,7 @@ from .tasks.build import build
 from .tokenizer import train as train_tokenizer
 
 RUN = Path("runs/demo")
+SFT_CONFIG = "configs/cpu-small-sft.toml"
 REPORTS_CSV = Path("data/tcga/reports.csv")
 # What the SFT stage sees: the phenotype-JSON examples several times over (the headline task; one report pass
 # teaches all 13 answers), every diagnosis example once, and a sample of the (13x larger) question-answering set,
@@ -159,11 +161,13 @@ def main(argv=None):
     torchrun("configs/cpu-small.toml", args.seed, args.nproc)
     timings["pretraining"] = time.perf_counter() - t
 
-    t = step("4. instruction tuning: SFT shards, then torchrun train.py --config configs/cpu-small-sft.toml")
+    t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}")
     sft_examples = write_sft_mixture(tasks_dir, RUN / "sft.jsonl", args.seed)
+    seq_len = tomllib.loads(Path(SFT_CONFIG).read_text())["data"]["seq_len"]      # pack rows the trainer will read
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
-         "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed], "SFT prepare")
-    torchrun("configs/cpu-small-sft.toml", args.seed, args.nproc)
+         "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len],
+        "SFT prepare")
+    torchrun(SFT_CONFIG, args.seed, args.nproc)
     timings["instruction tuning"] = time.perf_counter() - t
 
     t = step("5. evaluation on the test patients, beside the baselines")
