@@ -221,30 +221,31 @@ class ShardWriter:
 
     def __init__(self, out: Path, split: str, shard_tokens: int, vocab_size: int, pack_to=None):
         self.out, self.split, self.shard_tokens, self.vocab_size = out, split, shard_tokens, vocab_size
-        self.pack_to, self.packing = pack_to, None
+        self.pack_to, self.held, self.packing = pack_to, [], None
         self.docs, self.masks, self.pending, self.shards = [], [], 0, []
 
     def add(self, tokens, mask):
+        if self.pack_to is None:
+            self.write(tokens, mask)
+        else:
+            self.held.append((tokens, mask))
+
+    def write(self, tokens, mask):
         self.docs.append(tokens)
         self.masks.append(mask)
         self.pending += len(tokens)
-        if self.pack_to is None and self.pending >= self.shard_tokens:
+        if self.pending >= self.shard_tokens:
             self.flush()
 
     def finish(self):
-        if self.pack_to is not None and self.docs:
+        if self.held:
             capacity = self.pack_to + 1                      # a row holds seq_len + 1 tokens
-            order, rows = best_fit_order([len(d) for d in self.docs], capacity)
-            self.packing = {"seq_len": self.pack_to, "rows": rows,
-                            "fill": round(sum(min(len(d), capacity) for d in self.docs) / (rows * capacity), 4)}
-            docs, masks = self.docs, self.masks
-            self.docs, self.masks, self.pending = [], [], 0
+            order, rows = best_fit_order([len(tokens) for tokens, _ in self.held], capacity)
+            used = sum(min(len(tokens), capacity) for tokens, _ in self.held)
+            self.packing = {"seq_len": self.pack_to, "rows": rows, "fill": round(used / (rows * capacity), 4)}
             for i in order:
-                self.docs.append(docs[i])
-                self.masks.append(masks[i])
-                self.pending += len(docs[i])
-                if self.pending >= self.shard_tokens:
-                    self.flush()
+                self.write(*self.held[i])
+            self.held = []
         self.flush()
 
     def flush(self):
