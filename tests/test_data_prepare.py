@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from cancerllm.data import read_shard
+from cancerllm.data.loader import pack_rows
 from cancerllm.data.prepare import main as prepare
 from cancerllm.tokenizer import train
 
@@ -149,13 +150,8 @@ def examples_in(out):
 
 
 def greedy_rows(lengths, capacity):
-    """The loader's SFT rule, written out: whole examples in order while they fit; a long one alone."""
-    rows, used = 0, 0
-    for n in (min(n, capacity) for n in lengths):
-        if rows == 0 or used + n > capacity:
-            rows, used = rows + 1, 0
-        used += n
-    return rows
+    """Rows the loader packs these example lengths into."""
+    return len(pack_rows(lengths, capacity)) - 1
 
 
 def rows_bound(lengths, capacity):

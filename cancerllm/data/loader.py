@@ -67,6 +67,20 @@ class Permutation:
                 return x
 
 
+def pack_rows(lengths, capacity: int) -> np.ndarray:
+    """The SFT packing rule: row r holds documents rows[r] .. rows[r + 1] - 1, whole documents greedily in
+    order while they fit in `capacity` tokens; a longer one sits alone (truncated)."""
+    rows, used = [0], 0
+    for d, n in enumerate(lengths):
+        n = min(int(n), capacity)
+        if used and used + n > capacity:
+            rows.append(d)
+            used = 0
+        used += n
+    rows.append(len(lengths))
+    return np.asarray(rows, dtype=np.int64)
+
+
 def check_args(paths, seq_len, batch_size, rank, world_size, seed):
     if isinstance(paths, (str, bytes)) or not len(paths):
         raise ValueError(f"PackedLoader: paths must be a non-empty list of shard files, got {paths!r}")
@@ -101,25 +115,13 @@ class PythonBackend:
         n_tokens = int(self.bases[-1])
         self.doc_starts = np.concatenate([s.offsets[:-1].astype(np.int64) + b for s, b in zip(shards, self.bases)])
         self.doc_ends = np.append(self.doc_starts[1:], n_tokens)
-        self.rows = self.pack_sft_rows() if self.sft else None
+        self.rows = pack_rows(self.doc_ends - self.doc_starts, seq_len + 1) if self.sft else None
         self.num_samples = len(self.rows) - 1 if self.sft else max(0, (n_tokens - 1) // seq_len)
         if self.num_samples == 0:
             raise ValueError(f"PackedLoader: {n_tokens} tokens in {list(map(str, paths))} do not fill one "
                              f"row of seq_len + 1 = {seq_len + 1}")
         self.truncated_examples = int(np.sum(self.doc_ends - self.doc_starts > seq_len + 1)) if self.sft else 0
         self.permutations = {}
-
-    def pack_sft_rows(self) -> np.ndarray:
-        """Row r holds documents rows[r] .. rows[r + 1] - 1: greedy, in order, whole documents."""
-        rows, used = [0], 0
-        for d, n in enumerate(self.doc_ends - self.doc_starts):
-            n = min(int(n), self.seq_len + 1)
-            if used and used + n > self.seq_len + 1:
-                rows.append(d)
-                used = 0
-            used += n
-        rows.append(len(self.doc_starts))
-        return np.asarray(rows, dtype=np.int64)
 
     def gather(self, lo: int, hi: int, field: str) -> np.ndarray:
         """Tokens (int64) or loss-mask bits (bool) of global stream positions [lo, hi), across shards."""
