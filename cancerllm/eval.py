@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .tasks import perturb as P
-from .tasks.api import json_processor, parse_phenotypes, task_prompt
+from .tasks.api import json_processor, no_report_prompt, parse_phenotypes, task_prompt
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates
 from .tasks.fields import FIELDS
@@ -61,23 +61,31 @@ def limit_patients(records: list, limit) -> list:
 # ---------------------------------------------------------------------------------------------- systems
 
 class ModelSystem:
-    """Batched greedy generation through cancerllm.Generator; JSON answers decoded under the schema."""
+    """Batched greedy generation through cancerllm.Generator; JSON answers decoded under the schema.
 
-    def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, stop, constrained=True):
+    guidance_scale != 1: classifier-free guidance against the same prompt with an empty report (api.no_report_prompt),
+    which weighs what the report says against what the model answers without one."""
+
+    def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
+                 guidance_scale=1.0):
         from .generate import Generator
-        self.name, self.task, self.batch_size, self.stop = name, task, batch_size, stop
+        self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint)
-        self.max_new_tokens = max_new_tokens
+        self.max_new_tokens, self.guidance_scale = max_new_tokens, guidance_scale
         self.processor = json_processor(self.generator) if task == "phenotype-json" and constrained else None
         self.tokens, self.seconds = 0, 0.0
 
     def answers(self, records) -> list[str]:
         out = []
         for i in tqdm(range(0, len(records), self.batch_size), desc=self.name, unit="batch", leave=False):
-            prompts = [r["prompt"] for r in records[i:i + self.batch_size]]
+            batch = records[i:i + self.batch_size]
+            negatives = None if self.guidance_scale == 1 else [
+                no_report_prompt(r["task"], self.templates, r.get("field")) for r in batch]
             start = time.perf_counter()
-            results = self.generator.generate(prompts, max_new_tokens=self.max_new_tokens, temperature=0.0,
-                                              stop=self.stop, logits_processor=self.processor)
+            results = self.generator.generate([r["prompt"] for r in batch], max_new_tokens=self.max_new_tokens,
+                                              temperature=0.0, stop=self.templates["stop"],
+                                              logits_processor=self.processor, guidance_scale=self.guidance_scale,
+                                              negative_prompts=negatives)
             self.seconds += time.perf_counter() - start
             self.tokens += sum(len(r.token_ids) for r in results)
             out += [r.text.strip() for r in results]
@@ -220,7 +228,7 @@ def markdown(result: dict) -> str:
 
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
-             ocr_rate=0.05, constrained=True, verbose=True) -> dict:
+             ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True) -> dict:
     """Score the checkpoint and the baselines on `data/{task}/{split}.jsonl`; write the Markdown and JSON to `out`
     and return the result dict."""
     if task not in TASKS:
@@ -244,17 +252,18 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")
     majority = majority_values([r["fields"] for r in read_jsonl(data / "phenotype-json" / "train.jsonl")])
     budget = max_new_tokens or MAX_NEW_TOKENS[task]
-    systems = [ModelSystem("model", checkpoint, task, batch_size, budget, templates["stop"], constrained),
+    systems = [ModelSystem("model", checkpoint, task, batch_size, budget, templates, constrained, guidance_scale),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
     if baseline_checkpoint:
         systems.append(ModelSystem(f"zero-shot {Path(baseline_checkpoint).name}", baseline_checkpoint, task,
-                                   batch_size, budget, templates["stop"], constrained))
+                                   batch_size, budget, templates, constrained, guidance_scale))
 
     clean = {s.name: s.answers(records) for s in systems}
     result = {"task": task, "split": split, "checkpoint": str(checkpoint), "n_examples": len(records),
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
               "constrained": constrained and task == "phenotype-json",
+              "guidance_scale": guidance_scale,
               "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
               "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
               "robustness": []}
@@ -302,12 +311,14 @@ def main(argv=None):
     p.add_argument("--misspell-rate", type=float, default=0.1)
     p.add_argument("--ocr-rate", type=float, default=0.05)
     p.add_argument("--unconstrained", action="store_true", help="decode JSON answers without the schema")
+    p.add_argument("--guidance-scale", type=float, default=1.0,
+                   help="classifier-free guidance against the prompt without its report (1: off)")
     a = p.parse_args(argv)
     try:
         evaluate(a.checkpoint, a.task, a.split, data=a.data, out=a.out, perturb=[x for x in a.perturb.split(",") if x],
                  baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
-                 constrained=not a.unconstrained)
+                 constrained=not a.unconstrained, guidance_scale=a.guidance_scale)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

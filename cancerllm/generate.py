@@ -37,9 +37,9 @@ How a call runs
   weights frozen, inductor's packed-MKL linears gave 4.2 ms per step at batch 1, no better than oneDNN eager
   then (it was not retried on DecodeModel).
 
-Sampling: logits are processed in fp32, in this order: repetition penalty (Hugging Face's: a seen token's
-positive logit is divided by the penalty, a negative one multiplied; "seen" is the prompt plus what was
-generated), the logits processor, then temperature 0 -> greedy argmax, otherwise temperature, top-k, top-p and
+Sampling: logits are processed in fp32, in this order: classifier-free guidance when `guidance_scale` != 1,
+repetition penalty (Hugging Face's: a seen token's positive logit is divided by the penalty, a negative one
+multiplied; "seen" is the prompt plus what was generated), the logits processor, then temperature 0 -> greedy argmax, otherwise temperature, top-k, top-p and
 the draw. A `seed` makes sampling reproducible: the same prompts, options and seed give the same tokens (a row's
 draws depend on the batch it is in, since all rows share the call's generator).
 
@@ -52,6 +52,14 @@ Logits processors (schema-constrained decoding) are objects with three methods:
     advance(row, token_id)  after every step, for each row that was masked, in the same order, with the token
                             chosen for prompt `row` (both ints).
 Under greedy decoding the argmax sees exactly the logits the processor left.
+
+Classifier-free guidance (Sanchez et al. 2023, "Stay on topic with classifier-free guidance"; transformers'
+`guidance_scale` / `negative_prompt_ids`): each prompt gets a second, unconditional row in the batch, its negative
+prompt (by default the prompt's last token, as in transformers), fed the same new tokens. The scores are then
+    uncond + guidance_scale * (cond - uncond)       (both log-softmaxed)
+so a scale above 1 moves each choice away from what the model would say without the prompt's context, towards
+what that context adds: for extraction, a value stated in the report over the value that is merely frequent.
+Cost: the negative rows' prefill, and twice the rows in every decode step.
 
 Thread safety: a Generator serialises its calls with a lock (a stream holds it until exhausted or closed), so
 sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
@@ -349,24 +357,29 @@ class Generator:
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
-                 logits_processor=None, ignore_eos: bool = False) -> list:
+                 logits_processor=None, ignore_eos: bool = False, guidance_scale: float = 1.0,
+                 negative_prompts=None) -> list:
         """One GenerationResult per prompt (a string, or a list of token ids used as given). `stop`: a string
-        or a list of strings; `ignore_eos` generates through EOS (benchmarks)."""
+        or a list of strings; `ignore_eos` generates through EOS (benchmarks); `guidance_scale` and
+        `negative_prompts` (one per prompt, strings or token ids): classifier-free guidance (module docstring)."""
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r:.80}")
         with self.lock:
             rows, steps = self.start(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed,
-                                     repetition_penalty, logits_processor, ignore_eos, track_text=False)
+                                     repetition_penalty, logits_processor, ignore_eos, guidance_scale,
+                                     negative_prompts, track_text=False)
             collections.deque(steps, maxlen=0)   # run every decode step; generate() needs no per-step text
         return [self.result(row, steps.prefill_s) for row in rows]
 
     def stream(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
                top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
-               logits_processor=None, ignore_eos: bool = False) -> Iterator[str]:
+               logits_processor=None, ignore_eos: bool = False, guidance_scale: float = 1.0,
+               negative_prompt=None) -> Iterator[str]:
         """Yield the text of one prompt's continuation piece by piece, as generate() would return it whole."""
         with self.lock:
             rows, steps = self.start([prompt], max_new_tokens, temperature, top_k, top_p, stop, seed,
-                                     repetition_penalty, logits_processor, ignore_eos, track_text=True)
+                                     repetition_penalty, logits_processor, ignore_eos, guidance_scale,
+                                     None if negative_prompt is None else [negative_prompt], track_text=True)
             text = rows[0].text
             for _ in steps:
                 piece = text.take(final=rows[0].finish_reason is not None)
@@ -386,7 +399,7 @@ class Generator:
     # ------------------------------------------------------------------------------------------ internals
 
     def start(self, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, repetition_penalty,
-              processor, ignore_eos, track_text):
+              processor, ignore_eos, guidance_scale, negative_prompts, track_text):
         """Check the arguments and set up the rows; returns (rows, an iterator of decode steps)."""
         sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
@@ -400,28 +413,48 @@ class Generator:
         stop = check_stop(stop)
         if self.decoder.stale():
             self.refresh()
+        prompt_ids = [self.prompt_ids(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
+        negatives = self.negative_ids(guidance_scale, negative_prompts, prompt_ids)
         rows = []
-        for i, prompt in enumerate(prompts):
-            ids = self.prompt_ids(prompt, i)
-            budget = min(max_new_tokens, self.args.max_seq_len - len(ids))
+        for i, ids in enumerate(prompt_ids):
+            longest = max(len(ids), len(negatives[i]) if negatives else 0)
+            budget = min(max_new_tokens, self.args.max_seq_len - longest)
             rows.append(Row(ids, budget, IncrementalText(self.tokenizer, stop) if stop or track_text else None))
         eos_id = None if ignore_eos else self.tokenizer.eos_id
         seed = secrets.randbits(63) if seed is None else seed
-        return rows, DecodeSteps(self, rows, sampling, seed, processor, eos_id)
+        guidance = Guidance(float(guidance_scale), negatives) if negatives else None
+        return rows, DecodeSteps(self, rows, sampling, seed, processor, eos_id, guidance)
 
-    def prompt_ids(self, prompt, index: int) -> list:
+    def negative_ids(self, guidance_scale, negative_prompts, prompt_ids: list):
+        """The unconditional rows' token ids, one list per prompt, or None when guidance is off."""
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
+        if guidance_scale == 1:
+            if negative_prompts is not None:
+                raise ValueError("negative_prompts need guidance_scale != 1 (at 1 guidance is off)")
+            return None
+        if negative_prompts is None:
+            return [ids[-1:] for ids in prompt_ids]   # transformers' default: the prompt's last token
+        if not isinstance(negative_prompts, (list, tuple)) or len(negative_prompts) != len(prompt_ids):
+            raise ValueError(f"negative_prompts must be a list with one entry per prompt ({len(prompt_ids)}), "
+                             f"got {negative_prompts!r:.80}")
+        return [self.prompt_ids(p, f"negative_prompts[{i}]") for i, p in enumerate(negative_prompts)]
+
+    def prompt_ids(self, prompt, name: str) -> list:
+        """A prompt's token ids; `name` says which argument it is in errors."""
         if isinstance(prompt, str):
             ids = self.tokenizer.encode(prompt, bos=True)
         elif isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
             ids = list(prompt)
         else:
-            raise ValueError(f"prompts[{index}] must be a string or a list of token ids, got {type(prompt).__name__}")
+            raise ValueError(f"{name} must be a string or a list of token ids, got {type(prompt).__name__}")
         if not ids:
-            raise ValueError(f"prompts[{index}] is empty")
+            raise ValueError(f"{name} is empty")
         if not all(0 <= t < self.args.vocab_size for t in ids):
-            raise ValueError(f"prompts[{index}] has token ids outside [0, {self.args.vocab_size})")
+            raise ValueError(f"{name} has token ids outside [0, {self.args.vocab_size})")
         if len(ids) >= self.args.max_seq_len:
-            raise ValueError(f"prompts[{index}] has {len(ids)} tokens, but the model's context (max_seq_len="
+            raise ValueError(f"{name} has {len(ids)} tokens, but the model's context (max_seq_len="
                              f"{self.args.max_seq_len}) leaves no room for a new token")
         return ids
 
@@ -446,30 +479,50 @@ class Generator:
                                 decode_s)
 
 
+@dataclass(frozen=True)
+class Guidance:
+    """Classifier-free guidance: its scale and each prompt's unconditional (negative) prompt ids."""
+    scale: float
+    negatives: list
+
+    def combine(self, logits):
+        """Guided scores [n, V] from the logits [2n, V] of n conditional rows followed by their unconditional rows."""
+        n = logits.shape[0] // 2
+        cond, uncond = logits[:n].log_softmax(dim=-1), logits[n:].log_softmax(dim=-1)
+        return uncond.add_(cond.sub_(uncond), alpha=self.scale)
+
+
 class DecodeSteps:
     """Iterating runs a call: the prefill, then one decode step per iteration, yielding after each step (the rows'
-    tokens, text and finish reasons are up to date)."""
+    tokens, text and finish reasons are up to date).
 
-    def __init__(self, gen: Generator, rows: list, sampling: Sampling, seed: int, processor, eos_id):
+    With guidance the batch holds the n active conditional rows, then their n unconditional rows in the same
+    order; both halves are fed the same tokens and leave the batch together."""
+
+    def __init__(self, gen: Generator, rows: list, sampling: Sampling, seed: int, processor, eos_id,
+                 guidance: Optional[Guidance] = None):
         self.gen, self.rows, self.sampling, self.processor, self.eos_id = gen, rows, sampling, processor, eos_id
+        self.guidance = guidance
         self.rng = torch.Generator(gen.device).manual_seed(seed)
         self.prefill_s = 0.0
 
     def __iter__(self):
-        gen, rows = self.gen, self.rows
+        gen, rows, guided = self.gen, self.rows, self.guidance is not None
         if all(row.budget == 0 for row in rows):
             return
         device = gen.device
-        max_len = max(len(row.prompt) + row.budget for row in rows)
-        cache = KVCache.for_model(gen.args, len(rows), max_len, dtype=gen.dtype, device=device)
+        prompts = [row.prompt for row in rows] + (self.guidance.negatives if guided else [])
+        budgets = [row.budget for row in rows] * (2 if guided else 1)
+        max_len = max(len(prompt) + budget for prompt, budget in zip(prompts, budgets))
+        cache = KVCache.for_model(gen.args, len(prompts), max_len, dtype=gen.dtype, device=device)
         seen = self.seen_tokens() if self.sampling.repetition_penalty != 1 else None
         if self.processor is not None:
             self.processor.reset(len(rows))
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = torch.cat([gen.prefill(cache, i, row.prompt) for i, row in enumerate(rows)])
-            positions = torch.tensor([[len(row.prompt)] for row in rows], device=device)   # of the next token
-        active = list(range(len(rows)))   # prompt index of each batch row
+            logits = torch.cat([gen.prefill(cache, i, prompt) for i, prompt in enumerate(prompts)])
+            positions = torch.tensor([[len(prompt)] for prompt in prompts], device=device)   # of the next token
+        active = list(range(len(rows)))   # prompt index of each (conditional) batch row
         self.prefill_s = time.perf_counter() - start
         for row in rows:
             row.prefill_end = start + self.prefill_s
@@ -487,15 +540,19 @@ class DecodeSteps:
             with torch.inference_mode():
                 if len(keep) < len(active):   # compact: finished rows leave the batch and the cache
                     keep_t = torch.tensor(keep, device=device)
-                    cache.keep_rows(keep_t)
-                    tokens, positions = tokens[keep_t], positions[keep_t]
+                    cache_rows = torch.cat([keep_t, keep_t + len(active)]) if guided else keep_t
+                    cache.keep_rows(cache_rows)
+                    tokens, positions = tokens[keep_t], positions[cache_rows]
                     seen = seen[keep_t] if seen is not None else None
                     active = [active[i] for i in keep]
-                logits = gen.forward(tokens[:, None], positions, cache, slice(0, len(active)))
+                fed = torch.cat([tokens, tokens]) if guided else tokens
+                logits = gen.forward(fed[:, None], positions, cache, slice(0, len(fed)))
                 positions += 1
 
     def pick(self, logits, active: list, seen):
         """The next token of each active row [n]; `seen` learns them."""
+        if self.guidance is not None:
+            logits = self.guidance.combine(logits)
         if seen is not None:
             penalize_repeats(logits, seen, self.sampling.repetition_penalty)
         if self.processor is not None:
@@ -568,6 +625,9 @@ def main(argv=None):
     parser.add_argument("--repetition-penalty", type=float, default=1.0)
     parser.add_argument("--stop", action="append", help="a stop string; repeatable")
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: off)")
+    parser.add_argument("--negative-prompt", action="append",
+                        help="the unconditional prompt for guidance; one per prompt (default: its last token)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     parser.add_argument("--prefill-chunk", type=int, default=512)
@@ -579,7 +639,8 @@ def main(argv=None):
                                     prefill_chunk=args.prefill_chunk, onednn=not args.no_onednn)
     results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
-                           repetition_penalty=args.repetition_penalty)
+                           repetition_penalty=args.repetition_penalty, guidance_scale=args.guidance_scale,
+                           negative_prompts=args.negative_prompt)
     for i, r in enumerate(results):
         if args.jsonl:
             print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}))

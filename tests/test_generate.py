@@ -113,6 +113,34 @@ def test_repetition_penalty_matches_transformers(tokenizer):
     assert result.token_ids == hf_greedy(hf, prompts, 20, repetition_penalty=1.5)[0]
 
 
+@pytest.mark.parametrize("scale, negative", [(1.5, None), (3.0, 7), (0.5, 4)])
+def test_classifier_free_guidance_matches_transformers(tokenizer, scale, negative):
+    """transformers' guidance_scale / negative_prompt_ids (default: the prompt's last token), past the window."""
+    hf, ours = hf_and_ours(window=8)
+    prompts = random_prompts(11)
+    negatives = None if negative is None else random_prompts(negative)
+    extra = {} if negatives is None else {"negative_prompt_ids": torch.tensor(negatives)}
+    [result] = Generator(ours, tokenizer, prefill_chunk=4).generate(
+        prompts, max_new_tokens=18, guidance_scale=scale, negative_prompts=negatives, ignore_eos=True)
+    assert result.token_ids == hf_greedy(hf, prompts, 18, guidance_scale=scale, **extra)[0]
+
+
+def test_guided_batch_equals_each_prompt_guided_alone(tokenizer):
+    """Rows and their unconditional rows stay paired in a batch of mixed lengths, through a row leaving early."""
+    _, model = hf_and_ours(window=6)
+    gen = Generator(model, tokenizer, prefill_chunk=4)
+    prompts, negatives = random_prompts(9, 3, 14), random_prompts(2, 10, 5)
+    stops_early = ForceTokens([None, [5, 6, tokenizer.eos_id], None])
+    batched = gen.generate(prompts, max_new_tokens=12, guidance_scale=2.0, negative_prompts=negatives,
+                           logits_processor=stops_early)
+    assert len(batched[1].token_ids) == 3
+    for i in (0, 2):
+        [alone] = gen.generate([prompts[i]], max_new_tokens=12, guidance_scale=2.0, negative_prompts=[negatives[i]])
+        assert batched[i].token_ids == alone.token_ids
+    unguided = gen.generate(prompts[:1], max_new_tokens=12)
+    assert gen.generate(prompts[:1], max_new_tokens=12, guidance_scale=1)[0].token_ids == unguided[0].token_ids
+
+
 # ---------------------------------------------------------------------------------------------- the cache
 
 @pytest.mark.parametrize("window", [6, None])
@@ -288,6 +316,10 @@ def test_top_k_and_top_p_restrict_the_draws():
     (["ok"], {"stop": ["a", None]}, "stop"),
     (["ok"], {"seed": "1"}, "seed"),
     (["ok"], {"logits_processor": object()}, "logits_processor"),
+    (["ok"], {"guidance_scale": float("nan")}, "guidance_scale"),
+    (["ok"], {"negative_prompts": ["a"]}, "guidance_scale != 1"),
+    (["ok"], {"guidance_scale": 2.0, "negative_prompts": ["a", "b"]}, "one entry per prompt"),
+    (["ok"], {"guidance_scale": 2.0, "negative_prompts": [[]]}, r"negative_prompts\[0\] is empty"),
 ])
 def test_bad_input_raises_a_clear_value_error(tokenizer, prompts, options, message):
     _, model = hf_and_ours(window=None, max_seq_len=256)
@@ -320,3 +352,11 @@ def test_from_pretrained_and_command_line(tokenizer, tmp_path):
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["token_ids"] for line in done.stdout.splitlines()] == expected
     assert "tok/s" in done.stderr
+    guided = [r.token_ids for r in loaded.generate(prompts, max_new_tokens=6, guidance_scale=2.0,
+                                                   negative_prompts=["Report", "Right"])]
+    done = subprocess.run([sys.executable, "-m", "cancerllm.generate", "--model", str(tmp_path), "--prompt",
+                           prompts[0], "--prompt", prompts[1], "--max-new-tokens", "6", "--jsonl",
+                           "--guidance-scale", "2", "--negative-prompt", "Report", "--negative-prompt", "Right"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["token_ids"] for line in done.stdout.splitlines()] == guided

@@ -60,7 +60,10 @@ def test_generator_task_helpers(checkpoint):
     gen = Generator.from_pretrained(checkpoint)
     fields = gen.extract_phenotypes("FINAL DIAGNOSIS: Left breast, invasive ductal carcinoma.", max_new_tokens=800)
     assert list(fields) == list(FIELDS)
+    guided = gen.extract_phenotypes("Right lung, adenocarcinoma.", max_new_tokens=800, guidance_scale=2.0)
+    assert list(guided) == list(FIELDS)     # guidance reshapes the scores, the schema still bounds the answer
     assert isinstance(gen.generate_diagnosis("Left breast mass.", max_new_tokens=8), str)
+    assert isinstance(gen.generate_diagnosis("Left breast mass.", max_new_tokens=8, guidance_scale=1.5), str)
     with pytest.raises(ValueError, match="non-empty"):
         gen.extract_phenotypes("  ")
 
@@ -68,8 +71,10 @@ def test_generator_task_helpers(checkpoint):
 @pytest.mark.parametrize("task", ["phenotype-qa", "phenotype-json", "diagnosis"])
 def test_eval_cli_end_to_end(task, checkpoint, data, tmp_path):
     cancer_eval.main(["--checkpoint", str(checkpoint), "--task", task, "--data", str(data), "--out", str(tmp_path),
-                      "--limit", "2", "--max-new-tokens", "6", "--perturb", "misspell,ocr,counterfactual"])
+                      "--limit", "2", "--max-new-tokens", "6", "--perturb", "misspell,ocr,counterfactual",
+                      "--guidance-scale", "1.5"])
     result = json.loads((tmp_path / f"eval_{task}_test.json").read_text())
+    assert result["guidance_scale"] == 1.5
     table = (tmp_path / f"eval_{task}_test.md").read_text()
     assert set(result["systems"]) == {"model", "majority", "regex"}
     assert result["n_reports"] == 2

@@ -43,28 +43,45 @@ def task_prompt(task: str, report: str, templates: dict, field: str = None) -> s
     return render_prompt(templates, instruction, report)
 
 
+def no_report_prompt(task: str, templates: dict, field: str = None) -> str:
+    """The task's prompt with an empty report: the negative prompt of classifier-free guidance, whose answer is
+    what the model says from the instruction alone (its prior over values)."""
+    return task_prompt(task, "", templates, field)
+
+
 def _prepared(report: str, task: str, max_report_chars, templates):
     if not isinstance(report, str) or not report.strip():
         raise ValueError("report must be a non-empty string")
     return task_inputs(report.strip(), max_report_chars, templates, Counter())[task]
 
 
-def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=2000) -> dict:
+def guided(task: str, templates: dict, guidance_scale: float) -> dict:
+    """Generator options for classifier-free guidance against the prompt without a report (1: off)."""
+    if guidance_scale == 1:
+        return {}
+    return {"guidance_scale": guidance_scale, "negative_prompts": [no_report_prompt(task, templates)]}
+
+
+def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=2000,
+                       guidance_scale: float = 1.0) -> dict:
     """{field: value or None} for every phenotype field, decoded under the schema."""
     templates = load_templates()
     prompt = task_prompt("phenotype-json", _prepared(report, "phenotype-json", max_report_chars, templates),
                          templates)
-    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0,
-                                stop=templates["stop"], logits_processor=json_processor(generator))[0]
+    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"],
+                                logits_processor=json_processor(generator),
+                                **guided("phenotype-json", templates, guidance_scale))[0]
     fields = parse_phenotypes(result.text)
     if fields is None:
         raise ValueError(f"the answer did not complete within max_new_tokens={max_new_tokens}: {result.text!r}")
     return fields
 
 
-def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=2000) -> str:
+def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=2000,
+                       guidance_scale: float = 1.0) -> str:
     """A one-line diagnosis statement for the report (its final-diagnosis section, if any, is not shown)."""
     templates = load_templates()
     prompt = task_prompt("diagnosis", _prepared(report, "diagnosis", max_report_chars, templates), templates)
-    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"])
+    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"],
+                                **guided("diagnosis", templates, guidance_scale))
     return result[0].text.strip()
