@@ -2,8 +2,8 @@
 
 1. task datasets from the bundled TCGA reports and registry labels, split by patient (cancerllm.tasks.build);
 2. a domain tokenizer (8,000 pieces) trained on the training patients' reports;
-3. pretraining shards of those reports, then pretraining of the `small` preset with `torchrun` on 2 processes
-   (configs/cpu-small.toml);
+3. pretraining shards of those reports, then pretraining from scratch of a 7M-parameter Mistral (the `small` preset
+   narrowed to 4 layers of width 256) with `torchrun` on 2 processes (configs/cpu-small.toml);
 4. SFT shards of the task training examples, then instruction tuning of that export (configs/cpu-small-sft.toml);
 5. evaluation on the test patients, beside the majority and regular-expression baselines, on clean and perturbed
    reports (cancerllm.eval);
@@ -107,7 +107,7 @@ def plot_losses(stages: dict, out: Path):
         offset += max((r["step"] for r in records), default=0)
     ax.set_xlabel("optimizer step (pretraining, then SFT)")
     ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title("cancerllm demo: small preset on TCGA reports, 2 CPU processes")
+    ax.set_title("cancerllm demo: pretraining and SFT on TCGA reports, 2 CPU processes")
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=120)
@@ -115,8 +115,8 @@ def plot_losses(stages: dict, out: Path):
 
 def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) -> str:
     lines = ["# cancerllm demo", "",
-             f"`small` preset ({info['parameters']:,} parameters, domain vocabulary of {info['vocab']:,}) pretrained "
-             f"on {info['pretrain_reports']} training patients' TCGA reports, then instruction-tuned on "
+             f"A Mistral of {info['parameters']:,} parameters ({info['shape']}, domain vocabulary of "
+             f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
              + f" examples (phenotype-json: {JSON_EPOCHS} passes over the training reports); evaluated on the "
              "test patients (never seen in training). 2 CPU processes.", "",
@@ -183,6 +183,7 @@ def main(argv=None):
     from .checkpoint import read_config
     model_args, _ = read_config(RUN / "sft/export/config.json")
     info = {"parameters": model_args.num_params(), "vocab": tokenizer.vocab_size, "pretrain_reports": n_reports,
+            "shape": f"{model_args.n_layers} layers, width {model_args.dim}",
             "sft_examples": sft_examples, "pretrain_loss": loss_span(stages["pretraining"]),
             "sft_loss": loss_span(stages["SFT"])}
     (reports / "demo.md").write_text(summary_markdown(results, timings, info, reports))
