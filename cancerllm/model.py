@@ -76,7 +76,8 @@ class ModelArgs:
 PRESETS = {
     # Mistral-7B-v0.1, exactly.
     "mistral-7b": dict(),
-    # CPU sizes: ~1M parameters for tests, ~34M for the CPU demo (most of it the 32k-vocabulary embeddings).
+    # CPU sizes: ~1M parameters for tests; ~34M for CPU benchmarks (most of it the 32k-vocabulary embeddings),
+    # which the CPU demo narrows to 7M (configs/cpu-small.toml).
     "tiny": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=176, vocab_size=8192,
                  sliding_window=32, max_seq_len=512),
     "small": dict(dim=384, n_layers=6, n_heads=6, n_kv_heads=2, head_dim=64, hidden_dim=1024, vocab_size=32000,
