@@ -116,7 +116,8 @@ def plot_losses(stages: dict, out: Path):
 def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) -> str:
     lines = ["# cancerllm demo", "",
              f"A Mistral of {info['parameters']:,} parameters ({info['shape']}, domain vocabulary of "
-             f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then instruction-tuned on "
+             f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then "
+             "instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
              + f" examples (phenotype-json: {JSON_EPOCHS} passes over the training reports); evaluated on the "
              "test patients (never seen in training). 2 CPU processes.", "",

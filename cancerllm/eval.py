@@ -63,8 +63,8 @@ def limit_patients(records: list, limit) -> list:
 class ModelSystem:
     """Batched greedy generation through cancerllm.Generator; JSON answers decoded under the schema.
 
-    guidance_scale != 1: classifier-free guidance against the same prompt with an empty report (api.no_report_prompt),
-    which weighs what the report says against what the model answers without one."""
+    guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
+    (api.no_report_prompt), which weighs what the report says against what the model answers without one."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
                  guidance_scale=1.0):

@@ -40,8 +40,9 @@ How a call runs
 Sampling: logits are processed in fp32, in this order: classifier-free guidance when `guidance_scale` != 1,
 repetition penalty (Hugging Face's: a seen token's positive logit is divided by the penalty, a negative one
 multiplied; "seen" is the prompt plus what was generated), the logits processor, then temperature 0 -> greedy
-argmax, otherwise temperature, top-k, top-p and the draw. A `seed` makes sampling reproducible: the same prompts, options and seed give the same tokens (a row's
-draws depend on the batch it is in, since all rows share the call's generator).
+argmax, otherwise temperature, top-k, top-p and the draw. A `seed` makes sampling reproducible: the same prompts,
+options and seed give the same tokens (a row's draws depend on the batch it is in, since all rows share the call's
+generator).
 
 Logits processors (schema-constrained decoding) are objects with three methods:
     reset(batch_size)       once per call, before the first token; batch_size = number of prompts.
