@@ -23,7 +23,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .tasks import perturb as P
-from .tasks.api import json_processor, no_report_prompt, parse_phenotypes, task_prompt
+from .tasks.api import guided, json_processor, parse_phenotypes, task_prompt
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates
 from .tasks.fields import FIELDS
@@ -64,7 +64,7 @@ class ModelSystem:
     """Batched greedy generation through cancerllm.Generator; JSON answers decoded under the schema.
 
     guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
-    (api.no_report_prompt), which weighs what the report says against what the model answers without one."""
+    (api.guided), which weighs what the report says against what the model answers without one."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
                  guidance_scale=1.0):
@@ -79,13 +79,11 @@ class ModelSystem:
         out = []
         for i in tqdm(range(0, len(records), self.batch_size), desc=self.name, unit="batch", leave=False):
             batch = records[i:i + self.batch_size]
-            negatives = None if self.guidance_scale == 1 else [
-                no_report_prompt(r["task"], self.templates, r.get("field")) for r in batch]
+            guidance = guided(self.guidance_scale, self.templates, [(r["task"], r.get("field")) for r in batch])
             start = time.perf_counter()
             results = self.generator.generate([r["prompt"] for r in batch], max_new_tokens=self.max_new_tokens,
                                               temperature=0.0, stop=self.templates["stop"],
-                                              logits_processor=self.processor, guidance_scale=self.guidance_scale,
-                                              negative_prompts=negatives)
+                                              logits_processor=self.processor, **guidance)
             self.seconds += time.perf_counter() - start
             self.tokens += sum(len(r.token_ids) for r in results)
             out += [r.text.strip() for r in results]

@@ -7,7 +7,8 @@ import torch
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
-from cancerllm.tasks.build import build
+from cancerllm.tasks.api import task_prompt
+from cancerllm.tasks.build import build, load_templates
 from cancerllm.tasks.constrained import JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
@@ -66,6 +67,20 @@ def test_generator_task_helpers(checkpoint):
     assert isinstance(gen.generate_diagnosis("Left breast mass.", max_new_tokens=8, guidance_scale=1.5), str)
     with pytest.raises(ValueError, match="non-empty"):
         gen.extract_phenotypes("  ")
+
+
+def test_eval_guides_each_question_against_its_prompt_without_the_report(checkpoint, data):
+    records = cancer_eval.read_jsonl(data / "phenotype-qa" / "test.jsonl")[:4]
+    templates = load_templates()
+    system = cancer_eval.ModelSystem("model", checkpoint, "phenotype-qa", 8, 6, templates, guidance_scale=3.0)
+    prompts = [r["prompt"] for r in records]
+    negatives = [task_prompt(r["task"], "", templates, r["field"]) for r in records]
+    options = dict(max_new_tokens=6, temperature=0.0, stop=templates["stop"])
+    guided = [r.text.strip() for r in system.generator.generate(prompts, guidance_scale=3.0,
+                                                                negative_prompts=negatives, **options)]
+    unguided = [r.text.strip() for r in system.generator.generate(prompts, **options)]
+    assert guided != unguided            # so the comparison below can tell the two apart
+    assert system.answers(records) == guided
 
 
 @pytest.mark.parametrize("task", ["phenotype-qa", "phenotype-json", "diagnosis"])

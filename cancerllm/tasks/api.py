@@ -55,11 +55,13 @@ def _prepared(report: str, task: str, max_report_chars, templates):
     return task_inputs(report.strip(), max_report_chars, templates, Counter())[task]
 
 
-def guided(task: str, templates: dict, guidance_scale: float) -> dict:
-    """Generator options for classifier-free guidance against the prompt without a report (1: off)."""
+def guided(guidance_scale: float, templates: dict, questions) -> dict:
+    """Generator options for classifier-free guidance of a batch against each prompt without its report (1: off).
+    questions: (task, field or None) of each prompt in the batch."""
     if guidance_scale == 1:
         return {}
-    return {"guidance_scale": guidance_scale, "negative_prompts": [no_report_prompt(task, templates)]}
+    return {"guidance_scale": guidance_scale,
+            "negative_prompts": [no_report_prompt(task, templates, field) for task, field in questions]}
 
 
 def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=2000,
@@ -70,7 +72,7 @@ def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max
                          templates)
     result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"],
                                 logits_processor=json_processor(generator),
-                                **guided("phenotype-json", templates, guidance_scale))[0]
+                                **guided(guidance_scale, templates, [("phenotype-json", None)]))[0]
     fields = parse_phenotypes(result.text)
     if fields is None:
         raise ValueError(f"the answer did not complete within max_new_tokens={max_new_tokens}: {result.text!r}")
@@ -83,5 +85,5 @@ def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_
     templates = load_templates()
     prompt = task_prompt("diagnosis", _prepared(report, "diagnosis", max_report_chars, templates), templates)
     result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"],
-                                **guided("diagnosis", templates, guidance_scale))
+                                **guided(guidance_scale, templates, [("diagnosis", None)]))
     return result[0].text.strip()
