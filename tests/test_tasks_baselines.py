@@ -2,7 +2,7 @@ import pytest
 
 from cancerllm.tasks.baselines import majority_values, regex_extract
 from cancerllm.tasks.metrics import normalize_value
-from cancerllm.tasks.perturb import counterfactual, misspell, ocr_noise
+from cancerllm.tasks.perturb import counterfactual, counterfactual_all, misspell, ocr_noise
 
 
 @pytest.mark.parametrize("snippet, expected", [
@@ -67,3 +67,21 @@ def test_counterfactual_rewrites_the_text_and_the_gold_together():
         seen.add(field)
     assert len(seen) >= 3
     assert counterfactual("No tumor identified.", gold, seed=0) is None
+
+
+def test_counterfactual_all_rewrites_every_stated_value_and_its_gold():
+    gold = {"laterality": "Left", "grade": "G2", "pT": "T2", "pN": "N0", "pM": "MX", "stage": "Stage IIA",
+            "ER": "Positive", "PR": None, "HER2": "Negative", "gleason": None}
+    stated = {"laterality", "grade", "pT", "pN", "pM", "stage", "ER"}     # HER2's gold is not what the text says
+    report, fields, edited = counterfactual_all(REPORT, gold, seed=1, key="P1")
+    assert set(edited) == stated
+    found = regex_extract(report)
+    for f in gold:
+        if f in stated:
+            assert normalize_value(f, fields[f]) != normalize_value(f, gold[f])
+            assert normalize_value(f, found[f]) == normalize_value(f, fields[f])
+        else:
+            assert fields[f] == gold[f]
+    assert counterfactual_all(REPORT, gold, seed=1, key="P1") == (report, fields, edited)
+    assert counterfactual_all(REPORT, gold, seed=2, key="P1")[0] != report
+    assert counterfactual_all("No tumor identified.", gold, seed=0) is None

@@ -58,7 +58,7 @@ def ocr_noise(text: str, rate: float, seed: int = 0, key: str = "") -> str:
 
 
 def match_case(new: str, old: str) -> str:
-    if old.isalpha() and old.isupper() and len(old) > 1:     # LEFT -> RIGHT, but N0 -> N2a, not N2A
+    if old.isupper() and len(old) > 1 and new.isalpha():     # LEFT -> RIGHT, but NX -> N2a, not N2A
         return new.upper()
     return new[0].upper() + new[1:] if old[0].isupper() else new
 
@@ -79,6 +79,16 @@ def editable(field: str, gold_value, report: str):
     return (mentions, sorted(options)) if options else None
 
 
+def rewrite(report: str, field: str, mentions, target: str):
+    """The report with every mention of `field` rewritten to the normalised value `target` -> (report, new gold)."""
+    new_value = None
+    for m in sorted(mentions, key=lambda m: m.start, reverse=True):
+        surface = next(s for s in m.pattern.vocabulary if normalize_value(field, m.pattern.canonical(s)) == target)
+        report = report[:m.start] + match_case(surface, report[m.start:m.end]) + report[m.end:]
+        new_value = m.pattern.canonical(surface)
+    return report, new_value
+
+
 def counterfactual(report: str, fields: dict, seed: int = 0, key: str = ""):
     """-> (edited report, edited gold fields, the field edited), or None when no stated value can be edited."""
     rng = rng_for(seed, key)
@@ -86,13 +96,23 @@ def counterfactual(report: str, fields: dict, seed: int = 0, key: str = ""):
     if not candidates:
         return None
     field, mentions, options = rng.choice(candidates)
-    target = rng.choice(options)
-    new_value = None
-    for m in sorted(mentions, key=lambda m: m.start, reverse=True):
-        surface = next(s for s in m.pattern.vocabulary if normalize_value(field, m.pattern.canonical(s)) == target)
-        report = report[:m.start] + match_case(surface, report[m.start:m.end]) + report[m.end:]
-        new_value = m.pattern.canonical(surface)
+    report, new_value = rewrite(report, field, mentions, rng.choice(options))
     return report, {**fields, field: new_value}, field
+
+
+def counterfactual_all(report: str, fields: dict, seed: int = 0, key: str = ""):
+    """Every editable stated value rewritten at once (training augmentation: with the value drawn at random, only
+    the text predicts the answer) -> (edited report, edited gold fields, the fields edited), or None."""
+    rng = rng_for(seed, key)
+    edited = []
+    for field in PATTERNS:       # one field at a time: an edit shifts the offsets of the mentions after it
+        found = editable(field, fields.get(field), report)
+        if found:
+            mentions, options = found
+            report, new_value = rewrite(report, field, mentions, rng.choice(options))
+            fields = {**fields, field: new_value}
+            edited.append(field)
+    return (report, fields, edited) if edited else None
 
 
 PERTURBATIONS = ("misspell", "ocr", "counterfactual")
