@@ -3,9 +3,11 @@ import json
 
 import pytest
 
+from cancerllm.tasks.baselines import find_mentions
 from cancerllm.tasks.build import (TASKS, build, find_diagnosis_section, load_templates, split_patients,
                                    truncate_report)
 from cancerllm.tasks.fields import FIELDS
+from cancerllm.tasks.metrics import normalize_value
 
 LABEL_HEADER = open("data/tcga/patient_labels.csv").readline().strip().split(",")
 
@@ -13,7 +15,7 @@ LABEL_HEADER = open("data/tcga/patient_labels.csv").readline().strip().split(","
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     out = tmp_path_factory.mktemp("tasks")
-    return out, build(out=out, max_report_chars=1500, verbose=False)
+    return out, build(out=out, max_report_chars=1500, counterfactual_copies=2, verbose=False)
 
 
 def read(path):
@@ -49,6 +51,29 @@ def test_records_hold_prompt_completion_and_truncated_reports(built):
     assert all(r["completion"].endswith(".") and "\n" not in r["completion"] for r in dx)
     assert 0.5 < m["diagnosis_section"]["fraction_found"] <= 1
     assert m["truncation"]["truncated_phenotype"] > 0
+
+
+def test_counterfactual_copies_edit_training_reports_and_answers_together(built):
+    out, m = built
+    train = {r["patient_id"]: r for r in read(out / "phenotype-json" / "train.jsonl")}
+    edited = read(out / "phenotype-json" / "train-counterfactual.jsonl")
+    assert len(edited) == m["counterfactual_train"]["examples"]["phenotype-json"] > len(train) // 2
+    assert len(read(out / "phenotype-qa" / "train-counterfactual.jsonl")) == len(FIELDS) * len(edited)
+    assert sum(m["counterfactual_train"]["fields_edited"].values()) == sum(len(r["counterfactual"]) for r in edited)
+    copies = {}
+    for r in edited:
+        original = train[r["patient_id"]]                      # training patients only
+        copies[r["patient_id"]] = copies.get(r["patient_id"], 0) + 1
+        assert r["report"] != original["report"] and r["report"] in r["prompt"]
+        assert json.loads(r["completion"]) == r["fields"]
+        for f in FIELDS:
+            old, new = normalize_value(f, original["fields"][f]), normalize_value(f, r["fields"][f])
+            assert (old != new) == (f in r["counterfactual"])
+            if old != new:                                     # the text now states the new answer
+                assert new in {normalize_value(f, m.value) for m in find_mentions(f, r["report"])}
+    assert max(copies.values()) == 2
+    for split in ("val", "test"):
+        assert not any("counterfactual" in r for r in read(out / "phenotype-json" / f"{split}.jsonl"))
 
 
 def test_templates_come_from_the_file(tmp_path):

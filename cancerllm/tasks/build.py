@@ -8,6 +8,13 @@ Three tasks, each written as prompt/completion JSONL per split (train/val/test),
 Splits are by patient and seeded. Prompts come from templates.json. Every record also carries `task`,
 `patient_id`, the (possibly truncated) `report` and the gold `fields`, which evaluation and perturbation use.
 
+With --counterfactual-copies K, the training split of both phenotype tasks also gets
+`train-counterfactual.jsonl`: K copies of each training report that states a field's value in a standard way,
+every such value rewritten to another valid one and the answer with it (`perturb.counterfactual_all`). Mixed into
+SFT, these examples reward reading the value off the text, which the registry's skewed values otherwise make a
+model skip in favour of the most frequent answer. Validation and test are never edited, and the majority
+baseline reads train.jsonl only.
+
 Reports longer than --max-report-chars are cut to their head plus their key section (`truncate_report`): the
 synoptic/staging summary when the report has one, else the final-diagnosis section. Reports with empty text and
 reports without a registry row are counted and reported as failures, never silently dropped; a registry value
@@ -25,9 +32,11 @@ from collections import Counter
 from pathlib import Path
 
 from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
+from .perturb import counterfactual_all
 
 TEMPLATES_PATH = Path(__file__).with_name("templates.json")
 TASKS = ("phenotype-qa", "phenotype-json", "diagnosis")
+PHENOTYPE_TASKS = ("phenotype-qa", "phenotype-json")
 SPLITS = ("train", "val", "test")
 
 REPORT_COLUMNS = ("patient_id", "text")
@@ -216,6 +225,22 @@ def task_inputs(text: str, max_chars, templates: dict, stats: Counter) -> dict:
     return {"phenotype-qa": phenotype, "phenotype-json": phenotype, "diagnosis": diagnosis}
 
 
+def counterfactual_examples(records: list[dict], copies: int, seed: int, templates: dict):
+    """`copies` edited versions of each report (records: one per report) that states an editable value, as examples
+    of both phenotype tasks; seeded by patient and copy. -> ({task: examples}, Counter of the fields rewritten)."""
+    out, edits = {task: [] for task in PHENOTYPE_TASKS}, Counter()
+    for r in records:
+        for copy in range(copies):
+            edited = counterfactual_all(r["report"], r["fields"], seed, f"{r['patient_id']}:{copy}")
+            if edited:
+                report, fields, changed = edited
+                edits.update(changed)
+                for task in PHENOTYPE_TASKS:
+                    out[task] += [{**e, "counterfactual": changed}
+                                  for e in task_examples(task, r["patient_id"], report, fields, templates)]
+    return out, edits
+
+
 def split_patients(patient_ids, seed: int, val_frac: float, test_frac: float) -> dict:
     if not (0 <= val_frac < 1 and 0 <= test_frac < 1 and val_frac + test_frac < 1):
         raise ValueError(f"val_frac={val_frac} and test_frac={test_frac} must be in [0, 1) and sum below 1")
@@ -237,12 +262,15 @@ def token_stats(records, tokenizer) -> dict:
 
 
 def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv", out="runs/tasks", *, seed=0,
-          val_frac=0.1, test_frac=0.1, max_report_chars=2000, tokenizer=None, templates=TEMPLATES_PATH,
-          verbose=True) -> dict:
-    """Write {out}/{task}/{split}.jsonl and {out}/manifest.json; return the manifest (counts, failures, rules)."""
+          val_frac=0.1, test_frac=0.1, max_report_chars=2000, counterfactual_copies=0, tokenizer=None,
+          templates=TEMPLATES_PATH, verbose=True) -> dict:
+    """Write {out}/{task}/{split}.jsonl (and {task}/train-counterfactual.jsonl for the phenotype tasks when
+    counterfactual_copies > 0) and {out}/manifest.json; return the manifest (counts, failures, rules)."""
     from ..tokenizer import Tokenizer, mistral_tokenizer_path
     if max_report_chars is not None and max_report_chars < 300:
         raise ValueError(f"max_report_chars={max_report_chars}: too short to hold a report's head and key section")
+    if counterfactual_copies < 0:
+        raise ValueError(f"counterfactual_copies={counterfactual_copies} must be >= 0")
     templates_path, templates = Path(templates), load_templates(templates)
     tok = Tokenizer(tokenizer or mistral_tokenizer_path())
     report_rows = read_reports(reports)
@@ -265,10 +293,16 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         for task, report in task_inputs(r["text"], max_report_chars, templates, stats).items():
             records[task, split_of[r["patient_id"]]] += task_examples(task, r["patient_id"], report, fields,
                                                                      templates)
+    augmented, edits = {}, Counter()
+    if counterfactual_copies:
+        augmented, edits = counterfactual_examples(records["phenotype-json", "train"], counterfactual_copies, seed,
+                                                   templates)
     out = Path(out)
-    for (task, split), rows in records.items():
+    files = {(task, split): rows for (task, split), rows in records.items()}
+    files.update({(task, "train-counterfactual"): rows for task, rows in augmented.items()})
+    for (task, name), rows in files.items():
         (out / task).mkdir(parents=True, exist_ok=True)
-        with open(out / task / f"{split}.jsonl", "w") as f:
+        with open(out / task / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
     manifest = {
@@ -284,6 +318,9 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
                               "fraction_found": stats["diagnosis_section_found"] / max(len(kept), 1)},
         "truncation": {k: v for k, v in stats.items() if k.startswith("truncated")},
         "examples": {t: {s: len(records[t, s]) for s in SPLITS} for t in TASKS},
+        "counterfactual_train": {"copies": counterfactual_copies,
+                                 "examples": {t: len(rows) for t, rows in augmented.items()},
+                                 "fields_edited": dict(edits)},
         "tokens_per_example": {t: token_stats(records[t, "train"], tok) for t in TASKS},
         "schema": json_schema(),
     }
@@ -301,6 +338,10 @@ def print_summary(m: dict, out: Path):
     print(f"truncation to {m['max_report_chars']} chars: {m['truncation']}")
     for task, counts in m["examples"].items():
         print(f"{task:15s} {counts}  tokens/example (train) {m['tokens_per_example'][task]}")
+    cf = m["counterfactual_train"]
+    if cf["copies"]:
+        print(f"counterfactual training copies ({cf['copies']} per report): {cf['examples']}; "
+              f"values rewritten: {cf['fields_edited']}")
     print(f"unused registry columns: {', '.join(m['unused_registry_columns'])}")
     print(f"wrote {out}/<task>/<split>.jsonl and {out}/manifest.json")
 
@@ -315,12 +356,15 @@ def main(argv=None):
     p.add_argument("--test-frac", type=float, default=0.1)
     p.add_argument("--max-report-chars", type=int, default=2000,
                    help="cut longer reports to head + synoptic/diagnosis section; 0 keeps them whole")
+    p.add_argument("--counterfactual-copies", type=int, default=0,
+                   help="also write K edited copies of each training report as train-counterfactual.jsonl")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: Mistral's v1)")
     p.add_argument("--templates", default=str(TEMPLATES_PATH))
     a = p.parse_args(argv)
     try:
         build(a.reports, a.labels, a.out, seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac,
-              max_report_chars=a.max_report_chars or None, tokenizer=a.tokenizer, templates=a.templates)
+              max_report_chars=a.max_report_chars or None, counterfactual_copies=a.counterfactual_copies,
+              tokenizer=a.tokenizer, templates=a.templates)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.tasks.build: {e}")
 
