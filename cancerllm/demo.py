@@ -28,10 +28,13 @@ from .tokenizer import train as train_tokenizer
 RUN = Path("runs/demo")
 SFT_CONFIG = "configs/cpu-small-sft.toml"
 REPORTS_CSV = Path("data/tcga/reports.csv")
-# What the SFT stage sees: the phenotype-JSON examples several times over (the headline task; one report pass
-# teaches all 13 answers), every diagnosis example once, and a sample of the (13x larger) question-answering set,
-# so that the stage fits the CPU budget.
-JSON_EPOCHS = 4
+# What the SFT stage sees: each training report's phenotype-JSON example four times (the headline task; one
+# report pass teaches all 13 answers), every diagnosis example once, and a sample of the (13x larger)
+# question-answering set, so that the stage fits the CPU budget. Two of a report's four JSON passes are
+# counterfactual copies when it states a value the regular expressions can rewrite (tasks.build
+# --counterfactual-copies): the value changed in the text and in the answer, so that only reading gets it right.
+JSON_PASSES = 4
+COUNTERFACTUAL_COPIES = 2
 QA_SAMPLE = 1500
 # Task inputs are cut to the report's head plus its synoptic / diagnosis section: shorter rows let the CPU budget
 # cover more examples.
@@ -71,9 +74,20 @@ def write_pretraining_corpus(patients: set, out: Path) -> int:
     return n
 
 
+def json_passes(tasks_dir: Path) -> list:
+    """JSON_PASSES examples per training report, COUNTERFACTUAL_COPIES of them edited where the report allows."""
+    train = read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl")
+    edited = {}
+    for r in read_jsonl(tasks_dir / "phenotype-json" / "train-counterfactual.jsonl"):
+        edited.setdefault(r["patient_id"], []).append(r)
+    copies = [edited.get(r["patient_id"], [r] * COUNTERFACTUAL_COPIES)[k]
+              for k in range(COUNTERFACTUAL_COPIES) for r in train]
+    return train * (JSON_PASSES - COUNTERFACTUAL_COPIES) + copies
+
+
 def write_sft_mixture(tasks_dir: Path, out: Path, seed: int) -> dict:
     qa = read_jsonl(tasks_dir / "phenotype-qa" / "train.jsonl")
-    parts = {"phenotype-json": read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl") * JSON_EPOCHS,
+    parts = {"phenotype-json": json_passes(tasks_dir),
              "diagnosis": read_jsonl(tasks_dir / "diagnosis" / "train.jsonl"),
              "phenotype-qa": random.Random(seed).sample(qa, min(QA_SAMPLE, len(qa)))}
     rows = [r for part in parts.values() for r in part]
@@ -119,7 +133,8 @@ def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) ->
              f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then "
              "instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
-             + f" examples (phenotype-json: {JSON_EPOCHS} passes over the training reports); evaluated on the "
+             + f" examples (phenotype-json: {JSON_PASSES} passes over the training reports, {COUNTERFACTUAL_COPIES} of"
+             " them counterfactual copies where a report states an editable value); evaluated on the "
              "test patients (never seen in training). 2 CPU processes.", "",
              "| stage | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
@@ -147,13 +162,16 @@ def main(argv=None):
     tasks_dir, tokenizer_prefix = RUN / "tasks", RUN / "tokenizer"
 
     t = step("1-2. task datasets (split by patient) and a domain tokenizer from the training patients' reports")
-    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, verbose=False)                    # fixes the patient split
+    # Built twice: first to fix the patient split (whose training reports train the tokenizer), then again, the
+    # same split stamped with that tokenizer and with the counterfactual training copies.
+    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, verbose=False)
     patients = training_patients(tasks_dir)
     n_reports = write_pretraining_corpus(patients, RUN / "pretrain.jsonl")
     corpus = RUN / "tokenizer_corpus.txt"
     corpus.write_text("\n".join(json.loads(line)["text"] for line in open(RUN / "pretrain.jsonl")))
     tokenizer = train_tokenizer([corpus], tokenizer_prefix, vocab_size=8000)
-    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path)         # same split, stamped with our tokenizer
+    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path,
+          counterfactual_copies=COUNTERFACTUAL_COPIES)
     timings["datasets and tokenizer"] = time.perf_counter() - t
 
     t = step("3. pretraining: shards, then torchrun train.py --config configs/cpu-small.toml")
