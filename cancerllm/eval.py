@@ -10,7 +10,8 @@ own tokenizer.model). Scores:
   (exact and ROUGE-1 match; an instance is one question, or one report's set of "field: value" items);
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
   the per-field F1 of the fields the statement states (read back with the regex extractor).
-Answers that do not parse (JSON task) count as all-null predictions and are reported. Each perturbation reruns
+Phenotype answers are decoded constrained (the JSON schema; a categorical question's values or "not mentioned")
+unless --unconstrained. Answers that do not parse (JSON task) count as all-null predictions and are reported. Each perturbation reruns
 the same examples with perturbed reports; its table gives the headline F1 on those examples, clean and perturbed.
 Writes eval_{task}_{split}.md and .json to --out.
 """
@@ -23,7 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .tasks import perturb as P
-from .tasks.api import guided, json_processor, parse_phenotypes, task_prompt
+from .tasks.api import answer_processor, guided, json_processor, parse_phenotypes, task_prompt
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates
 from .tasks.fields import FIELDS
@@ -61,7 +62,9 @@ def limit_patients(records: list, limit) -> list:
 # ---------------------------------------------------------------------------------------------- systems
 
 class ModelSystem:
-    """Batched greedy generation through cancerllm.Generator; JSON answers decoded under the schema.
+    """Batched greedy generation through cancerllm.Generator. Constrained (the default): JSON answers decoded under
+    the schema, and each question about a categorical field answered with one of its values or "not mentioned"
+    (questions are batched by field, so a batch shares one grammar).
 
     guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
     (api.guided), which weighs what the report says against what the model answers without one."""
@@ -71,22 +74,38 @@ class ModelSystem:
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint)
-        self.max_new_tokens, self.guidance_scale = max_new_tokens, guidance_scale
-        self.processor = json_processor(self.generator) if task == "phenotype-json" and constrained else None
+        self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
         self.tokens, self.seconds = 0, 0.0
 
+    def processor(self, record):
+        if not self.constrained:
+            return None
+        if self.task == "phenotype-json":
+            return json_processor(self.generator)
+        if self.task == "phenotype-qa":
+            return answer_processor(self.generator, record["field"], self.templates)
+        return None
+
+    def batches(self, records):
+        """Index lists of at most batch_size records, one question field per batch."""
+        groups = {}
+        for i, r in enumerate(records):
+            groups.setdefault(r.get("field"), []).append(i)
+        return [idx[i:i + self.batch_size] for idx in groups.values() for i in range(0, len(idx), self.batch_size)]
+
     def answers(self, records) -> list[str]:
-        out = []
-        for i in tqdm(range(0, len(records), self.batch_size), desc=self.name, unit="batch", leave=False):
-            batch = records[i:i + self.batch_size]
+        out = [None] * len(records)
+        for idx in tqdm(self.batches(records), desc=self.name, unit="batch", leave=False):
+            batch = [records[i] for i in idx]
             guidance = guided(self.guidance_scale, self.templates, [(r["task"], r.get("field")) for r in batch])
             start = time.perf_counter()
             results = self.generator.generate([r["prompt"] for r in batch], max_new_tokens=self.max_new_tokens,
                                               temperature=0.0, stop=self.templates["stop"],
-                                              logits_processor=self.processor, **guidance)
+                                              logits_processor=self.processor(batch[0]), **guidance)
             self.seconds += time.perf_counter() - start
             self.tokens += sum(len(r.token_ids) for r in results)
-            out += [r.text.strip() for r in results]
+            for i, r in zip(idx, results):
+                out[i] = r.text.strip()
         return out
 
 
@@ -260,7 +279,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     clean = {s.name: s.answers(records) for s in systems}
     result = {"task": task, "split": split, "checkpoint": str(checkpoint), "n_examples": len(records),
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
-              "constrained": constrained and task == "phenotype-json",
+              "constrained": constrained and task != "diagnosis",
               "guidance_scale": guidance_scale,
               "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
               "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
@@ -308,7 +327,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="perturbation seed")
     p.add_argument("--misspell-rate", type=float, default=0.1)
     p.add_argument("--ocr-rate", type=float, default=0.05)
-    p.add_argument("--unconstrained", action="store_true", help="decode JSON answers without the schema")
+    p.add_argument("--unconstrained", action="store_true", help="decode JSON answers without the schema and questions without their field's values")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
     a = p.parse_args(argv)

@@ -9,7 +9,7 @@ from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
 from cancerllm.tasks.api import task_prompt
 from cancerllm.tasks.build import build, load_templates
-from cancerllm.tasks.constrained import JsonSchemaProcessor
+from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from cancerllm.tokenizer import train as train_tokenizer
@@ -57,6 +57,36 @@ def test_constrained_output_always_parses_with_exactly_the_keys(checkpoint):
         json.loads(unconstrained)
 
 
+def test_choice_processor_allows_exactly_one_choice(checkpoint):
+    gen = Generator.from_pretrained(checkpoint)
+    choices = ALLOWED["pN"] + ["not mentioned"]
+    proc = ChoiceProcessor(gen.tokenizer, choices, vocab_size=gen.args.vocab_size)
+    seen = set()
+    for seed in range(3):
+        for r in gen.generate(["Report: pT2 N0.", "x", "Q:"], max_new_tokens=40, temperature=1.0, seed=seed,
+                              logits_processor=proc):
+            assert r.finish_reason == "eos" and r.text.strip() in choices, r.text
+            seen.add(r.text.strip())
+    assert len(seen) > 1                  # sampling explores the choices, the grammar still bounds them
+    with pytest.raises(ValueError, match="at least one choice"):
+        ChoiceProcessor(gen.tokenizer, [])
+
+
+def test_eval_answers_each_question_from_its_fields_values(checkpoint, data):
+    records = cancer_eval.read_jsonl(data / "phenotype-qa" / "test.jsonl")[:26]    # two reports, fields interleaved
+    templates = load_templates()
+    constrained = cancer_eval.ModelSystem("model", checkpoint, "phenotype-qa", 4, 40, templates)
+    answers = constrained.answers(records)
+    free = cancer_eval.ModelSystem("model", checkpoint, "phenotype-qa", 4, 40, templates, constrained=False)
+    free_answers = free.answers(records)
+    for r, a, f in zip(records, answers, free_answers):
+        if r["field"] in ALLOWED:
+            assert a in ALLOWED[r["field"]] + ["not mentioned"], (r["field"], a)
+        else:                              # free text: the same answer as unconstrained, in the record's place
+            assert a == f
+    assert any(f not in ALLOWED.get(r["field"], [f]) + ["not mentioned"] for r, f in zip(records, free_answers))
+
+
 def test_generator_task_helpers(checkpoint):
     gen = Generator.from_pretrained(checkpoint)
     fields = gen.extract_phenotypes("FINAL DIAGNOSIS: Left breast, invasive ductal carcinoma.", max_new_tokens=800)
@@ -72,7 +102,8 @@ def test_generator_task_helpers(checkpoint):
 def test_eval_guides_each_question_against_its_prompt_without_the_report(checkpoint, data):
     records = cancer_eval.read_jsonl(data / "phenotype-qa" / "test.jsonl")[:4]
     templates = load_templates()
-    system = cancer_eval.ModelSystem("model", checkpoint, "phenotype-qa", 8, 6, templates, guidance_scale=3.0)
+    system = cancer_eval.ModelSystem("model", checkpoint, "phenotype-qa", 8, 6, templates, constrained=False,
+                                     guidance_scale=3.0)
     prompts = [r["prompt"] for r in records]
     negatives = [task_prompt(r["task"], "", templates, r["field"]) for r in records]
     options = dict(max_new_tokens=6, temperature=0.0, stop=templates["stop"])

@@ -8,18 +8,32 @@ import json
 from collections import Counter
 
 from .build import load_templates, render_prompt, task_inputs
-from .fields import FIELDS
+from .fields import ALLOWED, FIELDS
 
 _processors = {}
 
 
-def json_processor(generator):
-    """One JsonSchemaProcessor per (tokenizer file, vocabulary width): building one indexes the whole vocabulary."""
-    from .constrained import JsonSchemaProcessor
-    key = (str(generator.tokenizer.path), generator.args.vocab_size)
+def _cached(generator, key, build):
+    key = (str(generator.tokenizer.path), generator.args.vocab_size, *key)
     if key not in _processors:
-        _processors[key] = JsonSchemaProcessor(generator.tokenizer, vocab_size=generator.args.vocab_size)
+        _processors[key] = build(generator.tokenizer, vocab_size=generator.args.vocab_size)
     return _processors[key]
+
+
+def json_processor(generator):
+    """The JSON-schema processor for the generator's tokenizer, built once and reused."""
+    from .constrained import JsonSchemaProcessor
+    return _cached(generator, ("json",), JsonSchemaProcessor)
+
+
+def answer_processor(generator, field: str, templates: dict):
+    """For a question about a categorical field: its allowed values or the not-mentioned answer, and nothing
+    else. None for the free-text fields (primary site, histology)."""
+    from .constrained import ChoiceProcessor
+    if field not in ALLOWED:
+        return None
+    choices = ALLOWED[field] + [templates["not_mentioned"]]
+    return _cached(generator, ("choice", *choices), lambda tok, vocab_size: ChoiceProcessor(tok, choices, vocab_size))
 
 
 def parse_phenotypes(text: str):

@@ -1,4 +1,5 @@
-"""Schema-constrained JSON decoding for the phenotype-json task, as a logits processor for cancerllm.Generator.
+"""Constrained decoding for the phenotype tasks, as logits processors for cancerllm.Generator: the JSON answer under
+the phenotype schema, and a question's answer restricted to its field's values or "not mentioned".
 
 Why xgrammar rather than our own state machine: masking a 32k sentencepiece vocabulary against a JSON schema means
 knowing, per step, which token strings (with byte-fallback pieces, '▁' spaces and multi-character merges) keep the
@@ -10,7 +11,8 @@ pinned torch (it needs torch>=1.10 and transformers, both present) and is mainta
 The grammar is fields.json_schema() with no free whitespace, so keys come in FIELDS order with json.dumps's
 separators: exactly the form the SFT completions were written in (build.json_answer), plus one optional leading
 space, because sentencepiece encodes a completion with its dummy prefix ('▁{"'), the token a trained model
-expects to emit first.
+expects to emit first. A question about a categorical field is answered the same way, from a grammar whose
+root is the choice between the field's allowed values and the not-mentioned answer.
 """
 import json
 
@@ -20,12 +22,25 @@ import xgrammar as xgr
 from .fields import json_schema
 
 
-class JsonSchemaProcessor:
-    """reset(batch_size) / mask(logits, rows) / advance(row, token_id), the Generator's logits-processor protocol.
+def optional_space(body: "xgr.Grammar") -> "xgr.Grammar":
+    # sentencepiece encodes a completion with its dummy prefix, so a trained model's first token starts with '▁'.
+    return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " " | ""'), body)
+
+
+def choice_grammar(choices) -> "xgr.Grammar":
+    """Exactly one of the strings `choices`."""
+    if not choices:
+        raise ValueError("choice_grammar needs at least one choice")
+    return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in choices))
+
+
+class GrammarProcessor:
+    """reset(batch_size) / mask(logits, rows) / advance(row, token_id), the Generator's logits-processor protocol:
+    every row's output is kept a prefix of a sentence of `grammar` (then only the stop token is allowed).
 
     tokenizer: cancerllm.Tokenizer; vocab_size: the model's logits width (>= the tokenizer's pieces)."""
 
-    def __init__(self, tokenizer, schema: dict = None, vocab_size: int = None):
+    def __init__(self, tokenizer, grammar: "xgr.Grammar", vocab_size: int = None):
         self.vocab_size = vocab_size or tokenizer.vocab_size
         if self.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's "
@@ -33,9 +48,6 @@ class JsonSchemaProcessor:
         pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
         info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.BYTE_FALLBACK, vocab_size=self.vocab_size,
                                  stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
-        body = xgr.Grammar.from_json_schema(json.dumps(schema or json_schema()), any_whitespace=False,
-                                            strict_mode=True)
-        grammar = xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " " | ""'), body)
         self.grammar = xgr.GrammarCompiler(info).compile_grammar(grammar)
         self.matchers, self.bitmask = [], None
 
@@ -52,7 +64,23 @@ class JsonSchemaProcessor:
 
     def advance(self, row: int, token_id: int) -> None:
         matcher = self.matchers[row]
-        if matcher.is_terminated():       # the object is closed; only the stop token was allowed
+        if matcher.is_terminated():       # the answer is complete; only the stop token was allowed
             return
         if not matcher.accept_token(token_id):
-            raise RuntimeError(f"row {row}: token {token_id} breaks the JSON schema although it was masked in")
+            raise RuntimeError(f"row {row}: token {token_id} breaks the grammar although it was masked in")
+
+
+class JsonSchemaProcessor(GrammarProcessor):
+    """The phenotype object (fields.json_schema() unless `schema` is given), keys in order, no free whitespace."""
+
+    def __init__(self, tokenizer, schema: dict = None, vocab_size: int = None):
+        body = xgr.Grammar.from_json_schema(json.dumps(schema or json_schema()), any_whitespace=False,
+                                            strict_mode=True)
+        super().__init__(tokenizer, optional_space(body), vocab_size)
+
+
+class ChoiceProcessor(GrammarProcessor):
+    """One of `choices`, e.g. a categorical field's allowed values and the not-mentioned answer."""
+
+    def __init__(self, tokenizer, choices, vocab_size: int = None):
+        super().__init__(tokenizer, optional_space(choice_grammar(choices)), vocab_size)
