@@ -11,8 +11,9 @@ own tokenizer.model). Scores:
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
   the per-field F1 of the fields the statement states (read back with the regex extractor).
 Phenotype answers are decoded constrained (the JSON schema; a categorical question's values or "not mentioned")
-unless --unconstrained. Answers that do not parse (JSON task) count as all-null predictions and are reported. Each perturbation reruns
-the same examples with perturbed reports; its table gives the headline F1 on those examples, clean and perturbed.
+unless --unconstrained. Answers that do not parse (JSON task) count as all-null predictions and are reported.
+Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
+examples, clean and perturbed.
 Writes eval_{task}_{split}.md and .json to --out.
 """
 import argparse
@@ -327,7 +328,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="perturbation seed")
     p.add_argument("--misspell-rate", type=float, default=0.1)
     p.add_argument("--ocr-rate", type=float, default=0.05)
-    p.add_argument("--unconstrained", action="store_true", help="decode JSON answers without the schema and questions without their field's values")
+    p.add_argument("--unconstrained", action="store_true",
+                   help="decode JSON answers without the schema, and questions without their field's values")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
     a = p.parse_args(argv)

@@ -298,8 +298,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         augmented, edits = counterfactual_examples(records["phenotype-json", "train"], counterfactual_copies, seed,
                                                    templates)
     out = Path(out)
-    files = {(task, split): rows for (task, split), rows in records.items()}
-    files.update({(task, "train-counterfactual"): rows for task, rows in augmented.items()})
+    files = {**records, **{(task, "train-counterfactual"): rows for task, rows in augmented.items()}}
     for (task, name), rows in files.items():
         (out / task).mkdir(parents=True, exist_ok=True)
         with open(out / task / f"{name}.jsonl", "w") as f:
