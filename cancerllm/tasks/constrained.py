@@ -22,12 +22,12 @@ import xgrammar as xgr
 from .fields import json_schema
 
 
-def optional_space(body: "xgr.Grammar") -> "xgr.Grammar":
+def optional_space(body: xgr.Grammar) -> xgr.Grammar:
     # sentencepiece encodes a completion with its dummy prefix, so a trained model's first token starts with '▁'.
     return xgr.Grammar.concat(xgr.Grammar.from_ebnf('root ::= " " | ""'), body)
 
 
-def choice_grammar(choices) -> "xgr.Grammar":
+def choice_grammar(choices) -> xgr.Grammar:
     """Exactly one of the strings `choices`."""
     if not choices:
         raise ValueError("choice_grammar needs at least one choice")
@@ -40,7 +40,7 @@ class GrammarProcessor:
 
     tokenizer: cancerllm.Tokenizer; vocab_size: the model's logits width (>= the tokenizer's pieces)."""
 
-    def __init__(self, tokenizer, grammar: "xgr.Grammar", vocab_size: int = None):
+    def __init__(self, tokenizer, grammar: xgr.Grammar, vocab_size: int = None):
         self.vocab_size = vocab_size or tokenizer.vocab_size
         if self.vocab_size < tokenizer.vocab_size:
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's "
