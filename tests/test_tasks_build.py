@@ -149,9 +149,14 @@ def test_diagnosis_section_rule():
     assert find_diagnosis_section("Clinical diagnosis: mass. Gross: tan tissue.") is None
 
 
-def test_truncation_keeps_head_and_key_section():
-    text = "H" * 1000 + "SYNOPTIC DATA. pT2 N0" + "x" * 1000
-    cut, truncated, kept = truncate_report(text, 600, 1000, " [...] ")
-    assert truncated and kept and len(cut) == 600
-    assert cut.startswith("H" * 200) and "SYNOPTIC DATA. pT2 N0" in cut
-    assert truncate_report("short", 600, None, " [...] ") == ("short", False, False)
+def test_truncation_keeps_head_evidence_and_key_section():
+    filler = "Tan soft tissue. " * 60                       # 1,020 characters without a stated value
+    text = ("Head of the report. " * 15 + filler + "Estrogen receptor: positive. " + filler
+            + "SYNOPTIC DATA. Size 2 cm. Margins clear. " + filler + "Stage: pT2 pN1a. " + filler)
+    cut, truncated, evidence = truncate_report(text, 600, text.index("SYNOPTIC"), " [...] ")
+    assert truncated and evidence == 2 and len(cut) <= 600
+    assert cut.startswith("Head of the report. " * 10)
+    # the statements far from the key section survive, in text order, each set off by the marker
+    assert cut.index(" [...] Estrogen receptor: positive. ") < cut.index(" [...] SYNOPTIC DATA. Size 2 cm.")
+    assert cut.endswith(" [...] Stage: pT2 pN1a. ")
+    assert truncate_report("short", 600, None, " [...] ") == ("short", False, 0)

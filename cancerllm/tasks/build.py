@@ -15,7 +15,8 @@ SFT, these examples reward reading the value off the text, which the registry's 
 model skip in favour of the most frequent answer. Validation and test are never edited, and the majority
 baseline reads train.jsonl only.
 
-Reports longer than --max-report-chars are cut to their head plus their key section (`truncate_report`): the
+Reports longer than --max-report-chars are cut to their head, every sentence that states a staging, grade, receptor
+or Gleason value in a standard form, and as much of their key section as fits (`truncate_report`): the
 synoptic/staging summary when the report has one, else the final-diagnosis section. Reports with empty text and
 reports without a registry row are counted and reported as failures, never silently dropped; a registry value
 that is not an allowed form of its field is an error naming the file, line and column.
@@ -32,6 +33,7 @@ from collections import Counter
 from pathlib import Path
 
 from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
+from .baselines import find_mentions
 from .perturb import counterfactual_all
 
 TEMPLATES_PATH = Path(__file__).with_name("templates.json")
@@ -64,6 +66,11 @@ SECTION_END = re.compile(
     r"snomed codes|electronically signed|reviewed and approved)\s*[:.]", re.I)
 # The compact staging summary most TCGA reports carry (OCR sometimes eats the S of SYNOPTIC).
 SYNOPTIC = re.compile(r"S?YNOPTIC|CASE SYNOPSIS|Pathologic Stag(?:e|ing)|pTNM")
+# A sentence: up to and including its run of '.'/';' and the spaces after (reports are one line).
+SENTENCE = re.compile(r"[^.;]*(?:[.;]+|$)\s*")
+# Fields whose statements a truncated report keeps first, wherever they are: half of the pN, pM and stage values
+# the regular expressions find in a whole report used to fall outside a 1,200-character head-and-key-section cut.
+EVIDENCE_FIELDS = ("pT", "pN", "pM", "stage", "grade", "gleason", "ER", "PR", "HER2")
 
 
 def load_templates(path=TEMPLATES_PATH) -> dict:
@@ -152,14 +159,30 @@ def find_diagnosis_section(text: str):
 
 
 def truncate_report(text: str, max_chars, key_start, marker: str):
-    """Cut `text` to at most max_chars: its head, the marker, then as much of the key section (from key_start) as
-    fits. The head gets a third of the budget. -> (text, truncated, kept_key)."""
+    """Cut `text` to at most max_chars: its head (a third of the budget), then the sentences that state a staging,
+    grade, receptor or Gleason value in the regex baseline's standard forms (`EVIDENCE_FIELDS`), then the key
+    section's sentences from key_start on (or those after the head) while they fit; kept pieces stay in text order,
+    the marker between pieces that are not adjacent. -> (text, truncated, evidence sentences kept)."""
     if max_chars is None or len(text) <= max_chars:
-        return text, False, False
-    if key_start is None or key_start + 200 < max_chars:      # no key section, or it is (mostly) in the head
-        return text[:max_chars], True, False
+        return text, False, 0
     head = max_chars // 3
-    return text[:head] + marker + text[key_start:key_start + max_chars - head - len(marker)], True, True
+    sentences = [(m.start(), m.end()) for m in SENTENCE.finditer(text, head) if m.end() > m.start()]
+    evidence = [s for s in sentences if any(find_mentions(f, text[s[0]:s[1]]) for f in EVIDENCE_FIELDS)]
+    room, chosen = max_chars - head, set()
+    for span in evidence:                    # every one that fits, in text order
+        if span[1] - span[0] + len(marker) <= room:
+            chosen.add(span)
+            room -= span[1] - span[0] + len(marker)
+    for span in (s for s in sentences if s not in chosen and s[1] > (key_start or 0)):   # then a contiguous run
+        if span[1] - span[0] + len(marker) > room:
+            break
+        chosen.add(span)
+        room -= span[1] - span[0] + len(marker)
+    out, end = [text[:head]], head
+    for start, stop in sorted(chosen):
+        out += [marker if start != end else "", text[start:stop]]
+        end = stop
+    return "".join(out), True, len(chosen & set(evidence))
 
 
 def key_start(text: str, section):
@@ -218,10 +241,10 @@ def task_inputs(text: str, max_chars, templates: dict, stats: Counter) -> dict:
     marker = templates["truncation_marker"]
     phenotype, cut, kept = truncate_report(text, max_chars, key_start(text, section), marker)
     stats["truncated_phenotype"] += cut
-    stats["truncated_phenotype_kept_key"] += kept
+    stats["truncated_phenotype_evidence_sentences"] += kept
     diagnosis, cut, kept = truncate_report(without.strip(), max_chars, key_start(without, None), marker)
     stats["truncated_diagnosis"] += cut
-    stats["truncated_diagnosis_kept_key"] += kept
+    stats["truncated_diagnosis_evidence_sentences"] += kept
     return {"phenotype-qa": phenotype, "phenotype-json": phenotype, "diagnosis": diagnosis}
 
 
