@@ -36,8 +36,8 @@ REPORTS_CSV = Path("data/tcga/reports.csv")
 JSON_PASSES = 4
 COUNTERFACTUAL_COPIES = 2
 QA_SAMPLE = 1500
-# Task inputs are cut to the report's head plus its synoptic / diagnosis section: shorter rows let the CPU budget
-# cover more examples.
+# Task inputs are cut to the report's head, the sentences stating a staging, grade, receptor or Gleason value, and
+# its synoptic / diagnosis section (tasks.build.truncate_report): shorter rows let the CPU budget cover more examples.
 MAX_REPORT_CHARS = 1200
 EVAL_PLAN = [  # (task, reports evaluated or None for all, perturbations)
     ("phenotype-json", None, ("misspell", "ocr", "counterfactual")),

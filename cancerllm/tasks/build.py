@@ -291,7 +291,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     counterfactual_copies > 0) and {out}/manifest.json; return the manifest (counts, failures, rules)."""
     from ..tokenizer import Tokenizer, mistral_tokenizer_path
     if max_report_chars is not None and max_report_chars < 300:
-        raise ValueError(f"max_report_chars={max_report_chars}: too short to hold a report's head and key section")
+        raise ValueError(f"max_report_chars={max_report_chars}: too short for a report's head and key sentences")
     if counterfactual_copies < 0:
         raise ValueError(f"counterfactual_copies={counterfactual_copies} must be >= 0")
     templates_path, templates = Path(templates), load_templates(templates)
@@ -377,7 +377,8 @@ def main(argv=None):
     p.add_argument("--val-frac", type=float, default=0.1)
     p.add_argument("--test-frac", type=float, default=0.1)
     p.add_argument("--max-report-chars", type=int, default=2000,
-                   help="cut longer reports to head + synoptic/diagnosis section; 0 keeps them whole")
+                   help="cut longer reports to head + sentences stating a value + synoptic/diagnosis section; "
+                        "0 keeps them whole")
     p.add_argument("--counterfactual-copies", type=int, default=0,
                    help="also write K edited copies of each training report as train-counterfactual.jsonl")
     p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: Mistral's v1)")
