@@ -152,10 +152,14 @@ def loss_span(records) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seeds the patient split, the data and both trainings")
+    parser.add_argument("--train-seed", type=int, default=None,
+                        help="seed of the two training runs alone (default: --seed): vary it to measure the "
+                             "run-to-run spread on the same split and data")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--reports", default="reports", help="where the Markdown, JSON and PNG go")
     args = parser.parse_args(argv)
+    train_seed = args.seed if args.train_seed is None else args.train_seed
     started, timings = time.perf_counter(), {}
     shutil.rmtree(RUN, ignore_errors=True)
     RUN.mkdir(parents=True)
@@ -177,7 +181,7 @@ def main(argv=None):
     t = step("3. pretraining: shards, then torchrun train.py --config configs/cpu-small.toml")
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "pretrain.jsonl", "--tokenizer", tokenizer.path,
          "--out", RUN / "shards/pretrain", "--group-column", "patient_id", "--seed", args.seed], "pretraining prepare")
-    torchrun("configs/cpu-small.toml", args.seed, args.nproc)
+    torchrun("configs/cpu-small.toml", train_seed, args.nproc)
     timings["pretraining"] = time.perf_counter() - t
 
     t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}")
@@ -186,7 +190,7 @@ def main(argv=None):
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
          "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len],
         "SFT prepare")
-    torchrun(SFT_CONFIG, args.seed, args.nproc)
+    torchrun(SFT_CONFIG, train_seed, args.nproc)
     timings["instruction tuning"] = time.perf_counter() - t
 
     t = step("5. evaluation on the test patients, beside the baselines")

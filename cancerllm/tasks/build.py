@@ -32,8 +32,8 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
 from .baselines import find_mentions
+from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
 from .perturb import counterfactual_all
 
 TEMPLATES_PATH = Path(__file__).with_name("templates.json")
@@ -168,16 +168,20 @@ def truncate_report(text: str, max_chars, key_start, marker: str):
     head = max_chars // 3
     sentences = [(m.start(), m.end()) for m in SENTENCE.finditer(text, head) if m.end() > m.start()]
     evidence = [s for s in sentences if any(find_mentions(f, text[s[0]:s[1]]) for f in EVIDENCE_FIELDS)]
+
+    def cost(span):                          # a marker may precede each piece
+        return span[1] - span[0] + len(marker)
+
     room, chosen = max_chars - head, set()
     for span in evidence:                    # every one that fits, in text order
-        if span[1] - span[0] + len(marker) <= room:
+        if cost(span) <= room:
             chosen.add(span)
-            room -= span[1] - span[0] + len(marker)
+            room -= cost(span)
     for span in (s for s in sentences if s not in chosen and s[1] > (key_start or 0)):   # then a contiguous run
-        if span[1] - span[0] + len(marker) > room:
+        if cost(span) > room:
             break
         chosen.add(span)
-        room -= span[1] - span[0] + len(marker)
+        room -= cost(span)
     out, end = [text[:head]], head
     for start, stop in sorted(chosen):
         out += [marker if start != end else "", text[start:stop]]
