@@ -92,6 +92,40 @@ def test_linear_cross_entropy_all_ignored():
     assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("ignored_fraction", [0.8, 1.0])
+def test_linear_cross_entropy_dispatch_drops_ignored_rows(monkeypatch, backend, ignored_fraction):
+    """The dispatcher computes logits only for rows that carry loss (SFT prompts carry none); loss and gradients
+    still equal the float64 unfused loss over all rows, and ignored rows get exactly zero gradient."""
+    monkeypatch.setenv("CANCERLLM_KERNELS", backend)
+    hidden = torch.randn(37, 24, requires_grad=True)
+    weight = (0.3 * torch.randn(V, 24)).requires_grad_()
+    targets = torch.randint(0, V, (37,))
+    ignored = torch.rand(37) < ignored_fraction
+    targets[ignored] = -100
+    loss = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=8)
+    loss.backward()
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    reference.cross_entropy(h64 @ w64.T, targets).backward()
+    assert_close("loss", loss, reference.cross_entropy(h64.detach() @ w64.detach().T, targets), torch.float32)
+    assert_close("dhidden", hidden.grad, h64.grad, torch.float32)
+    assert_close("dweight", weight.grad, w64.grad, torch.float32)
+    assert torch.equal(hidden.grad[ignored], torch.zeros_like(hidden.grad[ignored]))
+
+
+def test_linear_cross_entropy_dispatch_passes_only_loss_rows(monkeypatch):
+    seen = []
+    real = reference.linear_cross_entropy
+    def recording(hidden, *args, **kwargs):
+        seen.append(hidden.shape[0])
+        return real(hidden, *args, **kwargs)
+    monkeypatch.setattr(reference, "linear_cross_entropy", recording)
+    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+    targets = torch.tensor([-100, 3, -100, -100, 7, -100])
+    kernels.linear_cross_entropy(torch.randn(6, 8), torch.randn(10, 8), targets)
+    assert seen == [2]
+
+
 def test_dispatch_forced_triton_on_cpu(monkeypatch):
     monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
     logits, targets = torch.randn(4, 30), torch.randint(0, 30, (4,))
