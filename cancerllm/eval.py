@@ -25,9 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .tasks import perturb as P
-from .tasks.api import answer_processor, guided, json_processor, parse_phenotypes, task_prompt
+from .tasks.api import answer_processor, guided, json_processor, parse_phenotypes
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
-from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates
+from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates, task_examples
 from .tasks.fields import FIELDS
 from .tasks.metrics import field_scores, instance_f1, normalize_value, text_scores
 
@@ -199,11 +199,8 @@ def perturb_records(records, kind, templates, seed, misspell_rate, ocr_rate):
                 skipped += 1
                 continue
             report, fields, _ = edited
-        new = {**r, "report": report, "fields": fields, "prompt": task_prompt(r["task"], report, templates,
-                                                                              r.get("field"))}
-        if r["task"] == "diagnosis":
-            new["completion"] = diagnosis_statement(fields, templates)
-        out.append(new)
+        rebuilt = task_examples(r["task"], key, report, fields, templates)
+        out.append({**r, **next(e for e in rebuilt if e.get("field") == r.get("field"))})
     return out, skipped
 
 
@@ -278,6 +275,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
                                    batch_size, budget, templates, constrained, guidance_scale))
 
     clean = {s.name: s.answers(records) for s in systems}
+    predictions = prediction_rows(records, clean)
     result = {"task": task, "split": split, "checkpoint": str(checkpoint), "n_examples": len(records),
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
               "constrained": constrained and task != "diagnosis",
@@ -291,26 +289,38 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
         for s in systems:
             base = [(r, a) for r, a in zip(records, clean[s.name]) if (r["patient_id"], r.get("field")) in kept]
             before = score(task, [r for r, _ in base], [a for _, a in base], templates)["headline"] if base else 0.0
-            after = score(task, perturbed, s.answers(perturbed), templates)["headline"] if perturbed else 0.0
+            answers = s.answers(perturbed)
+            predictions += prediction_rows(perturbed, {s.name: answers}, kind)
+            after = score(task, perturbed, answers, templates)["headline"] if perturbed else 0.0
             result["robustness"].append({"perturbation": kind, "system": s.name, "n": len(perturbed),
                                          "skipped_no_editable_value": skipped, "clean": before,
                                          "perturbed": after, "drop": before - after})
     result["speed"] = {s.name: {"tokens": s.tokens, "seconds": s.seconds,
                                 "tokens_per_s": s.tokens / s.seconds if s.seconds else 0.0}
                        for s in systems if isinstance(s, ModelSystem)}
-    write(result, Path(out), verbose)
+    write(result, predictions, Path(out), verbose)
     return result
 
 
-def write(result: dict, out: Path, verbose: bool):
+def prediction_rows(records, answers_by_system: dict, perturbation=None) -> list[dict]:
+    """One row per example and system: what it answered beside the gold completion (after a counterfactual edit,
+    the edited one), for error analysis."""
+    return [{"patient_id": r["patient_id"], "field": r.get("field"), "perturbation": perturbation, "system": name,
+             "gold": r["completion"], "answer": answer}
+            for name, answers in answers_by_system.items() for r, answer in zip(records, answers)]
+
+
+def write(result: dict, predictions: list, out: Path, verbose: bool):
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"eval_{result['task']}_{result['split']}"
     table = markdown(result)
     stem.with_suffix(".md").write_text(table)
     stem.with_suffix(".json").write_text(json.dumps(result, indent=2))
+    with open(f"{stem}_predictions.jsonl", "w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in predictions)
     if verbose:
         print(table)
-        print(f"wrote {stem}.md and {stem}.json")
+        print(f"wrote {stem}.md, {stem}.json and {stem}_predictions.jsonl")
 
 
 def main(argv=None):

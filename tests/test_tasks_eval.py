@@ -8,7 +8,7 @@ import torch
 from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
 from cancerllm.tasks.api import task_prompt
-from cancerllm.tasks.build import build, load_templates
+from cancerllm.tasks.build import build, load_templates, task_examples
 from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
@@ -131,6 +131,12 @@ def test_eval_cli_end_to_end(task, checkpoint, data, tmp_path):
     if task == "phenotype-json":      # 6 tokens cannot close the object: every answer is a counted failure
         assert result["systems"]["model"]["parse_failures"] == 2
     assert "Robustness" in table
+    rows = [json.loads(line) for line in open(tmp_path / f"eval_{task}_test_predictions.jsonl")]
+    clean = [r for r in rows if r["perturbation"] is None]
+    assert len(clean) == 3 * result["n_examples"] and {r["system"] for r in clean} == set(result["systems"])
+    perturbed = {(r["perturbation"], r["system"]) for r in rows if r["perturbation"]}
+    assert perturbed <= {(x["perturbation"], x["system"]) for x in result["robustness"] if x["n"]}
+    assert all(isinstance(r["gold"], str) and isinstance(r["answer"], str) for r in rows)
 
 
 def test_eval_refuses_a_checkpoint_with_another_tokenizer(checkpoint, data, tmp_path):
@@ -163,3 +169,20 @@ def test_zero_shot_baseline_from_a_transformers_checkpoint(checkpoint, data, tmp
     assert set(result["systems"]) == {"model", "majority", "regex", "zero-shot Mistral-tiny-random"}
     assert result["systems"]["zero-shot Mistral-tiny-random"]["parse_failures"] == 2     # 6 tokens close nothing
     assert "| zero-shot Mistral-tiny-random |" in (tmp_path / "eval_phenotype-json_test.md").read_text()
+
+
+@pytest.mark.parametrize("task", ["phenotype-qa", "phenotype-json", "diagnosis"])
+def test_counterfactual_records_carry_the_edited_answer(task, data):
+    """An edited report's record is rebuilt whole: prompt, fields and completion all say the new value."""
+    templates = load_templates("cancerllm/tasks/templates.json")
+    records = cancer_eval.read_jsonl(data / task / "train.jsonl")
+    edited, skipped = cancer_eval.perturb_records(records, "counterfactual", templates, 0, 0.1, 0.05)
+    assert edited and len(edited) + skipped == len(records)
+    changed = 0
+    for r in edited:
+        (rebuilt,) = [e for e in task_examples(task, r["patient_id"], r["report"], r["fields"], templates)
+                      if e.get("field") == r.get("field")]
+        assert r["prompt"] == rebuilt["prompt"] and r["completion"] == rebuilt["completion"]
+        original = next(o for o in records if o["patient_id"] == r["patient_id"] and o.get("field") == r.get("field"))
+        changed += r["completion"] != original["completion"]
+    assert changed > 0
