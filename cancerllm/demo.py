@@ -4,9 +4,10 @@
 2. a domain tokenizer (8,000 pieces) trained on the training patients' reports;
 3. pretraining shards of those reports, then pretraining from scratch of a 7M-parameter Mistral (the `small` preset
    narrowed to 4 layers of width 256) with `torchrun` on 2 processes (configs/cpu-small.toml);
-4. SFT shards of the task training examples, then instruction tuning of that export (configs/cpu-small-sft.toml);
-5. evaluation on the test patients, beside the majority and regular-expression baselines, on clean and perturbed
-   reports (cancerllm.eval);
+4. SFT shards of the task training examples, then instruction tuning of that export (configs/cpu-small-sft.toml),
+   SFT_MEMBERS times with different seeds: the fine-tuned model is their ensemble;
+5. evaluation of the ensemble on the test patients, beside the majority and regular-expression baselines, on clean
+   and perturbed reports (cancerllm.eval);
 6. reports/demo.md, reports/demo.json and reports/loss_curve.png.
 
 Everything lands under runs/demo/ (recreated each time) and reports/; the same seed gives the same run.
@@ -39,6 +40,10 @@ QA_SAMPLE = 1500
 # Task inputs are cut to the report's head, the sentences stating a staging, grade, receptor or Gleason value, and
 # its synoptic / diagnosis section (tasks.build.truncate_report): shorter rows let the CPU budget cover more examples.
 MAX_REPORT_CHARS = 1200
+# SFT runs of the one pretrained model with different seeds (so different batch orders), decoded as an ensemble
+# (the mean of their probabilities, cancerllm.generate). At this size one fine-tune's answers swing by ~0.06 micro
+# F1 from seed to seed; averaging members cancels part of that noise (README).
+SFT_MEMBERS = 2
 EVAL_PLAN = [  # (task, reports evaluated or None for all, perturbations)
     ("phenotype-json", None, ("misspell", "ocr", "counterfactual")),
     ("diagnosis", None, ("misspell",)),
@@ -98,27 +103,29 @@ def write_sft_mixture(tasks_dir: Path, out: Path, seed: int) -> dict:
     return {task: len(part) for task, part in parts.items()}
 
 
-def torchrun(config, seed, nproc):
+def torchrun(config, seed, nproc, run_dir=None):
+    where = ["--set", f'checkpoint.dir="{run_dir}"'] if run_dir else []
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-         "--config", config, "--no-resume", "--set", f"train.seed={seed}"], f"training with {config}")
+         "--config", config, "--no-resume", "--set", f"train.seed={seed}", *where], f"training with {config}")
 
 
 def read_metrics(run_dir: Path) -> list:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def plot_losses(stages: dict, out: Path):
+def plot_losses(pretraining: list, members: list, out: Path):
+    """Pretraining, then each SFT member from where pretraining ended."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4))
-    offset = 0
-    for name, records in stages.items():
+    offset = max((r["step"] for r in pretraining), default=0)
+    for name, records, start in [("pretraining", pretraining, 0)] + [
+            (f"SFT member {k}", records, offset) for k, records in enumerate(members)]:
         train = [r for r in records if "loss" in r and not r["skipped"]]
         val = [r for r in records if "val_loss" in r]
-        ax.plot([offset + r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
-        ax.plot([offset + r["step"] for r in val], [r["val_loss"] for r in val], "o--", label=f"{name} validation")
-        offset += max((r["step"] for r in records), default=0)
+        ax.plot([start + r["step"] for r in train], [r["loss"] for r in train], label=f"{name} train")
+        ax.plot([start + r["step"] for r in val], [r["val_loss"] for r in val], "o--", label=f"{name} validation")
     ax.set_xlabel("optimizer step (pretraining, then SFT)")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("cancerllm demo: pretraining and SFT on TCGA reports, 2 CPU processes")
@@ -134,11 +141,12 @@ def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) ->
              "instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
              + f" examples (phenotype-json: {JSON_PASSES} passes over the training reports, {COUNTERFACTUAL_COPIES} of"
-             " them counterfactual copies where a report states an editable value); evaluated on the "
-             "test patients (never seen in training). 2 CPU processes.", "",
+             f" them counterfactual copies where a report states an editable value), {SFT_MEMBERS} times with "
+             "different seeds and decoded as their ensemble; evaluated on the test patients (never seen in "
+             "training). 2 CPU processes.", "",
              "| stage | minutes |", "|---|---|"]
     lines += [f"| {name} | {seconds / 60:.1f} |" for name, seconds in timings.items()]
-    lines += ["", f"Losses: pretraining {info['pretrain_loss']}, SFT {info['sft_loss']} "
+    lines += ["", f"Losses: pretraining {info['pretrain_loss']}, SFT members {', '.join(info['sft_loss'])} "
               "(first → last step; loss_curve.png).", ""]
     for task in results:
         lines += ["#" + (reports / f"eval_{task}_test.md").read_text(), ""]   # each table one heading level down
@@ -152,10 +160,11 @@ def loss_span(records) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seed", type=int, default=0, help="seeds the patient split, the data and both trainings")
+    parser.add_argument("--seed", type=int, default=0, help="seeds the patient split, the data and the trainings")
     parser.add_argument("--train-seed", type=int, default=None,
-                        help="seed of the two training runs alone (default: --seed): vary it to measure the "
-                             "run-to-run spread on the same split and data")
+                        help="seed of the training runs alone (default: --seed; SFT member k gets "
+                             f"{SFT_MEMBERS} * seed + k): vary it to measure the run-to-run spread on the same split "
+                             "and data")
     parser.add_argument("--nproc", type=int, default=2, help="training processes (torchrun --nproc_per_node)")
     parser.add_argument("--reports", default="reports", help="where the Markdown, JSON and PNG go")
     args = parser.parse_args(argv)
@@ -184,31 +193,34 @@ def main(argv=None):
     torchrun("configs/cpu-small.toml", train_seed, args.nproc)
     timings["pretraining"] = time.perf_counter() - t
 
-    t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}")
+    t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}, {SFT_MEMBERS} seeds")
     sft_examples = write_sft_mixture(tasks_dir, RUN / "sft.jsonl", args.seed)
     seq_len = tomllib.loads(Path(SFT_CONFIG).read_text())["data"]["seq_len"]      # pack rows the trainer will read
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
          "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len],
         "SFT prepare")
-    torchrun(SFT_CONFIG, train_seed, args.nproc)
+    members = [RUN / f"sft-{k}" for k in range(SFT_MEMBERS)]
+    for k, member in enumerate(members):
+        torchrun(SFT_CONFIG, SFT_MEMBERS * train_seed + k, args.nproc, member)
     timings["instruction tuning"] = time.perf_counter() - t
 
-    t = step("5. evaluation on the test patients, beside the baselines")
-    results = {task: evaluate(RUN / "sft/export", task, "test", data=tasks_dir, out=args.reports, perturb=perturb,
+    t = step("5. evaluation of the ensemble on the test patients, beside the baselines")
+    exports = [member / "export" for member in members]
+    results = {task: evaluate(exports, task, "test", data=tasks_dir, out=args.reports, perturb=perturb,
                               limit=limit, seed=args.seed)
                for task, limit, perturb in EVAL_PLAN}
     timings["evaluation"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
 
     reports = Path(args.reports)
-    stages = {"pretraining": read_metrics(RUN / "pretrain"), "SFT": read_metrics(RUN / "sft")}
-    plot_losses(stages, reports / "loss_curve.png")
+    pretraining, sft = read_metrics(RUN / "pretrain"), [read_metrics(member) for member in members]
+    plot_losses(pretraining, sft, reports / "loss_curve.png")
     from .checkpoint import read_config
-    model_args, _ = read_config(RUN / "sft/export/config.json")
+    model_args, _ = read_config(exports[0] / "config.json")
     info = {"parameters": model_args.num_params(), "vocab": tokenizer.vocab_size, "pretrain_reports": n_reports,
             "shape": f"{model_args.n_layers} layers, width {model_args.dim}",
-            "sft_examples": sft_examples, "pretrain_loss": loss_span(stages["pretraining"]),
-            "sft_loss": loss_span(stages["SFT"])}
+            "sft_examples": sft_examples, "sft_members": SFT_MEMBERS, "pretrain_loss": loss_span(pretraining),
+            "sft_loss": [loss_span(records) for records in sft]}
     (reports / "demo.md").write_text(summary_markdown(results, timings, info, reports))
     (reports / "demo.json").write_text(json.dumps({"info": info, "timings_s": timings, "results": results}, indent=2))
     print(f"\ndemo finished in {timings['total'] / 60:.1f} min: {reports}/demo.md, demo.json, loss_curve.png")

@@ -3,9 +3,9 @@
     python -m cancerllm.eval --checkpoint runs/sft/export --task phenotype-json --split test \\
         --perturb misspell,ocr,counterfactual --out reports/
 
-Systems: the checkpoint, the majority value per field (from the train split), the regular-expression extractor,
-and with --baseline-checkpoint a Hugging Face Mistral-family checkpoint zero-shot (same prompts, read through its
-own tokenizer.model). Scores:
+Systems: the checkpoint (several: their ensemble, see cancerllm.generate), the majority value per field (from the
+train split), the regular-expression extractor, and with --baseline-checkpoint a Hugging Face Mistral-family
+checkpoint zero-shot (same prompts, read through its own tokenizer.model). Scores:
 - phenotype tasks: per-field P/R/F1 on normalised values, micro and macro; the study's instance-averaged set F1
   (exact and ROUGE-1 match; an instance is one question, or one report's set of "field: value" items);
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
@@ -14,7 +14,7 @@ Phenotype answers are decoded constrained (the JSON schema; a categorical questi
 unless --unconstrained. Answers that do not parse (JSON task) count as all-null predictions and are reported.
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
 examples, clean and perturbed.
-Writes eval_{task}_{split}.md and .json to --out.
+Writes eval_{task}_{split}.md, .json and _predictions.jsonl to --out.
 """
 import argparse
 import json
@@ -213,7 +213,8 @@ def fmt(x):
 def markdown(result: dict) -> str:
     task, systems = result["task"], result["systems"]
     lines = [f"# {task} — {result['split']} split ({result['n_examples']} examples, {result['n_reports']} reports)",
-             "", f"checkpoint: `{result['checkpoint']}`", ""]
+             "", "checkpoint: " + " + ".join(f"`{c}`" for c in result["checkpoints"])
+             + (f" (an ensemble of {len(result['checkpoints'])})" if len(result["checkpoints"]) > 1 else ""), ""]
     if task == "diagnosis":
         cols = ["token F1", "ROUGE-L", "set F1 exact", "set F1 ROUGE-1", "stated-field micro F1"]
         row = lambda s: [s["token_f1"], s["rouge_l"], s["set_exact"]["f1"], s["set_rouge1"]["f1"], s["micro"]["f1"]]
@@ -253,7 +254,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     unknown = [p for p in perturb if p not in P.PERTURBATIONS]
     if unknown:
         raise ValueError(f"--perturb: unknown {', '.join(unknown)}; known: {', '.join(P.PERTURBATIONS)}")
-    data, checkpoint = Path(data), Path(checkpoint)
+    data = Path(data)
+    checkpoints = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     manifest_path = data / "manifest.json"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: not found (build the datasets: python -m cancerllm.tasks.build)")
@@ -261,13 +263,14 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     templates = load_templates(manifest["sources"]["templates"])
     # The datasets are text; the tokenizer they record is the one the fine-tuned model was trained with. A zero-shot
     # baseline brings its own tokenizer and reads the same prompts through it, so it is not held to that one.
-    check_tokenizer(checkpoint, manifest, manifest_path)
+    for c in checkpoints:
+        check_tokenizer(c, manifest, manifest_path)
     records = limit_patients(read_jsonl(data / task / f"{split}.jsonl"), limit)
     if not records:
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")
     majority = majority_values([r["fields"] for r in read_jsonl(data / "phenotype-json" / "train.jsonl")])
     budget = max_new_tokens or MAX_NEW_TOKENS[task]
-    systems = [ModelSystem("model", checkpoint, task, batch_size, budget, templates, constrained, guidance_scale),
+    systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
     if baseline_checkpoint:
@@ -276,7 +279,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
 
     clean = {s.name: s.answers(records) for s in systems}
     predictions = prediction_rows(records, clean)
-    result = {"task": task, "split": split, "checkpoint": str(checkpoint), "n_examples": len(records),
+    result = {"task": task, "split": split, "checkpoints": [str(c) for c in checkpoints],
+              "n_examples": len(records),
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
               "constrained": constrained and task != "diagnosis",
               "guidance_scale": guidance_scale,
@@ -325,7 +329,8 @@ def write(result: dict, predictions: list, out: Path, verbose: bool):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--checkpoint", required=True, help="model directory (config.json, safetensors, tokenizer.model)")
+    p.add_argument("--checkpoint", required=True, nargs="+",
+                   help="model directory (config.json, safetensors, tokenizer.model); several: their ensemble")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--data", default="runs/tasks", help="output directory of python -m cancerllm.tasks.build")

@@ -62,6 +62,12 @@ so a scale above 1 moves each choice away from what the model would say without 
 what that context adds: for extraction, a value stated in the report over the value that is merely frequent.
 Cost: the negative rows' prefill, and twice the rows in every decode step.
 
+Ensembles: a Generator can hold several models that share one tokenizer (e.g. fine-tunes of one base from different
+seeds). Each keeps its own decode view and KV cache; every step scores a token by the members' averaged
+probability, log(mean_k softmax(logits_k)) (fairseq's ensemble rule), and sampling, guidance and logits processors
+then work on those scores as on one model's. A one-model Generator uses its logits as they are. Cost: every
+member's forward pass, prefill and decode alike.
+
 Thread safety: a Generator serialises its calls with a lock (a stream holds it until exhausted or closed), so
 sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
 """
@@ -303,6 +309,22 @@ class DecodeModel:
         return self.linear(self.rms_norm(h, self.norm), self.lm_head).float()
 
 
+def check_members(model) -> list:
+    """A model, or an ensemble's list of models, as a list; members must share vocabulary, device and dtype."""
+    models = list(model) if isinstance(model, (list, tuple)) else [model]
+    if not models or not all(isinstance(m, Transformer) for m in models):
+        raise ValueError(f"model must be a Transformer or a non-empty list of them, got {model!r:.80}")
+    first = models[0]
+    for i, m in enumerate(models[1:], 1):
+        if m.args.vocab_size != first.args.vocab_size:
+            raise ValueError(f"model[{i}] has vocab_size {m.args.vocab_size}, model[0] {first.args.vocab_size}: an "
+                             "ensemble's members must share one vocabulary")
+        w, w0 = m.lm_head.weight, first.lm_head.weight
+        if (w.device, w.dtype) != (w0.device, w0.dtype):
+            raise ValueError(f"model[{i}] is on {w.device} in {w.dtype}, model[0] on {w0.device} in {w0.dtype}")
+    return [m.eval() for m in models]
+
+
 def tensor_versions(model) -> list:
     """Each parameter and buffer with its version counter and storage: changes when one is replaced or modified."""
     return [(t, t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers())]
@@ -317,7 +339,8 @@ def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
 # ---------------------------------------------------------------------------------------------- generator
 
 class Generator:
-    """A model and its tokenizer, ready to generate. See the module docstring for how a call runs.
+    """A model (or an ensemble: a list of models with one vocabulary) and its tokenizer, ready to generate. See the
+    module docstring for how a call runs.
 
     prefill_chunk: prompt tokens per prefill forward pass (bounds prefill activation memory).
     onednn: on CPU in fp32, run the linears on oneDNN rather than MKL (DecodeModel); False: F.linear.
@@ -328,13 +351,15 @@ class Generator:
     model are always seen; writes the version counters miss (through `.data`) need an explicit `refresh()`.
     """
 
-    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, prefill_chunk: int = 512, onednn: bool = True):
+    def __init__(self, model, tokenizer: Tokenizer, *, prefill_chunk: int = 512, onednn: bool = True):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
-        tokenizer.check_fits(model.args.vocab_size)
-        self.model = model.eval()
+        self.models = check_members(model)
+        tokenizer.check_fits(self.models[0].args.vocab_size)
+        self.model = self.models[0]
         self.tokenizer = tokenizer
-        self.args = model.args
+        self.args = self.model.args
+        self.max_seq_len = min(m.args.max_seq_len for m in self.models)
         self.prefill_chunk = prefill_chunk
         self.use_onednn = onednn
         self.lock = threading.Lock()
@@ -345,16 +370,25 @@ class Generator:
         weight = self.model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.onednn = self.use_onednn and onednn_usable(self.device, self.dtype)
-        self.decoder = DecodeModel(self.model, self.onednn)
+        self.decoders = [DecodeModel(m, self.onednn) for m in self.models]
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, **options) -> "Generator":
         """Load a training export or a Hugging Face Mistral checkpoint directory (config.json, safetensors
-        weights, tokenizer.model)."""
+        weights, tokenizer.model); a list of directories loads an ensemble, whose tokenizer.model files must be
+        identical."""
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
-        model = Transformer.from_pretrained(path, device=device, dtype=dtype)
-        return cls(model, Tokenizer(Path(path) / "tokenizer.model"), **options)
+        paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
+        if not paths:
+            raise ValueError("from_pretrained: an empty list of checkpoint directories")
+        tokenizer = paths[0] / "tokenizer.model"
+        for other in paths[1:]:
+            if (other / "tokenizer.model").read_bytes() != tokenizer.read_bytes():
+                raise ValueError(f"{other / 'tokenizer.model'} differs from {tokenizer}: an ensemble's members must "
+                                 "share one tokenizer")
+        models = [Transformer.from_pretrained(p, device=device, dtype=dtype) for p in paths]
+        return cls(models if len(models) > 1 else models[0], Tokenizer(tokenizer), **options)
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
@@ -412,14 +446,14 @@ class Generator:
             raise ValueError("logits_processor must have reset(batch_size), mask(logits, rows) and "
                              f"advance(row, token_id) methods, got {type(processor).__name__}")
         stop = check_stop(stop)
-        if self.decoder.stale():
+        if any(decoder.stale() for decoder in self.decoders):
             self.refresh()
         prompt_ids = [self.prompt_ids(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
         negatives = self.negative_ids(guidance_scale, negative_prompts, prompt_ids)
         rows = []
         for i, ids in enumerate(prompt_ids):
             longest = max(len(ids), len(negatives[i]) if negatives else 0)
-            budget = min(max_new_tokens, self.args.max_seq_len - longest)
+            budget = min(max_new_tokens, self.max_seq_len - longest)
             rows.append(Row(ids, budget, IncrementalText(self.tokenizer, stop) if stop or track_text else None))
         eos_id = None if ignore_eos else self.tokenizer.eos_id
         seed = secrets.randbits(63) if seed is None else seed
@@ -454,23 +488,33 @@ class Generator:
             raise ValueError(f"{name} is empty")
         if not all(0 <= t < self.args.vocab_size for t in ids):
             raise ValueError(f"{name} has token ids outside [0, {self.args.vocab_size})")
-        if len(ids) >= self.args.max_seq_len:
+        if len(ids) >= self.max_seq_len:
             raise ValueError(f"{name} has {len(ids)} tokens, but the model's context (max_seq_len="
-                             f"{self.args.max_seq_len}) leaves no room for a new token")
+                             f"{self.max_seq_len}) leaves no room for a new token")
         return ids
 
-    def forward(self, tokens, positions, cache: KVCache, rows: slice):
-        """fp32 logits [n, V] of the last position of each row's tokens [n, T]."""
-        cache.begin(rows, positions)
-        return self.decoder(tokens, positions, cache)
+    def new_caches(self, batch: int, max_len: int) -> list:
+        """One KV cache per member for `batch` rows of at most `max_len` positions."""
+        return [KVCache.for_model(m.args, batch, max_len, dtype=self.dtype, device=self.device) for m in self.models]
 
-    def prefill(self, cache: KVCache, row: int, prompt: list):
-        """Run one prompt into its row of the cache, chunk by chunk; its last position's logits [1, V]."""
+    def forward(self, tokens, positions, caches: list, rows: slice):
+        """fp32 scores [n, V] of the last position of each row's tokens [n, T]: the model's logits, or an
+        ensemble's log mean probability."""
+        scores = []
+        for decoder, cache in zip(self.decoders, caches):
+            cache.begin(rows, positions)
+            scores.append(decoder(tokens, positions, cache))
+        if len(scores) == 1:
+            return scores[0]
+        return torch.stack(scores).log_softmax(dim=-1).logsumexp(dim=0) - math.log(len(scores))
+
+    def prefill(self, caches: list, row: int, prompt: list):
+        """Run one prompt into its row of the caches, chunk by chunk; its last position's scores [1, V]."""
         ids = torch.tensor([prompt], device=self.device)
         for start in range(0, len(prompt), self.prefill_chunk):
             chunk = ids[:, start:start + self.prefill_chunk]
             positions = torch.arange(start, start + chunk.shape[1], device=self.device)[None]
-            logits = self.forward(chunk, positions, cache, slice(row, row + 1))
+            logits = self.forward(chunk, positions, caches, slice(row, row + 1))
         return logits
 
     def result(self, row: Row, prefill_s: float) -> GenerationResult:
@@ -515,13 +559,13 @@ class DecodeSteps:
         prompts = [row.prompt for row in rows] + (self.guidance.negatives if guided else [])
         budgets = [row.budget for row in rows] * (2 if guided else 1)
         max_len = max(len(prompt) + budget for prompt, budget in zip(prompts, budgets))
-        cache = KVCache.for_model(gen.args, len(prompts), max_len, dtype=gen.dtype, device=device)
+        caches = gen.new_caches(len(prompts), max_len)
         seen = self.seen_tokens() if self.sampling.repetition_penalty != 1 else None
         if self.processor is not None:
             self.processor.reset(len(rows))
         start = time.perf_counter()
         with torch.inference_mode():
-            logits = torch.cat([gen.prefill(cache, i, prompt) for i, prompt in enumerate(prompts)])
+            logits = torch.cat([gen.prefill(caches, i, prompt) for i, prompt in enumerate(prompts)])
             positions = torch.tensor([[len(prompt)] for prompt in prompts], device=device)   # of the next token
         active = list(range(len(rows)))   # prompt index of each (conditional) batch row
         self.prefill_s = time.perf_counter() - start
@@ -542,12 +586,13 @@ class DecodeSteps:
                 if len(keep) < len(active):   # compact: finished rows leave the batch and the cache
                     keep_t = torch.tensor(keep, device=device)
                     cache_rows = torch.cat([keep_t, keep_t + len(active)]) if guided else keep_t
-                    cache.keep_rows(cache_rows)
+                    for cache in caches:
+                        cache.keep_rows(cache_rows)
                     tokens, positions = tokens[keep_t], positions[cache_rows]
                     seen = seen[keep_t] if seen is not None else None
                     active = [active[i] for i in keep]
                 fed = torch.cat([tokens, tokens]) if guided else tokens
-                logits = gen.forward(fed[:, None], positions, cache, slice(0, len(fed)))
+                logits = gen.forward(fed[:, None], positions, caches, slice(0, len(fed)))
                 positions += 1
 
     def pick(self, logits, active: list, seen):
@@ -614,8 +659,8 @@ def read_prompts(args, parser) -> list:
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cancerllm.generate",
                                      description="Generate text from a cancerllm or Hugging Face Mistral checkpoint.")
-    parser.add_argument("--model", required=True,
-                        help="checkpoint directory (config.json, safetensors, tokenizer.model)")
+    parser.add_argument("--model", required=True, nargs="+",
+                        help="checkpoint directory (config.json, safetensors, tokenizer.model); several: an ensemble")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     parser.add_argument("--prompt-file", help="read the prompt(s) from this file ('-': stdin, the default)")
     parser.add_argument("--lines", action="store_true", help="one prompt per non-empty line of the file or stdin")

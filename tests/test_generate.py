@@ -196,6 +196,52 @@ def test_generator_follows_changes_to_the_model_weights(tokenizer):
     assert tokens(gen) == tokens(Generator(model, tokenizer)) != expected_stale
 
 
+# ---------------------------------------------------------------------------------------------- ensembles
+
+@pytest.mark.parametrize("windows", [(6, 6), (None, 5)])
+def test_ensemble_scores_are_the_log_mean_of_member_probabilities(tokenizer, windows):
+    """Every step's scores, seen through a processor, against log(mean(softmax)) of each member run on the whole
+    sequence so far (members of different windows and context lengths); rows of different lengths, one finishing
+    early so the batch and every member's cache are compacted."""
+    members = [hf_and_ours(window=w, max_seq_len=n)[1] for w, n in zip(windows, (256, 64))]
+    prompts = random_prompts(9, 3, 14)
+    processor = ForceTokens([None, [7, tokenizer.eos_id], None], record_logits=True)
+    gen = Generator(members, tokenizer, prefill_chunk=4)
+    assert gen.max_seq_len == 64
+    results = gen.generate(prompts, max_new_tokens=10, logits_processor=processor)
+    assert results[1].finish_reason == "eos" and len(results[0].token_ids) == 10
+    with torch.no_grad():
+        for prompt, result, logged in zip(prompts, results, processor.logits):
+            for t, scores in enumerate(logged):
+                ids = torch.tensor([prompt + result.token_ids[:t]])
+                probs = torch.stack([m(ids)[0, -1].double().softmax(-1) for m in members]).mean(0)
+                torch.testing.assert_close(scores.double(), probs.log(), rtol=1e-4, atol=1e-4)
+
+
+def test_ensemble_of_one_model_twice_decodes_as_the_model(tokenizer):
+    _, model = hf_and_ours(window=8)
+    prompts = random_prompts(6, 11)
+    alone = [r.token_ids for r in Generator(model, tokenizer).generate(prompts, max_new_tokens=8, ignore_eos=True)]
+    twice = Generator([model, model], tokenizer).generate(prompts, max_new_tokens=8, ignore_eos=True)
+    assert [r.token_ids for r in twice] == alone
+
+
+def test_ensemble_rejects_mismatched_members(tokenizer, tmp_path):
+    _, model = hf_and_ours(window=8)
+    with pytest.raises(ValueError, match="non-empty list"):
+        Generator([], tokenizer)
+    small = Transformer(tiny_args(vocab_size=VOCAB + 64, sliding_window=8, max_seq_len=256))
+    with pytest.raises(ValueError, match=r"model\[1\] has vocab_size 32064, model\[0\] 32000"):
+        Generator([model, small], tokenizer)
+    with pytest.raises(ValueError, match=r"model\[1\] is on cpu in torch.bfloat16"):
+        Generator([model, hf_and_ours(window=8)[1].to(torch.bfloat16)], tokenizer)
+    model.save_pretrained(tmp_path / "a", tokenizer=tokenizer)
+    model.save_pretrained(tmp_path / "b", tokenizer=tokenizer)
+    (tmp_path / "b" / "tokenizer.model").write_bytes(b"another")
+    with pytest.raises(ValueError, match="b/tokenizer.model differs from .*a/tokenizer.model"):
+        Generator.from_pretrained([tmp_path / "a", tmp_path / "b"])
+
+
 # ---------------------------------------------------------------------------------------------- stopping
 
 def test_rows_stop_on_their_own_without_disturbing_the_others(tokenizer):
@@ -360,3 +406,11 @@ def test_from_pretrained_and_command_line(tokenizer, tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert [json.loads(line)["token_ids"] for line in done.stdout.splitlines()] == guided
+    other = tmp_path / "other"
+    hf_and_ours(window=None)[1].save_pretrained(other, tokenizer=tokenizer)
+    ensemble = [r.token_ids for r in Generator.from_pretrained([tmp_path, other]).generate(prompts, max_new_tokens=6)]
+    done = subprocess.run([sys.executable, "-m", "cancerllm.generate", "--model", str(tmp_path), str(other),
+                           "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "6", "--jsonl"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [json.loads(line)["token_ids"] for line in done.stdout.splitlines()] == ensemble != expected

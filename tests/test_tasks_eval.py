@@ -186,3 +186,15 @@ def test_counterfactual_records_carry_the_edited_answer(task, data):
         original = next(o for o in records if o["patient_id"] == r["patient_id"] and o.get("field") == r.get("field"))
         changed += r["completion"] != original["completion"]
     assert changed > 0
+
+
+def test_eval_scores_an_ensemble_of_checkpoints(checkpoint, data, tmp_path):
+    """Several --checkpoint directories are decoded as one ensemble: the same model twice scores as the model."""
+    def model_scores(*checkpoints):
+        out = tmp_path / str(len(checkpoints))
+        cancer_eval.main(["--checkpoint", *map(str, checkpoints), "--task", "phenotype-qa", "--data", str(data),
+                          "--out", str(out), "--limit", "1", "--max-new-tokens", "4"])
+        result = json.loads((out / "eval_phenotype-qa_test.json").read_text())
+        assert result["checkpoints"] == [str(c) for c in checkpoints]
+        return result["systems"]["model"]
+    assert model_scores(checkpoint, checkpoint) == model_scores(checkpoint)
