@@ -245,8 +245,8 @@ def markdown(result: dict) -> str:
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
              ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True) -> dict:
-    """Score the checkpoint and the baselines on `data/{task}/{split}.jsonl`; write the Markdown and JSON to `out`
-    and return the result dict."""
+    """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
+    `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
