@@ -383,8 +383,9 @@ class Generator:
         if not paths:
             raise ValueError("from_pretrained: an empty list of checkpoint directories")
         tokenizer = paths[0] / "tokenizer.model"
+        pieces = tokenizer.read_bytes() if len(paths) > 1 else None
         for other in paths[1:]:
-            if (other / "tokenizer.model").read_bytes() != tokenizer.read_bytes():
+            if (other / "tokenizer.model").read_bytes() != pieces:
                 raise ValueError(f"{other / 'tokenizer.model'} differs from {tokenizer}: an ensemble's members must "
                                  "share one tokenizer")
         models = [Transformer.from_pretrained(p, device=device, dtype=dtype) for p in paths]
