@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from cancerllm.tasks.baselines import majority_values, regex_extract
@@ -16,6 +18,9 @@ from cancerllm.tasks.perturb import counterfactual, counterfactual_all, misspell
     ("AJCC Stage IIIA.", {"stage": "Stage IIIA"}),
     ("Gleason score 3+4=7.", {"gleason": "7"}),
     ("Gleason grade: 4 + 5.", {"gleason": "9"}),
+    ("GLEASON SCORE 7 (4+3) WITH TERTIARY GRADE 5.", {"gleason": "7"}),
+    ("Gleason grade 5+4 (9).", {"gleason": "9"}),
+    ("Gleason grade 4 in the apex.", {}),
     ("Estrogen receptor: positive (90%). Progesterone receptor: negative. HER2/neu: equivocal (2+).",
      {"ER": "Positive", "PR": "Negative", "HER2": "Equivocal"}),
     ("Left breast, lumpectomy. Left axilla. Right breast, biopsy.", {"laterality": "Left"}),
@@ -85,3 +90,24 @@ def test_counterfactual_all_rewrites_every_stated_value_and_its_gold():
     assert counterfactual_all(REPORT, gold, seed=1, key="P1") == (report, fields, edited)
     assert counterfactual_all(REPORT, gold, seed=2, key="P1")[0] != report
     assert counterfactual_all("No tumor identified.", gold, seed=0) is None
+
+
+@pytest.mark.parametrize("stated, roles", [   # each number of the statement: a pattern (p) or the score (s)
+    ("3+4=7", "pps"), ("4 + 5 = 9", "pps"), ("5+4 (9)", "pps"), ("3 + 4", "pp"), ("7 (4+3)", "spp"), ("8", "s")])
+def test_counterfactual_rewrites_a_gleason_score_in_its_own_shape(stated, roles):
+    head, tail = "Prostatic adenocarcinoma, Gleason score ", ". Margins free."
+    gold = {**dict.fromkeys(("laterality", "grade", "pT", "pN", "pM", "stage", "ER", "PR", "HER2")),
+            "gleason": normalize_value("gleason", stated)}
+    scores = set()
+    for seed in range(12):
+        report, fields, field = counterfactual(head + stated + tail, gold, seed=seed, key="P1")
+        new = report.removeprefix(head).removesuffix(tail)
+        assert field == "gleason" and re.sub(r"\d+", "#", new) == re.sub(r"\d+", "#", stated)  # same shape
+        numbers = [int(n) for n in re.findall(r"\d+", new)]
+        patterns = [n for n, role in zip(numbers, roles) if role == "p"]
+        score = next((n for n, role in zip(numbers, roles) if role == "s"), sum(patterns))
+        assert not patterns or sum(patterns) == score              # the patterns add up to the stated score
+        assert str(score) == fields["gleason"] != gold["gleason"] == normalize_value("gleason", stated)
+        assert regex_extract(report)["gleason"] == fields["gleason"]
+        scores.add(score)
+    assert len(scores) >= 3

@@ -33,7 +33,8 @@ def test_instance_f1_averages_set_scores_over_instances():
     ("pT", "pT2a", "T2a"), ("pT", "ypT3", "T3"), ("pN", "pN0(i-)", "N0 (i-)"), ("pN", "N1", "pN1"),
     ("stage", "Stage IIA", "IIA"), ("stage", "stage 2A", "Stage IIA"), ("grade", "G2", "Grade 2"),
     ("grade", "moderately differentiated", "G2"), ("grade", "grade III", "G3"), ("grade", "High Grade", "high grade"),
-    ("gleason", "3+4=7", "7"), ("gleason", "4 + 3", "7"), ("ER", "positive (95%)", "Positive"),
+    ("gleason", "3+4=7", "7"), ("gleason", "4 + 3", "7"),
+    ("gleason", "7 (4+3)", "7"), ("gleason", "5+4 (9)", "9"), ("gleason", "Gleason score 8", "8"), ("ER", "positive (95%)", "Positive"),
     ("laterality", "Right lobe", "right"), ("cancer_type", "BRCA", "Breast invasive carcinoma"),
     ("histology", "Infiltrating ductal carcinomas", "infiltrating ductal carcinoma"),
 ])

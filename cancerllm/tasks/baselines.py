@@ -9,10 +9,11 @@ from collections import Counter
 from dataclasses import dataclass
 
 from .fields import FIELDS
-from .metrics import normalize_value
+from .metrics import PATTERN_SUM, normalize_gleason, normalize_value
 
 REGEX_FIELDS = ("laterality", "grade", "pT", "pN", "pM", "stage", "ER", "PR", "HER2", "gleason")
 RECEPTOR_WORDS = ["positive", "negative"]
+GLEASON_PATTERNS = {6: (3, 3), 7: (3, 4), 8: (4, 4), 9: (4, 5), 10: (5, 5)}   # score -> (primary, secondary)
 # Between a receptor's name and its result: a few words, no sentence or clause break.
 GAP = r"[^.;]{0,40}?"
 
@@ -22,6 +23,10 @@ class Pattern:
     regex: re.Pattern
     canonical: callable           # the `v` group's text -> the field's value in registry spelling
     vocabulary: tuple = ()        # surface forms the `v` slot can be rewritten to (empty: not editable)
+    respell: callable = None      # or: a stated surface -> the forms it can be rewritten to, each in its shape
+
+    def spellings(self, surface: str) -> tuple:
+        return self.respell(surface) if self.respell else self.vocabulary
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,7 @@ class Mention:
     field: str
     start: int                    # span of the value's own text
     end: int
+    surface: str                  # the value's own text
     value: str                    # registry spelling
     pattern: Pattern
 
@@ -46,9 +52,15 @@ def _receptor(names):
                    lambda v: v.capitalize(), tuple(RECEPTOR_WORDS))
 
 
-def _gleason_sum(match_text):
-    numbers = [int(n) for n in re.findall(r"\d+", match_text)]
-    return str(numbers[-1]) if "=" in match_text else str(sum(numbers[:2]))
+def _gleason_spellings(surface: str) -> tuple:
+    """A stated Gleason value rewritten to each score 6-10 in its own shape: "4 + 5 = 9", "5+4 (9)", "3+4",
+    "7 (3+4)", "8" (the patterns and the sum always agree)."""
+    sum_last = PATTERN_SUM.match(surface)
+    out = []
+    for score, (primary, secondary) in GLEASON_PATTERNS.items():
+        numbers = iter(map(str, (primary, secondary, score) if sum_last else (score, primary, secondary)))
+        out.append(re.sub(r"\d+", lambda _: next(numbers), surface))
+    return tuple(out)
 
 
 PATTERNS = {
@@ -71,8 +83,10 @@ PATTERNS = {
     "ER": [_receptor(r"estrogen receptors?|\bER\b")],
     "PR": [_receptor(r"progesterone receptors?|\bPR\b")],
     "HER2": [_receptor(r"\bHER-?2(?:/neu)?|c-?erb-?B-?2")],
-    "gleason": [Pattern(re.compile(r"Gleason(?: score| grade| sum)?:?\s*(?P<v>\d\s*\+\s*\d(?:\s*=\s*\d+)?|\d+)",
-                                   re.I), _gleason_sum)],
+    # "3+4=7", "4+5 (9)", "3+4", "7 (4+3)" or a bare score 6-10 ("Gleason grade 4" names a pattern, not a score).
+    "gleason": [Pattern(re.compile(r"Gleason(?: score| grade| sum)?:?\s*(?P<v>\d\s*\+\s*\d(?:\s*=\s*\d+|\s*\(\d+\))?"
+                                   r"|(?:10|[6-9])(?!\d)(?:\s*\(\d\s*\+\s*\d\))?)", re.I), normalize_gleason,
+                        respell=_gleason_spellings)],
 }
 
 
@@ -81,7 +95,8 @@ def find_mentions(field: str, text: str) -> list[Mention]:
     found = []
     for pattern in PATTERNS[field]:
         for m in pattern.regex.finditer(text):
-            found.append(Mention(field, m.start("v"), m.end("v"), pattern.canonical(m.group("v")), pattern))
+            found.append(Mention(field, m.start("v"), m.end("v"), m.group("v"), pattern.canonical(m.group("v")),
+                                 pattern))
     return sorted(found, key=lambda m: m.start)
 
 

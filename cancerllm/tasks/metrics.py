@@ -76,6 +76,7 @@ GRADE_WORDS = (("undifferentiated", "g4"), ("poorly", "g3"), ("moderately", "g2"
 GRADE_NUMBERS = {"1": "g1", "i": "g1", "2": "g2", "ii": "g2", "3": "g3", "iii": "g3", "4": "g4", "iv": "g4",
                  "x": "gx"}
 CANCER_NAMES = {name.lower(): code for code, name in CANCER_TYPES.items()}
+PATTERN_SUM = re.compile(r"\D*?\d+\s*\+\s*\d+")   # a Gleason value that opens with "primary + secondary"
 
 
 def normalize_tnm(field: str, value: str) -> str:
@@ -112,11 +113,11 @@ def normalize_receptor(value: str) -> str:
 
 
 def normalize_gleason(value: str) -> str:
-    """'3+4=7', '3 + 4', 'Gleason score 7' -> '7'."""
+    """'3+4=7', '4+3 (7)', '3 + 4', '7 (4+3)', 'Gleason score 7' -> '7': a stated sum wins over the patterns."""
     numbers = [int(n) for n in re.findall(r"\d+", value)]
-    if "+" in value and "=" not in value and len(numbers) >= 2:
-        return str(numbers[0] + numbers[1])
-    return str(numbers[-1]) if numbers else value.lower().strip()
+    if PATTERN_SUM.match(value):                     # "a+b", then maybe the sum ("= s", "(s)")
+        return str(numbers[2] if len(numbers) > 2 else numbers[0] + numbers[1])
+    return str(numbers[0]) if numbers else value.lower().strip()
 
 
 def normalize_laterality(value: str) -> str:

@@ -73,7 +73,7 @@ def editable(field: str, gold_value, report: str):
         return None
     options = None
     for m in mentions:
-        values = {normalize_value(field, m.pattern.canonical(s)) for s in m.pattern.vocabulary}
+        values = {normalize_value(field, m.pattern.canonical(s)) for s in m.pattern.spellings(m.surface)}
         options = values if options is None else options & values
     options.discard(gold)
     return (mentions, sorted(options)) if options else None
@@ -83,7 +83,8 @@ def rewrite(report: str, field: str, mentions, target: str):
     """The report with every mention of `field` rewritten to the normalised value `target` -> (report, new gold)."""
     new_value = None
     for m in sorted(mentions, key=lambda m: m.start, reverse=True):
-        surface = next(s for s in m.pattern.vocabulary if normalize_value(field, m.pattern.canonical(s)) == target)
+        surface = next(s for s in m.pattern.spellings(m.surface)
+                       if normalize_value(field, m.pattern.canonical(s)) == target)
         report = report[:m.start] + match_case(surface, report[m.start:m.end]) + report[m.end:]
         new_value = m.pattern.canonical(surface)
     return report, new_value
