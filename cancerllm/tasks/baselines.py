@@ -1,8 +1,9 @@
 """Baselines for phenotype extraction: the majority value per field, and a regular-expression extractor for the
 fields pathology reports state in a standard way (pT/pN/pM, stage, grade, laterality, Gleason, ER/PR/HER2).
 
-Each pattern captures the value's own text (group `v`), with the vocabulary of surface forms that slot can take,
-so the counterfactual perturbation (perturb.py) can rewrite a stated value in place and know the new gold.
+Each pattern captures the value's own text (group `v`), with the surface forms that slot can take (a fixed
+vocabulary, or for Gleason the same shape with other numbers), so the counterfactual perturbation (perturb.py) can
+rewrite a stated value in place and know the new gold.
 """
 import re
 from collections import Counter
