@@ -12,6 +12,8 @@ checkpoint zero-shot (same prompts, read through its own tokenizer.model). Score
   the per-field F1 of the fields the statement states (read back with the regex extractor).
 Phenotype answers are decoded constrained (the JSON schema; a categorical question's values or "not mentioned")
 unless --unconstrained. Answers that do not parse (JSON task) count as all-null predictions and are reported.
+For the phenotype tasks a paired bootstrap over the reports says how sure each of the model's wins is: per field
+and micro, the F1 difference to each other system, its 95% interval, and the share of 1,000 draws the model wins.
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
 examples, clean and perturbed.
 Writes eval_{task}_{split}.md, .json and _predictions.jsonl to --out.
@@ -29,9 +31,10 @@ from .tasks.api import answer_processor, guided, json_processor, parse_phenotype
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates, task_examples
 from .tasks.fields import FIELDS
-from .tasks.metrics import field_scores, instance_f1, normalize_value, text_scores
+from .tasks.metrics import field_counts, field_scores, instance_f1, normalize_value, paired_bootstrap, text_scores
 
 MAX_NEW_TOKENS = {"phenotype-qa": 24, "phenotype-json": 256, "diagnosis": 96}
+BOOTSTRAP_SAMPLES = 1000
 
 
 # ---------------------------------------------------------------------------------------------- inputs
@@ -132,15 +135,27 @@ class RuleSystem:
 
 # ---------------------------------------------------------------------------------------------- scoring
 
-def qa_scores(records, answers, not_mentioned) -> dict:
-    golds = [[r["fields"][r["field"]] or not_mentioned] for r in records]
-    preds = [[a] for a in answers]
+def qa_fields(records, answers) -> tuple[list, list]:
+    """One-question examples regrouped per report -> ([{field: answer}], [gold fields]), one entry per report."""
     by_patient, gold_fields = {}, {}
     for r, a in zip(records, answers):
         by_patient.setdefault(r["patient_id"], {})[r["field"]] = a
         gold_fields[r["patient_id"]] = r["fields"]
-    pids = list(by_patient)
-    scores = field_scores([by_patient[p] for p in pids], [gold_fields[p] for p in pids])
+    return list(by_patient.values()), [gold_fields[p] for p in by_patient]
+
+
+def json_fields(records, answers) -> tuple[list, list]:
+    """-> ([{field: value}], [gold fields]), one per report; an answer that does not parse predicts no field."""
+    return [parse_phenotypes(a) or {} for a in answers], [r["fields"] for r in records]
+
+
+FIELD_VIEWS = {"phenotype-qa": qa_fields, "phenotype-json": json_fields}
+
+
+def qa_scores(records, answers, not_mentioned) -> dict:
+    golds = [[r["fields"][r["field"]] or not_mentioned] for r in records]
+    preds = [[a] for a in answers]
+    scores = field_scores(*qa_fields(records, answers))
     for f, s in scores["fields"].items():
         idx = [i for i, r in enumerate(records) if r["field"] == f]
         s["set_f1_exact"] = instance_f1([preds[i] for i in idx], [golds[i] for i in idx], "exact")["f1"]
@@ -153,14 +168,20 @@ def field_items(fields: dict) -> list[str]:
 
 
 def json_scores(records, answers) -> dict:
-    parsed = [parse_phenotypes(a) for a in answers]
-    preds = [p or {} for p in parsed]
-    golds = [r["fields"] for r in records]
+    preds, golds = json_fields(records, answers)
     scores = field_scores(preds, golds)
     items_p, items_g = [field_items(p) for p in preds], [field_items(g) for g in golds]
     return {**scores, "set_exact": instance_f1(items_p, items_g, "exact"),
             "set_rouge1": instance_f1(items_p, items_g, "rouge1"),
-            "parse_failures": sum(p is None for p in parsed), "headline": scores["micro"]["f1"]}
+            "parse_failures": sum(parse_phenotypes(a) is None for a in answers), "headline": scores["micro"]["f1"]}
+
+
+def compare_to_model(task, records, answers_by_system, samples=BOOTSTRAP_SAMPLES) -> dict:
+    """The model against every other system, per field and micro, by a paired bootstrap over the reports
+    (metrics.paired_bootstrap): {system: {field: {"delta", "ci95", "wins"}}}."""
+    counts = {name: field_counts(*FIELD_VIEWS[task](records, answers)) for name, answers in answers_by_system.items()}
+    return {name: paired_bootstrap(counts["model"], c, samples=samples) for name, c in counts.items()
+            if name != "model"}
 
 
 def diagnosis_scores(records, answers, separator) -> dict:
@@ -210,6 +231,11 @@ def fmt(x):
     return f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def fmt_comparison(c: dict) -> str:
+    low, high = c["ci95"]
+    return f"{c['delta']:+.3f} [{low:+.3f}, {high:+.3f}] {c['wins']:.0%}"
+
+
 def markdown(result: dict) -> str:
     task, systems = result["task"], result["systems"]
     lines = [f"# {task} — {result['split']} split ({result['n_examples']} examples, {result['n_reports']} reports)",
@@ -229,6 +255,13 @@ def markdown(result: dict) -> str:
               "| field | n | " + " | ".join(systems) + " |", "|---" * (len(systems) + 2) + "|"]
     lines += [f"| {f} | {fields[f]['n_gold']} | " + " | ".join(fmt(s["fields"][f]["f1"]) for s in systems.values())
               + " |" for f in fields]
+    if result["comparisons"]:
+        lines += ["", "The model against each system: F1 difference, its 95% interval and the share of draws the model "
+                  f"wins (paired bootstrap over the reports, {BOOTSTRAP_SAMPLES:,} draws)", "",
+                  "| field | " + " | ".join(f"vs {name}" for name in result["comparisons"]) + " |",
+                  "|---" * (len(result["comparisons"]) + 1) + "|"]
+        lines += [f"| {f} | " + " | ".join(fmt_comparison(c[f]) for c in result["comparisons"].values()) + " |"
+                  for f in [*fields, "micro"]]
     if result["robustness"]:
         lines += ["", f"Robustness ({result['headline_metric']})", "",
                   "| perturbation | system | n | clean | perturbed | drop |", "|---|---|---|---|---|---|"]
@@ -286,6 +319,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "guidance_scale": guidance_scale,
               "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
               "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
+              "comparisons": compare_to_model(task, records, clean) if task in FIELD_VIEWS else {},
               "robustness": []}
     for kind in perturb:
         perturbed, skipped = perturb_records(records, kind, templates, seed, misspell_rate, ocr_rate)

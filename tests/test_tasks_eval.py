@@ -131,6 +131,14 @@ def test_eval_cli_end_to_end(task, checkpoint, data, tmp_path):
     if task == "phenotype-json":      # 6 tokens cannot close the object: every answer is a counted failure
         assert result["systems"]["model"]["parse_failures"] == 2
     assert "Robustness" in table
+    if task == "diagnosis":
+        assert result["comparisons"] == {}
+    else:                             # the model against each baseline, per field and micro
+        assert set(result["comparisons"]) == {"majority", "regex"}
+        for name, fields in result["comparisons"].items():
+            assert set(fields) == {*result["systems"]["model"]["fields"], "micro"} and f"vs {name}" in table
+            micro = result["systems"]["model"]["micro"]["f1"] - result["systems"][name]["micro"]["f1"]
+            assert fields["micro"]["delta"] == pytest.approx(micro)
     rows = [json.loads(line) for line in open(tmp_path / f"eval_{task}_test_predictions.jsonl")]
     clean = [r for r in rows if r["perturbation"] is None]
     assert len(clean) == 3 * result["n_examples"] and {r["system"] for r in clean} == set(result["systems"])

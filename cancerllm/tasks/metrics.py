@@ -8,11 +8,13 @@
   "IIA" ~ "stage 2A", "G2" ~ "Grade 2" ~ "moderately differentiated"), with micro and macro averages. A predicted
   value that differs from the gold counts as one false positive and one false negative; "not mentioned" is null.
 - Diagnosis statements: token F1 and ROUGE-L F against the reference.
+- Whether one system's field F1 beats another's beyond chance: a paired bootstrap over the records.
 """
 import re
 import string
 from collections import Counter
 
+import numpy as np
 from nltk.stem.porter import PorterStemmer
 from rouge_score import rouge_scorer
 
@@ -158,28 +160,60 @@ def prf(tp: int, fp: int, fn: int) -> dict:
     return {"precision": p, "recall": r, "f1": f_beta(p, r), "tp": tp, "fp": fp, "fn": fn}
 
 
-def field_scores(preds, golds, fields=FIELDS) -> dict:
-    """Per-field P/R/F1 on normalised values plus micro and macro averages. preds/golds: lists of {field: value};
-    a field missing from a prediction counts as null. -> {"fields": {f: scores}, "micro": ..., "macro": ...}."""
+def field_counts(preds, golds, fields=FIELDS) -> np.ndarray:
+    """[records, fields, 3] int array: (tp, fp, fn) of each record's field on normalised values. preds/golds: lists
+    of {field: value}; a field missing from a prediction counts as null."""
     if len(preds) != len(golds):
-        raise ValueError(f"field_scores: {len(preds)} predictions for {len(golds)} gold records")
-    counts = {f: Counter() for f in fields}
-    for pred, gold in zip(preds, golds):
-        for f in fields:
+        raise ValueError(f"field scores: {len(preds)} predictions for {len(golds)} gold records")
+    counts = np.zeros((len(golds), len(fields), 3), dtype=np.int64)
+    for i, (pred, gold) in enumerate(zip(preds, golds)):
+        for j, f in enumerate(fields):
             p, g = normalize_value(f, pred.get(f)), normalize_value(f, gold.get(f))
-            c = counts[f]
-            c["n"] += 1
-            c["gold"] += g is not None
             if p is not None and p == g:
-                c["tp"] += 1
+                counts[i, j, 0] = 1
             else:
-                c["fp"] += p is not None
-                c["fn"] += g is not None
-    per_field = {f: {**prf(c["tp"], c["fp"], c["fn"]), "n": c["n"], "n_gold": c["gold"]} for f, c in counts.items()}
-    total = sum(counts.values(), Counter())
-    micro = prf(total["tp"], total["fp"], total["fn"])
+                counts[i, j, 1:] = p is not None, g is not None
+    return counts
+
+
+def field_scores(preds, golds, fields=FIELDS) -> dict:
+    """Per-field P/R/F1 on normalised values plus micro and macro averages (see field_counts for the arguments).
+    -> {"fields": {f: scores}, "micro": ..., "macro": ...}."""
+    totals = field_counts(preds, golds, fields).sum(axis=0).tolist()
+    per_field = {f: {**prf(*c), "n": len(golds), "n_gold": c[0] + c[2]} for f, c in zip(fields, totals)}
+    micro = prf(*map(sum, zip(*totals)))
     macro = {k: sum(s[k] for s in per_field.values()) / len(per_field) for k in ("precision", "recall", "f1")}
     return {"fields": per_field, "micro": micro, "macro": macro}
+
+
+def f1_of_counts(counts: np.ndarray) -> np.ndarray:
+    """F1 = 2tp / (2tp + fp + fn) over the last axis (tp, fp, fn); 0 where there is nothing to score."""
+    tp, fp, fn = np.moveaxis(counts, -1, 0)
+    denominator = 2 * tp + fp + fn
+    return np.where(denominator > 0, 2 * tp / np.maximum(denominator, 1), 0.0)
+
+
+def paired_bootstrap(counts_a: np.ndarray, counts_b: np.ndarray, fields=FIELDS, samples: int = 1000,
+                     seed: int = 0) -> dict:
+    """How sure is "a beats b"? The paired bootstrap (Koehn 2004; Berg-Kirkpatrick et al. 2012): draw the records
+    with replacement `samples` times, score both systems on each draw, and look at the F1 difference a - b.
+    counts_*: field_counts of the two systems on the same records.
+    -> {field, and "micro": {"delta": a - b on all records, "ci95": [2.5, 97.5] percentiles of the drawn deltas,
+    "wins": the fraction of draws where a scores higher}}."""
+    if counts_a.shape != counts_b.shape:
+        raise ValueError(f"paired_bootstrap: counts of shape {counts_a.shape} and {counts_b.shape} differ")
+    n = len(counts_a)
+    draws = np.random.default_rng(seed).multinomial(n, np.full(n, 1 / n), size=samples)   # [draw, record]: times drawn
+
+    def f1s(counts):           # [draws + 1, fields + 1]: row 0 is the full set, the last column micro
+        totals = np.concatenate([counts.sum(0, keepdims=True), np.einsum("dr,rfk->dfk", draws, counts)])
+        return np.concatenate([f1_of_counts(totals), f1_of_counts(totals.sum(1))[:, None]], axis=1)
+
+    delta = f1s(counts_a) - f1s(counts_b)
+    low, high = np.percentile(delta[1:], [2.5, 97.5], axis=0)
+    wins = (delta[1:] > 0).mean(0)
+    return {name: {"delta": float(delta[0, j]), "ci95": [float(low[j]), float(high[j])], "wins": float(wins[j])}
+            for j, name in enumerate([*fields, "micro"])}
 
 
 # ---------------------------------------------------------------------------------------------- diagnosis text
