@@ -15,7 +15,8 @@ unless --unconstrained. Answers that do not parse (JSON task) count as all-null 
 For the phenotype tasks a paired bootstrap over the reports says how sure each of the model's wins is: per field
 and micro, the F1 difference to each other system, its 95% interval, and the share of 1,000 draws the model wins.
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
-examples, clean and perturbed.
+examples, clean and perturbed. For counterfactual edits it also counts, per system, the answers for the edited
+field that follow the text (the new value), keep the original value, or are neither.
 Writes eval_{task}_{split}.md, .json and _predictions.jsonl to --out.
 """
 import argparse
@@ -136,7 +137,8 @@ class RuleSystem:
 # ---------------------------------------------------------------------------------------------- scoring
 
 def qa_fields(records, answers) -> tuple[list, list]:
-    """One-question examples regrouped per report -> ([{field: answer}], [gold fields]), one entry per report."""
+    """One-question examples regrouped per report -> ([{field: answer}], [gold fields]), one entry per report in the
+    order reports first appear (as in every FIELD_VIEWS function)."""
     by_patient, gold_fields = {}, {}
     for r, a in zip(records, answers):
         by_patient.setdefault(r["patient_id"], {})[r["field"]] = a
@@ -174,6 +176,20 @@ def json_scores(records, answers) -> dict:
     return {**scores, "set_exact": instance_f1(items_p, items_g, "exact"),
             "set_rouge1": instance_f1(items_p, items_g, "rouge1"),
             "parse_failures": sum(parse_phenotypes(a) is None for a in answers), "headline": scores["micro"]["f1"]}
+
+
+def edit_following(task, perturbed, answers, original_fields: dict) -> dict:
+    """On counterfactual records: how often the answer for an edited field is the new value the text now states,
+    the original one, or neither. original_fields: {patient_id: fields before the edit}."""
+    preds, golds = FIELD_VIEWS[task](perturbed, answers)
+    out = dict.fromkeys(("new", "original", "other"), 0)
+    for pid, pred, gold in zip(dict.fromkeys(r["patient_id"] for r in perturbed), preds, golds):
+        for f in FIELDS:
+            new, old = normalize_value(f, gold.get(f)), normalize_value(f, original_fields[pid].get(f))
+            if new != old:
+                answer = normalize_value(f, pred.get(f))
+                out["new" if answer == new else "original" if answer == old else "other"] += 1
+    return out
 
 
 def compare_to_model(task, records, answers_by_system, samples=BOOTSTRAP_SAMPLES) -> dict:
@@ -267,6 +283,11 @@ def markdown(result: dict) -> str:
                   "| perturbation | system | n | clean | perturbed | drop |", "|---|---|---|---|---|---|"]
         lines += [f"| {p['perturbation']} | {p['system']} | {p['n']} | {fmt(p['clean'])} | {fmt(p['perturbed'])} | "
                   f"{fmt(p['drop'])} |" for p in result["robustness"]]
+    followed = [p for p in result["robustness"] if "edited_field_answers" in p]
+    if followed:
+        lines += ["", "Counterfactual edits: the answer for the edited field is the new value the text states / the "
+                  "original value / neither: " + ", ".join(
+                      f"{p['system']} {' / '.join(map(str, p['edited_field_answers'].values()))}" for p in followed)]
     if result.get("speed"):
         lines += ["", "Generation speed: " + ", ".join(f"{k}: {v['tokens_per_s']:.1f} tokens/s ({v['tokens']} tokens)"
                                                         for k, v in result["speed"].items())]
@@ -321,6 +342,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
               "comparisons": compare_to_model(task, records, clean) if task in FIELD_VIEWS else {},
               "robustness": []}
+    original_fields = {r["patient_id"]: r["fields"] for r in records}
     for kind in perturb:
         perturbed, skipped = perturb_records(records, kind, templates, seed, misspell_rate, ocr_rate)
         kept = {(r["patient_id"], r.get("field")) for r in perturbed}
@@ -330,9 +352,11 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
             answers = s.answers(perturbed)
             predictions += prediction_rows(perturbed, {s.name: answers}, kind)
             after = score(task, perturbed, answers, templates)["headline"] if perturbed else 0.0
-            result["robustness"].append({"perturbation": kind, "system": s.name, "n": len(perturbed),
-                                         "skipped_no_editable_value": skipped, "clean": before,
-                                         "perturbed": after, "drop": before - after})
+            row = {"perturbation": kind, "system": s.name, "n": len(perturbed),
+                   "skipped_no_editable_value": skipped, "clean": before, "perturbed": after, "drop": before - after}
+            if kind == "counterfactual" and task in FIELD_VIEWS:
+                row["edited_field_answers"] = edit_following(task, perturbed, answers, original_fields)
+            result["robustness"].append(row)
     result["speed"] = {s.name: {"tokens": s.tokens, "seconds": s.seconds,
                                 "tokens_per_s": s.tokens / s.seconds if s.seconds else 0.0}
                        for s in systems if isinstance(s, ModelSystem)}

@@ -131,6 +131,12 @@ def test_eval_cli_end_to_end(task, checkpoint, data, tmp_path):
     if task == "phenotype-json":      # 6 tokens cannot close the object: every answer is a counted failure
         assert result["systems"]["model"]["parse_failures"] == 2
     assert "Robustness" in table
+    for row in result["robustness"]:   # counterfactual rows of the phenotype tasks count how answers follow the edit
+        if row["perturbation"] == "counterfactual" and task != "diagnosis":
+            edits = row["n"] // (len(FIELDS) if task == "phenotype-qa" else 1)
+            assert sum(row["edited_field_answers"].values()) == edits and "Counterfactual edits" in table
+        else:
+            assert "edited_field_answers" not in row
     if task == "diagnosis":
         assert result["comparisons"] == {}
     else:                             # the model against each baseline, per field and micro
@@ -194,6 +200,22 @@ def test_counterfactual_records_carry_the_edited_answer(task, data):
         original = next(o for o in records if o["patient_id"] == r["patient_id"] and o.get("field") == r.get("field"))
         changed += r["completion"] != original["completion"]
     assert changed > 0
+
+
+@pytest.mark.parametrize("task", ["phenotype-qa", "phenotype-json"])
+def test_edit_following_counts_new_original_and_other_answers(task, data):
+    templates = load_templates("cancerllm/tasks/templates.json")
+    records = cancer_eval.read_jsonl(data / task / "train.jsonl")
+    edited, _ = cancer_eval.perturb_records(records, "counterfactual", templates, 0, 0.1, 0.05)
+    original = {r["patient_id"]: r["fields"] for r in records}
+    before = {(r["patient_id"], r.get("field")): r["completion"] for r in records}
+    reports = len({r["patient_id"] for r in edited})       # one field edited per report
+    follow = lambda answers: cancer_eval.edit_following(task, edited, answers, original)
+    assert follow([r["completion"] for r in edited]) == {"new": reports, "original": 0, "other": 0}
+    assert follow([before[r["patient_id"], r.get("field")] for r in edited]) == {"new": 0, "original": reports,
+                                                                                 "other": 0}
+    assert follow(["not mentioned" if task == "phenotype-qa" else "{}"] * len(edited)) == {
+        "new": 0, "original": 0, "other": reports}
 
 
 def test_eval_scores_an_ensemble_of_checkpoints(checkpoint, data, tmp_path):
