@@ -1,14 +1,19 @@
 import csv
+import gzip
+import importlib.util
+import itertools
 import json
+import re
 
 import pytest
 
 from cancerllm.tasks.baselines import find_mentions
 from cancerllm.tasks.build import (TASKS, build, find_diagnosis_section, load_templates, split_patients,
                                    truncate_report)
-from cancerllm.tasks.fields import FIELDS
+from cancerllm.tasks.fields import CANCER_TYPES, FIELDS
 from cancerllm.tasks.metrics import normalize_value
 
+OCR_REPORTS = "data/tcga/ocr_reports.csv.gz"
 LABEL_HEADER = open("data/tcga/patient_labels.csv").readline().strip().split(",")
 
 
@@ -160,3 +165,80 @@ def test_truncation_keeps_head_evidence_and_key_section():
     assert cut.index(" [...] Estrogen receptor: positive. ") < cut.index(" [...] SYNOPTIC DATA. Size 2 cm.")
     assert cut.endswith(" [...] Stage: pT2 pN1a. ")
     assert truncate_report("short", 600, None, " [...] ") == ("short", False, 0)
+
+
+def write_csv(path, rows):
+    with (gzip.open(path, "wt", newline="") if path.suffix == ".gz" else open(path, "w", newline="")) as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def bundled_ocr_rows(n):
+    with gzip.open(OCR_REPORTS, "rt", newline="") as f:
+        return list(itertools.islice(csv.DictReader(f), n))
+
+
+def labels_with(path, rows, tmp_path):
+    """labels.csv at `path` plus the bundled registry rows of `rows`' patients."""
+    ids = {r["patient_id"] for r in rows}
+    with open(path, newline="") as f:
+        labels = list(csv.DictReader(f))
+    with open("data/tcga/patient_labels.csv", newline="") as f:
+        labels += [r for r in csv.DictReader(f) if r["patient_id"] in ids]
+    return write_csv(tmp_path / "all-labels.csv", labels)
+
+
+def test_extra_training_reports_join_the_training_split_only(tmp_path):
+    reports, labels = small_inputs(tmp_path, n=30)
+    extra_rows = bundled_ocr_rows(6)
+    extra_rows[0] = {**extra_rows[0], "text": " "}
+    extra = write_csv(tmp_path / "extra.csv.gz", extra_rows)
+    labels = labels_with(labels, extra_rows, tmp_path)
+    alone = build(reports, labels, tmp_path / "alone", max_report_chars=800, verbose=False)
+    m = build(reports, labels, tmp_path / "with", max_report_chars=800, extra_train_reports=extra, verbose=False)
+    assert m["extra_train_reports_used"] == 5 and m["failures"]["empty_report_text"] == 1
+    assert m["failures"]["registry_row_without_report"] == 0 < alone["failures"]["registry_row_without_report"]
+    assert m["patients"] == {**alone["patients"], "train": alone["patients"]["train"] + 5}
+    for task in TASKS:
+        for split in ("val", "test"):
+            assert read(tmp_path / "with" / task / f"{split}.jsonl") == read(tmp_path / "alone" / task / f"{split}.jsonl")
+        train = {r["patient_id"] for r in read(tmp_path / "with" / task / "train.jsonl")}
+        assert {r["patient_id"] for r in extra_rows[1:]} <= train
+
+
+def test_an_extra_report_of_a_patient_with_a_report_is_an_error(tmp_path):
+    reports, labels = small_inputs(tmp_path, n=4)
+    with open(reports, newline="") as f:
+        row = list(csv.DictReader(f))[2]
+    extra = write_csv(tmp_path / "extra.csv", [{"patient_id": "TCGA-XX-0001", "text": "x"},
+                                               {"patient_id": row["patient_id"], "text": "another report"}])
+    with pytest.raises(ValueError, match=rf"extra.csv:3: patient {row['patient_id']} also has a report at "
+                                         r".*reports.csv:4"):
+        build(reports, labels, tmp_path / "out", extra_train_reports=extra, verbose=False)
+
+
+def test_bundled_ocr_reports_are_other_patients_with_registry_rows_and_clean_text():
+    with open("data/tcga/reports.csv", newline="") as f:
+        cleaned = {r["patient_id"] for r in csv.DictReader(f)}
+    with open("data/tcga/patient_labels.csv", newline="") as f:
+        registry = {r["patient_id"]: r["project"] for r in csv.DictReader(f)}
+    with gzip.open(OCR_REPORTS, "rt", newline="") as f:
+        rows = list(csv.DictReader(f))
+    ids = [r["patient_id"] for r in rows]
+    assert len(ids) == len(set(ids)) > 3000 and not set(ids) & cleaned
+    assert all(registry[r["patient_id"]] == "TCGA-" + r["cancer_type"] in {"TCGA-" + c for c in CANCER_TYPES}
+               for r in rows)
+    assert not any(re.search(r"UUID\s*:\s*[0-9A-F]{8}|TCGA-\w\w-\w{4}|\n|[Il1|]{6}", r["text"]) for r in rows)
+
+
+def test_clean_ocr_drops_stamps_and_joins_printed_lines():
+    spec = importlib.util.spec_from_file_location("bundle", "data/bundle_ocr_reports.py")
+    bundle = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bundle)
+    raw = ("UUID:4F76D253-8752-4787\nTCGA-DK-AA6L-01A -PR Redacted\nIIIII II I 1111111111111 VIII 11111\n"
+           "SURGICAL PATHOLOGY REPORT\nPrimary Tumor Site Discrepancy\n,vos ?!. 9\nDIAGNOSIS:\n"
+           "Prostate ,radical prostatectomy: adenocarcinoma, Gleason 4 + 5\n= 9. Page 2 of 3\n  \npT3b;\n")
+    assert bundle.clean_ocr(raw) == ("SURGICAL PATHOLOGY REPORT. DIAGNOSIS: Prostate, radical prostatectomy: "
+                                     "adenocarcinoma, Gleason 4 + 5. = 9. pT3b;")

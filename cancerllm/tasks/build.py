@@ -23,6 +23,7 @@ that is not an allowed form of its field is an error naming the file, line and c
 """
 import argparse
 import csv
+import gzip
 import hashlib
 import json
 import random
@@ -88,7 +89,7 @@ def open_csv(path, required):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found")
-    f = path.open(newline="", encoding="utf-8")
+    f = (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="", encoding="utf-8")
     reader = csv.DictReader(f)
     missing = [c for c in required if c not in (reader.fieldnames or [])]
     if missing:
@@ -288,11 +289,28 @@ def token_stats(records, tokenizer) -> dict:
             "max": max(lengths)}
 
 
+def usable_reports(rows: list[dict], registry: dict, failures: Counter) -> list[dict]:
+    """The rows with text and a registry row; the others counted in `failures`."""
+    kept = []
+    for r in rows:
+        if not r["text"]:
+            failures["empty_report_text"] += 1
+        elif r["patient_id"] not in registry:
+            failures["report_without_registry_row"] += 1
+        else:
+            kept.append(r)
+    return kept
+
+
 def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv", out="runs/tasks", *, seed=0,
-          val_frac=0.1, test_frac=0.1, max_report_chars=2000, counterfactual_copies=0, tokenizer=None,
-          templates=TEMPLATES_PATH, verbose=True) -> dict:
+          val_frac=0.1, test_frac=0.1, max_report_chars=2000, counterfactual_copies=0, extra_train_reports=None,
+          tokenizer=None, templates=TEMPLATES_PATH, verbose=True) -> dict:
     """Write {out}/{task}/{split}.jsonl (and {task}/train-counterfactual.jsonl for the phenotype tasks when
-    counterfactual_copies > 0) and {out}/manifest.json; return the manifest (counts, failures, rules)."""
+    counterfactual_copies > 0) and {out}/manifest.json; return the manifest (counts, failures, rules).
+
+    `extra_train_reports` (a CSV, gzipped or not, with patient_id and text) adds reports whose patients go to the
+    training split only: validation and test stay the split of `reports`, whatever the extra file holds. A patient
+    in both files is an error."""
     from ..tokenizer import Tokenizer, mistral_tokenizer_path
     if max_report_chars is not None and max_report_chars < 300:
         raise ValueError(f"max_report_chars={max_report_chars}: too short for a report's head and key sentences")
@@ -301,21 +319,24 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     templates_path, templates = Path(templates), load_templates(templates)
     tok = Tokenizer(tokenizer or mistral_tokenizer_path())
     report_rows = read_reports(reports)
+    extra_rows = read_reports(extra_train_reports) if extra_train_reports else []
     registry, unused_columns = read_labels(labels)
+    both = {r["patient_id"]: r["where"] for r in report_rows}
+    clash = next((r for r in extra_rows if r["patient_id"] in both), None)
+    if clash:
+        raise ValueError(f"{clash['where']}: patient {clash['patient_id']} also has a report at "
+                         f"{both[clash['patient_id']]}; the extra training reports must be other patients")
 
-    failures, stats, kept = Counter(), Counter(), []
-    for r in report_rows:
-        if not r["text"]:
-            failures["empty_report_text"] += 1
-        elif r["patient_id"] not in registry:
-            failures["report_without_registry_row"] += 1
-        else:
-            kept.append(r)
-    failures["registry_row_without_report"] = len(registry.keys() - {r["patient_id"] for r in report_rows})
+    failures, stats = Counter(), Counter()
+    kept = usable_reports(report_rows, registry, failures)
+    extra = usable_reports(extra_rows, registry, failures)
+    failures["registry_row_without_report"] = len(registry.keys() - both.keys() -
+                                                  {r["patient_id"] for r in extra_rows})
     split_of = split_patients([r["patient_id"] for r in kept], seed, val_frac, test_frac)
+    split_of.update({r["patient_id"]: "train" for r in extra})
 
     records = {(t, s): [] for t in TASKS for s in SPLITS}
-    for r in kept:
+    for r in kept + extra:
         fields = registry[r["patient_id"]]
         for task, report in task_inputs(r["text"], max_report_chars, templates, stats).items():
             records[task, split_of[r["patient_id"]]] += task_examples(task, r["patient_id"], report, fields,
@@ -332,16 +353,18 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
             f.writelines(json.dumps(row) + "\n" for row in rows)
 
     manifest = {
-        "sources": {"reports": str(reports), "labels": str(labels), "templates": str(templates_path),
+        "sources": {"reports": str(reports), "extra_train_reports": extra_train_reports and str(extra_train_reports),
+                    "labels": str(labels), "templates": str(templates_path),
                     "templates_sha256": hashlib.sha256(templates_path.read_bytes()).hexdigest()},
         "tokenizer": {"path": str(tok.path), "sha256": tok.fingerprint()},
         "seed": seed, "fractions": {"val": val_frac, "test": test_frac}, "max_report_chars": max_report_chars,
-        "reports_read": len(report_rows), "reports_used": len(kept),
+        "reports_read": len(report_rows) + len(extra_rows), "reports_used": len(kept) + len(extra),
+        "extra_train_reports_used": len(extra),
         "patients": dict(Counter(split_of.values())),
         "failures": dict(failures), "unused_registry_columns": unused_columns,
         "diagnosis_section": {"rule": find_diagnosis_section.__doc__ + " Headings: " + DIAGNOSIS_HEADING.pattern,
                               "found": stats["diagnosis_section_found"],
-                              "fraction_found": stats["diagnosis_section_found"] / max(len(kept), 1)},
+                              "fraction_found": stats["diagnosis_section_found"] / max(len(kept) + len(extra), 1)},
         "truncation": {k: v for k, v in stats.items() if k.startswith("truncated")},
         "examples": {t: {s: len(records[t, s]) for s in SPLITS} for t in TASKS},
         "counterfactual_train": {"copies": counterfactual_copies,
@@ -358,7 +381,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
 
 def print_summary(m: dict, out: Path):
     print(f"reports: {m['reports_read']} read, {m['reports_used']} used; failures: {m['failures']}")
-    print(f"patients per split: {m['patients']}")
+    print(f"patients per split: {m['patients']} (training: {m['extra_train_reports_used']} from the extra reports)")
     ds = m["diagnosis_section"]
     print(f"final-diagnosis section found in {ds['found']}/{m['reports_used']} reports ({ds['fraction_found']:.1%})")
     print(f"truncation to {m['max_report_chars']} chars: {m['truncation']}")
@@ -375,6 +398,9 @@ def print_summary(m: dict, out: Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reports", default="data/tcga/reports.csv")
+    p.add_argument("--extra-train-reports", default=None,
+                   help="CSV (.gz allowed) of more reports, other patients, for the training split only "
+                        "(e.g. data/tcga/ocr_reports.csv.gz)")
     p.add_argument("--labels", default="data/tcga/patient_labels.csv")
     p.add_argument("--out", default="runs/tasks")
     p.add_argument("--seed", type=int, default=0)
@@ -391,7 +417,7 @@ def main(argv=None):
     try:
         build(a.reports, a.labels, a.out, seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac,
               max_report_chars=a.max_report_chars or None, counterfactual_copies=a.counterfactual_copies,
-              tokenizer=a.tokenizer, templates=a.templates)
+              extra_train_reports=a.extra_train_reports, tokenizer=a.tokenizer, templates=a.templates)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.tasks.build: {e}")
 
