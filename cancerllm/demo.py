@@ -1,9 +1,7 @@
 """The embedded default, end to end on 2 CPU cores: `make demo` (= `python -m cancerllm.demo`).
 
-1. task datasets from the bundled TCGA reports and registry labels, split by patient (cancerllm.tasks.build): the
-   cleaned reports give the training, validation and test patients, the cleaned raw-OCR reports of 3,463 other
-   patients (data/tcga/ocr_reports.csv.gz) only more training patients;
-2. a domain tokenizer (8,000 pieces) trained on the training patients' cleaned reports;
+1. task datasets from the bundled TCGA reports and registry labels, split by patient (cancerllm.tasks.build);
+2. a domain tokenizer (8,000 pieces) trained on the training patients' reports;
 3. pretraining shards of those reports, then pretraining from scratch of a 7M-parameter Mistral (the `small` preset
    narrowed to 4 layers of width 256) with `torchrun` on 2 processes (configs/cpu-small.toml);
 4. SFT shards of the task training examples, then instruction tuning of that export (configs/cpu-small-sft.toml),
@@ -25,26 +23,20 @@ import tomllib
 from pathlib import Path
 
 from .eval import evaluate, read_jsonl
-from .tasks.build import build, read_reports
+from .tasks.build import build
 from .tokenizer import train as train_tokenizer
 
 RUN = Path("runs/demo")
 SFT_CONFIG = "configs/cpu-small-sft.toml"
 REPORTS_CSV = Path("data/tcga/reports.csv")
-EXTRA_REPORTS_CSV = Path("data/tcga/ocr_reports.csv.gz")
-# What the SFT stage sees: the phenotype-JSON example of each training report (the headline task; one report pass
-# teaches all 13 answers) CLEANED_PASSES times for the cleaned corpus's reports (the kind of text validation and
-# test hold) and once for the OCR ones, the cleaned reports' diagnosis examples and a sample of the OCR ones, and a
-# sample of the (13x larger) question-answering set: more than one SFT run reads in the CPU budget, so each member
-# reads a different ~70% of it. Each JSON example is, with probability COUNTERFACTUAL_SHARE, the report's
-# counterfactual copy when it states a value the regular expressions can rewrite (tasks.build
+# What the SFT stage sees: each training report's phenotype-JSON example four times (the headline task; one
+# report pass teaches all 13 answers), every diagnosis example once, and a sample of the (13x larger)
+# question-answering set, so that the stage fits the CPU budget. Two of a report's four JSON passes are
+# counterfactual copies when it states a value the regular expressions can rewrite (tasks.build
 # --counterfactual-copies): the value changed in the text and in the answer, so that only reading gets it right.
-CLEANED_PASSES = 3
-COUNTERFACTUAL_SHARE = 0.5
-OCR_DIAGNOSIS_SAMPLE = 500
-# A question's answer is 2-5 tokens, so QA examples carry few loss tokens; with 1,500 of them both members of the
-# mixture's first run answered "not mentioned" to every validation question (QA micro F1 0.01; 0.25 with 3,000).
-QA_SAMPLE = 3000
+JSON_PASSES = 4
+COUNTERFACTUAL_COPIES = 2
+QA_SAMPLE = 1500
 # Task inputs are cut to the report's head, the sentences stating a staging, grade, receptor or Gleason value, and
 # its synoptic / diagnosis section (tasks.build.truncate_report): shorter rows let the CPU budget cover more examples.
 MAX_REPORT_CHARS = 1200
@@ -75,39 +67,34 @@ def training_patients(tasks_dir: Path) -> set:
 
 
 def write_pretraining_corpus(patients: set, out: Path) -> int:
-    """Full cleaned reports of the training patients, one JSON object per line (test patients' text never trains).
-    The OCR reports stay out: their noise (page furniture, misread characters) would take the few minutes of
-    pretraining away from the cleaned text the tasks are evaluated on."""
+    """Full reports of the training patients, one JSON object per line (test patients' text never trains)."""
+    import csv
+    csv.field_size_limit(sys.maxsize)
     n = 0
-    with open(out, "w") as w:
-        for row in read_reports(REPORTS_CSV):
+    with open(REPORTS_CSV, newline="") as f, open(out, "w") as w:
+        for row in csv.DictReader(f):
             if row["patient_id"] in patients:
                 w.write(json.dumps({"patient_id": row["patient_id"], "text": row["text"]}) + "\n")
                 n += 1
     return n
 
 
-def sample(rows: list, n: int, seed: int) -> list:
-    return random.Random(seed).sample(rows, min(n, len(rows)))
+def json_passes(tasks_dir: Path) -> list:
+    """JSON_PASSES examples per training report, COUNTERFACTUAL_COPIES of them edited where the report allows."""
+    train = read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl")
+    edited = {}
+    for r in read_jsonl(tasks_dir / "phenotype-json" / "train-counterfactual.jsonl"):
+        edited.setdefault(r["patient_id"], []).append(r)
+    copies = [edited.get(r["patient_id"], [r] * COUNTERFACTUAL_COPIES)[k]
+              for k in range(COUNTERFACTUAL_COPIES) for r in train]
+    return train * (JSON_PASSES - COUNTERFACTUAL_COPIES) + copies
 
 
-def json_examples(tasks_dir: Path, cleaned: set, seed: int) -> list:
-    """CLEANED_PASSES examples per cleaned training report, one per OCR report; each the report's counterfactual
-    copy with probability COUNTERFACTUAL_SHARE (seeded), where the report allows one."""
-    edited = {r["patient_id"]: r for r in read_jsonl(tasks_dir / "phenotype-json" / "train-counterfactual.jsonl")}
-    rng, out = random.Random(seed), []
-    for r in read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl"):
-        for _ in range(CLEANED_PASSES if r["patient_id"] in cleaned else 1):
-            out.append(edited.get(r["patient_id"], r) if rng.random() < COUNTERFACTUAL_SHARE else r)
-    return out
-
-
-def write_sft_mixture(tasks_dir: Path, cleaned: set, out: Path, seed: int) -> dict:
-    diagnosis = read_jsonl(tasks_dir / "diagnosis" / "train.jsonl")
-    parts = {"phenotype-json": json_examples(tasks_dir, cleaned, seed),
-             "diagnosis": [r for r in diagnosis if r["patient_id"] in cleaned] +
-                          sample([r for r in diagnosis if r["patient_id"] not in cleaned], OCR_DIAGNOSIS_SAMPLE, seed),
-             "phenotype-qa": sample(read_jsonl(tasks_dir / "phenotype-qa" / "train.jsonl"), QA_SAMPLE, seed)}
+def write_sft_mixture(tasks_dir: Path, out: Path, seed: int) -> dict:
+    qa = read_jsonl(tasks_dir / "phenotype-qa" / "train.jsonl")
+    parts = {"phenotype-json": json_passes(tasks_dir),
+             "diagnosis": read_jsonl(tasks_dir / "diagnosis" / "train.jsonl"),
+             "phenotype-qa": random.Random(seed).sample(qa, min(QA_SAMPLE, len(qa)))}
     rows = [r for part in parts.values() for r in part]
     random.Random(seed).shuffle(rows)
     with open(out, "w") as f:
@@ -153,9 +140,8 @@ def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) ->
              f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then "
              "instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
-             + f" examples (phenotype-json: {CLEANED_PASSES} per cleaned training report and one per OCR one, each "
-             f"with probability {COUNTERFACTUAL_SHARE} the report's counterfactual copy where it states an editable "
-             f"value), {SFT_MEMBERS} times with "
+             + f" examples (phenotype-json: {JSON_PASSES} passes over the training reports, {COUNTERFACTUAL_COPIES} of"
+             f" them counterfactual copies where a report states an editable value), {SFT_MEMBERS} times with "
              "different seeds and decoded as their ensemble; evaluated on the test patients (never seen in "
              "training). 2 CPU processes.", "",
              "| stage | minutes |", "|---|---|"]
@@ -189,17 +175,16 @@ def main(argv=None):
     tasks_dir, tokenizer_prefix = RUN / "tasks", RUN / "tokenizer"
 
     t = step("1-2. task datasets (split by patient) and a domain tokenizer from the training patients' reports")
-    # Built twice: first from the cleaned reports alone, to fix the patient split (whose training reports train the
-    # tokenizer and the pretraining), then again, the same split plus the OCR training patients, stamped with that
-    # tokenizer and with the counterfactual training copies.
+    # Built twice: first to fix the patient split (whose training reports train the tokenizer), then again, the
+    # same split stamped with that tokenizer and with the counterfactual training copies.
     build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, verbose=False)
     patients = training_patients(tasks_dir)
     n_reports = write_pretraining_corpus(patients, RUN / "pretrain.jsonl")
     corpus = RUN / "tokenizer_corpus.txt"
     corpus.write_text("\n".join(json.loads(line)["text"] for line in open(RUN / "pretrain.jsonl")))
     tokenizer = train_tokenizer([corpus], tokenizer_prefix, vocab_size=8000)
-    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, extra_train_reports=EXTRA_REPORTS_CSV,
-          tokenizer=tokenizer.path, counterfactual_copies=1)
+    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path,
+          counterfactual_copies=COUNTERFACTUAL_COPIES)
     timings["datasets and tokenizer"] = time.perf_counter() - t
 
     t = step("3. pretraining: shards, then torchrun train.py --config configs/cpu-small.toml")
@@ -209,7 +194,7 @@ def main(argv=None):
     timings["pretraining"] = time.perf_counter() - t
 
     t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}, {SFT_MEMBERS} seeds")
-    sft_examples = write_sft_mixture(tasks_dir, patients, RUN / "sft.jsonl", args.seed)
+    sft_examples = write_sft_mixture(tasks_dir, RUN / "sft.jsonl", args.seed)
     seq_len = tomllib.loads(Path(SFT_CONFIG).read_text())["data"]["seq_len"]      # pack rows the trainer will read
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
          "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len],
