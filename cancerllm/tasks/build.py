@@ -321,16 +321,16 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     report_rows = read_reports(reports)
     extra_rows = read_reports(extra_train_reports) if extra_train_reports else []
     registry, unused_columns = read_labels(labels)
-    both = {r["patient_id"]: r["where"] for r in report_rows}
-    clash = next((r for r in extra_rows if r["patient_id"] in both), None)
+    report_at = {r["patient_id"]: r["where"] for r in report_rows}
+    clash = next((r for r in extra_rows if r["patient_id"] in report_at), None)
     if clash:
         raise ValueError(f"{clash['where']}: patient {clash['patient_id']} also has a report at "
-                         f"{both[clash['patient_id']]}; the extra training reports must be other patients")
+                         f"{report_at[clash['patient_id']]}; the extra training reports must be other patients")
 
     failures, stats = Counter(), Counter()
     kept = usable_reports(report_rows, registry, failures)
     extra = usable_reports(extra_rows, registry, failures)
-    failures["registry_row_without_report"] = len(registry.keys() - both.keys() -
+    failures["registry_row_without_report"] = len(registry.keys() - report_at.keys() -
                                                   {r["patient_id"] for r in extra_rows})
     split_of = split_patients([r["patient_id"] for r in kept], seed, val_frac, test_frac)
     split_of.update({r["patient_id"]: "train" for r in extra})
