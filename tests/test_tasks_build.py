@@ -101,14 +101,7 @@ def small_inputs(tmp_path, n, edit=None):
         labels = [r for r in csv.DictReader(f) if r["patient_id"] in ids]
     if edit:
         edit(reports, labels)
-    paths = []
-    for name, rows in (("reports.csv", reports), ("labels.csv", labels)):
-        with open(tmp_path / name, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
-        paths.append(tmp_path / name)
-    return paths
+    return write_csv(tmp_path / "reports.csv", reports), write_csv(tmp_path / "labels.csv", labels)
 
 
 def test_empty_reports_and_unlabelled_reports_are_counted(tmp_path):
