@@ -1,6 +1,7 @@
 """The embedded default, end to end on 2 CPU cores: `make demo` (= `python -m cancerllm.demo`).
 
-1. task datasets from the bundled TCGA reports and registry labels, split by patient (cancerllm.tasks.build);
+1. task datasets from the bundled TCGA reports and registry labels, split by patient (cancerllm.tasks.build), the
+   training split topped up with OCR reports of other patients for the scarce cancer types;
 2. a domain tokenizer (8,000 pieces) trained on the training patients' reports;
 3. pretraining shards of those reports, then pretraining from scratch of a 7M-parameter Mistral (the `small` preset
    narrowed to 4 layers of width 256) with `torchrun` on 2 processes (configs/cpu-small.toml);
@@ -29,10 +30,16 @@ from .tokenizer import train as train_tokenizer
 RUN = Path("runs/demo")
 SFT_CONFIG = "configs/cpu-small-sft.toml"
 REPORTS_CSV = Path("data/tcga/reports.csv")
-# What the SFT stage sees: each training report's phenotype-JSON example four times (the headline task; one
-# report pass teaches all 13 answers), every diagnosis example once, and a sample of the (13x larger)
-# question-answering set, so that the stage fits the CPU budget. Two of a report's four JSON passes are
-# counterfactual copies when it states a value the regular expressions can rewrite (tasks.build
+# More training patients for the scarce cancer types: the bundled OCR reports of other TCGA patients, taken only as
+# far as they bring each type up to the most frequent type's count (tasks.build --extra-train-floor largest), so
+# prostate, bladder or pancreas are not a few dozen reports beside breast's 111. They train in SFT only (their OCR
+# text stays out of the tokenizer and pretraining, which read the cleaned corpus).
+EXTRA_REPORTS_CSV = Path("data/tcga/ocr_reports.csv.gz")
+EXTRA_TRAIN_FLOOR = "largest"
+# What the SFT stage sees: each cleaned training report's phenotype-JSON example four times (the headline task;
+# one report pass teaches all 13 answers) and each extra report's once, every diagnosis example once, and a sample
+# of the (13x larger) question-answering set, so that the stage fits the CPU budget. Two of a cleaned report's four
+# JSON passes are counterfactual copies when it states a value the regular expressions can rewrite (tasks.build
 # --counterfactual-copies): the value changed in the text and in the answer, so that only reading gets it right.
 JSON_PASSES = 4
 COUNTERFACTUAL_COPIES = 2
@@ -79,20 +86,23 @@ def write_pretraining_corpus(patients: set, out: Path) -> int:
     return n
 
 
-def json_passes(tasks_dir: Path) -> list:
-    """JSON_PASSES examples per training report, COUNTERFACTUAL_COPIES of them edited where the report allows."""
-    train = read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl")
+def json_passes(tasks_dir: Path, cleaned: set) -> list:
+    """JSON_PASSES examples per cleaned training report, COUNTERFACTUAL_COPIES of them edited where the report
+    allows, and one per extra report."""
+    examples = read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl")
+    train = [r for r in examples if r["patient_id"] in cleaned]
+    extra = [r for r in examples if r["patient_id"] not in cleaned]
     edited = {}
     for r in read_jsonl(tasks_dir / "phenotype-json" / "train-counterfactual.jsonl"):
         edited.setdefault(r["patient_id"], []).append(r)
     copies = [edited.get(r["patient_id"], [r] * COUNTERFACTUAL_COPIES)[k]
               for k in range(COUNTERFACTUAL_COPIES) for r in train]
-    return train * (JSON_PASSES - COUNTERFACTUAL_COPIES) + copies
+    return train * (JSON_PASSES - COUNTERFACTUAL_COPIES) + copies + extra
 
 
-def write_sft_mixture(tasks_dir: Path, out: Path, seed: int) -> dict:
+def write_sft_mixture(tasks_dir: Path, cleaned: set, out: Path, seed: int) -> dict:
     qa = read_jsonl(tasks_dir / "phenotype-qa" / "train.jsonl")
-    parts = {"phenotype-json": json_passes(tasks_dir),
+    parts = {"phenotype-json": json_passes(tasks_dir, cleaned),
              "diagnosis": read_jsonl(tasks_dir / "diagnosis" / "train.jsonl"),
              "phenotype-qa": random.Random(seed).sample(qa, min(QA_SAMPLE, len(qa)))}
     rows = [r for part in parts.values() for r in part]
@@ -140,8 +150,10 @@ def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) ->
              f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then "
              "instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
-             + f" examples (phenotype-json: {JSON_PASSES} passes over the training reports, {COUNTERFACTUAL_COPIES} of"
-             f" them counterfactual copies where a report states an editable value), {SFT_MEMBERS} times with "
+             + f" examples (phenotype-json: {JSON_PASSES} passes over those reports, {COUNTERFACTUAL_COPIES} of them "
+             "counterfactual copies where a report states an editable value, and one over the OCR reports of "
+             f"{info['extra_train_patients']} other training patients that bring each cancer type up to the most "
+             f"frequent type's count), {SFT_MEMBERS} times with "
              "different seeds and decoded as their ensemble; evaluated on the test patients (never seen in "
              "training). 2 CPU processes.", "",
              "| stage | minutes |", "|---|---|"]
@@ -176,15 +188,16 @@ def main(argv=None):
 
     t = step("1-2. task datasets (split by patient) and a domain tokenizer from the training patients' reports")
     # Built twice: first to fix the patient split (whose training reports train the tokenizer), then again, the
-    # same split stamped with that tokenizer and with the counterfactual training copies.
+    # same split stamped with that tokenizer, with the extra training patients and the counterfactual copies.
     build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, verbose=False)
     patients = training_patients(tasks_dir)
     n_reports = write_pretraining_corpus(patients, RUN / "pretrain.jsonl")
     corpus = RUN / "tokenizer_corpus.txt"
     corpus.write_text("\n".join(json.loads(line)["text"] for line in open(RUN / "pretrain.jsonl")))
     tokenizer = train_tokenizer([corpus], tokenizer_prefix, vocab_size=8000)
-    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path,
-          counterfactual_copies=COUNTERFACTUAL_COPIES)
+    manifest = build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path,
+                     counterfactual_copies=COUNTERFACTUAL_COPIES, extra_train_reports=EXTRA_REPORTS_CSV,
+                     extra_train_floor=EXTRA_TRAIN_FLOOR)
     timings["datasets and tokenizer"] = time.perf_counter() - t
 
     t = step("3. pretraining: shards, then torchrun train.py --config configs/cpu-small.toml")
@@ -194,7 +207,7 @@ def main(argv=None):
     timings["pretraining"] = time.perf_counter() - t
 
     t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}, {SFT_MEMBERS} seeds")
-    sft_examples = write_sft_mixture(tasks_dir, RUN / "sft.jsonl", args.seed)
+    sft_examples = write_sft_mixture(tasks_dir, patients, RUN / "sft.jsonl", args.seed)
     seq_len = tomllib.loads(Path(SFT_CONFIG).read_text())["data"]["seq_len"]      # pack rows the trainer will read
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
          "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len],
@@ -218,6 +231,7 @@ def main(argv=None):
     from .checkpoint import read_config
     model_args, _ = read_config(exports[0] / "config.json")
     info = {"parameters": model_args.num_params(), "vocab": tokenizer.vocab_size, "pretrain_reports": n_reports,
+            "extra_train_patients": manifest["extra_train_reports_used"],
             "shape": f"{model_args.n_layers} layers, width {model_args.dim}",
             "sft_examples": sft_examples, "sft_members": SFT_MEMBERS, "pretrain_loss": loss_span(pretraining),
             "sft_loss": [loss_span(records) for records in sft]}

@@ -4,11 +4,12 @@ import importlib.util
 import itertools
 import json
 import re
+from collections import Counter
 
 import pytest
 
 from cancerllm.tasks.baselines import find_mentions
-from cancerllm.tasks.build import (TASKS, build, find_diagnosis_section, load_templates, split_patients,
+from cancerllm.tasks.build import (TASKS, build, find_diagnosis_section, load_templates, split_patients, top_up,
                                    truncate_report)
 from cancerllm.tasks.fields import CANCER_TYPES, FIELDS
 from cancerllm.tasks.metrics import normalize_value
@@ -199,6 +200,46 @@ def test_extra_training_reports_join_the_training_split_only(tmp_path):
             assert read(tmp_path / "with" / task / f"{split}.jsonl") == read(tmp_path / "alone" / task / f"{split}.jsonl")
         train = {r["patient_id"] for r in read(tmp_path / "with" / task / "train.jsonl")}
         assert {r["patient_id"] for r in extra_rows[1:]} <= train
+
+
+def test_top_up_brings_each_cancer_type_to_the_floor_and_no_further():
+    kinds = {"A": 5, "B": 1, "C": 0}                       # training patients per type before the extras
+    extra = [{"patient_id": f"{t}{i}"} for t in "ABCD" for i in range(4)]
+    registry = {r["patient_id"]: {"cancer_type": r["patient_id"][0]} for r in extra}
+    train_types = [t for t, n in kinds.items() for _ in range(n)]
+
+    def added(floor, seed=0):
+        chosen = top_up(extra, train_types, floor, registry, seed)
+        return Counter(registry[r["patient_id"]]["cancer_type"] for r in chosen)
+
+    assert added(3) == {"B": 2, "C": 3, "D": 3}
+    assert added("largest") == {"B": 4, "C": 4, "D": 4}    # the floor is 5 (A's count); the pool has only 4 each
+    assert added(0) == {}
+    picks = [{r["patient_id"] for r in top_up(extra, train_types, 2, registry, seed)} for seed in range(6)]
+    assert picks[0] == {r["patient_id"] for r in top_up(extra[::-1], train_types, 2, registry, 0)}  # seeded
+    assert len({frozenset(p) for p in picks}) > 1                                                     # by seed
+    for bad in (-1, "most", 2.5, True):
+        with pytest.raises(ValueError, match="extra_train_floor"):
+            top_up(extra, train_types, bad, registry, 0)
+
+
+def test_extra_train_floor_takes_only_the_topping_up_reports(tmp_path):
+    reports, labels = small_inputs(tmp_path, n=30)
+    extra_rows = bundled_ocr_rows(12)
+    extra = write_csv(tmp_path / "extra.csv", extra_rows)
+    labels = labels_with(labels, extra_rows, tmp_path)
+
+    def training_types(floor):
+        m = build(reports, labels, tmp_path / str(floor), max_report_chars=800, extra_train_reports=extra,
+                  extra_train_floor=floor, verbose=False)
+        rows = read(tmp_path / str(floor) / "phenotype-json" / "train.jsonl")
+        return m, Counter(r["fields"]["cancer_type"] for r in rows)
+
+    (none, cleaned), (_, everything), (some, topped) = map(training_types, (0, None, "largest"))
+    assert none["extra_train_reports_used"] == 0 and none["extra_train_floor"] == 0
+    largest = max(cleaned.values())
+    assert topped == {t: max(cleaned[t], min(largest, n)) for t, n in everything.items()} != everything
+    assert some["extra_train_reports_used"] == sum(topped.values()) - sum(cleaned.values()) > 0
 
 
 def test_an_extra_report_of_a_patient_with_a_report_is_an_error(tmp_path):

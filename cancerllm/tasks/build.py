@@ -302,15 +302,36 @@ def usable_reports(rows: list[dict], registry: dict, failures: Counter) -> list[
     return kept
 
 
+def top_up(extra: list[dict], train_types: list[str], floor, registry: dict, seed: int) -> list[dict]:
+    """The extra reports that bring each cancer type up to `floor` training patients (an int, or "largest": the
+    count of the most frequent type in `train_types`), chosen at random (seeded); types at or above it get none.
+    Balancing by topping up keeps every original example and draws on the extra pool only where data is scarce."""
+    have = Counter(train_types)
+    if floor == "largest":
+        floor = max(have.values(), default=0)
+    if not isinstance(floor, int) or isinstance(floor, bool) or floor < 0:
+        raise ValueError(f"extra_train_floor={floor!r}: a count >= 0 or 'largest'")
+    pool = sorted(extra, key=lambda r: r["patient_id"])
+    random.Random(seed).shuffle(pool)
+    chosen = []
+    for r in pool:
+        cancer_type = registry[r["patient_id"]]["cancer_type"]
+        if have[cancer_type] < floor:
+            have[cancer_type] += 1
+            chosen.append(r)
+    return chosen
+
+
 def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv", out="runs/tasks", *, seed=0,
           val_frac=0.1, test_frac=0.1, max_report_chars=2000, counterfactual_copies=0, extra_train_reports=None,
-          tokenizer=None, templates=TEMPLATES_PATH, verbose=True) -> dict:
+          extra_train_floor=None, tokenizer=None, templates=TEMPLATES_PATH, verbose=True) -> dict:
     """Write {out}/{task}/{split}.jsonl (and {task}/train-counterfactual.jsonl for the phenotype tasks when
     counterfactual_copies > 0) and {out}/manifest.json; return the manifest (counts, failures, rules).
 
     `extra_train_reports` (a CSV, gzipped or not, with patient_id and text) adds reports whose patients go to the
     training split only: validation and test stay the split of `reports`, whatever the extra file holds. A patient
-    in both files is an error."""
+    in both files is an error. `extra_train_floor` (an int, or "largest" for the largest cancer type's training
+    count) takes only as many of them as bring each cancer type up to that many training patients (`top_up`)."""
     from ..tokenizer import Tokenizer, mistral_tokenizer_path
     if max_report_chars is not None and max_report_chars < 300:
         raise ValueError(f"max_report_chars={max_report_chars}: too short for a report's head and key sentences")
@@ -333,6 +354,9 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     failures["registry_row_without_report"] = len(registry.keys() - report_at.keys() -
                                                   {r["patient_id"] for r in extra_rows})
     split_of = split_patients([r["patient_id"] for r in kept], seed, val_frac, test_frac)
+    if extra_train_floor is not None:
+        extra = top_up(extra, [registry[pid]["cancer_type"] for pid, s in split_of.items() if s == "train"],
+                       extra_train_floor, registry, seed)
     split_of.update({r["patient_id"]: "train" for r in extra})
 
     records = {(t, s): [] for t in TASKS for s in SPLITS}
@@ -359,7 +383,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         "tokenizer": {"path": str(tok.path), "sha256": tok.fingerprint()},
         "seed": seed, "fractions": {"val": val_frac, "test": test_frac}, "max_report_chars": max_report_chars,
         "reports_read": len(report_rows) + len(extra_rows), "reports_used": len(kept) + len(extra),
-        "extra_train_reports_used": len(extra),
+        "extra_train_reports_used": len(extra), "extra_train_floor": extra_train_floor,
         "patients": dict(Counter(split_of.values())),
         "failures": dict(failures), "unused_registry_columns": unused_columns,
         "diagnosis_section": {"rule": find_diagnosis_section.__doc__ + " Headings: " + DIAGNOSIS_HEADING.pattern,
@@ -395,12 +419,19 @@ def print_summary(m: dict, out: Path):
     print(f"wrote {out}/<task>/<split>.jsonl and {out}/manifest.json")
 
 
+def count_or_largest(text: str):
+    return text if text == "largest" else int(text)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--reports", default="data/tcga/reports.csv")
     p.add_argument("--extra-train-reports", default=None,
                    help="CSV (.gz allowed) of more reports, other patients, for the training split only "
                         "(e.g. data/tcga/ocr_reports.csv.gz)")
+    p.add_argument("--extra-train-floor", default=None, type=count_or_largest,
+                   help="take only the extra reports that bring each cancer type up to N training patients "
+                        "('largest': the most frequent type's count)")
     p.add_argument("--labels", default="data/tcga/patient_labels.csv")
     p.add_argument("--out", default="runs/tasks")
     p.add_argument("--seed", type=int, default=0)
@@ -417,7 +448,8 @@ def main(argv=None):
     try:
         build(a.reports, a.labels, a.out, seed=a.seed, val_frac=a.val_frac, test_frac=a.test_frac,
               max_report_chars=a.max_report_chars or None, counterfactual_copies=a.counterfactual_copies,
-              extra_train_reports=a.extra_train_reports, tokenizer=a.tokenizer, templates=a.templates)
+              extra_train_reports=a.extra_train_reports, extra_train_floor=a.extra_train_floor,
+              tokenizer=a.tokenizer, templates=a.templates)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.tasks.build: {e}")
 
