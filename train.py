@@ -109,7 +109,8 @@ def train(cfg, tokenizer, d, stop: StopSignal):
     step = start
     log.reset_timer()
     while step < cfg.train.steps:
-        micro_batches = [to_device(next(loader), d.device) for _ in range(cfg.train.grad_accum)]
+        micro_batches = [to_device(next(loader), d.device, cfg.train.loss_weighting)
+                         for _ in range(cfg.train.grad_accum)]
         result = train_step(model, optimizer, micro_batches, dp_size=d.world_size, max_norm=cfg.train.max_norm,
                             device=d.device, stop_requested=stop.requested)
         lr = scheduler.get_last_lr()[0]

@@ -228,9 +228,10 @@ class Transformer(nn.Module):
                 p.normal_(0.0, std)
 
     def forward(self, tokens, positions=None, cu_seqlens=None, cache=None, targets=None, ignore_index=-100,
-                last_only=False):
+                last_only=False, target_weights=None):
         """tokens [B, T] (int) -> logits [B, T, vocab]; with `targets` [B, T], the mean cross-entropy over
-        non-ignored targets instead, computed without materialising the logits.
+        non-ignored targets instead, computed without materialising the logits; with `target_weights` [B, T] too,
+        their weighted mean sum(w * loss) / sum(w) (kernels.linear_cross_entropy's token_weights).
 
         positions [B, T] default to 0..T-1, or restart at each document start when `cu_seqlens` (int32, [n+1],
         offsets over the flattened B*T tokens) marks packed documents, which then never attend to each other.
@@ -246,8 +247,9 @@ class Transformer(nn.Module):
             h = layer(h, cos, sin, cu_seqlens, cache)
         h = self.norm(h[:, -1:] if last_only else h)
         if targets is not None:
+            weights = None if target_weights is None else target_weights.reshape(B * T)
             return kernels.linear_cross_entropy(h.reshape(B * T, -1), self.lm_head.weight, targets.reshape(B * T),
-                                                ignore_index=ignore_index)
+                                                ignore_index=ignore_index, token_weights=weights)
         return self.lm_head(h)
 
     def check_inputs(self, tokens, positions, cu_seqlens, targets, cache=None):

@@ -94,17 +94,23 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_los
     return impl(logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
 
 
-def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512):
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512,
+                         token_weights=None):
     """cross_entropy(hidden @ weight.T, targets) a chunk of `chunk_size` tokens at a time, never holding the
     [N, V] logits. hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum".
+    token_weights [N] (float, finite, >= 0) weighs each token's loss: "sum" = sum(w * loss) and "mean" =
+    sum(w * loss) / sum(w) over the non-ignored tokens, as torch's class-weighted cross-entropy averages.
     512 tokens: a 64 MB fp32 chunk at a 32k vocabulary; 1024 made the `small` CPU step's peak ~0.15 GiB higher
     for a few percent of speed.
     Rows whose target is ignored are dropped before the matmul: in SFT the prompt tokens carry no loss, and their
     logits would be most of the output head's work."""
-    check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size)
+    check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size, token_weights)
     keep = targets != ignore_index
     if not bool(keep.all()):
         rows = keep.nonzero().squeeze(1)
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
+        if token_weights is not None:
+            token_weights = token_weights.index_select(0, rows)
     impl = triton_linear_cross_entropy if use_triton(hidden) else reference.linear_cross_entropy
-    return impl(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size)
+    return impl(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
+                token_weights=token_weights)

@@ -3,8 +3,9 @@
 One program per row makes two passes over the vocabulary in BLOCK_V chunks, in fp32 whatever the storage dtype:
 an online max / sum-of-exponentials gives lse = logsumexp(logits), then the gradient
     d loss / d logits = softmax * (1 + 2 * z_loss * lse) - onehot(target)
-is written, scaled by 1 / (number of non-ignored targets) for the mean. Ignored rows get loss 0 and gradient 0;
-when every row is ignored the mean is 0 (no 0 / 0). The backward is then a multiplication by the incoming
+is written, scaled by 1 / (number of non-ignored targets) for the mean, and by the row's weight when rows are
+weighted (the fused linear cross-entropy's `token_weights`). Ignored rows get loss 0 and gradient 0; when every
+row is ignored the mean is 0 (no 0 / 0). The backward is then a multiplication by the incoming
 gradient. The gradient may overwrite the logits (`grad_in_logits`), which the fused linear cross-entropy uses for
 the logits chunks it owns.
 """
@@ -18,8 +19,8 @@ from .triton_utils import INTERPRET
 
 @triton.jit
 def _cross_entropy_fwd(
-    LOGITS, GRAD, TARGETS, LOSS, N_VALID, stride_row, stride_grad_row, V, ignore_index, z_loss,
-    MEAN: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS, GRAD, TARGETS, LOSS, DENOM, WEIGHTS, stride_row, stride_grad_row, V, ignore_index, z_loss,
+    MEAN: tl.constexpr, WEIGHTED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     LOGITS += row * stride_row
@@ -42,8 +43,10 @@ def _cross_entropy_fwd(
 
     if COMPUTE_GRAD:
         scale = tl.where(valid, 1.0, 0.0)
+        if WEIGHTED:
+            scale = scale * tl.load(WEIGHTS + row).to(tl.float32)
         if MEAN:
-            scale = scale / tl.maximum(tl.load(N_VALID).to(tl.float32), 1.0)
+            scale = scale / tl.load(DENOM).to(tl.float32)
         softmax_scale = scale * (1.0 + 2.0 * z_loss * lse)
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
@@ -52,16 +55,18 @@ def _cross_entropy_fwd(
             tl.store(GRAD + v0 + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
 
 
-def cross_entropy_rows(logits, targets, n_valid, *, ignore_index, z_loss=0.0, mean_grad=True, grad=None):
-    """Per-row losses [N] (fp32, 0 on ignored rows); when `grad` ([N, V], may be `logits` itself) is given, fills
-    it with d(sum of losses)/d logits, or d(mean)/d logits with `mean_grad`, n_valid being a 0-d tensor."""
+def cross_entropy_rows(logits, targets, denom, *, ignore_index, z_loss=0.0, mean_grad=True, grad=None,
+                       weights=None):
+    """Per-row losses [N] (fp32, 0 on ignored rows, unweighted); when `grad` ([N, V], may be `logits` itself) is
+    given, fills it with d(sum of losses)/d logits, or d(sum of losses / denom)/d logits with `mean_grad`, denom
+    being a positive 0-d tensor; with `weights` [N] (fp32), row i's loss counts weights[i] times in those sums."""
     N, V = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 8192)
     _cross_entropy_fwd[(N,)](
-        logits, logits if grad is None else grad, targets, loss, n_valid,
+        logits, logits if grad is None else grad, targets, loss, denom, loss if weights is None else weights,
         logits.stride(0), logits.stride(0) if grad is None else grad.stride(0), V, ignore_index, z_loss,
-        MEAN=mean_grad, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
+        MEAN=mean_grad, WEIGHTED=weights is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
         num_warps=1 if INTERPRET else 16 if block_v >= 8192 else 8,
     )
     return loss
@@ -77,7 +82,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     def forward(ctx, logits, targets, ignore_index, reduction, z_loss):
         logits = _row_major(logits)
         targets = targets.contiguous()
-        n_valid = (targets != ignore_index).sum()
+        n_valid = (targets != ignore_index).sum().clamp(min=1)
         grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
         loss = cross_entropy_rows(logits, targets, n_valid, ignore_index=ignore_index, z_loss=z_loss,
                                   mean_grad=reduction == "mean", grad=grad)

@@ -208,21 +208,23 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     only [chunk, V]. Gradients are computed in the forward pass (accumulated in fp32), so backward is a scale."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size):
+    def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, token_weights):
         dt = compute_dtype(hidden.dtype)
         w = weight.to(dt)
         valid = targets != ignore_index
-        n_valid = valid.sum().clamp(min=1)
-        scale = 1.0 / n_valid if reduction == "mean" else torch.ones((), device=hidden.device)
+        # Each token's weight in the sums: 1, or its token weight; 0 when its target is ignored.
+        row_weight = valid.to(dt) if token_weights is None else torch.where(valid, token_weights.to(dt), 0.0)
+        denom = row_weight.sum()
+        scale = (1.0 / torch.where(denom > 0, denom, 1.0) if reduction == "mean"
+                 else torch.ones((), dtype=dt, device=hidden.device))
         total = torch.zeros((), dtype=dt, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=dt)
         for start in range(0, hidden.shape[0], chunk_size):
             h = hidden[start:start + chunk_size].to(dt)
             t = targets[start:start + chunk_size]
-            ok = valid[start:start + chunk_size]
+            safe = torch.where(valid[start:start + chunk_size], t, 0)
             logits = h @ w.T
-            safe = torch.where(ok, t, 0)
             target_logit = logits.gather(1, safe[:, None]).squeeze(1)
             # The softmax in place over the chunk's logits (logsumexp would allocate a second [chunk, V] buffer):
             # exp(logits - max), then its row sums give lse = max + log(sum).
@@ -230,9 +232,9 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
             probs = logits.sub_(row_max).exp_()
             row_sum = probs.sum(-1, keepdim=True)
             lse = (row_sum.log() + row_max).squeeze(1)
-            total += torch.where(ok, lse - target_logit, 0.0).sum()
+            row_scale = row_weight[start:start + chunk_size] * scale
+            total += (row_weight[start:start + chunk_size] * (lse - target_logit)).sum()
             # d loss / d logits = (softmax - onehot) * row scale, the row scale being 0 on ignored rows.
-            row_scale = ok.to(dt) * scale
             grad_logits = probs.mul_(row_scale[:, None] / row_sum)
             grad_logits[torch.arange(len(t), device=t.device), safe] -= row_scale
             grad_hidden[start:start + chunk_size] = (grad_logits @ w).to(hidden.dtype)
@@ -243,12 +245,16 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None
+        return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512):
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512,
+                         token_weights=None):
     """Equals cross_entropy(hidden @ weight.T, targets) without holding the [N, V] logits.
-    hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum"."""
+    hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum". With token_weights [N], token i's loss
+    counts token_weights[i] times: "sum" = sum(w * loss), "mean" = sum(w * loss) / sum(w), over non-ignored
+    tokens (0 when that weight is 0)."""
     if reduction not in ("mean", "sum"):
         raise ValueError(f"linear_cross_entropy: reduction must be 'mean' or 'sum', got {reduction!r}")
-    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_size)
+    return ChunkedLinearCrossEntropy.apply(hidden, weight, targets, ignore_index, reduction, chunk_size,
+                                           token_weights)

@@ -146,7 +146,7 @@ def check_cross_entropy(logits, targets, ignore_index, reduction, z_loss):
     check_targets(op, targets, logits.shape[0], logits.shape[1], ignore_index)
 
 
-def check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size):
+def check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size, token_weights=None):
     op = "linear_cross_entropy"
     check_tensor(op, "hidden", hidden, dim=2, dtypes=FLOAT_DTYPES)
     check_tensor(op, "weight", weight, dim=2, dtypes=FLOAT_DTYPES)
@@ -159,3 +159,11 @@ def check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction,
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
         raise ValueError(f"{op}: chunk_size must be a positive int, got {chunk_size!r}")
     check_targets(op, targets, hidden.shape[0], weight.shape[0], ignore_index)
+    if token_weights is not None:
+        check_tensor(op, "token_weights", token_weights, dim=1, dtypes=FLOAT_DTYPES)
+        if token_weights.shape[0] != hidden.shape[0]:
+            raise ValueError(f"{op}: token_weights must be [N] with hidden's N={hidden.shape[0]}, "
+                             f"got {tuple(token_weights.shape)}")
+        check_same(op, "device", hidden=hidden, token_weights=token_weights)
+        if not bool(torch.isfinite(token_weights).all()) or bool((token_weights < 0).any()):
+            raise ValueError(f"{op}: token_weights must be finite and >= 0")

@@ -114,6 +114,51 @@ def test_linear_cross_entropy_dispatch_drops_ignored_rows(monkeypatch, backend, 
     assert torch.equal(hidden.grad[ignored], torch.zeros_like(hidden.grad[ignored]))
 
 
+def weighted_unfused(hidden, weight, targets, token_weights, reduction):
+    """sum(w * loss) or its weighted mean, from the float64 per-token losses of the unfused op."""
+    losses = reference.cross_entropy(hidden @ weight.T, targets, reduction="none")
+    w = torch.where(targets != -100, token_weights.double(), 0.0)
+    return (w * losses).sum() / (w.sum() if reduction == "mean" else 1.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_linear_cross_entropy_token_weights(monkeypatch, backend, dtype, reduction):
+    """Per-token weights (zero on some valid tokens, arbitrary on ignored ones) on both backends, chunks of 8 over
+    45 tokens: loss and both gradients equal the float64 weighted sum / weighted mean of the unfused losses."""
+    monkeypatch.setenv("CANCERLLM_KERNELS", backend)
+    hidden = torch.randn(45, 24, dtype=dtype, requires_grad=True)
+    weight = (0.3 * torch.randn(V, 24)).to(dtype).requires_grad_()
+    targets = random_targets(45, V)
+    token_weights = torch.rand(45) * 3
+    token_weights[::7] = 0.0
+    with poisoned_allocations():
+        loss = kernels.linear_cross_entropy(hidden, weight, targets, reduction=reduction, chunk_size=8,
+                                            token_weights=token_weights)
+        loss.backward(torch.tensor(0.5, dtype=loss.dtype))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    loss64 = weighted_unfused(h64, w64, targets, token_weights, reduction)
+    (0.5 * loss64).backward()
+    assert_close("loss", loss, loss64, dtype)
+    assert_close("dhidden", hidden.grad, h64.grad, dtype)
+    assert_close("dweight", weight.grad, w64.grad, dtype)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_linear_cross_entropy_unit_weights_and_zero_weights(monkeypatch, backend):
+    """Weights of 1 give the unweighted loss exactly; weights summing to 0 give loss 0 and zero gradients."""
+    monkeypatch.setenv("CANCERLLM_KERNELS", backend)
+    hidden, weight, targets = torch.randn(13, 16), torch.randn(300, 16), random_targets(13, 300)
+    plain = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    ones = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=4, token_weights=torch.ones(13))
+    assert torch.allclose(plain, ones, rtol=1e-6, atol=0)
+    hidden.requires_grad_()
+    zero = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=4, token_weights=torch.zeros(13))
+    zero.backward()
+    assert zero.item() == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
+
+
 def test_linear_cross_entropy_dispatch_passes_only_loss_rows(monkeypatch):
     seen = []
     real = reference.linear_cross_entropy
@@ -163,6 +208,10 @@ def test_cross_entropy_rejects_bad_options():
     (lambda h, w, t: (h, w, t), {"reduction": "none"}, "reduction must be one of 'mean', 'sum'"),
     (lambda h, w, t: (h, w, t), {"chunk_size": 0}, "chunk_size must be a positive int"),
     (lambda h, w, t: (h, w, t + 20), {}, "is outside"),
+    (lambda h, w, t: (h, w, t), {"token_weights": torch.ones(5)}, r"token_weights must be \[N\] with hidden's N=6"),
+    (lambda h, w, t: (h, w, t), {"token_weights": torch.ones(6, 1)}, "token_weights must be 1-D"),
+    (lambda h, w, t: (h, w, t), {"token_weights": torch.tensor([1., 1, -1, 1, 1, 1])}, "finite and >= 0"),
+    (lambda h, w, t: (h, w, t), {"token_weights": torch.tensor([1., 1, 1, float("nan"), 1, 1])}, "finite and >= 0"),
 ])
 def test_linear_cross_entropy_rejects_bad_input(make_args, kwargs, message):
     with pytest.raises(ValueError, match=message):

@@ -17,7 +17,7 @@ from cancerllm.train.config import ConfigError, DataConfig, LoraConfig, OptimCon
 from cancerllm.train.lora import apply_lora, merge_state_dict
 from cancerllm.train.optim import build_optimizer, build_scheduler, lr_factor
 from cancerllm.train.parallel import build_mesh, full_tensor, parallelize
-from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, to_device, train_step
+from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, example_weights, to_device, train_step
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
 CPU = torch.device("cpu")
@@ -155,13 +155,14 @@ def test_sft_targets_carry_loss_on_completion_tokens_only(sft_shard):
     assert torch.equal(model(batch["tokens"], targets=to_device(scrambled, CPU)["targets"], **inputs), loss)
 
 
-def test_accumulated_micro_batches_weigh_each_loss_token_equally(sft_shard):
+@pytest.mark.parametrize("loss_weighting", ["token", "example"])
+def test_accumulated_micro_batches_weigh_each_loss_token_equally(sft_shard, loss_weighting):
     """Two micro-batches of one row each (different numbers of loss tokens) give the step of one batch of both
-    rows: the loss and, through SGD with lr 1, the gradient."""
+    rows: the loss and, through SGD with lr 1, the gradient; per token or per example alike."""
     path, _, _ = sft_shard
-    one = to_device(next(PackedLoader([path], seq_len=32, batch_size=2, backend="python")), CPU)
+    one = to_device(next(PackedLoader([path], seq_len=32, batch_size=2, backend="python")), CPU, loss_weighting)
     micro_loader = PackedLoader([path], seq_len=32, batch_size=1, backend="python")
-    micro = [to_device(next(micro_loader), CPU) for _ in range(2)]
+    micro = [to_device(next(micro_loader), CPU, loss_weighting) for _ in range(2)]
     assert (micro[0]["targets"] != IGNORE_INDEX).sum() != (micro[1]["targets"] != IGNORE_INDEX).sum()
     results, weights = [], []
     for batches in ([one], micro):
@@ -173,6 +174,41 @@ def test_accumulated_micro_batches_weigh_each_loss_token_equally(sft_shard):
     assert results[0].loss_tokens == results[1].loss_tokens
     for name in weights[0]:
         torch.testing.assert_close(weights[0][name], weights[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_example_weights_give_each_document_with_loss_a_total_of_one():
+    loss_mask = torch.tensor([[0, 1, 1, 1, 0, 0, 1, 0],
+                              [0, 0, 1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    cu_seqlens = torch.tensor([0, 4, 6, 8, 12, 16], dtype=torch.int32)   # documents 0-3, 4-5, 6-7 | 8-11, 12-15
+    w = example_weights(loss_mask, cu_seqlens)
+    third = 1 / 3
+    assert torch.allclose(w, torch.tensor([[0, third, third, third, 0, 0, 1, 0], [0, 0, 1, 0, 0, 0, 0, 0]]))
+
+
+def test_example_weighting_averages_each_examples_mean_loss(sft_shard):
+    """The step's loss with loss_weighting="example" is the mean over the batch's documents (with loss tokens) of
+    each one's mean token loss, recomputed here from the logits; per token it is the plain token mean."""
+    path, _, _ = sft_shard
+    raw = next(PackedLoader([path], seq_len=32, batch_size=2, backend="python"))
+    model = one_rank_model(seed=2)
+    with torch.no_grad():
+        model.norm.weight.mul_(30.0)       # sharp logits: token losses far from uniform, so the two means differ
+        inputs = to_device(raw, CPU)
+        logits = model(inputs["tokens"], positions=inputs["positions"], cu_seqlens=inputs["cu_seqlens"])
+    losses = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(),
+                                               inputs["targets"].reshape(-1), reduction="none", ignore_index=-100)
+    carried = (inputs["targets"] != IGNORE_INDEX).reshape(-1)
+    bounds = inputs["cu_seqlens"].tolist()
+    per_example = [losses[a:b][carried[a:b]].mean() for a, b in zip(bounds, bounds[1:]) if carried[a:b].any()]
+    assert len(per_example) > 2 and len({int(carried[a:b].sum()) for a, b in zip(bounds, bounds[1:])}) > 2
+    by_example, by_token = torch.stack(per_example).mean(), losses[carried].mean()
+    assert abs(by_example - by_token) > 1e-3 * by_token
+    for weighting, expected in [("example", by_example), ("token", by_token)]:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        result = train_step(model, optimizer, [to_device(raw, CPU, weighting)], dp_size=1, max_norm=0.0, device=CPU)
+        assert result.loss == pytest.approx(float(expected), rel=2e-5)
+    with pytest.raises(ValueError, match="loss_weighting must be 'token' or 'example'"):
+        to_device(raw, CPU, "sequence")
 
 
 # ---------------------------------------------------------------------------------------------- failures

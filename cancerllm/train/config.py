@@ -44,6 +44,7 @@ class TrainConfig:
     grad_accum: int = 1                       # micro-batches per optimizer step
     max_norm: float = 1.0                     # global gradient-norm clip; 0 disables clipping
     max_bad_steps: int = 5                    # consecutive non-finite steps before the run stops
+    loss_weighting: str = "token"             # token: mean over loss tokens | example: mean of each example's mean
     val_every: int = 0                        # steps between validations; 0: only at the end (when data.val is set)
     val_batches: int = 8                      # micro-batches per rank per validation
 
@@ -109,6 +110,7 @@ class Config:
 CHOICES = {
     ("data", "backend"): ("auto", "cpp", "python"),
     ("train", "stage"): ("pretrain", "sft"),
+    ("train", "loss_weighting"): ("token", "example"),
     ("optim", "implementation"): ("auto", "fused", "foreach", "for-loop"),
     ("checkpoint", "resume"): ("auto", "always", "never"),
     ("checkpoint", "export_dtype"): ("bfloat16", "float16", "float32"),

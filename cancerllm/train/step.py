@@ -4,6 +4,10 @@ The model returns the mean loss of a micro-batch. The step's loss is the mean ov
 every micro-batch on every rank, so each micro-batch's mean is weighted by its share of those tokens (and by the
 data-parallel size, because FSDP averages gradients over ranks): micro-batches and ranks with more loss tokens
 (SFT completions differ in length) count for more, exactly as one large batch would.
+
+With `train.loss_weighting = "example"` each token's loss is weighted by 1 / (the loss tokens of its example, a
+document of the packed rows), and the step's loss is the mean over examples of each example's mean token loss:
+a 3-token answer counts as much as a 150-token one. The shares above are then shares of the examples.
 """
 import math
 from dataclasses import dataclass
@@ -15,18 +19,47 @@ from .parallel import all_reduce_sum
 IGNORE_INDEX = -100
 
 
-def to_device(batch: dict, device: torch.device) -> dict:
-    """Loader batch (NumPy) -> model inputs; targets that carry no loss become IGNORE_INDEX."""
+def to_device(batch: dict, device: torch.device, loss_weighting: str = "token") -> dict:
+    """Loader batch (NumPy) -> model inputs; targets that carry no loss become IGNORE_INDEX. With
+    loss_weighting="example", also "target_weights": each example's loss tokens weigh 1 in all."""
     def move(a):
         return torch.from_numpy(a).to(device, non_blocking=True)
-    targets = move(batch["targets"]).masked_fill(~move(batch["loss_mask"]), IGNORE_INDEX)
-    return {"tokens": move(batch["tokens"]), "positions": move(batch["positions"]),
-            "cu_seqlens": move(batch["cu_seqlens"]), "targets": targets}
+    loss_mask = move(batch["loss_mask"])
+    inputs = {"tokens": move(batch["tokens"]), "positions": move(batch["positions"]),
+              "cu_seqlens": move(batch["cu_seqlens"]), "targets": move(batch["targets"]).masked_fill(~loss_mask,
+                                                                                                     IGNORE_INDEX)}
+    if loss_weighting == "example":
+        inputs["target_weights"] = example_weights(loss_mask, inputs["cu_seqlens"])
+    elif loss_weighting != "token":
+        raise ValueError(f"loss_weighting must be 'token' or 'example', got {loss_weighting!r}")
+    return inputs
+
+
+def example_weights(loss_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    """[B, T] fp32: 1 / (loss tokens of the document holding the target) where loss_mask is set, else 0. The
+    documents are cu_seqlens' segments of the flattened rows."""
+    flat = loss_mask.reshape(-1).float()
+    bounds = cu_seqlens[1:].long()
+    document = torch.searchsorted(bounds, torch.arange(flat.numel(), device=flat.device), right=True)
+    per_document = torch.zeros(len(bounds), device=flat.device).index_add_(0, document, flat)
+    return (flat / per_document[document].clamp(min=1)).reshape(loss_mask.shape)
+
+
+def loss_weight(mb: dict) -> float:
+    """What a micro-batch's mean loss averages over: its loss tokens, or the sum of its target weights."""
+    if "target_weights" in mb:
+        return float(mb["target_weights"].sum())
+    return int((mb["targets"] != IGNORE_INDEX).sum())
+
+
+def micro_batch_loss(model, mb: dict):
+    return model(mb["tokens"], positions=mb["positions"], cu_seqlens=mb["cu_seqlens"], targets=mb["targets"],
+                 target_weights=mb.get("target_weights"))
 
 
 @dataclass
 class StepResult:
-    loss: float            # mean over all valid target tokens of the step
+    loss: float            # mean over all valid target tokens of the step (over examples: loss_weighting)
     grad_norm: float       # global norm before clipping
     tokens: int            # input tokens processed, all ranks
     loss_tokens: int       # target tokens that carried loss, all ranks
@@ -50,17 +83,20 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
 
 def train_step(model, optimizer, micro_batches: list[dict], *, dp_size: int, max_norm: float, device,
                stop_requested: bool = False) -> StepResult:
-    n_valid = [int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches]
+    weights = [loss_weight(mb) for mb in micro_batches]
+    n_valid = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
     tokens = sum(mb["tokens"].numel() for mb in micro_batches)
-    total_valid, total_tokens, stops = all_reduce_sum([sum(n_valid), tokens, float(stop_requested)], device)
+    total_weight, total_valid, total_tokens, stops = all_reduce_sum(
+        [sum(weights), n_valid, tokens, float(stop_requested)], device)
+    total_weight = total_weight if total_weight > 0 else 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    for i, (mb, n) in enumerate(zip(micro_batches, n_valid)):
+    for i, (mb, weight) in enumerate(zip(micro_batches, weights)):
         set_gradient_sync(model, i == len(micro_batches) - 1)
-        mean = model(mb["tokens"], positions=mb["positions"], cu_seqlens=mb["cu_seqlens"], targets=mb["targets"])
-        (mean * (n * dp_size / max(total_valid, 1))).backward()
-        loss_sum += mean.detach().double() * n
+        mean = micro_batch_loss(model, mb)
+        (mean * (weight * dp_size / total_weight)).backward()
+        loss_sum += mean.detach().double() * weight
     (loss_sum_all,) = all_reduce_sum([float(loss_sum)], device)
-    loss = loss_sum_all / max(total_valid, 1)
+    loss = loss_sum_all / total_weight
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = grad_norm_and_clip(params, max_norm)
     skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
@@ -72,14 +108,15 @@ def train_step(model, optimizer, micro_batches: list[dict], *, dp_size: int, max
 
 @torch.no_grad()
 def evaluate(model, batches, device) -> tuple[float, int]:
-    """(mean loss over every valid target token of these batches on all ranks, that token count)."""
+    """(mean loss over every valid target token of these batches on all ranks, that token count): per token
+    whatever the training's loss_weighting, so validation losses compare across runs."""
     was_training = model.training
     model.eval()
     loss_sum, count = 0.0, 0
     for batch in batches:
         mb = to_device(batch, device)
-        n = int((mb["targets"] != IGNORE_INDEX).sum())
-        mean = model(mb["tokens"], positions=mb["positions"], cu_seqlens=mb["cu_seqlens"], targets=mb["targets"])
+        n = loss_weight(mb)
+        mean = micro_batch_loss(model, mb)
         loss_sum += float(mean) * n
         count += n
     loss_sum, count = all_reduce_sum([loss_sum, count], device)
