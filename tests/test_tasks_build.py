@@ -240,6 +240,8 @@ def test_extra_train_floor_takes_only_the_topping_up_reports(tmp_path):
     largest = max(cleaned.values())
     assert topped == {t: max(cleaned[t], min(largest, n)) for t, n in everything.items()} != everything
     assert some["extra_train_reports_used"] == sum(topped.values()) - sum(cleaned.values()) > 0
+    assert some["extra_train_reports_beyond_floor"] == sum(everything.values()) - sum(topped.values()) > 0
+    assert none["extra_train_reports_beyond_floor"] == len(extra_rows) == 12
 
 
 def test_an_extra_report_of_a_patient_with_a_report_is_an_error(tmp_path):

@@ -354,6 +354,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     failures["registry_row_without_report"] = len(registry.keys() - report_at.keys() -
                                                   {r["patient_id"] for r in extra_rows})
     split_of = split_patients([r["patient_id"] for r in kept], seed, val_frac, test_frac)
+    usable_extra = len(extra)
     if extra_train_floor is not None:
         extra = top_up(extra, [registry[pid]["cancer_type"] for pid, s in split_of.items() if s == "train"],
                        extra_train_floor, registry, seed)
@@ -384,6 +385,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         "seed": seed, "fractions": {"val": val_frac, "test": test_frac}, "max_report_chars": max_report_chars,
         "reports_read": len(report_rows) + len(extra_rows), "reports_used": len(kept) + len(extra),
         "extra_train_reports_used": len(extra), "extra_train_floor": extra_train_floor,
+        "extra_train_reports_beyond_floor": usable_extra - len(extra),
         "patients": dict(Counter(split_of.values())),
         "failures": dict(failures), "unused_registry_columns": unused_columns,
         "diagnosis_section": {"rule": find_diagnosis_section.__doc__ + " Headings: " + DIAGNOSIS_HEADING.pattern,
@@ -405,7 +407,10 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
 
 def print_summary(m: dict, out: Path):
     print(f"reports: {m['reports_read']} read, {m['reports_used']} used; failures: {m['failures']}")
-    print(f"patients per split: {m['patients']} (training: {m['extra_train_reports_used']} from the extra reports)")
+    floor = (f", {m['extra_train_reports_beyond_floor']} more left out by the floor {m['extra_train_floor']}"
+             if m["extra_train_floor"] is not None else "")
+    print(f"patients per split: {m['patients']} (training: {m['extra_train_reports_used']} from the extra "
+          f"reports{floor})")
     ds = m["diagnosis_section"]
     print(f"final-diagnosis section found in {ds['found']}/{m['reports_used']} reports ({ds['fraction_found']:.1%})")
     print(f"truncation to {m['max_report_chars']} chars: {m['truncation']}")

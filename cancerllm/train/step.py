@@ -45,13 +45,6 @@ def example_weights(loss_mask: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.
     return (flat / per_document[document].clamp(min=1)).reshape(loss_mask.shape)
 
 
-def loss_weight(mb: dict) -> float:
-    """What a micro-batch's mean loss averages over: its loss tokens, or the sum of its target weights."""
-    if "target_weights" in mb:
-        return float(mb["target_weights"].sum())
-    return int((mb["targets"] != IGNORE_INDEX).sum())
-
-
 def micro_batch_loss(model, mb: dict):
     return model(mb["tokens"], positions=mb["positions"], cu_seqlens=mb["cu_seqlens"], targets=mb["targets"],
                  target_weights=mb.get("target_weights"))
@@ -83,11 +76,13 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
 
 def train_step(model, optimizer, micro_batches: list[dict], *, dp_size: int, max_norm: float, device,
                stop_requested: bool = False) -> StepResult:
-    weights = [loss_weight(mb) for mb in micro_batches]
-    n_valid = sum(int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches)
+    n_valid = [int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches]
+    # What each micro-batch's mean loss averages over: its loss tokens, or the sum of its target weights.
+    weights = [float(mb["target_weights"].sum()) if "target_weights" in mb else n
+               for mb, n in zip(micro_batches, n_valid)]
     tokens = sum(mb["tokens"].numel() for mb in micro_batches)
     total_weight, total_valid, total_tokens, stops = all_reduce_sum(
-        [sum(weights), n_valid, tokens, float(stop_requested)], device)
+        [sum(weights), sum(n_valid), tokens, float(stop_requested)], device)
     total_weight = total_weight if total_weight > 0 else 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (mb, weight) in enumerate(zip(micro_batches, weights)):
@@ -115,7 +110,7 @@ def evaluate(model, batches, device) -> tuple[float, int]:
     loss_sum, count = 0.0, 0
     for batch in batches:
         mb = to_device(batch, device)
-        n = loss_weight(mb)
+        n = int((mb["targets"] != IGNORE_INDEX).sum())
         mean = micro_batch_loss(model, mb)
         loss_sum += float(mean) * n
         count += n
