@@ -25,9 +25,9 @@ def to_device(batch: dict, device: torch.device, loss_weighting: str = "token") 
     def move(a):
         return torch.from_numpy(a).to(device, non_blocking=True)
     loss_mask = move(batch["loss_mask"])
+    targets = move(batch["targets"]).masked_fill(~loss_mask, IGNORE_INDEX)
     inputs = {"tokens": move(batch["tokens"]), "positions": move(batch["positions"]),
-              "cu_seqlens": move(batch["cu_seqlens"]), "targets": move(batch["targets"]).masked_fill(~loss_mask,
-                                                                                                     IGNORE_INDEX)}
+              "cu_seqlens": move(batch["cu_seqlens"]), "targets": targets}
     if loss_weighting == "example":
         inputs["target_weights"] = example_weights(loss_mask, inputs["cu_seqlens"])
     elif loss_weighting != "token":
