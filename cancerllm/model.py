@@ -12,6 +12,7 @@ import torch.nn as nn
 
 from . import kernels
 from .kernels.reference import compute_dtype
+from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 
 
 FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), Optional[int]: (int, type(None))}
@@ -170,7 +171,9 @@ class Attention(nn.Module):
         if cache is not None:   # incremental decoding: the cache stores k, v and attends over what it holds
             out = cache.attend(self.layer_id, q, k, v)
         else:
-            out = kernels.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=self.backend)
+            # Transformer.check_inputs read and checked cu_seqlens once for every layer.
+            out = kernels.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens, backend=self.backend,
+                                    check_values=False)
         return self.o_proj(out.reshape(B, T, -1))
 
 
@@ -253,23 +256,47 @@ class Transformer(nn.Module):
         return self.lm_head(h)
 
     def check_inputs(self, tokens, positions, cu_seqlens, targets, cache=None):
+        """Shapes and dtypes, then the values that would index out of range (tokens, positions, cu_seqlens' offsets
+        and document lengths) in one host read: the only device sync of a forward's checks, whatever the number of
+        layers. A decode step (`cache`) skips the read: the generator bounds its tokens and positions per request."""
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 2:
             raise ValueError(f"tokens must be a 2-D [batch, seq] tensor, got "
                              f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
         if tokens.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"tokens must be int32 or int64, got {tokens.dtype}")
         B, T = tokens.shape
-        if positions is not None:
-            if positions.shape != (B, T):
-                raise ValueError(f"positions must have the tokens' shape {(B, T)}, got {tuple(positions.shape)}")
-            # A decode step skips this host sync: the generator bounds its positions once per request.
-            if cache is None and positions.numel() and int(positions.max()) >= self.args.max_seq_len:
-                raise ValueError(f"positions reach {int(positions.max())} but max_seq_len={self.args.max_seq_len}")
-        elif cu_seqlens is None and T > self.args.max_seq_len:
+        if positions is not None and positions.shape != (B, T):
+            raise ValueError(f"positions must have the tokens' shape {(B, T)}, got {tuple(positions.shape)}")
+        if positions is None and cu_seqlens is None and T > self.args.max_seq_len:
             raise ValueError(f"sequence length {T} exceeds max_seq_len={self.args.max_seq_len}")
         if targets is not None and targets.shape != (B, T):
             raise ValueError(f"targets must have the tokens' shape {(B, T)}, got {tuple(targets.shape)}")
+        if cu_seqlens is not None:
+            check_cu_seqlens("Transformer", cu_seqlens, B, T, tokens.device, check_values=False)
+        if cache is None and tokens.numel():
+            self.check_index_values(tokens, positions, cu_seqlens)
         return B, T
+
+    def check_index_values(self, tokens, positions, cu_seqlens):
+        """Token ids, positions and document offsets index tables (embeddings, rotary, documents): read their
+        ranges and the offsets to the host together, in one sync, and refuse what would index out of range."""
+        ranges = [tokens] if positions is None else [tokens, positions]
+        read = [torch.stack(torch.aminmax(t)).long() for t in ranges]
+        values = torch.cat(read + ([] if cu_seqlens is None else [cu_seqlens.long()])).tolist()
+        (low, high), values = values[:2], values[2:]
+        if low < 0 or high >= self.args.vocab_size:
+            raise ValueError(f"tokens must be in [0, vocab_size={self.args.vocab_size}), got values in [{low}, {high}]")
+        if positions is not None:
+            (low, high), values = values[:2], values[2:]
+            if low < 0 or high >= self.args.max_seq_len:
+                raise ValueError(f"positions must be in [0, max_seq_len={self.args.max_seq_len}), got values in "
+                                 f"[{low}, {high}]")
+        if cu_seqlens is not None:
+            check_cu_seqlens_values("Transformer", values, *tokens.shape)
+            longest = max(b - a for a, b in zip(values, values[1:]))
+            if positions is None and longest > self.args.max_seq_len:
+                raise ValueError(f"cu_seqlens holds a document of {longest} tokens, longer than max_seq_len="
+                                 f"{self.args.max_seq_len}")
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None) -> "Transformer":

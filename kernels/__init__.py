@@ -27,11 +27,13 @@ def use_triton(tensor) -> bool:
     raise ValueError(f"CANCERLLM_KERNELS must be 'triton', 'torch' or unset, got {mode!r}")
 
 
-def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False, backend="auto"):
+def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False, backend="auto", check_values=True):
     """Causal grouped-query attention with an optional Mistral sliding window and packed documents.
     q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D] (and the log-sum-exp [B, Hq, T] with `lse=True`).
-    backend: "auto" (Triton on CUDA, reference elsewhere) or "xformers" (needs xformers and CUDA tensors)."""
-    check_attention(q, k, v, window, cu_seqlens)
+    backend: "auto" (Triton on CUDA, reference elsewhere) or "xformers" (needs xformers and CUDA tensors).
+    check_values=False skips reading cu_seqlens' offsets back to check them (a host sync on CUDA), for a caller
+    that checked them already: the model does once per forward instead of once per layer."""
+    check_attention(q, k, v, window, cu_seqlens, check_values)
     if backend == "xformers":
         if lse:
             raise ValueError("attention: lse=True is not available with backend='xformers'")

@@ -3,8 +3,6 @@
 Each error names the op and the argument at fault. The Triton-only limits (storage dtypes, head dims) live here
 too, so the kernels' files hold kernels and nothing else.
 """
-import weakref
-
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -45,20 +43,18 @@ def check_window(op, window):
         raise ValueError(f"{op}: window must be positive (a query sees i - window < j <= i), got {window}")
 
 
-# The model passes the same cu_seqlens to every layer; its values are checked once, not once per layer
-# (each check reads the tensor back to the host, a device sync on CUDA).
-_checked_cu_seqlens = None
-
-
-def check_cu_seqlens(op, cu_seqlens, B, T, device):
-    global _checked_cu_seqlens
+def check_cu_seqlens(op, cu_seqlens, B, T, device, *, check_values=True):
+    """dtype, shape and device; then the offsets themselves unless `check_values=False`. Reading them is a host
+    sync on CUDA, so the model reads them once per forward (check_cu_seqlens_values) and lets its layers skip it."""
     check_tensor(op, "cu_seqlens", cu_seqlens, dim=1, dtypes=INDEX_DTYPES)
     if cu_seqlens.device != device:
-        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but q is on {device}")
-    key = (cu_seqlens._version, B, T)
-    if _checked_cu_seqlens is not None and _checked_cu_seqlens[0]() is cu_seqlens and _checked_cu_seqlens[1] == key:
-        return
-    offsets = cu_seqlens.tolist()
+        raise ValueError(f"{op}: cu_seqlens is on {cu_seqlens.device} but the other inputs are on {device}")
+    if check_values:
+        check_cu_seqlens_values(op, cu_seqlens.tolist(), B, T)
+
+
+def check_cu_seqlens_values(op, offsets: list[int], B, T):
+    """The offsets (read to the host) run from 0 to B*T, never decrease, and start a document at every row."""
     where = f"{op}: cu_seqlens {offsets if len(offsets) <= 16 else str(offsets[:16])[:-1] + ', ...]'}"
     if len(offsets) < 2 or offsets[0] != 0 or offsets[-1] != B * T:
         raise ValueError(f"{where} must run from 0 to B*T={B * T} (document offsets over the flattened tokens)")
@@ -68,10 +64,9 @@ def check_cu_seqlens(op, cu_seqlens, B, T, device):
     if missing:
         raise ValueError(f"{where} must include every multiple of T={T} (documents never span two rows); "
                          f"missing {missing[:8]}")
-    _checked_cu_seqlens = (weakref.ref(cu_seqlens), key)
 
 
-def check_attention(q, k, v, window, cu_seqlens):
+def check_attention(q, k, v, window, cu_seqlens, check_values=True):
     op = "attention"
     for name, t in (("q", q), ("k", k), ("v", v)):
         check_tensor(op, name, t, dim=4, dtypes=FLOAT_DTYPES)
@@ -87,7 +82,7 @@ def check_attention(q, k, v, window, cu_seqlens):
         raise ValueError(f"{op}: q's {Hq} heads must be a multiple of k/v's {Hkv} heads (grouped-query attention)")
     check_window(op, window)
     if cu_seqlens is not None:
-        check_cu_seqlens(op, cu_seqlens, B, T, q.device)
+        check_cu_seqlens(op, cu_seqlens, B, T, q.device, check_values=check_values)
 
 
 def check_triton_attention(q):
