@@ -112,7 +112,8 @@ def train(cfg, tokenizer, d, stop: StopSignal):
         micro_batches = [to_device(next(loader), d.device, cfg.train.loss_weighting)
                          for _ in range(cfg.train.grad_accum)]
         result = train_step(model, optimizer, micro_batches, dp_size=d.world_size, max_norm=cfg.train.max_norm,
-                            device=d.device, stop_requested=stop.requested)
+                            device=d.device, stop_requested=stop.requested,
+                            defer_gradient_sync=cfg.parallel.defer_gradient_sync)
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         step += 1

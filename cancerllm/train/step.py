@@ -8,6 +8,12 @@ data-parallel size, because FSDP averages gradients over ranks): micro-batches a
 With `train.loss_weighting = "example"` each token's loss is weighted by 1 / (the loss tokens of its example, a
 document of the packed rows), and the step's loss is the mean over examples of each example's mean token loss:
 a 3-token answer counts as much as a 150-token one. The shares above are then shares of the examples.
+
+Under FSDP2 each micro-batch's gradients are reduce-scattered as soon as its backward ends and summed into the
+sharded gradients, as torchtitan does: a rank never holds more than one block's unsharded gradients.
+`parallel.defer_gradient_sync` instead skips the reduce-scatter on every micro-batch but the last, which saves
+grad_accum - 1 reduce-scatters per step but makes FSDP2 keep every parameter's unsharded gradient in fp32 until
+then (4 bytes per parameter on every rank: 29 GB at 7B).
 """
 import math
 from dataclasses import dataclass
@@ -61,7 +67,7 @@ class StepResult:
 
 
 def set_gradient_sync(model, sync: bool):
-    """FSDP2: reduce-scatter gradients only after the last micro-batch."""
+    """FSDP2: whether the next backward reduce-scatters its gradients (a plain module always has them whole)."""
     if hasattr(model, "set_requires_gradient_sync"):
         model.set_requires_gradient_sync(sync)
 
@@ -75,7 +81,9 @@ def grad_norm_and_clip(params, max_norm: float) -> float:
 
 
 def train_step(model, optimizer, micro_batches: list[dict], *, dp_size: int, max_norm: float, device,
-               stop_requested: bool = False) -> StepResult:
+               stop_requested: bool = False, defer_gradient_sync: bool = False) -> StepResult:
+    """Forward and backward every micro-batch, then one optimizer step. `defer_gradient_sync`: reduce the
+    gradients once, after the last micro-batch, holding them unsharded until then (the module docstring)."""
     n_valid = [int((mb["targets"] != IGNORE_INDEX).sum()) for mb in micro_batches]
     # What each micro-batch's mean loss averages over: its loss tokens, or the sum of its target weights.
     weights = [float(mb["target_weights"].sum()) if "target_weights" in mb else n
@@ -86,7 +94,7 @@ def train_step(model, optimizer, micro_batches: list[dict], *, dp_size: int, max
     total_weight = total_weight if total_weight > 0 else 1
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     for i, (mb, weight) in enumerate(zip(micro_batches, weights)):
-        set_gradient_sync(model, i == len(micro_batches) - 1)
+        set_gradient_sync(model, not defer_gradient_sync or i == len(micro_batches) - 1)
         mean = micro_batch_loss(model, mb)
         (mean * (weight * dp_size / total_weight)).backward()
         loss_sum += mean.detach().double() * weight
