@@ -10,8 +10,10 @@ from ..data import PackedLoader
 from ..model import ModelArgs, Transformer
 from .checkpointing import load_full_weights
 from .config import Config, DataConfig
-from .lora import apply_lora, reset_adapters
-from .parallel import Dist, parallelize
+from .lora import apply_lora, reset_adapters, store_frozen_in
+from .parallel import Dist, param_dtype, parallelize
+
+BASE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
@@ -20,6 +22,7 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
     A random init on CPU builds the full model on every rank from the same seed and then shards it, so the
     weights do not depend on the world size. On GPU, and whenever weights come from a checkpoint, the model is
     created on the meta device, sharded, and only then materialised: no rank ever holds a full fp32 copy on GPU.
+    With LoRA the frozen base is stored in lora.base_dtype (the checkpoint is read in it too); the adapters are fp32.
     """
     args = (read_pretrained_args(cfg.model.init_from) if cfg.model.init_from
             else ModelArgs.preset(cfg.model.preset, **cfg.model.overrides))
@@ -27,14 +30,17 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
     on_meta = d.device.type == "cuda" or cfg.model.init_from is not None
     with torch.device("meta" if on_meta else "cpu"):
         model = Transformer(args)
+    base_dtype = torch.float32
     if cfg.lora.enabled:
         apply_lora(model, cfg.lora)
+        base_dtype = lora_base_dtype(cfg, d.device)
+        store_frozen_in(model, base_dtype)
     parallelize(model, mesh, cfg.parallel, d.device)
     if on_meta:
         model.to_empty(device=d.device)
         model.init_rope()
         if cfg.model.init_from:
-            state = (Transformer.from_pretrained(cfg.model.init_from, dtype=torch.float32).state_dict()
+            state = (Transformer.from_pretrained(cfg.model.init_from, dtype=base_dtype).state_dict()
                      if d.is_main else {})
             load_full_weights(model, state)
         else:
@@ -42,6 +48,13 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
         if cfg.lora.enabled:
             reset_adapters(model)
     return args, model
+
+
+def lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
+    """lora.base_dtype, "auto" being the compute dtype: frozen weights are only ever read in it."""
+    if cfg.lora.base_dtype == "auto":
+        return param_dtype(cfg.parallel, device)
+    return BASE_DTYPES[cfg.lora.base_dtype]
 
 
 def read_pretrained_args(path) -> ModelArgs:

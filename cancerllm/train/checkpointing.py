@@ -144,7 +144,7 @@ class Checkpointer:
         if rank() == 0:
             if lora is not None:
                 save_adapters(state, lora, path.with_name(path.name + "-adapters"))
-                state = merge_state_dict(state, lora)
+                state = merge_state_dict(state, lora, EXPORT_DTYPES[dtype])
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             save_state_dict(state, args, tmp, tokenizer=tokenizer, dtype=EXPORT_DTYPES[dtype])

@@ -4,6 +4,10 @@ A `LoRALinear` keeps the replaced layer's `weight` under the same name, so the b
 the frozen and trainable tensors shard together under FSDP2 (which allows mixed requires_grad in one unit).
 B starts at zero, so training starts exactly from the base model. Adapters are saved on their own in the PEFT
 layout and merged into the base weights (W + (alpha / r) B A) for export.
+
+The adapters are fp32 whatever the base's dtype (AdamW on bf16 weights would lose most small updates); the
+frozen base can be stored in the compute dtype (`store_frozen_in`, lora.base_dtype): FSDP2 shards and gathers
+the mixed dtypes of one unit together, and casts each to the compute dtype only where it differs.
 """
 import json
 import math
@@ -14,6 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from ..kernels.reference import compute_dtype
 from .config import LoraConfig
 
 
@@ -23,7 +28,7 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight
         self.weight.requires_grad_(False)
-        factory = dict(device=base.weight.device, dtype=base.weight.dtype)
+        factory = dict(device=base.weight.device, dtype=compute_dtype(base.weight.dtype))
         self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, **factory))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, rank, **factory))
         self.scale = alpha / rank
@@ -57,6 +62,13 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return replaced
 
 
+def store_frozen_in(model: nn.Module, dtype: torch.dtype):
+    """Cast every frozen parameter (on any device, meta included) to `dtype`; trainable ones keep theirs."""
+    for p in model.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
 def reset_adapters(model: nn.Module):
     for module in model.modules():
         if isinstance(module, LoRALinear):
@@ -67,8 +79,9 @@ def is_adapter(name: str) -> bool:
     return name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
-def merge_state_dict(state: dict, cfg: LoraConfig) -> dict:
-    """A full state dict with adapters -> the plain model's: W + (alpha / r) B A for every adapted weight."""
+def merge_state_dict(state: dict, cfg: LoraConfig, dtype: torch.dtype = None) -> dict:
+    """A full state dict with adapters -> the plain model's: W + (alpha / r) B A for every adapted weight, summed in
+    fp32 and rounded once to `dtype` (the export's; default: each base weight's own)."""
     scale = cfg.alpha / cfg.rank
     merged = {}
     for name, tensor in state.items():
@@ -77,7 +90,7 @@ def merge_state_dict(state: dict, cfg: LoraConfig) -> dict:
         prefix = name[:-len("weight")]
         if prefix + "lora_A" in state:
             a, b = state[prefix + "lora_A"].float(), state[prefix + "lora_B"].float()
-            tensor = (tensor.float() + scale * (b @ a)).to(tensor.dtype)
+            tensor = (tensor.float() + scale * (b @ a)).to(dtype or tensor.dtype)
         merged[name] = tensor
     return merged
 
