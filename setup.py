@@ -1,6 +1,6 @@
 """Builds the package and its C++ data loader, `cancerllm._C`.
 
-`kernels/` lives at the top level (DESIGN.md) but installs as `cancerllm.kernels`: the bare name `kernels`
+`kernels/` lives at the top level (docs/design.md) but installs as `cancerllm.kernels`: the bare name `kernels`
 collides with a PyPI package. The extension includes no torch headers, so it survives torch upgrades.
 """
 from glob import glob

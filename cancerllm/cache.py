@@ -5,7 +5,7 @@ Position p of a row lives in slot p mod n_slots. A sliding-window model never lo
 positions, so it gets n_slots = W (or fewer when no sequence is that long) and its memory stays flat however
 long generation runs; without a window, n_slots covers the longest sequence and no slot is ever reused.
 `slot_pos` records which position each slot holds (-1: empty), and the attention mask follows from it: a
-query at position i sees the keys at positions j with i - W < j <= i (Mistral's window, DESIGN.md).
+query at position i sees the keys at positions j with i - W < j <= i (Mistral's window, docs/design.md).
 
 Rows are independent: each carries its own positions, so sequences of different lengths share a batch
 without padding. A forward pass covers a slice of rows: call `begin(rows, positions)` once, then

@@ -1,4 +1,4 @@
-"""cancerllm.kernels: attention, RMSNorm, SwiGLU and cross-entropy ops (DESIGN.md, "Public API").
+"""cancerllm.kernels: attention, RMSNorm, SwiGLU and cross-entropy ops (docs/design.md, "Public API").
 
 Every op checks its inputs (`validate.py`, the same errors on every path), then runs the Triton kernel on CUDA
 tensors and the plain-PyTorch reference (`reference.py`) elsewhere. `CANCERLLM_KERNELS=triton|torch` forces one

@@ -1,7 +1,7 @@
 """Plain-PyTorch versions of every op: the CPU path and the test oracle of the Triton kernels.
 
 Each computes in fp32 whatever the storage dtype (float64 stays float64, so tests can use it as the oracle),
-and returns the input's dtype. Shapes and semantics are those of DESIGN.md.
+and returns the input's dtype. Shapes and semantics are those of docs/design.md.
 """
 import weakref
 

@@ -1,4 +1,4 @@
-"""The task helpers DESIGN.md puts on cancerllm.Generator: a report in, phenotypes or a diagnosis out.
+"""The task helpers docs/design.md puts on cancerllm.Generator: a report in, phenotypes or a diagnosis out.
 
 The report is prepared exactly as the datasets were (build.task_inputs: truncated to `max_report_chars`, and for
 the diagnosis without its final-diagnosis section) and put into the same prompt template; phenotypes are decoded
