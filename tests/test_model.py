@@ -2,8 +2,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from cancerllm import ModelArgs, Transformer
+from cancerllm import ModelArgs, Transformer, kernels
 from hf_util import hf_model, our_name, tiny_args
 
 
@@ -126,3 +127,63 @@ def test_forward_refuses_bad_tokens_and_positions():
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match="positions must have"):
         model(torch.zeros(1, 4, dtype=torch.long), positions=torch.arange(3)[None])
+    with pytest.raises(ValueError, match=r"positions must be in \[0, max_seq_len=128\), got values in \[-1, 2\]"):
+        model(torch.zeros(1, 4, dtype=torch.long), positions=torch.tensor([[0, 1, 2, -1]]))
+    with pytest.raises(ValueError, match=r"tokens must be in \[0, vocab_size=256\), got values in \[0, 256\]"):
+        model(torch.tensor([[0, 256]]))
+    with pytest.raises(ValueError, match="a document of 129 tokens, longer than max_seq_len=128"):
+        model(torch.zeros(2, 129, dtype=torch.long), cu_seqlens=torch.tensor([0, 129, 258], dtype=torch.int32))
+    with pytest.raises(ValueError, match="Transformer: cu_seqlens .* must include every multiple of T=8"):
+        model(torch.zeros(2, 8, dtype=torch.long), cu_seqlens=torch.tensor([0, 5, 16], dtype=torch.int32))
+
+
+class HostReads(TorchDispatchMode):
+    """Counts the operations that read a tensor's values back to the host, a device sync on CUDA: every
+    .item() / int() / bool() goes through aten::_local_scalar_dense, nonzero sizes its output from the data, and
+    .tolist() / .numpy() of a CPU tensor skip the dispatcher, so they are counted by spies on torch.Tensor."""
+
+    SYNCING = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.nonzero.default)
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.count = 0
+        for name in ("tolist", "numpy"):
+            monkeypatch.setattr(torch.Tensor, name, self.spy(getattr(torch.Tensor, name)))
+
+    def spy(self, method):
+        def counted(tensor, *args, **kwargs):
+            self.count += 1
+            return method(tensor, *args, **kwargs)
+        return counted
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNCING
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads(monkeypatch, fn):
+    """(the host reads while fn() runs, its result)."""
+    with HostReads(monkeypatch) as reads:
+        result = fn()
+    return reads.count, result
+
+
+@pytest.mark.parametrize("n_layers", [1, 2])
+def test_forward_reads_the_host_once_whatever_the_number_of_layers(monkeypatch, n_layers):
+    """The Triton path (what runs on CUDA; here under the interpreter): one host read per forward checks the
+    tokens, positions and packed documents for every layer, and backward reads none. The fused loss's own reads
+    (kernels.linear_cross_entropy drops ignored rows) are counted apart, by calling it alone."""
+    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+    model = Transformer(tiny_args(n_layers=n_layers, sliding_window=8))
+    tokens = torch.randint(0, 256, (2, 16))
+    cu_seqlens = torch.tensor([0, 5, 16, 27, 32], dtype=torch.int32)
+    positions = torch.tensor([list(range(5)) + list(range(11)), list(range(11)) + list(range(5))])
+    reads, logits = host_reads(monkeypatch, lambda: model(tokens, positions=positions, cu_seqlens=cu_seqlens))
+    assert reads == 1
+    assert host_reads(monkeypatch, lambda: logits.float().pow(2).mean().backward())[0] == 0
+
+    targets = tokens.roll(-1, dims=1).masked_fill(torch.rand(2, 16) < 0.3, -100)
+    loss_reads, _ = host_reads(monkeypatch, lambda: kernels.linear_cross_entropy(
+        torch.randn(32, model.args.dim), model.lm_head.weight, targets.view(-1)))
+    reads, _ = host_reads(monkeypatch, lambda: model(tokens, cu_seqlens=cu_seqlens, targets=targets))
+    assert reads == 1 + loss_reads
