@@ -56,6 +56,18 @@ PACKED = [
 ]
 
 
+# Long enough for the split key loops: with window 50 and a document from 10, the query block at 64 has masked low
+# tiles (keys 0-31), an unmasked middle (32-63) and a masked diagonal; the dK/dV loop has its own unmasked middle.
+# Many documents (the binary search takes 5 steps), empty ones at a row's start, inside and at the very end,
+# documents ending exactly at row ends.
+MANY_DOCS = [0, 0, 1, 4, 9, 9, 16, 17, 33, 33, 40, 41, 50, 66, 67, 70, 72, 80, 81, 98, 99, 99]
+PACKED += [
+    pytest.param(2, 80, 2, 1, 16, 50, [0, 10, 80, 110, 160], id="split-loops-masked-low-middle-diagonal"),
+    pytest.param(1, 70, 2, 2, 16, None, [0, 3, 70], id="split-loops-causal-long-document"),
+    pytest.param(3, 33, 3, 1, 16, 12, MANY_DOCS, id="binary-search-many-docs-G3"),
+]
+
+
 @pytest.mark.parametrize("B, T, Hq, Hkv, D, window, offsets", PACKED)
 def test_packed_documents_match_reference(B, T, Hq, Hkv, D, window, offsets):
     check_against_reference(B, T, Hq, Hkv, D, window=window, offsets=offsets)
@@ -82,16 +94,21 @@ def test_poisoning_is_active():
 # ---------------------------------------------------------------------------------------------- dispatch, model
 
 def test_dispatch(monkeypatch):
-    x = torch.ones(1)
-    monkeypatch.delenv("CANCERLLM_KERNELS", raising=False)
-    assert not kernels.use_triton(x)             # CPU tensors take the reference by default
-    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
-    assert kernels.use_triton(x)
-    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
-    assert not kernels.use_triton(x)
-    monkeypatch.setenv("CANCERLLM_KERNELS", "cuda")
-    with pytest.raises(ValueError, match="CANCERLLM_KERNELS"):
-        kernels.use_triton(x)
+    """By default CPU tensors take the reference and CUDA ones the kernels (the GPU run makes CUDA the default
+    device, so a probe on it is added there); the environment variable overrides both."""
+    probes = [torch.ones(1, device="cpu")]
+    if torch.get_default_device().type == "cuda":
+        probes.append(torch.ones(1))
+    for x in probes:
+        monkeypatch.delenv("CANCERLLM_KERNELS", raising=False)
+        assert kernels.use_triton(x) == x.is_cuda
+        monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+        assert kernels.use_triton(x)
+        monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+        assert not kernels.use_triton(x)
+        monkeypatch.setenv("CANCERLLM_KERNELS", "cuda")
+        with pytest.raises(ValueError, match="CANCERLLM_KERNELS"):
+            kernels.use_triton(x)
 
 
 def model_loss_and_grads(model, tokens, targets, cu_seqlens):
@@ -114,7 +131,8 @@ def test_model_triton_path_equals_reference_path(monkeypatch):
     calls = []
     for name in ("triton_attention", "triton_rms_norm", "triton_linear_cross_entropy"):
         real = getattr(kernels, name)
-        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw))
+        spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
+        monkeypatch.setattr(kernels, name, spy)
 
     monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
     ref_loss, ref_grads = model_loss_and_grads(model, tokens, targets, cu_seqlens)
@@ -204,17 +222,18 @@ def test_rejects_unknown_backend():
 # ---------------------------------------------------------------------------------------------- GPU compilation
 
 COMPILE_FOR_H100 = r'''
-import importlib, triton, triton.language as tl
+import collections, importlib, os, re, subprocess, tempfile, triton, triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 FP32_POINTERS = {"LSE", "DELTA", "RSTD", "DW_PARTIAL", "LOSS", "W"}
-INT_POINTERS = {"DOC_START": "*i32", "DOC_END": "*i32", "TARGETS": "*i64", "N_VALID": "*i64"}
+INT_POINTERS = {"CU_SEQLENS": "*i32", "TARGETS": "*i64", "N_VALID": "*i64"}
 FLOATS = {"qk_scale", "sm_scale", "eps", "z_loss"}
-UPPER_CASE_SCALARS = {"T", "N", "M", "WINDOW"}
+UPPER_CASE_SCALARS = {"T", "N", "M", "WINDOW", "N_DOCS", "SEARCH_STEPS"}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
 
 def signature(module, fn, constexprs):
-    """Pointers are the upper-case arguments of our kernels (but sizes); scalars are i32 but the named floats."""
+    # Pointers are the upper-case arguments of our kernels (but sizes); scalars are i32 but the named floats.
     def kind(name):
         if name in constexprs: return "constexpr"
         scalar = name in UPPER_CASE_SCALARS or (module == "cross_entropy" and name == "V")
@@ -223,31 +242,73 @@ def signature(module, fn, constexprs):
         return "fp32" if name in FLOATS else "i32"
     return {name: kind(name) for name in fn.arg_names}
 
+def compile_for_sm90(module, name, constexprs, num_warps, num_stages):
+    fn = getattr(mod[module], name)
+    src = ASTSource(fn=fn, signature=signature(module, fn, constexprs),
+                    constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    assert compiled.metadata.shared <= 227 * 1024, (name, compiled.metadata.shared)
+    return compiled
+
+def stack_bytes(compiled):
+    # ptxas spills registers to the stack frame: a frame of 0 bytes means no spill (cuobjdump reads the cubin's
+    # resource usage; compiled.n_spills needs a GPU driver to load the binary).
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([CUOBJDUMP, "--dump-resource-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    return int(re.search(r"STACK:(\d+)", usage).group(1))
+
+def expected_wgmma(kernel, rows, keys, d, warps):
+    # (M, N, K) of each tl.dot in one loop iteration; each loop is emitted three times (masked low, unmasked
+    # middle, masked high). A warpgroup issues M / 64 / warpgroups m64nNk16 per 16 of K: the tile's full N, and
+    # its own rows of M (fewer n, or more instructions, would mean split or duplicated work).
+    dots = {"fwd": [(rows, keys, d), (rows, d, keys)],
+            "dq": [(rows, keys, d), (rows, keys, d), (rows, d, keys)],
+            "dkdv": [(keys, rows, d), (keys, d, rows), (keys, rows, d), (keys, d, rows)]}[kernel]
+    counts = collections.Counter()
+    for m, n, k in dots:
+        assert m % (64 * (warps // 4)) == 0, (kernel, m, warps)
+        counts[f"m64n{n}k16"] += 3 * m // (64 * (warps // 4)) * k // 16
+    return counts
+
 mod = {m: importlib.import_module(f"cancerllm.kernels.{m}") for m in ("attention", "rms_norm", "cross_entropy")}
-attn = dict(G=4, G_PAD=4, HEAD_DIM=128, D_PAD=128, BLOCK_N=64, HAS_DOCS=True, DOT_DTYPE=tl.bfloat16)
-kernels = [
-    ("attention", "_attn_fwd", dict(attn, BLOCK_T=32)),
-    ("attention", "_attn_bwd_dkdv", dict(attn, BLOCK_T=16)),
-    ("attention", "_attn_bwd_dq", dict(attn, BLOCK_T=16)),
+attn = mod["attention"]
+for d in (64, 128):
+    for kernel in ("fwd", "dq", "dkdv"):
+        name = {"fwd": "_attn_fwd", "dq": "_attn_bwd_dq", "dkdv": "_attn_bwd_dkdv"}[kernel]
+        cfg = attn._config(d, kernel, G_PAD=4)
+        constexprs = dict(G=4, G_PAD=4, HEAD_DIM=d, D_PAD=d, HAS_DOCS=True, DOT_DTYPE=tl.bfloat16,
+                          BLOCK_T=cfg["BLOCK_T"], BLOCK_N=cfg["BLOCK_N"])
+        compiled = compile_for_sm90("attention", name, constexprs, cfg["num_warps"], cfg["num_stages"])
+        wgmma = collections.Counter(re.findall(r"wgmma\.mma_async\.sync\.aligned\.(m\d+n\d+k\d+)", compiled.asm["ptx"]))
+        expected = expected_wgmma(kernel, 4 * cfg["BLOCK_T"], cfg["BLOCK_N"], d, cfg["num_warps"])
+        assert wgmma == expected, (name, d, dict(wgmma), dict(expected))
+        # dK/dV at D = 128 spills in every full-width tiling (kernels/attention.py, _GPU_TILES): bounded, not 0.
+        max_stack = 512 if (kernel, d) == ("dkdv", 128) else 0
+        assert stack_bytes(compiled) <= max_stack, (name, d, stack_bytes(compiled))
+        print(name, d, dict(wgmma), "stack", stack_bytes(compiled))
+
+others = [
     ("attention", "_attn_bwd_delta", dict(HEAD_DIM=128, D_PAD=128, BLOCK_R=64)),
     ("rms_norm", "_rms_norm_fwd", dict(HAS_RESIDUAL=True, BLOCK_N=4096)),
     ("rms_norm", "_rms_norm_bwd", dict(HAS_DH_OUT=True, BLOCK_N=4096)),
     ("cross_entropy", "_cross_entropy_fwd", dict(MEAN=True, COMPUTE_GRAD=True, BLOCK_V=8192)),
 ]
-for module, name, constexprs in kernels:
-    fn = getattr(mod[module], name)
-    sig = signature(module, fn, constexprs)
-    src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
-    assert compiled.metadata.shared <= 227 * 1024, (name, compiled.metadata.shared)
-print("compiled", len(kernels))
+for module, name, constexprs in others:
+    compile_for_sm90(module, name, constexprs, num_warps=8, num_stages=2)
+print("compiled", 6 + len(others))
 '''
 
 
 def test_every_kernel_compiles_for_an_h100():
     """The interpreter runs kernels as numpy and misses what only the compiler rejects (globals that are not
     constexpr, loop-carried type changes, shared memory over the limit): compile each kernel for sm_90 with the
-    bundled ptxas, in a process without TRITON_INTERPRET, at the GPU's bf16 tile sizes."""
+    bundled ptxas, in a process without TRITON_INTERPRET, at the GPU's bf16 tile sizes. The attention kernels
+    at head dims 64 and 128, with the tiles `_config` gives on a GPU, must also issue full-width wgmma without
+    duplicated work and spill no registers."""
     import os
     import subprocess
     import sys
@@ -255,4 +316,4 @@ def test_every_kernel_compiles_for_an_h100():
     result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "compiled 7" in result.stdout
+    assert "compiled 10" in result.stdout
