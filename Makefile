@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench gpu-carry clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,16 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
 	$(PY) bench/generate.py
+
+# What the lent GPU machine lacks, staged for run(command="bash bench/gpu.sh", carry=[".gpu-carry"]):
+# Liger-Kernel's wheel (pure Python, a peer in bench/gpu_check.py; 0.8.5 needs only torch>=2.1.2 and triton>=2.3.1)
+# and Mistral's tokenizer file from the mistral-common wheel.
+LIGER_VERSION := 0.8.5
+gpu-carry: $(STAMP)
+	mkdir -p .gpu-carry
+	$(PY) -m pip download -q --no-deps --only-binary=:all: liger-kernel==$(LIGER_VERSION) -d .gpu-carry
+	$(PY) -c "import shutil; from cancerllm.tokenizer import mistral_tokenizer_path as p; \
+	shutil.copy(p(), '.gpu-carry/tokenizer.model.v1')"
 
 clean:
 	rm -rf build dist *.egg-info cancerllm/_C*.so .pytest_cache

@@ -7,10 +7,13 @@ shrugs off load spikes from other processes on a shared machine). Repetitions al
 each one's best. Both generate through EOS, and their tokens are checked equal.
 
 Decode is memory bound: each step reads every weight but the embedding table once (plus each row's cached keys
-and values), so the bound is B * bandwidth / bytes per step, with the read bandwidth measured in this run
-(CPU: a sum over a buffer far larger than the caches; GPU: a device-to-device copy).
+and values), so the bound is B * bandwidth / bytes per step, with the bandwidth of a copy far larger than the
+caches (bytes read plus written) measured in this run.
 
-    .venv/bin/python bench/generate.py [--batches 1 8] [--reps 3] [--device cuda --dtype bfloat16]
+    .venv/bin/python bench/generate.py [--batches 1 8] [--reps 3] [--device cuda --dtype bfloat16] [--tokenizer F]
+
+The prompts are random token ids: the benchmark measures speed, not text, so the tokenizer (--tokenizer, else
+Mistral's from mistral-common) only decodes; without one, token ids stand in for text (TokenIds).
 
 Rows: cancerllm (default: on CPU in fp32 its DecodeModel runs the matmuls on oneDNN with prepacked weights and
 fused post-ops), cancerllm-mkl (CPU only: the same DecodeModel on F.linear, showing what oneDNN buys),
@@ -28,7 +31,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, print_table, write_results   # noqa: E402
+from bench.common import copy_gbps, machine, print_table, write_results   # noqa: E402
 from cancerllm import Generator, ModelArgs, Transformer   # noqa: E402
 from cancerllm.cache import KVCache   # noqa: E402
 from cancerllm.generate import parse_dtype   # noqa: E402
@@ -40,22 +43,35 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def read_bandwidth_gbps(device) -> float:
-    """Best of 5 reads of a 512 MiB buffer (CPU: a sum; GPU: a copy, counted as read + write / 2)."""
-    buf = torch.ones(128 * 2 ** 20, device=device)
-    if device.type == "cuda":
-        out = torch.empty_like(buf)
-        op, bytes_moved = (lambda: out.copy_(buf)), 2 * buf.nbytes
-    else:
-        op, bytes_moved = (lambda: buf.sum()), buf.nbytes
-    best = float("inf")
-    for _ in range(5):
-        sync(device)
-        start = time.perf_counter()
-        op()
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return bytes_moved / best / 1e9
+class TokenIds:
+    """Stands in for a tokenizer where none is installed (the GPU machine has no mistral-common): the generator
+    needs only the vocabulary size and a decode, and prompts given as ids are used as given."""
+    bos_id, eos_id, pad_id = 1, 2, -1
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def check_fits(self, vocab_size: int, what: str = "model"):
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"TokenIds: {self.vocab_size} ids do not fit the {what}'s vocab_size={vocab_size}")
+
+    def decode(self, ids) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+
+def load_tokenizer(path, vocab_size: int):
+    """Tokenizer(path) when given, else Mistral's from mistral-common; TokenIds (and a line saying why) when there
+    is none or its vocabulary is larger than the model's (the `tiny` preset's)."""
+    try:
+        tokenizer = Tokenizer(path or mistral_tokenizer_path())
+    except FileNotFoundError as e:
+        print(f"generate bench: no tokenizer ({e}); token ids stand in for text")
+        return TokenIds(vocab_size)
+    if tokenizer.vocab_size > vocab_size:
+        print(f"generate bench: {tokenizer.path} has {tokenizer.vocab_size} pieces, the model {vocab_size}; "
+              "token ids stand in for text")
+        return TokenIds(vocab_size)
+    return tokenizer
 
 
 def hf_twin(model: Transformer):
@@ -153,6 +169,53 @@ def measure(runs: dict, clocks: dict, new_tokens: int, reps: int, device):
     return prefill_s, step_s, outputs, peak_mib
 
 
+def decode_benchmark(preset: str, batches, prompt_len: int, new_tokens: int, reps: int, device, dtype,
+                     tokenizer_path=None, peers: bool = True, bandwidth_gbps=None) -> tuple[list, dict]:
+    """Rows (one per batch size and engine) and the facts they rest on: prefill and decode tokens/s, ratios to
+    transformers (with `peers`) and to the bandwidth bound (`bandwidth_gbps`: measured here when None),
+    whether the engines' tokens agree."""
+    torch.manual_seed(0)
+    args = ModelArgs.preset(preset)
+    model = Transformer(args).to(device=device, dtype=dtype).eval()
+    model.init_rope()
+    tokenizer = load_tokenizer(tokenizer_path, args.vocab_size)
+    gens = {"cancerllm": Generator(model, tokenizer)}
+    if device.type == "cpu":   # what routing the linears through oneDNN buys, against MKL's F.linear
+        gens["cancerllm-mkl"] = Generator(model, tokenizer, onednn=False)
+    hf = hf_twin(model) if peers else None
+
+    bandwidth = bandwidth_gbps or copy_gbps(device, mib=512)
+    weight_bytes = args.num_params(embedding=False) * dtype.itemsize
+    cache_bpt = KVCache.for_model(args, 1, 1, dtype=dtype, device="meta").bytes_per_token
+    mean_context = min(prompt_len + new_tokens // 2, args.sliding_window or 1 << 62)
+    rows = []
+    for batch in batches:
+        prompts = torch.randint(3, args.vocab_size, (batch, prompt_len)).tolist()
+        clocks = {name: StepClock(device) for name in [*gens, "transformers"]}
+        runs = {name: ours(gen, prompts, clocks[name]) for name, gen in gens.items()}
+        if hf is not None:
+            runs["transformers"] = theirs(hf, prompts, device, clocks["transformers"])
+        prefill_s, step_s, outputs, peak_mib = measure(runs, clocks, new_tokens, reps, device)
+        step_bytes = weight_bytes + batch * mean_context * cache_bpt
+        bound = batch * bandwidth * 1e9 / step_bytes
+        for name in runs:
+            decode = batch / step_s[name]
+            rows.append({
+                "batch": batch, "engine": name,
+                "prefill_tok_s": batch * prompt_len / prefill_s[name],
+                "decode_tok_s": decode,
+                "decode_vs_transformers": step_s["transformers"] / step_s[name] if hf else None,
+                "prefill_vs_transformers": prefill_s["transformers"] / prefill_s[name] if hf else None,
+                "decode_bound_tok_s": bound,
+                "decode_vs_bound": decode / bound,
+                "outputs_equal": outputs[name] == outputs["transformers"] if hf else None,
+                "peak_gpu_mib": peak_mib.get(name),
+            })
+    facts = {"read_bandwidth_gbps": bandwidth, "weight_bytes": weight_bytes, "kv_cache_bytes_per_token": cache_bpt,
+             "sliding_window": args.sliding_window, "tokenizer": type(tokenizer).__name__}
+    return rows, facts
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small")
@@ -162,58 +225,25 @@ def main():
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--tokenizer", help="a sentencepiece tokenizer.model (default: Mistral's, if installed)")
     opts = parser.parse_args()
     device, dtype = torch.device(opts.device), parse_dtype(opts.dtype)
-
-    torch.manual_seed(0)
-    args = ModelArgs.preset(opts.preset)
-    model = Transformer(args).to(device=device, dtype=dtype).eval()
-    model.init_rope()
-    tokenizer = Tokenizer(mistral_tokenizer_path())
-    hf = hf_twin(model)
-    gens = {"cancerllm": Generator(model, tokenizer)}
-    if device.type == "cpu":   # what routing the linears through oneDNN buys, against MKL's F.linear
-        gens["cancerllm-mkl"] = Generator(model, tokenizer, onednn=False)
-
-    bandwidth = read_bandwidth_gbps(device)
-    weight_bytes = args.num_params(embedding=False) * dtype.itemsize
-    cache_bpt = KVCache.for_model(args, 1, 1, dtype=dtype, device="meta").bytes_per_token
-    mean_context = min(opts.prompt_len + opts.new_tokens // 2, args.sliding_window or 1 << 62)
-    rows = []
-    for batch in opts.batches:
-        prompts = torch.randint(3, args.vocab_size, (batch, opts.prompt_len)).tolist()
-        clocks = {name: StepClock(device) for name in [*gens, "transformers"]}
-        runs = {name: ours(gen, prompts, clocks[name]) for name, gen in gens.items()}
-        runs["transformers"] = theirs(hf, prompts, device, clocks["transformers"])
-        prefill_s, step_s, outputs, peak_mib = measure(runs, clocks, opts.new_tokens, opts.reps, device)
-        step_bytes = weight_bytes + batch * mean_context * cache_bpt
-        bound = batch * bandwidth * 1e9 / step_bytes
-        for name in runs:
-            decode = batch / step_s[name]
-            rows.append({
-                "batch": batch, "engine": name,
-                "prefill_tok_s": batch * opts.prompt_len / prefill_s[name],
-                "decode_tok_s": decode,
-                "decode_vs_transformers": step_s["transformers"] / step_s[name],
-                "prefill_vs_transformers": prefill_s["transformers"] / prefill_s[name],
-                "decode_vs_bound": decode / bound,
-                "outputs_equal": outputs[name] == outputs["transformers"],
-                "peak_gpu_mib": peak_mib.get(name),
-            })
+    rows, facts = decode_benchmark(opts.preset, opts.batches, opts.prompt_len, opts.new_tokens, opts.reps, device,
+                                   dtype, opts.tokenizer)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = machine()
+    cache_bpt, window = facts["kv_cache_bytes_per_token"], facts["sliding_window"]
     print(f"generate bench: preset {opts.preset} {opts.dtype} on {opts.device}, prompt {opts.prompt_len}, "
           f"{opts.new_tokens} new tokens, greedy; {info['cpu']} x{info['cores']}, torch {info['torch']}")
-    print(f"read bandwidth {bandwidth:.1f} GB/s; weights read per decode step {weight_bytes / 1e6:.1f} MB; "
-          f"KV cache {cache_bpt} B/token ({cache_bpt * min(args.sliding_window or 1 << 62, 640) / 2 ** 20:.2f} "
-          f"MiB per row at 640 tokens, flat past the {args.sliding_window}-token window); "
-          f"process peak RSS {peak_rss_mib:.0f} MiB (both engines)")
+    print(f"copy bandwidth {facts['read_bandwidth_gbps']:.1f} GB/s; weights read per decode step "
+          f"{facts['weight_bytes'] / 1e6:.1f} MB; KV cache {cache_bpt} B/token "
+          f"({cache_bpt * min(window or 1 << 62, 640) / 2 ** 20:.2f} MiB per row at 640 tokens, flat past the "
+          f"{window}-token window); process peak RSS {peak_rss_mib:.0f} MiB (both engines)")
     columns = ["batch", "engine", "prefill_tok_s", "decode_tok_s", "decode_vs_transformers",
                "prefill_vs_transformers", "decode_vs_bound", "outputs_equal"]
     print_table(rows, columns + (["peak_gpu_mib"] if device.type == "cuda" else []))
     path = write_results("generate", rows, preset=opts.preset, dtype=opts.dtype, device=opts.device,
-                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, read_bandwidth_gbps=bandwidth,
-                         weight_bytes=weight_bytes, kv_cache_bytes_per_token=cache_bpt, peak_rss_mib=peak_rss_mib)
+                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, peak_rss_mib=peak_rss_mib, **facts)
     print(f"wrote {path}")
 
 

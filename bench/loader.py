@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table, time_fn, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import machine, print_table, time_fn, write_results  # noqa: E402
 
 import cancerllm  # noqa: E402
 from cancerllm.data import PackedLoader, write_shard  # noqa: E402

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import print_table, write_results  # noqa: E402
 
 from cancerllm import ModelArgs, Transformer  # noqa: E402
 from cancerllm.generate import Generator  # noqa: E402

@@ -22,30 +22,12 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import gpu_peaks, machine, print_table, write_results  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import gpu_peaks, machine, matmul_tflops, print_table, write_results  # noqa: E402
 
 
 def peak_rss_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def matmul_tflops(device) -> float:
-    """Measured dense matmul rate, fp32 on CPU and bf16 on GPU: the best of several timed matmuls, so that a
-    moment of load from other processes does not lower it."""
-    n = 2048 if device.type == "cpu" else 8192
-    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    a @ b
-    reps = 10 if device.type == "cpu" else 50
-    best = float("inf")
-    for _ in range(reps):
-        sync(device)
-        start = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e12
 
 
 def sync(device):
@@ -65,19 +47,22 @@ def make_batches(args, batch, seq_len, steps, device):
     return out
 
 
-def ours(args, batches, device):
-    """train.py's step: parallelize() over a one-rank mesh (plain module in fp32, FSDP2 for a bf16 cast), fused loss."""
+def ours(args, device, checkpoint_every: int = 0):
+    """train.py's step: parallelize() over a one-rank mesh (plain module in fp32, FSDP2 for a bf16 cast), fused loss;
+    `checkpoint_every`: activation checkpointing of every k-th block (0: none)."""
     import torch.distributed as dist
     from cancerllm import Transformer
     from cancerllm.train.config import OptimConfig, ParallelConfig
     from cancerllm.train.optim import build_optimizer
     from cancerllm.train.parallel import build_mesh, parallelize
     from cancerllm.train.step import train_step
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1)
+    if not dist.is_initialized():   # one process group serves every model a process builds
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    parallel = ParallelConfig(activation_checkpoint_every=checkpoint_every)
     with torch.device(device):
         model = Transformer(args)
-    parallelize(model, build_mesh(ParallelConfig(), 1, device), ParallelConfig(), device)
+    parallelize(model, build_mesh(parallel, 1, device), parallel, device)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-4, implementation="auto"))
 
     def step(batch):
@@ -85,7 +70,7 @@ def ours(args, batches, device):
     return step
 
 
-def transformers_side(args, batches, device):
+def transformers_side(args, device):
     """MistralForCausalLM as a plain PyTorch user trains it: labels -> loss, backward, AdamW (bf16 autocast on GPU)."""
     from transformers import MistralConfig, MistralForCausalLM
     config = MistralConfig(vocab_size=args.vocab_size, hidden_size=args.dim, intermediate_size=args.hidden_dim,
@@ -111,10 +96,20 @@ def transformers_side(args, batches, device):
 def run_side(side: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int) -> dict:
     from cancerllm import ModelArgs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    args = ModelArgs.preset(preset)
+    row = measure_training(side, ModelArgs.preset(preset), batch, seq_len, steps, warmup, device)
+    return {"side": side, "preset": preset, **row}
+
+
+def measure_training(side: str, args, batch: int, seq_len: int, steps: int, warmup: int, device,
+                     checkpoint_every: int = 0) -> dict:
+    """tokens/s, model TFLOP/s (ModelArgs.flops_per_token), MFU against the data-sheet peak and peak memory of
+    `steps` timed steps after `warmup` untimed ones. GPU: the peak is counted from this call's start."""
     batches = make_batches(args, batch, seq_len, warmup + steps, device)
     rss_before = peak_rss_gib()
-    step = (ours if side == "ours" else transformers_side)(args, batches, device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    step = ours(args, device, checkpoint_every) if side == "ours" else transformers_side(args, device)
     for b in batches[:warmup]:
         step(b)
     sync(device)
@@ -124,8 +119,8 @@ def run_side(side: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     elapsed = time.perf_counter() - start
     tokens_per_s = batch * seq_len * steps / elapsed
     flops = args.flops_per_token(seq_len) * tokens_per_s
-    row = {"side": side, "preset": preset, "batch": batch, "seq_len": seq_len, "steps": steps,
-           "tokens_per_s": tokens_per_s, "model_tflops": flops / 1e12, "final_loss": losses[-1]}
+    row = {"batch": batch, "seq_len": seq_len, "steps": steps, "tokens_per_s": tokens_per_s,
+           "model_tflops": flops / 1e12, "final_loss": losses[-1]}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         peak = gpu_peaks(torch.cuda.get_device_name())[0]
@@ -197,7 +192,8 @@ def main():
         rows.extend(pair)
     print(json.dumps(machine()))
     columns = ["preset", "side", "seq_len", "runs", "tokens_per_s", "tokens_per_s_runs", "peak_mem_gib",
-               "train_mem_gib", "model_tflops", "matmul_tflops", "fraction_of_matmul", "mfu", "speedup", "memory_ratio", "train_memory_ratio", "error"]
+               "train_mem_gib", "model_tflops", "matmul_tflops", "fraction_of_matmul", "mfu", "speedup",
+               "memory_ratio", "train_memory_ratio", "error"]
     print_table(rows, columns)
     print(f"results: {write_results('train', rows)}")
 
