@@ -119,6 +119,8 @@ def rotate(x, cos, sin, sign: float):
     dt = compute_dtype(x.dtype)
     x1, x2 = x.to(dt).chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if torch.compiler.is_compiling():   # Dynamo cannot trace `out=` into a view; compiled, the products fuse anyway
+        return torch.cat((x1 * cos - sign * x2 * sin, x2 * cos + sign * x1 * sin), dim=-1).to(x.dtype)
     out = torch.empty(x.shape, dtype=dt, device=x.device)
     out1, out2 = out.chunk(2, dim=-1)
     torch.mul(x1, cos, out=out1).addcmul_(x2, sin, value=-sign)

@@ -54,14 +54,18 @@ def window_mask(L: int, window: int, device, dtype) -> torch.Tensor:
 
     SDPA keeps its mask for backward, and every layer of a forward asks for the same one: a mask is handed out
     again while it is alive, so backward holds one copy instead of one per layer and segment."""
+    if torch.compiler.is_compiling():    # inside a compiled graph the mask is traced, not memoised
+        return additive_window_mask(L, window, device, dtype)
     key = (L, window, str(device), dtype, torch.is_inference_mode_enabled())
     mask = _window_masks.get(key)
     if mask is None:
-        allowed = attention_mask(1, L, window=window, device=device)[0]
-        mask = torch.zeros(L, L, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
-        if not torch.compiler.is_compiling():    # inside a compiled graph the mask is traced, not memoised
-            _window_masks[key] = mask
+        mask = _window_masks[key] = additive_window_mask(L, window, device, dtype)
     return mask
+
+
+def additive_window_mask(L: int, window: int, device, dtype) -> torch.Tensor:
+    allowed = attention_mask(1, L, window=window, device=device)[0]
+    return torch.zeros(L, L, dtype=dtype, device=device).masked_fill_(~allowed, float("-inf"))
 
 
 def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False):
