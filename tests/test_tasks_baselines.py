@@ -3,7 +3,7 @@ import re
 import pytest
 
 from cancerllm.tasks.baselines import majority_values, regex_extract
-from cancerllm.tasks.metrics import normalize_value
+from cancerllm.tasks.fields import normalize_value
 from cancerllm.tasks.perturb import counterfactual, counterfactual_all, misspell, ocr_noise
 
 

@@ -3,8 +3,9 @@ import random
 import numpy as np
 import pytest
 
-from cancerllm.tasks.metrics import (exact_match, field_counts, field_scores, instance_f1, normalize_value,
-                                     paired_bootstrap, rouge1_match, rouge_l, text_scores, token_f1)
+from cancerllm.tasks.fields import normalize_value
+from cancerllm.tasks.metrics import (exact_match, field_counts, field_scores, instance_f1, paired_bootstrap,
+                                     rouge1_match, rouge_l, text_scores, token_f1)
 
 
 def test_exact_match_lowercases_strips_punctuation_and_stems():

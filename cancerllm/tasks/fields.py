@@ -3,7 +3,16 @@
 Categorical fields are closed lists in the registry's own spelling (the JSON task's schema and the counterfactual
 edits draw from them); a registry value outside its list is an error at build time, not a silent drop. Free-text
 fields (primary site, histology) are any string.
+
+`normalize_value` maps the many ways a value is written ("pT2a" ~ "T2a", "Stage IIA" ~ "stage 2A", "G2" ~
+"moderately differentiated") to one canonical form, which scoring, the majority baseline and the counterfactual
+edits all compare.
 """
+import re
+import string
+
+from nltk.stem.porter import PorterStemmer
+
 FIELDS = ("cancer_type", "primary_site", "histology", "laterality", "grade", "pT", "pN", "pM", "stage",
           "ER", "PR", "HER2", "gleason")
 
@@ -60,3 +69,96 @@ def json_schema() -> dict:
         return {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1, "maxLength": FREE_TEXT_MAX_CHARS}]}
     return {"type": "object", "properties": {f: value_schema(f) for f in FIELDS}, "required": list(FIELDS),
             "additionalProperties": False}
+
+
+# ---------------------------------------------------------------------------------------------- normalisation
+
+NULL_ANSWERS = {"", "not mentioned", "null", "none"}
+_stemmer = PorterStemmer()
+_punctuation = str.maketrans({c: " " for c in string.punctuation})
+
+
+def exact_tokens(text: str) -> list[str]:
+    """Lower-cased, punctuation removed, Porter-stemmed tokens: the study's exact match, and free-text values'
+    canonical form."""
+    return [_stemmer.stem(w) for w in text.lower().translate(_punctuation).split()]
+
+
+ROMAN = {"1": "i", "2": "ii", "3": "iii", "4": "iv"}
+GRADE_WORDS = (("undifferentiated", "g4"), ("poorly", "g3"), ("moderately", "g2"), ("well", "g1"),
+               ("high", "high"), ("low", "low"))
+GRADE_NUMBERS = {"1": "g1", "i": "g1", "2": "g2", "ii": "g2", "3": "g3", "iii": "g3", "4": "g4", "iv": "g4",
+                 "x": "gx"}
+CANCER_NAMES = {name.lower(): code for code, name in CANCER_TYPES.items()}
+PATTERN_SUM = re.compile(r"\D*?\d+\s*\+\s*\d+")   # a Gleason value that opens with "primary + secondary"
+
+
+def normalize_tnm(field: str, value: str) -> str:
+    """'pT2a', 'T2a', 'ypT2a', '2a' -> 't2a'; qualifiers in parentheses ('N0 (i-)') are dropped."""
+    s = re.sub(r"\(.*?\)", "", value.lower()).replace(" ", "")
+    s = re.sub(r"^[yra]?[pc]?(?=[tnm])", "", s)
+    letter = field[1].lower()
+    return s if s.startswith(letter) else letter + s
+
+
+def normalize_stage(value: str) -> str:
+    """'Stage IIA', 'stage 2a', 'IIA' -> 'iia'."""
+    s = re.sub(r"\b(ajcc|pathologic|stage)\b", "", value.lower()).replace(" ", "")
+    return re.sub(r"^[1-4]", lambda m: ROMAN[m.group(0)], s)
+
+
+def normalize_grade(value: str) -> str:
+    """'G2', 'Grade 2', 'grade II', 'moderately differentiated' -> 'g2'; 'High Grade' -> 'high'."""
+    s = value.lower()
+    for word, grade in GRADE_WORDS:
+        if word in s:
+            return grade
+    s = re.sub(r"\b(histologic|grade)\b", "", s).replace(" ", "")
+    return GRADE_NUMBERS.get(s.removeprefix("g"), s)
+
+
+def normalize_receptor(value: str) -> str:
+    s = value.lower()
+    for word, status in (("equivocal", "equivocal"), ("indeterminate", "indeterminate"), ("neg", "negative"),
+                         ("pos", "positive")):
+        if word in s:
+            return status
+    return {"+": "positive", "-": "negative"}.get(s.strip(), s.strip())
+
+
+def normalize_gleason(value: str) -> str:
+    """'3+4=7', '4+3 (7)', '3 + 4', '7 (4+3)', 'Gleason score 7' -> '7': a stated sum wins over the patterns."""
+    numbers = [int(n) for n in re.findall(r"\d+", value)]
+    if PATTERN_SUM.match(value):                     # "a+b", then maybe the sum ("= s", "(s)")
+        return str(numbers[2] if len(numbers) > 2 else numbers[0] + numbers[1])
+    return str(numbers[0]) if numbers else value.lower().strip()
+
+
+def normalize_laterality(value: str) -> str:
+    s = value.lower()
+    for side in ("bilateral", "left", "right", "midline", "isthmus"):
+        if side in s:
+            return side
+    return s.strip()
+
+
+def normalize_value(field: str, value):
+    """A field's value in canonical form, or None for no value ("not mentioned", null, empty)."""
+    if value is None or str(value).strip().lower() in NULL_ANSWERS:
+        return None
+    value = str(value).strip()
+    if field in ("pT", "pN", "pM"):
+        return normalize_tnm(field, value)
+    if field == "stage":
+        return normalize_stage(value)
+    if field == "grade":
+        return normalize_grade(value)
+    if field in ("ER", "PR", "HER2"):
+        return normalize_receptor(value)
+    if field == "gleason":
+        return normalize_gleason(value)
+    if field == "laterality":
+        return normalize_laterality(value)
+    if field == "cancer_type":
+        value = CANCER_NAMES.get(value.lower(), value.upper() if value.upper() in CANCER_TYPES else value)
+    return " ".join(exact_tokens(value))

@@ -4,34 +4,24 @@
   items (precision) and each gold item its best match among the predictions (recall); P, R and F1 are averaged
   over instances. Two match functions: `exact_match` (lower-case, punctuation removed, Porter-stemmed tokens equal)
   and `rouge1_match` (ROUGE-1 F with beta = 1.2, from rouge-score's precision and recall).
-- Per-field precision, recall and F1 over normalised values (`normalize_value`: "pT2a" ~ "T2a", "Stage IIA" ~
+- Per-field precision, recall and F1 over normalised values (`fields.normalize_value`: "pT2a" ~ "T2a", "Stage IIA" ~
   "IIA" ~ "stage 2A", "G2" ~ "Grade 2" ~ "moderately differentiated"), with micro and macro averages. A predicted
   value that differs from the gold counts as one false positive and one false negative; "not mentioned" is null.
 - Diagnosis statements: token F1 and ROUGE-L F against the reference.
 - Whether one system's field F1 beats another's beyond chance: a paired bootstrap over the records.
 """
-import re
-import string
 from collections import Counter
 
 import numpy as np
-from nltk.stem.porter import PorterStemmer
 from rouge_score import rouge_scorer
 
-from .fields import CANCER_TYPES, FIELDS
+from .fields import FIELDS, exact_tokens, normalize_value
 
-NULL_ANSWERS = {"", "not mentioned", "null", "none"}
 ROUGE_BETA = 1.2
-_stemmer = PorterStemmer()
 _scorer = rouge_scorer.RougeScorer(["rouge1", "rougeL"], use_stemmer=True)
-_punctuation = str.maketrans({c: " " for c in string.punctuation})
 
 
 # ---------------------------------------------------------------------------------------------- study F1
-
-def exact_tokens(text: str) -> list[str]:
-    return [_stemmer.stem(w) for w in text.lower().translate(_punctuation).split()]
-
 
 def exact_match(pred: str, gold: str) -> float:
     return float(exact_tokens(pred) == exact_tokens(gold))
@@ -68,88 +58,6 @@ def instance_f1(preds, golds, match="exact") -> dict:
     n = len(scores)
     mean = lambda i: sum(s[i] for s in scores) / n if n else 0.0
     return {"precision": mean(0), "recall": mean(1), "f1": mean(2), "n": n}
-
-
-# ---------------------------------------------------------------------------------------------- normalisation
-
-ROMAN = {"1": "i", "2": "ii", "3": "iii", "4": "iv"}
-GRADE_WORDS = (("undifferentiated", "g4"), ("poorly", "g3"), ("moderately", "g2"), ("well", "g1"),
-               ("high", "high"), ("low", "low"))
-GRADE_NUMBERS = {"1": "g1", "i": "g1", "2": "g2", "ii": "g2", "3": "g3", "iii": "g3", "4": "g4", "iv": "g4",
-                 "x": "gx"}
-CANCER_NAMES = {name.lower(): code for code, name in CANCER_TYPES.items()}
-PATTERN_SUM = re.compile(r"\D*?\d+\s*\+\s*\d+")   # a Gleason value that opens with "primary + secondary"
-
-
-def normalize_tnm(field: str, value: str) -> str:
-    """'pT2a', 'T2a', 'ypT2a', '2a' -> 't2a'; qualifiers in parentheses ('N0 (i-)') are dropped."""
-    s = re.sub(r"\(.*?\)", "", value.lower()).replace(" ", "")
-    s = re.sub(r"^[yra]?[pc]?(?=[tnm])", "", s)
-    letter = field[1].lower()
-    return s if s.startswith(letter) else letter + s
-
-
-def normalize_stage(value: str) -> str:
-    """'Stage IIA', 'stage 2a', 'IIA' -> 'iia'."""
-    s = re.sub(r"\b(ajcc|pathologic|stage)\b", "", value.lower()).replace(" ", "")
-    return re.sub(r"^[1-4]", lambda m: ROMAN[m.group(0)], s)
-
-
-def normalize_grade(value: str) -> str:
-    """'G2', 'Grade 2', 'grade II', 'moderately differentiated' -> 'g2'; 'High Grade' -> 'high'."""
-    s = value.lower()
-    for word, grade in GRADE_WORDS:
-        if word in s:
-            return grade
-    s = re.sub(r"\b(histologic|grade)\b", "", s).replace(" ", "")
-    return GRADE_NUMBERS.get(s.removeprefix("g"), s)
-
-
-def normalize_receptor(value: str) -> str:
-    s = value.lower()
-    for word, status in (("equivocal", "equivocal"), ("indeterminate", "indeterminate"), ("neg", "negative"),
-                         ("pos", "positive")):
-        if word in s:
-            return status
-    return {"+": "positive", "-": "negative"}.get(s.strip(), s.strip())
-
-
-def normalize_gleason(value: str) -> str:
-    """'3+4=7', '4+3 (7)', '3 + 4', '7 (4+3)', 'Gleason score 7' -> '7': a stated sum wins over the patterns."""
-    numbers = [int(n) for n in re.findall(r"\d+", value)]
-    if PATTERN_SUM.match(value):                     # "a+b", then maybe the sum ("= s", "(s)")
-        return str(numbers[2] if len(numbers) > 2 else numbers[0] + numbers[1])
-    return str(numbers[0]) if numbers else value.lower().strip()
-
-
-def normalize_laterality(value: str) -> str:
-    s = value.lower()
-    for side in ("bilateral", "left", "right", "midline", "isthmus"):
-        if side in s:
-            return side
-    return s.strip()
-
-
-def normalize_value(field: str, value):
-    """A field's value in canonical form, or None for no value ("not mentioned", null, empty)."""
-    if value is None or str(value).strip().lower() in NULL_ANSWERS:
-        return None
-    value = str(value).strip()
-    if field in ("pT", "pN", "pM"):
-        return normalize_tnm(field, value)
-    if field == "stage":
-        return normalize_stage(value)
-    if field == "grade":
-        return normalize_grade(value)
-    if field in ("ER", "PR", "HER2"):
-        return normalize_receptor(value)
-    if field == "gleason":
-        return normalize_gleason(value)
-    if field == "laterality":
-        return normalize_laterality(value)
-    if field == "cancer_type":
-        value = CANCER_NAMES.get(value.lower(), value.upper() if value.upper() in CANCER_TYPES else value)
-    return " ".join(exact_tokens(value))
 
 
 # ---------------------------------------------------------------------------------------------- per field

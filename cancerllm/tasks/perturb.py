@@ -6,7 +6,7 @@ output on every run and machine: random.Random seeded with a string is).
   and short all-capital words (IIA, ER, HER).
 - ocr: each character is, with probability `rate`, replaced by a typical OCR confusion (l->1, O->0, m->rn, ...,
   a space dropped, a period read as a comma).
-- counterfactual: one value the report states for a field (found by the regex baseline's patterns, and equal to
+- counterfactual: one value the report states for a field (found by mentions.py's patterns, and equal to
   the gold) is rewritten at every mention to another valid value, and the gold changes with it: a model that
   reads the text should follow the edit.
 """
@@ -14,8 +14,8 @@ import random
 import re
 import string
 
-from .baselines import PATTERNS, find_mentions
-from .metrics import normalize_value
+from .fields import normalize_value
+from .mentions import PATTERNS, find_mentions
 
 OCR_CONFUSIONS = {"l": "1", "I": "l", "O": "0", "o": "0", "S": "5", "s": "5", "e": "c", "c": "e", "m": "rn",
                   "n": "ri", "B": "8", "g": "q", "i": "l", "a": "o", "t": "f", " ": "", ".": ","}
