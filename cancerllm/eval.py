@@ -17,6 +17,8 @@ and micro, the F1 difference to each other system, its 95% interval, and the sha
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
 examples, clean and perturbed. For counterfactual edits it also counts, per system, the answers for the edited
 field that follow the text (the new value), keep the original value, or are neither.
+A checkpoint that records its prompt settings (prompt_settings.json: templates, report cut) is evaluated only on
+datasets built with the same ones, so that its Generator helpers answer as the evaluation did.
 Writes eval_{task}_{split}.md, .json and _predictions.jsonl to --out.
 """
 import argparse
@@ -28,11 +30,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from .tasks import perturb as P
-from .tasks.api import answer_processor, guided, json_processor, parse_phenotypes
+from .tasks.api import guided, parse_phenotypes, processors
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
-from .tasks.build import SPLITS, TASKS, diagnosis_statement, load_templates, task_examples
-from .tasks.fields import FIELDS
-from .tasks.metrics import field_counts, field_scores, instance_f1, normalize_value, paired_bootstrap, text_scores
+from .tasks.build import SPLITS, read_jsonl, task_examples
+from .tasks.fields import FIELDS, normalize_value
+from .tasks.metrics import field_counts, field_scores, instance_f1, paired_bootstrap, text_scores
+from .tasks.prompts import (SETTINGS_FILE, TASKS, PromptSettings, diagnosis_statement, load_prompt_settings,
+                            load_templates)
 
 MAX_NEW_TOKENS = {"phenotype-qa": 24, "phenotype-json": 256, "diagnosis": 96}
 BOOTSTRAP_SAMPLES = 1000
@@ -40,20 +44,33 @@ BOOTSTRAP_SAMPLES = 1000
 
 # ---------------------------------------------------------------------------------------------- inputs
 
-def read_jsonl(path: Path) -> list:
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (build the datasets: python -m cancerllm.tasks.build)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def check_tokenizer(checkpoint: Path, manifest: dict, manifest_path: Path):
     from .tokenizer import Tokenizer
+    if "tokenizer" not in manifest:
+        raise ValueError(f"{manifest_path}: records no tokenizer; stamp the datasets with the checkpoint's "
+                         "(python -m cancerllm.tasks.build --tokenizer, or cancerllm.tasks.build.stamp_tokenizer)")
     tok = Tokenizer(checkpoint / "tokenizer.model")
     if tok.fingerprint() != manifest["tokenizer"]["sha256"]:
         raise ValueError(f"{checkpoint / 'tokenizer.model'} is not the tokenizer the datasets were built with "
                          f"({manifest['tokenizer']['path']}, recorded in {manifest_path}): rebuild the datasets "
                          "with --tokenizer pointing at the checkpoint's tokenizer, or evaluate a matching checkpoint")
+
+
+def dataset_settings(data: Path, manifest: dict) -> PromptSettings:
+    """The prompt settings the datasets were built with; from their manifest for datasets built before
+    prompt_settings.json was written beside them."""
+    if (data / SETTINGS_FILE).is_file():
+        return load_prompt_settings(data)
+    return PromptSettings(load_templates(manifest["sources"]["templates"]), manifest["max_report_chars"])
+
+
+def check_prompt_settings(checkpoint: Path, settings: PromptSettings, data: Path):
+    """A checkpoint that records its prompt settings is evaluated on datasets prompted the same way only, so that
+    its helpers (Generator.extract_phenotypes) answer as the evaluation did."""
+    if (checkpoint / SETTINGS_FILE).is_file() and load_prompt_settings(checkpoint) != settings:
+        raise ValueError(f"{checkpoint / SETTINGS_FILE} differs from the prompt settings of the datasets "
+                         f"({data / SETTINGS_FILE}): evaluate on datasets built with the checkpoint's templates and "
+                         "report cut")
 
 
 def limit_patients(records: list, limit) -> list:
@@ -86,9 +103,9 @@ class ModelSystem:
         if not self.constrained:
             return None
         if self.task == "phenotype-json":
-            return json_processor(self.generator)
+            return processors(self.generator).json()
         if self.task == "phenotype-qa":
-            return answer_processor(self.generator, record["field"], self.templates)
+            return processors(self.generator).answer(record["field"], self.templates["not_mentioned"])
         return None
 
     def batches(self, records):
@@ -161,8 +178,8 @@ def qa_scores(records, answers, not_mentioned) -> dict:
     for f, s in scores["fields"].items():
         idx = [i for i, r in enumerate(records) if r["field"] == f]
         s["set_f1_exact"] = instance_f1([preds[i] for i in idx], [golds[i] for i in idx], "exact")["f1"]
-    return {**scores, "set_exact": instance_f1(preds, golds, "exact"), "set_rouge1": instance_f1(preds, golds, "rouge1"),
-            "parse_failures": 0, "headline": scores["micro"]["f1"]}
+    return {**scores, "set_exact": instance_f1(preds, golds, "exact"),
+            "set_rouge1": instance_f1(preds, golds, "rouge1"), "parse_failures": 0, "headline": scores["micro"]["f1"]}
 
 
 def field_items(fields: dict) -> list[str]:
@@ -315,11 +332,13 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     if not manifest_path.is_file():
         raise FileNotFoundError(f"{manifest_path}: not found (build the datasets: python -m cancerllm.tasks.build)")
     manifest = json.loads(manifest_path.read_text())
-    templates = load_templates(manifest["sources"]["templates"])
+    settings = dataset_settings(data, manifest)
+    templates = settings.templates
     # The datasets are text; the tokenizer they record is the one the fine-tuned model was trained with. A zero-shot
     # baseline brings its own tokenizer and reads the same prompts through it, so it is not held to that one.
     for c in checkpoints:
         check_tokenizer(c, manifest, manifest_path)
+        check_prompt_settings(c, settings, data)
     records = limit_patients(read_jsonl(data / task / f"{split}.jsonl"), limit)
     if not records:
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")

@@ -8,11 +8,10 @@ from collections import Counter
 
 import pytest
 
-from cancerllm.tasks.baselines import find_mentions
-from cancerllm.tasks.build import (TASKS, build, find_diagnosis_section, load_templates, split_patients, top_up,
-                                   truncate_report)
-from cancerllm.tasks.fields import CANCER_TYPES, FIELDS
-from cancerllm.tasks.metrics import normalize_value
+from cancerllm.tasks.build import build, split_patients, top_up
+from cancerllm.tasks.fields import CANCER_TYPES, FIELDS, normalize_value
+from cancerllm.tasks.mentions import find_mentions
+from cancerllm.tasks.prompts import TASKS, find_diagnosis_section, load_templates, truncate_report
 
 OCR_REPORTS = "data/tcga/ocr_reports.csv.gz"
 LABEL_HEADER = open("data/tcga/patient_labels.csv").readline().strip().split(",")
@@ -193,11 +192,13 @@ def test_extra_training_reports_join_the_training_split_only(tmp_path):
     alone = build(reports, labels, tmp_path / "alone", max_report_chars=800, verbose=False)
     m = build(reports, labels, tmp_path / "with", max_report_chars=800, extra_train_reports=extra, verbose=False)
     assert m["extra_train_reports_used"] == 5 and m["failures"]["empty_report_text"] == 1
+    assert m["extra_train_patients"] == sorted(r["patient_id"] for r in extra_rows[1:])
     assert m["failures"]["registry_row_without_report"] == 0 < alone["failures"]["registry_row_without_report"]
     assert m["patients"] == {**alone["patients"], "train": alone["patients"]["train"] + 5}
     for task in TASKS:
         for split in ("val", "test"):
-            assert read(tmp_path / "with" / task / f"{split}.jsonl") == read(tmp_path / "alone" / task / f"{split}.jsonl")
+            with_extra, alone_rows = (read(tmp_path / d / task / f"{split}.jsonl") for d in ("with", "alone"))
+            assert with_extra == alone_rows
         train = {r["patient_id"] for r in read(tmp_path / "with" / task / "train.jsonl")}
         assert {r["patient_id"] for r in extra_rows[1:]} <= train
 
@@ -278,3 +279,19 @@ def test_clean_ocr_drops_stamps_and_joins_printed_lines():
            "Prostate ,radical prostatectomy: adenocarcinoma, Gleason 4 + 5\n= 9. Page 2 of 3\n  \npT3b;\n")
     assert bundle.clean_ocr(raw) == ("SURGICAL PATHOLOGY REPORT. DIAGNOSIS: Prostate, radical prostatectomy: "
                                      "adenocarcinoma, Gleason 4 + 5. = 9. pT3b;")
+
+
+def test_token_counts_are_stamped_apart_from_the_datasets(tmp_path):
+    """The demo builds its datasets once, then trains a tokenizer on their training split and stamps it."""
+    from cancerllm.tasks.build import stamp_tokenizer
+    from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+    reports, labels = small_inputs(tmp_path, n=6)
+    unstamped = build(reports, labels, tmp_path / "out", tokenizer=None, verbose=False)
+    assert "tokenizer" not in unstamped and "tokens_per_example" not in unstamped
+    before = {t: read(tmp_path / "out" / t / "train.jsonl") for t in TASKS}
+    stamped = stamp_tokenizer(tmp_path / "out", "mistral")
+    assert stamped["tokenizer"]["sha256"] == Tokenizer(mistral_tokenizer_path()).fingerprint()
+    assert set(stamped["tokens_per_example"]) == set(TASKS)
+    assert stamped == {**unstamped, **stamped}
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == stamped
+    assert before == {t: read(tmp_path / "out" / t / "train.jsonl") for t in TASKS}

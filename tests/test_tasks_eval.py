@@ -7,8 +7,8 @@ import torch
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
-from cancerllm.tasks.api import task_prompt
-from cancerllm.tasks.build import build, load_templates, task_examples
+from cancerllm.tasks.build import build, task_examples
+from cancerllm.tasks.prompts import load_templates, task_prompt
 from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path

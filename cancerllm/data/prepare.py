@@ -19,7 +19,9 @@ loader shuffles rows, so the stream's order is otherwise immaterial. It holds a 
 
 The output folder receives train-00000.bin, ..., val-00000.bin (format: cancerllm/data/shards.py) and
 manifest.json: the tokenizer's sha256, per-source and per-split document and token totals, the bad rows, and
-with --pack-to the rows and fill each split packs into.
+with --pack-to the rows and fill each split packs into. --prompt-settings FILE (the prompt_settings.json that
+python -m cancerllm.tasks.build writes beside the task datasets) copies how the SFT prompts were made into the
+manifest, under "prompt_settings", for the trainer to save beside the model it exports.
 """
 import argparse
 import bisect
@@ -271,6 +273,21 @@ def input_format(path: Path, forced) -> str:
     return FORMATS[path.suffix.lower()]
 
 
+def read_prompt_settings(path, sft: bool):
+    """The JSON object of --prompt-settings, or None without the flag."""
+    if path is None:
+        return None
+    if not sft:
+        raise ValueError("--prompt-settings records how SFT prompts were made; add --sft or drop it")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"--prompt-settings: {path} not found")
+    settings = json.loads(path.read_text())
+    if not isinstance(settings, dict) or "templates" not in settings:
+        raise ValueError(f"--prompt-settings: {path} is not a prompt_settings.json (a JSON object with templates)")
+    return settings
+
+
 def prepare(args) -> dict:
     """Run the whole command for parsed arguments; returns the manifest (also written to out/manifest.json)."""
     inputs = [Path(p) for p in args.inputs]
@@ -283,6 +300,7 @@ def prepare(args) -> dict:
     if args.pack_to is not None and not args.sft:
         raise ValueError("--pack-to orders SFT examples for packing; pretraining text is cut into rows, not packed "
                          "(add --sft or drop --pack-to)")
+    prompt_settings = read_prompt_settings(args.prompt_settings, args.sft)
     out = Path(args.out)
     if out.is_dir() and any(out.glob("*.bin")):
         raise FileExistsError(f"{out} already holds shards; choose an empty output folder")
@@ -321,6 +339,8 @@ def prepare(args) -> dict:
         "bad_rows": bad,
         "seconds": round(time.perf_counter() - start, 3),
     }
+    if prompt_settings is not None:
+        manifest["prompt_settings"] = prompt_settings
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if args.verify:
         verify(out, manifest)
@@ -366,6 +386,8 @@ def parse_args(argv=None):
     p.add_argument("--sft", action="store_true", help='JSONL of {"prompt", "completion"}: tokens + loss mask')
     p.add_argument("--pack-to", type=int, metavar="SEQ_LEN",
                    help="SFT: write examples in best-fit order for rows of SEQ_LEN (the training seq_len)")
+    p.add_argument("--prompt-settings", metavar="FILE",
+                   help="SFT: the datasets' prompt_settings.json, recorded in the manifest for the export")
     p.add_argument("--val-fraction", type=float, default=0.05, help="share of groups in validation (default 0.05)")
     p.add_argument("--seed", type=int, default=0, help="seed of the train/validation split")
     p.add_argument("--shard-mb", type=float, default=64.0, help="target shard size in MB of tokens (default 64)")

@@ -1,39 +1,32 @@
 """The task helpers docs/design.md puts on cancerllm.Generator: a report in, phenotypes or a diagnosis out.
 
-The report is prepared exactly as the datasets were (build.task_inputs: truncated to `max_report_chars`, and for
-the diagnosis without its final-diagnosis section) and put into the same prompt template; phenotypes are decoded
-under the JSON schema (constrained.py), so the answer always parses unless `max_new_tokens` cuts it short.
+The report is prepared exactly as the checkpoint's training data was: by the prompt settings saved beside its
+weights (prompt_settings.json: templates, report cut, chat format; prompts.PromptSettings), else by the packaged
+templates and the datasets' default cut. Phenotypes are decoded under the JSON schema (constrained.py), so the
+answer always parses unless `max_new_tokens` cuts it short.
 """
 import json
-from collections import Counter
 
-from .build import load_templates, render_prompt, task_inputs
-from .fields import ALLOWED, FIELDS
+from .fields import FIELDS
+from .prompts import PromptSettings, load_prompt_settings, no_report_prompt
 
-_processors = {}
-
-
-def _cached(generator, key, build):
-    key = (str(generator.tokenizer.path), generator.args.vocab_size, *key)
-    if key not in _processors:
-        _processors[key] = build(generator.tokenizer, vocab_size=generator.args.vocab_size)
-    return _processors[key]
+# max_report_chars's default: the cut of the prompt settings in use.
+FROM_SETTINGS = "from settings"
 
 
-def json_processor(generator):
-    """The JSON-schema processor for the generator's tokenizer, built once and reused."""
-    from .constrained import JsonSchemaProcessor
-    return _cached(generator, ("json",), JsonSchemaProcessor)
+def processors(generator):
+    """The generator's constrained-decoding processors (constrained.TaskProcessors), created on first use and kept
+    on the generator, so each grammar compiles once per generator and goes away with it."""
+    from .constrained import TaskProcessors
+    if getattr(generator, "task_processors", None) is None:
+        generator.task_processors = TaskProcessors(generator.tokenizer, vocab_size=generator.args.vocab_size)
+    return generator.task_processors
 
 
-def answer_processor(generator, field: str, templates: dict):
-    """For a question about a categorical field: its allowed values or the not-mentioned answer, and nothing
-    else. None for the free-text fields (primary site, histology)."""
-    from .constrained import ChoiceProcessor
-    if field not in ALLOWED:
-        return None
-    choices = ALLOWED[field] + [templates["not_mentioned"]]
-    return _cached(generator, ("choice", *choices), lambda tok, vocab_size: ChoiceProcessor(tok, choices, vocab_size))
+def checkpoint_settings(generator) -> PromptSettings:
+    """The prompt settings of the checkpoint the generator was loaded from: the directory of its tokenizer.model
+    (Generator.from_pretrained reads it from the checkpoint; an ensemble's first member's)."""
+    return load_prompt_settings(generator.tokenizer.path.parent)
 
 
 def parse_phenotypes(text: str):
@@ -47,28 +40,6 @@ def parse_phenotypes(text: str):
     return obj
 
 
-def task_prompt(task: str, report: str, templates: dict, field: str = None) -> str:
-    if task == "phenotype-qa":
-        instruction = templates["questions"][field]
-    elif task == "phenotype-json":
-        instruction = templates["json_instruction"].format(keys=", ".join(FIELDS))
-    else:
-        instruction = templates["diagnosis_instruction"]
-    return render_prompt(templates, instruction, report)
-
-
-def no_report_prompt(task: str, templates: dict, field: str = None) -> str:
-    """The task's prompt with an empty report: the negative prompt of classifier-free guidance, whose answer is
-    what the model says from the instruction alone (its prior over values)."""
-    return task_prompt(task, "", templates, field)
-
-
-def _prepared(report: str, task: str, max_report_chars, templates):
-    if not isinstance(report, str) or not report.strip():
-        raise ValueError("report must be a non-empty string")
-    return task_inputs(report.strip(), max_report_chars, templates, Counter())[task]
-
-
 def guided(guidance_scale: float, templates: dict, questions) -> dict:
     """Generator options for classifier-free guidance of a batch against each prompt without its report (1: off).
     questions: (task, field or None) of each prompt in the batch."""
@@ -78,14 +49,23 @@ def guided(guidance_scale: float, templates: dict, questions) -> dict:
             "negative_prompts": [no_report_prompt(task, templates, field) for task, field in questions]}
 
 
-def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=2000,
-                       guidance_scale: float = 1.0) -> dict:
-    """{field: value or None} for every phenotype field, decoded under the schema."""
-    templates = load_templates()
-    prompt = task_prompt("phenotype-json", _prepared(report, "phenotype-json", max_report_chars, templates),
-                         templates)
-    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"],
-                                logits_processor=json_processor(generator),
+def settings_for(generator, max_report_chars, prompt_settings) -> PromptSettings:
+    settings = prompt_settings or checkpoint_settings(generator)
+    if max_report_chars == FROM_SETTINGS:
+        return settings
+    return PromptSettings(settings.templates, max_report_chars, settings.chat_format)
+
+
+def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=FROM_SETTINGS,
+                       guidance_scale: float = 1.0, prompt_settings: PromptSettings = None) -> dict:
+    """{field: value or None} for every phenotype field, decoded under the schema.
+
+    prompt_settings: how to prompt (default: the checkpoint's prompt_settings.json, else the packaged templates and
+    a 2,000-character report cut); max_report_chars overrides its cut (None: the whole report)."""
+    settings = settings_for(generator, max_report_chars, prompt_settings)
+    templates = settings.templates
+    result = generator.generate([settings.prompt("phenotype-json", report)], max_new_tokens=max_new_tokens,
+                                temperature=0.0, stop=templates["stop"], logits_processor=processors(generator).json(),
                                 **guided(guidance_scale, templates, [("phenotype-json", None)]))[0]
     fields = parse_phenotypes(result.text)
     if fields is None:
@@ -93,11 +73,13 @@ def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max
     return fields
 
 
-def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=2000,
-                       guidance_scale: float = 1.0) -> str:
-    """A one-line diagnosis statement for the report (its final-diagnosis section, if any, is not shown)."""
-    templates = load_templates()
-    prompt = task_prompt("diagnosis", _prepared(report, "diagnosis", max_report_chars, templates), templates)
-    result = generator.generate([prompt], max_new_tokens=max_new_tokens, temperature=0.0, stop=templates["stop"],
+def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=FROM_SETTINGS,
+                       guidance_scale: float = 1.0, prompt_settings: PromptSettings = None) -> str:
+    """A one-line diagnosis statement for the report (its final-diagnosis section, if any, is not shown).
+    prompt_settings and max_report_chars: as for extract_phenotypes."""
+    settings = settings_for(generator, max_report_chars, prompt_settings)
+    templates = settings.templates
+    result = generator.generate([settings.prompt("diagnosis", report)], max_new_tokens=max_new_tokens,
+                                temperature=0.0, stop=templates["stop"],
                                 **guided(guidance_scale, templates, [("diagnosis", None)]))
     return result[0].text.strip()

@@ -5,8 +5,10 @@ Three tasks, each written as prompt/completion JSONL per split (train/val/test),
 - phenotype-json: one example per report; the answer is a JSON object with every field, null when unknown;
 - diagnosis: the report with its final-diagnosis section cut out (rule: `find_diagnosis_section`), the answer a
   one-line statement built from the registry fields (`diagnosis_statement`).
-Splits are by patient and seeded. Prompts come from templates.json. Every record also carries `task`,
-`patient_id`, the (possibly truncated) `report` and the gold `fields`, which evaluation and perturbation use.
+Splits are by patient and seeded. Prompts come from templates.json, rendered by prompts.py (as for inference), and
+prompt_settings.json beside the datasets records the templates and the report cut. Every record also carries
+`task`, `patient_id`, the (possibly truncated) `report` and the gold `fields`, which evaluation and perturbation
+use. `python -m cancerllm.tasks.mixture` makes the SFT mixture of these files.
 
 With --counterfactual-copies K, the training split of both phenotype tasks also gets
 `train-counterfactual.jsonl`: K copies of each training report that states a field's value in a standard way,
@@ -16,7 +18,7 @@ model skip in favour of the most frequent answer. Validation and test are never 
 baseline reads train.jsonl only.
 
 Reports longer than --max-report-chars are cut to their head, every sentence that states a staging, grade, receptor
-or Gleason value in a standard form, and as much of their key section as fits (`truncate_report`): the
+or Gleason value in a standard form, and as much of their key section as fits (`prompts.truncate_report`): the
 synoptic/staging summary when the report has one, else the final-diagnosis section. Reports with empty text and
 reports without a registry row are counted and reported as failures, never silently dropped; a registry value
 that is not an allowed form of its field is an error naming the file, line and column.
@@ -27,19 +29,17 @@ import gzip
 import hashlib
 import json
 import random
-import re
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
-from .baselines import find_mentions
 from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
 from .perturb import counterfactual_all
+from .prompts import (DEFAULT_MAX_REPORT_CHARS, DIAGNOSIS_HEADING, PHENOTYPE_TASKS, TASKS, TEMPLATES_PATH,
+                      PromptSettings, diagnosis_statement, find_diagnosis_section, json_answer, load_templates,
+                      task_inputs, task_prompt)
 
-TEMPLATES_PATH = Path(__file__).with_name("templates.json")
-TASKS = ("phenotype-qa", "phenotype-json", "diagnosis")
-PHENOTYPE_TASKS = ("phenotype-qa", "phenotype-json")
 SPLITS = ("train", "val", "test")
 
 REPORT_COLUMNS = ("patient_id", "text")
@@ -52,35 +52,6 @@ LABEL_COLUMNS = {
 }
 # HER2 IHC results that leave the status to FISH when FISH has one.
 HER2_UNDECIDED = ("", "Equivocal", "Indeterminate")
-
-# The final-diagnosis heading: "Diagnosis"/"DIAGNOSIS" (or -es, optionally "Details") ending in '.' or ':', at a
-# sentence start, with up to two capitalised words before it that do not make it a frozen-section, operative,
-# clinical or other non-final diagnosis. Its section ends at the next known heading (capitalised, at a sentence
-# start, ending in '.' or ':'), else at the end of the report.
-DIAGNOSIS_HEADING = re.compile(r"(?:^|(?<=[.:;] ))((?:[A-Z][A-Za-z-]* ){0,2})(?:DIAGNOS[IE]S|Diagnos[ie]s)(?: Details)?\s*[:.]")
-NOT_FINAL = re.compile(r"frozen|section|\bop\b|operative|clinical|\bfs\b|pre|post|intra|quick|previous|addendum|"
-                       r"consult|secondary|\bno\b|days|procedure", re.I)
-SECTION_END = re.compile(
-    r"(?<=[.:;] )(?:comments?|note|gross(?: description)?|microscopic(?: description)?|"
-    r"clinical (?:history|information|data)|patient history|s?ynoptic(?: data| report)?|case synopsis|addendum|"
-    r"frozen section(?: diagnosis)?|intraoperative consultation|specimens?(?: received)?|source|procedure|"
-    r"snomed codes|electronically signed|reviewed and approved)\s*[:.]", re.I)
-# The compact staging summary most TCGA reports carry (OCR sometimes eats the S of SYNOPTIC).
-SYNOPTIC = re.compile(r"S?YNOPTIC|CASE SYNOPSIS|Pathologic Stag(?:e|ing)|pTNM")
-# A sentence: up to and including its run of '.'/';' and the spaces after (reports are one line).
-SENTENCE = re.compile(r"[^.;]*(?:[.;]+|$)\s*")
-# Fields whose statements a truncated report keeps first, wherever they are: half of the pN, pM and stage values
-# the regular expressions find in a whole report used to fall outside a 1,200-character head-and-key-section cut.
-EVIDENCE_FIELDS = ("pT", "pN", "pM", "stage", "grade", "gleason", "ER", "PR", "HER2")
-
-
-def load_templates(path=TEMPLATES_PATH) -> dict:
-    path = Path(path)
-    templates = json.loads(path.read_text())
-    missing = [f for f in FIELDS if f not in templates["questions"]]
-    if missing:
-        raise ValueError(f"{path}: no question for field(s) {', '.join(missing)}")
-    return templates
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -146,111 +117,25 @@ def read_labels(path) -> tuple[dict, list[str]]:
     return labels, unused
 
 
-# ---------------------------------------------------------------------------------------------- report text
-
-def find_diagnosis_section(text: str):
-    """(start, end) of the final-diagnosis section, or None. A heading preceded by FINAL wins over others."""
-    candidates = [m for m in DIAGNOSIS_HEADING.finditer(text) if not NOT_FINAL.search(m.group(1))]
-    if not candidates:
-        return None
-    heading = next((m for m in candidates if "final" in m.group(1).lower()), candidates[0])
-    ends = (m for m in SECTION_END.finditer(text, heading.end()) if m.group(0)[0].isupper())
-    end = next(ends, None)
-    return heading.start(), end.start() if end else len(text)
-
-
-def truncate_report(text: str, max_chars, key_start, marker: str):
-    """Cut `text` to at most max_chars: its head (a third of the budget), then the sentences that state a staging,
-    grade, receptor or Gleason value in the regex baseline's standard forms (`EVIDENCE_FIELDS`), then the key
-    section's sentences from key_start on (or those after the head) while they fit; kept pieces stay in text order,
-    the marker between pieces that are not adjacent. -> (text, truncated, evidence sentences kept)."""
-    if max_chars is None or len(text) <= max_chars:
-        return text, False, 0
-    head = max_chars // 3
-    sentences = [(m.start(), m.end()) for m in SENTENCE.finditer(text, head) if m.end() > m.start()]
-    evidence = [s for s in sentences if any(find_mentions(f, text[s[0]:s[1]]) for f in EVIDENCE_FIELDS)]
-
-    def cost(span):                          # a marker may precede each piece
-        return span[1] - span[0] + len(marker)
-
-    room, chosen = max_chars - head, set()
-    for span in evidence:                    # every one that fits, in text order
-        if cost(span) <= room:
-            chosen.add(span)
-            room -= cost(span)
-    for span in (s for s in sentences if s not in chosen and s[1] > (key_start or 0)):   # then a contiguous run
-        if cost(span) > room:
-            break
-        chosen.add(span)
-        room -= cost(span)
-    out, end = [text[:head]], head
-    for start, stop in sorted(chosen):
-        out += [marker if start != end else "", text[start:stop]]
-        end = stop
-    return "".join(out), True, len(chosen & set(evidence))
-
-
-def key_start(text: str, section):
-    synoptic = SYNOPTIC.search(text)
-    if synoptic:
-        return synoptic.start()
-    return section[0] if section else None
-
-
-def diagnosis_statement(fields: dict, templates: dict) -> str:
-    """The one-line diagnosis: histology; site; grade; pTNM; stage; receptors; Gleason (the parts the registry has)."""
-    t = templates["diagnosis_statement"]
-    parts = [fields["histology"] or fields["cancer_type"]]
-    if fields["primary_site"]:
-        laterality = (fields["laterality"] or "").lower()
-        parts.append(t["site"].format(laterality=laterality, site=fields["primary_site"].lower()).strip())
-    parts.append(fields["grade"])
-    parts.append(" ".join(t["tnm"].format(value=fields[f]) for f in ("pT", "pN", "pM") if fields[f]))
-    parts.append(fields["stage"])
-    parts += [t["receptor"].format(name=f, value=fields[f]) for f in ("ER", "PR", "HER2") if fields[f]]
-    if fields["gleason"]:
-        parts.append(t["gleason"].format(value=fields["gleason"]))
-    return t["separator"].join(p for p in parts if p) + t["end"]
+def read_jsonl(path) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (build the datasets: python -m cancerllm.tasks.build)")
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
 
 
 # ---------------------------------------------------------------------------------------------- examples
-
-def render_prompt(templates: dict, instruction: str, report: str) -> str:
-    return templates["prompt"].format(instruction=instruction, report=report)
-
-
-def json_answer(fields: dict) -> str:
-    return json.dumps({f: fields[f] for f in FIELDS})
-
 
 def task_examples(task: str, patient_id: str, report: str, fields: dict, templates: dict) -> list[dict]:
     """The examples of one report for one task, each a complete JSONL record."""
     base = {"task": task, "patient_id": patient_id, "report": report, "fields": fields}
     if task == "phenotype-qa":
-        return [{**base, "field": f, "prompt": render_prompt(templates, templates["questions"][f], report),
+        return [{**base, "field": f, "prompt": task_prompt(task, report, templates, f),
                  "completion": fields[f] or templates["not_mentioned"]} for f in FIELDS]
-    if task == "phenotype-json":
-        instruction = templates["json_instruction"].format(keys=", ".join(FIELDS))
-        return [{**base, "prompt": render_prompt(templates, instruction, report), "completion": json_answer(fields)}]
-    if task == "diagnosis":
-        return [{**base, "prompt": render_prompt(templates, templates["diagnosis_instruction"], report),
-                 "completion": diagnosis_statement(fields, templates)}]
-    raise ValueError(f"unknown task {task!r}; known: {', '.join(TASKS)}")
-
-
-def task_inputs(text: str, max_chars, templates: dict, stats: Counter) -> dict:
-    """The report as each task sees it: whole (phenotype tasks) or without its final diagnosis, both truncated."""
-    section = find_diagnosis_section(text)
-    stats["diagnosis_section_found"] += section is not None
-    without = text[:section[0]].rstrip() + " " + text[section[1]:].lstrip() if section else text
-    marker = templates["truncation_marker"]
-    phenotype, cut, kept = truncate_report(text, max_chars, key_start(text, section), marker)
-    stats["truncated_phenotype"] += cut
-    stats["truncated_phenotype_evidence_sentences"] += kept
-    diagnosis, cut, kept = truncate_report(without.strip(), max_chars, key_start(without, None), marker)
-    stats["truncated_diagnosis"] += cut
-    stats["truncated_diagnosis_evidence_sentences"] += kept
-    return {"phenotype-qa": phenotype, "phenotype-json": phenotype, "diagnosis": diagnosis}
+    prompt = task_prompt(task, report, templates)
+    completion = json_answer(fields) if task == "phenotype-json" else diagnosis_statement(fields, templates)
+    return [{**base, "prompt": prompt, "completion": completion}]
 
 
 def counterfactual_examples(records: list[dict], copies: int, seed: int, templates: dict):
@@ -279,14 +164,6 @@ def split_patients(patient_ids, seed: int, val_frac: float, test_frac: float) ->
     split.update({pid: "val" for pid in ids[n_test:n_test + n_val]})
     split.update({pid: "train" for pid in ids[n_test + n_val:]})
     return split
-
-
-def token_stats(records, tokenizer) -> dict:
-    lengths = [len(tokenizer.encode(r["prompt"] + r["completion"], bos=True, eos=True)) for r in records]
-    if not lengths:
-        return {}
-    return {"median": statistics.median(lengths), "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
-            "max": max(lengths)}
 
 
 def usable_reports(rows: list[dict], registry: dict, failures: Counter) -> list[dict]:
@@ -323,22 +200,25 @@ def top_up(extra: list[dict], train_types: list[str], floor, registry: dict, see
 
 
 def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv", out="runs/tasks", *, seed=0,
-          val_frac=0.1, test_frac=0.1, max_report_chars=2000, counterfactual_copies=0, extra_train_reports=None,
-          extra_train_floor=None, tokenizer=None, templates=TEMPLATES_PATH, verbose=True) -> dict:
+          val_frac=0.1, test_frac=0.1, max_report_chars=DEFAULT_MAX_REPORT_CHARS, counterfactual_copies=0,
+          extra_train_reports=None, extra_train_floor=None, templates=TEMPLATES_PATH, tokenizer="mistral",
+          verbose=True) -> dict:
     """Write {out}/{task}/{split}.jsonl (and {task}/train-counterfactual.jsonl for the phenotype tasks when
-    counterfactual_copies > 0) and {out}/manifest.json; return the manifest (counts, failures, rules).
+    counterfactual_copies > 0), {out}/prompt_settings.json (the templates and the report cut the prompts were made
+    with) and {out}/manifest.json; return the manifest (counts, failures, rules).
+
+    `tokenizer` ("mistral": Mistral's v1, or a tokenizer.model) adds its token counts to the manifest
+    (`stamp_tokenizer`); None leaves that to a later stamp_tokenizer call, e.g. with a tokenizer trained on the
+    training split these datasets define.
 
     `extra_train_reports` (a CSV, gzipped or not, with patient_id and text) adds reports whose patients go to the
     training split only: validation and test stay the split of `reports`, whatever the extra file holds. A patient
     in both files is an error. `extra_train_floor` (an int, or "largest" for the largest cancer type's training
     count) takes only as many of them as bring each cancer type up to that many training patients (`top_up`)."""
-    from ..tokenizer import Tokenizer, mistral_tokenizer_path
-    if max_report_chars is not None and max_report_chars < 300:
-        raise ValueError(f"max_report_chars={max_report_chars}: too short for a report's head and key sentences")
     if counterfactual_copies < 0:
         raise ValueError(f"counterfactual_copies={counterfactual_copies} must be >= 0")
     templates_path, templates = Path(templates), load_templates(templates)
-    tok = Tokenizer(tokenizer or mistral_tokenizer_path())
+    settings = PromptSettings(templates, max_report_chars)
     report_rows = read_reports(reports)
     extra_rows = read_reports(extra_train_reports) if extra_train_reports else []
     registry, unused_columns = read_labels(labels)
@@ -376,16 +256,17 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         (out / task).mkdir(parents=True, exist_ok=True)
         with open(out / task / f"{name}.jsonl", "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
+    settings.save(out)
 
     manifest = {
         "sources": {"reports": str(reports), "extra_train_reports": extra_train_reports and str(extra_train_reports),
                     "labels": str(labels), "templates": str(templates_path),
                     "templates_sha256": hashlib.sha256(templates_path.read_bytes()).hexdigest()},
-        "tokenizer": {"path": str(tok.path), "sha256": tok.fingerprint()},
         "seed": seed, "fractions": {"val": val_frac, "test": test_frac}, "max_report_chars": max_report_chars,
         "reports_read": len(report_rows) + len(extra_rows), "reports_used": len(kept) + len(extra),
         "extra_train_reports_used": len(extra), "extra_train_floor": extra_train_floor,
         "extra_train_reports_beyond_floor": usable_extra - len(extra),
+        "extra_train_patients": sorted(r["patient_id"] for r in extra),
         "patients": dict(Counter(split_of.values())),
         "failures": dict(failures), "unused_registry_columns": unused_columns,
         "diagnosis_section": {"rule": find_diagnosis_section.__doc__ + " Headings: " + DIAGNOSIS_HEADING.pattern,
@@ -396,12 +277,36 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         "counterfactual_train": {"copies": counterfactual_copies,
                                  "examples": {t: len(rows) for t, rows in augmented.items()},
                                  "fields_edited": dict(edits)},
-        "tokens_per_example": {t: token_stats(records[t, "train"], tok) for t in TASKS},
         "schema": json_schema(),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    if tokenizer is not None:
+        manifest = stamp_tokenizer(out, tokenizer)
     if verbose:
         print_summary(manifest, out)
+    return manifest
+
+
+def token_stats(records, tokenizer) -> dict:
+    lengths = [len(tokenizer.encode(r["prompt"] + r["completion"], bos=True, eos=True)) for r in records]
+    if not lengths:
+        return {}
+    return {"median": statistics.median(lengths), "p95": sorted(lengths)[int(0.95 * (len(lengths) - 1))],
+            "max": max(lengths)}
+
+
+def stamp_tokenizer(tasks_dir, tokenizer="mistral") -> dict:
+    """Record in {tasks_dir}/manifest.json the tokenizer ("mistral": Mistral's v1, or a tokenizer.model) a model
+    trained on these datasets reads them with (eval holds checkpoints to it) and each task's training examples'
+    token counts under it; return the manifest."""
+    from ..tokenizer import Tokenizer, mistral_tokenizer_path
+    tok = Tokenizer(mistral_tokenizer_path() if tokenizer == "mistral" else tokenizer)
+    path = Path(tasks_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["tokenizer"] = {"path": str(tok.path), "sha256": tok.fingerprint()}
+    manifest["tokens_per_example"] = {t: token_stats(read_jsonl(Path(tasks_dir) / t / "train.jsonl"), tok)
+                                      for t in TASKS}
+    path.write_text(json.dumps(manifest, indent=2))
     return manifest
 
 
@@ -414,8 +319,9 @@ def print_summary(m: dict, out: Path):
     ds = m["diagnosis_section"]
     print(f"final-diagnosis section found in {ds['found']}/{m['reports_used']} reports ({ds['fraction_found']:.1%})")
     print(f"truncation to {m['max_report_chars']} chars: {m['truncation']}")
+    tokens = m.get("tokens_per_example", {})
     for task, counts in m["examples"].items():
-        print(f"{task:15s} {counts}  tokens/example (train) {m['tokens_per_example'][task]}")
+        print(f"{task:15s} {counts}" + (f"  tokens/example (train) {tokens[task]}" if task in tokens else ""))
     cf = m["counterfactual_train"]
     if cf["copies"]:
         print(f"counterfactual training copies ({cf['copies']} per report): {cf['examples']}; "
@@ -447,7 +353,8 @@ def main(argv=None):
                         "0 keeps them whole")
     p.add_argument("--counterfactual-copies", type=int, default=0,
                    help="also write K edited copies of each training report as train-counterfactual.jsonl")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece model (default: Mistral's v1)")
+    p.add_argument("--tokenizer", default="mistral",
+                   help="sentencepiece model the token counts are made with ('mistral': Mistral's v1, the default)")
     p.add_argument("--templates", default=str(TEMPLATES_PATH))
     a = p.parse_args(argv)
     try:

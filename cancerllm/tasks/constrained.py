@@ -9,7 +9,7 @@ cost tens of milliseconds per row per step and would be one more parser to get r
 pinned torch (it needs torch>=1.10 and transformers, both present) and is maintained by the MLC/SGLang authors.
 
 The grammar is fields.json_schema() with no free whitespace, so keys come in FIELDS order with json.dumps's
-separators: exactly the form the SFT completions were written in (build.json_answer), plus one optional leading
+separators: exactly the form the SFT completions were written in (prompts.json_answer), plus one optional leading
 space, because sentencepiece encodes a completion with its dummy prefix ('▁{"'), the token a trained model
 expects to emit first. A question about a categorical field is answered the same way, from a grammar whose
 root is the choice between the field's allowed values and the not-mentioned answer.
@@ -19,7 +19,7 @@ import json
 import torch
 import xgrammar as xgr
 
-from .fields import json_schema
+from .fields import ALLOWED, json_schema
 
 
 def optional_space(body: xgr.Grammar) -> xgr.Grammar:
@@ -84,3 +84,27 @@ class ChoiceProcessor(GrammarProcessor):
 
     def __init__(self, tokenizer, choices, vocab_size: int = None):
         super().__init__(tokenizer, optional_space(choice_grammar(choices)), vocab_size)
+
+
+class TaskProcessors:
+    """The task answers' processors for one tokenizer and logits width, each compiled on first use and kept:
+    compiling a grammar costs far more than decoding a short answer, and a processor is reset per batch."""
+
+    def __init__(self, tokenizer, vocab_size: int = None):
+        self.tokenizer, self.vocab_size, self.compiled = tokenizer, vocab_size, {}
+
+    def json(self) -> JsonSchemaProcessor:
+        """The phenotype object under the schema."""
+        if "json" not in self.compiled:
+            self.compiled["json"] = JsonSchemaProcessor(self.tokenizer, vocab_size=self.vocab_size)
+        return self.compiled["json"]
+
+    def answer(self, field: str, not_mentioned: str):
+        """For a question about a categorical field: its allowed values or the not-mentioned answer, and nothing
+        else. None for the free-text fields (primary site, histology)."""
+        if field not in ALLOWED:
+            return None
+        choices = (*ALLOWED[field], not_mentioned)
+        if choices not in self.compiled:
+            self.compiled[choices] = ChoiceProcessor(self.tokenizer, choices, self.vocab_size)
+        return self.compiled[choices]
