@@ -12,11 +12,13 @@ from torch.distributed.tensor import DTensor
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.data import PackedLoader, write_shard
+from cancerllm.train.build import build_model
 from cancerllm.train.checkpointing import Checkpointer
-from cancerllm.train.config import ConfigError, DataConfig, LoraConfig, OptimConfig, ParallelConfig, load_config
-from cancerllm.train.lora import apply_lora, merge_state_dict
+from cancerllm.train.config import (Config, ConfigError, DataConfig, LoraConfig, ModelConfig, OptimConfig,
+                                    ParallelConfig, load_config)
+from cancerllm.train.lora import LoRALinear, apply_lora, merge_state_dict
 from cancerllm.train.optim import build_optimizer, build_scheduler, lr_factor
-from cancerllm.train.parallel import build_mesh, full_tensor, parallelize
+from cancerllm.train.parallel import Dist, build_mesh, full_tensor, parallelize
 from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, example_weights, to_device, train_step
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
@@ -132,6 +134,66 @@ def test_lora_optimizer_holds_only_adapters_and_merge_adds_the_update():
     merged = merge_state_dict(state, cfg)
     assert merged.keys() == {"w.weight"}
     torch.testing.assert_close(merged["w.weight"], state["w.weight"] + 2.0 * state["w.lora_B"] @ state["w.lora_A"])
+    # A bf16 base: the sum is taken in fp32 and rounded once, to the export's dtype, not to the base's.
+    state["w.weight"] = state["w.weight"].bfloat16()
+    merged = merge_state_dict(state, cfg, torch.float32)["w.weight"]
+    assert merged.dtype == torch.float32
+    torch.testing.assert_close(merged, state["w.weight"].float() + 2.0 * state["w.lora_B"] @ state["w.lora_A"])
+
+
+def lora_run(mixed_precision: str, base_dtype: str = "auto"):
+    cfg = Config(model=ModelConfig(preset="tiny", overrides=ARGS),
+                 lora=LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0, base_dtype=base_dtype),
+                 parallel=ParallelConfig(mixed_precision=mixed_precision))
+    _, model = build_model(cfg, Dist(0, 0, 1, CPU), build_mesh(cfg.parallel, 1, CPU))
+    return model
+
+
+def random_batch(n_rows=2, seq_len=24):
+    tokens = torch.randint(0, ARGS["vocab_size"], (n_rows, seq_len))
+    cu_seqlens = torch.tensor([0, 7, 24, 40, 48], dtype=torch.int32)
+    targets = tokens.roll(-1, dims=1).masked_fill(torch.rand(n_rows, seq_len) < 0.3, IGNORE_INDEX)
+    return {"tokens": tokens, "positions": None, "cu_seqlens": cu_seqlens, "targets": targets}
+
+
+@pytest.mark.parametrize("mixed_precision, base_dtype", [("bf16", "auto"), ("fp32", "bfloat16")])
+def test_lora_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(mixed_precision, base_dtype):
+    model = lora_run(mixed_precision, base_dtype)
+    dtypes = {name: full_tensor(p).dtype for name, p in model.named_parameters()}
+    assert {dtypes[n] for n, p in model.named_parameters() if p.requires_grad} == {torch.float32}
+    assert {dtypes[n] for n, p in model.named_parameters() if not p.requires_grad} == {torch.bfloat16}
+    assert dtypes["layers.0.self_attn.q_proj.lora_B"] == torch.float32
+    assert dtypes["layers.0.self_attn.q_proj.weight"] == dtypes["embed_tokens.weight"] == torch.bfloat16
+
+
+def test_lora_step_on_a_bf16_base_matches_an_fp32_reference():
+    """fp32 compute over a bf16-stored base (FSDP2 casts it per block) takes the step of a plain fp32 model holding
+    the same (bf16-representable) weights: the storage dtype changes nothing but the bytes."""
+    model = lora_run("fp32", "bfloat16")
+    with torch.no_grad():              # B = 0 would leave A's gradient zero: give both adapters a gradient
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(0.0, 0.05)
+    reference = Transformer(ModelArgs.preset("tiny", **ARGS))
+    apply_lora(reference, LoraConfig(rank=4, alpha=8.0, dropout=0.0))
+    reference.load_state_dict({n: full_tensor(p).float() for n, p in model.named_parameters()}, strict=False)
+    batch = random_batch()
+    losses = [train_step(m, torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0), [batch],
+                         dp_size=1, max_norm=0.0, device=CPU).loss for m in (model, reference)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    updated = dict(reference.named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            error = torch.linalg.norm(full_tensor(p) - updated[name]) / torch.linalg.norm(updated[name])
+            assert error < 1e-6 and (full_tensor(p) - updated[name]).abs().max() < 1e-6, name
+
+
+def test_lora_on_a_bf16_base_with_bf16_compute_lowers_the_loss():
+    model = lora_run("bf16")
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.0))
+    batch = random_batch()
+    losses = [train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU).loss for _ in range(6)]
+    assert losses[-1] < losses[0] - 0.05, losses
 
 
 # ---------------------------------------------------------------------------------------------- SFT and the loss
