@@ -88,12 +88,19 @@ def swiglu(gate, up):
     return reference.swiglu(gate, up)
 
 
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
     """Token cross-entropy over logits [N, V] in fp32; reduction "mean" (over non-ignored targets), "sum" or
-    "none"; `z_loss` adds z_loss * logsumexp(logits)^2 per token. All targets ignored: loss 0, gradient 0."""
+    "none"; `z_loss` adds z_loss * logsumexp(logits)^2 per token. All targets ignored: loss 0, gradient 0.
+    inplace_backward=True (Triton path; the reference allocates its gradient as usual) writes the gradient over the
+    logits instead of a new [N, V] tensor: the logits must not be used after the call, and a backward that saved
+    them (e.g. exp's) raises instead of reading gradients."""
     check_cross_entropy(logits, targets, ignore_index, reduction, z_loss)
-    impl = triton_cross_entropy if use_triton(logits) else reference.cross_entropy
-    return impl(logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
+    if not isinstance(inplace_backward, bool):
+        raise TypeError(f"cross_entropy: inplace_backward must be a bool, got {inplace_backward!r}")
+    if use_triton(logits):
+        return triton_cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss,
+                                    inplace_backward=inplace_backward)
+    return reference.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
 
 
 def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512,
@@ -107,9 +114,8 @@ def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reductio
     Rows whose target is ignored are dropped before the matmul: in SFT the prompt tokens carry no loss, and their
     logits would be most of the output head's work."""
     check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size, token_weights)
-    keep = targets != ignore_index
-    if not bool(keep.all()):
-        rows = keep.nonzero().squeeze(1)
+    rows = (targets != ignore_index).nonzero().squeeze(1)     # the wrapper's one host sync: nonzero's size
+    if rows.numel() < targets.numel():
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         if token_weights is not None:
             token_weights = token_weights.index_select(0, rows)

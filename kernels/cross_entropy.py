@@ -6,8 +6,9 @@ an online max / sum-of-exponentials gives lse = logsumexp(logits), then the grad
 is written, scaled by 1 / (number of non-ignored targets) for the mean, and by the row's weight when rows are
 weighted (the fused linear cross-entropy's `token_weights`). Ignored rows get loss 0 and gradient 0; when every
 row is ignored the mean is 0 (no 0 / 0). The backward is then a multiplication by the incoming
-gradient. The gradient may overwrite the logits (`grad_in_logits`), which the fused linear cross-entropy uses for
-the logits chunks it owns.
+gradient, in place. The gradient may overwrite the logits (`grad` is `logits`): the fused linear cross-entropy does
+so for the logits chunks it owns, and `cross_entropy(..., inplace_backward=True)` for the caller's logits, saving
+the [N, V] gradient tensor.
 """
 import torch
 import triton
@@ -77,27 +78,41 @@ def _row_major(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def scale_in_place(grad, grad_output):
+    """grad *= grad_output (a 0-d tensor, or [N] for per-row losses), without a new tensor. The multiply is not
+    skipped when grad_output is 1 (a plain loss.backward()): knowing that means reading grad_output on the host,
+    a device sync that stalls the stream for longer than this bandwidth-bound pass takes."""
+    return grad.mul_(grad_output[:, None] if grad_output.dim() == 1 else grad_output)
+
+
 class CrossEntropyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, z_loss):
+    def forward(ctx, logits, targets, ignore_index, reduction, z_loss, inplace_backward):
         logits = _row_major(logits)
         targets = targets.contiguous()
         n_valid = (targets != ignore_index).sum().clamp(min=1)
-        grad = torch.empty_like(logits) if ctx.needs_input_grad[0] else None
+        grad = None
+        if ctx.needs_input_grad[0]:
+            grad = logits.detach() if inplace_backward else torch.empty_like(logits)
         loss = cross_entropy_rows(logits, targets, n_valid, ignore_index=ignore_index, z_loss=z_loss,
                                   mean_grad=reduction == "mean", grad=grad)
+        if inplace_backward and grad is not None:
+            # Autograd cannot see the kernel's write: bump the logits' version, so that a backward which saved
+            # them (say, exp's output) raises instead of reading gradients as logits.
+            torch.autograd.graph.increment_version(logits)
         ctx.save_for_backward(grad)
-        ctx.reduction = reduction
         return reduce_loss(loss, targets != ignore_index, reduction)
 
     @staticmethod
     def backward(ctx, grad_output):
         (grad,) = ctx.saved_tensors
-        scale = grad_output[:, None] if ctx.reduction == "none" else grad_output
-        return grad * scale.to(grad.dtype), None, None, None, None
+        return scale_in_place(grad, grad_output), None, None, None, None, None
 
 
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
+def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
     """The Triton twin of `reference.cross_entropy` (inputs already checked by `cancerllm.kernels`); logits whose
-    vocabulary axis is strided are copied to contiguous ones, strided rows are read in place."""
-    return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(z_loss))
+    vocabulary axis is strided are copied to contiguous ones, strided rows are read in place.
+    inplace_backward=True writes d loss / d logits over the logits (when they require grad and have unit vocabulary
+    stride): no [N, V] gradient is allocated, and the logits hold the gradient from this call on. The gradient is
+    scaled in place in backward, so a second backward through the same graph is refused by autograd."""
+    return CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, float(z_loss), inplace_backward)
