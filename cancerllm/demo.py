@@ -14,8 +14,8 @@
 Everything lands under runs/demo/ (recreated each time) and reports/; the same seed gives the same run.
 """
 import argparse
+import dataclasses
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -23,8 +23,10 @@ import time
 import tomllib
 from pathlib import Path
 
-from .eval import evaluate, read_jsonl
-from .tasks.build import build
+from .eval import evaluate
+from .tasks.build import build, print_summary, read_jsonl, stamp_tokenizer
+from .tasks.mixture import read_spec, write_sft_mixture
+from .tasks.prompts import load_prompt_settings
 from .tokenizer import train as train_tokenizer
 
 RUN = Path("runs/demo")
@@ -36,16 +38,12 @@ REPORTS_CSV = Path("data/tcga/reports.csv")
 # text stays out of the tokenizer and pretraining, which read the cleaned corpus).
 EXTRA_REPORTS_CSV = Path("data/tcga/ocr_reports.csv.gz")
 EXTRA_TRAIN_FLOOR = "largest"
-# What the SFT stage sees: each cleaned training report's phenotype-JSON example four times (the headline task;
-# one report pass teaches all 13 answers) and each extra report's once, every diagnosis example once, and a sample
-# of the (13x larger) question-answering set, so that the stage fits the CPU budget. Two of a cleaned report's four
-# JSON passes are counterfactual copies when it states a value the regular expressions can rewrite (tasks.build
-# --counterfactual-copies): the value changed in the text and in the answer, so that only reading gets it right.
-JSON_PASSES = 4
-COUNTERFACTUAL_COPIES = 2
-QA_SAMPLE = 1500
+# What the SFT stage sees (its [sft_mixture] section, cancerllm.tasks.mixture): the cleaned training reports'
+# phenotype-JSON examples several times, some of them counterfactual copies, the extra reports' once, every
+# diagnosis example and a sample of the question-answering set, so that the stage fits the CPU budget.
+MIXTURE_CONFIG = Path(__file__).parent / "tasks" / "demo_mixture.toml"
 # Task inputs are cut to the report's head, the sentences stating a staging, grade, receptor or Gleason value, and
-# its synoptic / diagnosis section (tasks.build.truncate_report): shorter rows let the CPU budget cover more examples.
+# its synoptic / diagnosis section (tasks.prompts.truncate_report): shorter rows let the CPU budget cover more examples.
 MAX_REPORT_CHARS = 1200
 # SFT runs of the one pretrained model with different seeds (so different batch orders), decoded as an ensemble
 # (the mean of their probabilities, cancerllm.generate). At this size one fine-tune's answers swing by ~0.06 micro
@@ -86,33 +84,6 @@ def write_pretraining_corpus(patients: set, out: Path) -> int:
     return n
 
 
-def json_passes(tasks_dir: Path, cleaned: set) -> list:
-    """JSON_PASSES examples per cleaned training report, COUNTERFACTUAL_COPIES of them edited where the report
-    allows, and one per extra report."""
-    examples = read_jsonl(tasks_dir / "phenotype-json" / "train.jsonl")
-    train = [r for r in examples if r["patient_id"] in cleaned]
-    extra = [r for r in examples if r["patient_id"] not in cleaned]
-    edited = {}
-    for r in read_jsonl(tasks_dir / "phenotype-json" / "train-counterfactual.jsonl"):
-        edited.setdefault(r["patient_id"], []).append(r)
-    copies = [edited.get(r["patient_id"], [r] * COUNTERFACTUAL_COPIES)[k]
-              for k in range(COUNTERFACTUAL_COPIES) for r in train]
-    return train * (JSON_PASSES - COUNTERFACTUAL_COPIES) + copies + extra
-
-
-def write_sft_mixture(tasks_dir: Path, cleaned: set, out: Path, seed: int) -> dict:
-    qa = read_jsonl(tasks_dir / "phenotype-qa" / "train.jsonl")
-    parts = {"phenotype-json": json_passes(tasks_dir, cleaned),
-             "diagnosis": read_jsonl(tasks_dir / "diagnosis" / "train.jsonl"),
-             "phenotype-qa": random.Random(seed).sample(qa, min(QA_SAMPLE, len(qa)))}
-    rows = [r for part in parts.values() for r in part]
-    random.Random(seed).shuffle(rows)
-    with open(out, "w") as f:
-        f.writelines(json.dumps({"patient_id": r["patient_id"], "prompt": r["prompt"],
-                                 "completion": r["completion"]}) + "\n" for r in rows)
-    return {task: len(part) for task, part in parts.items()}
-
-
 def torchrun(config, seed, nproc, run_dir=None):
     where = ["--set", f'checkpoint.dir="{run_dir}"'] if run_dir else []
     run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
@@ -144,13 +115,14 @@ def plot_losses(pretraining: list, members: list, out: Path):
     fig.savefig(out, dpi=120)
 
 
-def summary_markdown(results: dict, timings: dict, info: dict, reports: Path) -> str:
+def summary_markdown(results: dict, timings: dict, info: dict, mixture, reports: Path) -> str:
     lines = ["# cancerllm demo", "",
              f"A Mistral of {info['parameters']:,} parameters ({info['shape']}, domain vocabulary of "
              f"{info['vocab']:,}), pretrained on {info['pretrain_reports']} training patients' TCGA reports, then "
              "instruction-tuned on "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
-             + f" examples (phenotype-json: {JSON_PASSES} passes over those reports, {COUNTERFACTUAL_COPIES} of them "
+             + f" examples (phenotype-json: {mixture.json_passes} passes over those reports, "
+             f"{mixture.counterfactual_copies} of them "
              "counterfactual copies where a report states an editable value, and one over the OCR reports of "
              f"{info['extra_train_patients']} other training patients that bring each cancer type up to the most "
              f"frequent type's count), {SFT_MEMBERS} times with "
@@ -187,17 +159,18 @@ def main(argv=None):
     tasks_dir, tokenizer_prefix = RUN / "tasks", RUN / "tokenizer"
 
     t = step("1-2. task datasets (split by patient) and a domain tokenizer from the training patients' reports")
-    # Built twice: first to fix the patient split (whose training reports train the tokenizer), then again, the
-    # same split stamped with that tokenizer, with the extra training patients and the counterfactual copies.
-    build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, verbose=False)
-    patients = training_patients(tasks_dir)
+    mixture = dataclasses.replace(read_spec(MIXTURE_CONFIG), seed=args.seed)
+    # The tokenizer is trained on the training split's cleaned reports, so the datasets' token counts come after it.
+    manifest = build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=None,
+                     counterfactual_copies=mixture.counterfactual_copies, extra_train_reports=EXTRA_REPORTS_CSV,
+                     extra_train_floor=EXTRA_TRAIN_FLOOR, verbose=False)
+    patients = training_patients(tasks_dir) - set(manifest["extra_train_patients"])
     n_reports = write_pretraining_corpus(patients, RUN / "pretrain.jsonl")
     corpus = RUN / "tokenizer_corpus.txt"
     corpus.write_text("\n".join(json.loads(line)["text"] for line in open(RUN / "pretrain.jsonl")))
     tokenizer = train_tokenizer([corpus], tokenizer_prefix, vocab_size=8000)
-    manifest = build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=tokenizer.path,
-                     counterfactual_copies=COUNTERFACTUAL_COPIES, extra_train_reports=EXTRA_REPORTS_CSV,
-                     extra_train_floor=EXTRA_TRAIN_FLOOR)
+    manifest = stamp_tokenizer(tasks_dir, tokenizer.path)
+    print_summary(manifest, tasks_dir)
     timings["datasets and tokenizer"] = time.perf_counter() - t
 
     t = step("3. pretraining: shards, then torchrun train.py --config configs/cpu-small.toml")
@@ -207,14 +180,16 @@ def main(argv=None):
     timings["pretraining"] = time.perf_counter() - t
 
     t = step(f"4. instruction tuning: SFT shards, then torchrun train.py --config {SFT_CONFIG}, {SFT_MEMBERS} seeds")
-    sft_examples = write_sft_mixture(tasks_dir, patients, RUN / "sft.jsonl", args.seed)
+    sft_examples = write_sft_mixture(tasks_dir, RUN / "sft.jsonl", mixture)
     seq_len = tomllib.loads(Path(SFT_CONFIG).read_text())["data"]["seq_len"]      # pack rows the trainer will read
     run([sys.executable, "-m", "cancerllm.data.prepare", RUN / "sft.jsonl", "--sft", "--tokenizer", tokenizer.path,
-         "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len],
-        "SFT prepare")
+         "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len,
+         "--prompt-settings", tasks_dir / "prompt_settings.json"], "SFT prepare")
     members = [RUN / f"sft-{k}" for k in range(SFT_MEMBERS)]
+    settings = load_prompt_settings(tasks_dir)
     for k, member in enumerate(members):
         torchrun(SFT_CONFIG, SFT_MEMBERS * train_seed + k, args.nproc, member)
+        settings.save(member / "export")      # how the export is to be prompted: as its training examples were
     timings["instruction tuning"] = time.perf_counter() - t
 
     t = step("5. evaluation of the ensemble on the test patients, beside the baselines")
@@ -235,7 +210,7 @@ def main(argv=None):
             "shape": f"{model_args.n_layers} layers, width {model_args.dim}",
             "sft_examples": sft_examples, "sft_members": SFT_MEMBERS, "pretrain_loss": loss_span(pretraining),
             "sft_loss": [loss_span(records) for records in sft]}
-    (reports / "demo.md").write_text(summary_markdown(results, timings, info, reports))
+    (reports / "demo.md").write_text(summary_markdown(results, timings, info, mixture, reports))
     (reports / "demo.json").write_text(json.dumps({"info": info, "timings_s": timings, "results": results}, indent=2))
     print(f"\ndemo finished in {timings['total'] / 60:.1f} min: {reports}/demo.md, demo.json, loss_curve.png")
 

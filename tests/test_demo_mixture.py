@@ -1,8 +1,14 @@
-"""The demo's SFT mixture (cancerllm.demo): how many times each training report's examples appear."""
+"""The SFT mixture (cancerllm.tasks.mixture, the demo's [sft_mixture] in cancerllm/tasks/demo_mixture.toml): how
+many times each training report's examples appear."""
 import json
 from collections import Counter
 
-from cancerllm import demo
+import pytest
+
+from cancerllm.tasks import mixture
+from cancerllm.tasks.mixture import MixtureSpec, json_passes, read_spec, write_sft_mixture
+
+DEMO = read_spec("cancerllm/tasks/demo_mixture.toml")
 
 
 def write_jsonl(path, rows):
@@ -14,24 +20,60 @@ def example(pid, task, tag="plain"):
     return {"patient_id": pid, "task": task, "prompt": f"{task} {pid} {tag}", "completion": tag}
 
 
-def test_cleaned_reports_get_all_passes_and_copies_extra_reports_one(tmp_path):
+@pytest.fixture
+def tasks_dir(tmp_path):
+    """Training examples of two cleaned reports (C1 states an editable value: edited copies; C2 does not) and three
+    extra reports (X1's copies exist, but extras take none)."""
     cleaned, extra = ["C1", "C2"], ["X1", "X2", "X3"]
     write_jsonl(tmp_path / "phenotype-json/train.jsonl", [example(p, "json") for p in cleaned + extra])
-    # C1 states an editable value (two edited copies); C2 does not; X1's copies exist but extras take none.
     write_jsonl(tmp_path / "phenotype-json/train-counterfactual.jsonl",
-                [example(p, "json", f"edit{k}") for p in ("C1", "X1") for k in range(demo.COUNTERFACTUAL_COPIES)])
+                [example(p, "json", f"edit{k}") for p in ("C1", "X1") for k in range(DEMO.counterfactual_copies)])
     write_jsonl(tmp_path / "diagnosis/train.jsonl", [example(p, "diagnosis") for p in cleaned + extra])
     write_jsonl(tmp_path / "phenotype-qa/train.jsonl", [example(p, "qa", f"q{k}") for p in cleaned for k in range(3)])
+    manifest = {"extra_train_patients": extra, "counterfactual_train": {"copies": DEMO.counterfactual_copies}}
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    return tmp_path
 
-    rows = demo.json_passes(tmp_path, set(cleaned))
+
+def test_demo_spec_is_the_demos_mixture():
+    assert DEMO == MixtureSpec(json_passes=4, counterfactual_copies=2, extra_json_passes=1, diagnosis_passes=1,
+                               qa_examples=1500, seed=0)
+
+
+def test_cleaned_reports_get_all_passes_and_copies_extra_reports_one(tasks_dir):
+    rows = json_passes(tasks_dir, DEMO)
     per_patient = Counter(r["patient_id"] for r in rows)
-    assert per_patient == {"C1": demo.JSON_PASSES, "C2": demo.JSON_PASSES, "X1": 1, "X2": 1, "X3": 1}
+    assert per_patient == {"C1": DEMO.json_passes, "C2": DEMO.json_passes, "X1": 1, "X2": 1, "X3": 1}
     c1 = Counter(r["completion"] for r in rows if r["patient_id"] == "C1")
-    assert c1 == {"plain": demo.JSON_PASSES - demo.COUNTERFACTUAL_COPIES,
-                  **{f"edit{k}": 1 for k in range(demo.COUNTERFACTUAL_COPIES)}}
+    assert c1 == {"plain": DEMO.json_passes - DEMO.counterfactual_copies,
+                  **{f"edit{k}": 1 for k in range(DEMO.counterfactual_copies)}}
     assert all(r["completion"] == "plain" for r in rows if r["patient_id"] != "C1")
 
-    counts = demo.write_sft_mixture(tmp_path, set(cleaned), tmp_path / "sft.jsonl", seed=0)
-    written = [json.loads(line) for line in open(tmp_path / "sft.jsonl")]
+    counts = write_sft_mixture(tasks_dir, tasks_dir / "sft.jsonl", DEMO)
+    written = [json.loads(line) for line in open(tasks_dir / "sft.jsonl")]
     assert counts == {"phenotype-json": len(rows), "diagnosis": 5, "phenotype-qa": 6} and len(written) == len(rows) + 11
     assert set(written[0]) == {"patient_id", "prompt", "completion"}
+
+
+def test_spec_counts_scale_each_part(tasks_dir):
+    spec = MixtureSpec(json_passes=2, counterfactual_copies=1, extra_json_passes=3, diagnosis_passes=2,
+                       qa_examples=4)
+    counts = write_sft_mixture(tasks_dir, tasks_dir / "sft.jsonl", spec)
+    assert counts == {"phenotype-json": 2 * 2 + 3 * 3, "diagnosis": 2 * 5, "phenotype-qa": 4}
+    counts = write_sft_mixture(tasks_dir, tasks_dir / "sft.jsonl", MixtureSpec(counterfactual_copies=0,
+                                                                              qa_examples="all"))
+    assert counts["phenotype-qa"] == 6
+
+
+def test_cli_reads_the_section_and_refuses_bad_specs(tasks_dir, tmp_path, capsys):
+    config = tmp_path / "mix.toml"
+    config.write_text("[sft_mixture]\njson_passes = 1\ncounterfactual_copies = 0\nqa_examples = 2\n")
+    mixture.main(["--config", str(config), "--tasks", str(tasks_dir), "--out", str(tmp_path / "out.jsonl")])
+    assert "5 phenotype-json, 5 diagnosis, 2 phenotype-qa" in capsys.readouterr().out
+    config.write_text("[sft_mixture]\njson_passes = 1\ncopies = 2\n")
+    with pytest.raises(SystemExit, match="unknown key.*copies"):
+        mixture.main(["--config", str(config), "--tasks", str(tasks_dir), "--out", str(tmp_path / "out.jsonl")])
+    with pytest.raises(ValueError, match="counterfactual_copies=3 is more than json_passes=2"):
+        MixtureSpec(json_passes=2, counterfactual_copies=3)
+    with pytest.raises(ValueError, match="holds 2 per report"):
+        json_passes(tasks_dir, MixtureSpec(json_passes=4, counterfactual_copies=3))
