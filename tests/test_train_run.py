@@ -78,6 +78,70 @@ def full_run(tmp_path_factory, shards):
     return config, run
 
 
+ACCUMULATION_WORKER = """
+import json, sys
+import torch
+import torch.distributed as dist
+from cancerllm import ModelArgs, Transformer
+from cancerllm.train import step
+from cancerllm.train.config import ParallelConfig
+from cancerllm.train.parallel import build_mesh, full_tensor, parallelize
+
+dist.init_process_group("gloo")
+rank, cpu, cfg = dist.get_rank(), torch.device("cpu"), ParallelConfig()
+data = torch.Generator().manual_seed(rank)              # each rank its own rows, with its own count of loss tokens
+tokens = torch.randint(0, 256, (3, 16), generator=data)
+targets = tokens.roll(-1, dims=1).masked_fill(torch.rand(3, 16, generator=data) < 0.2 + 0.3 * rank, -100)
+rows = [dict(tokens=tokens[i:i + 1], targets=targets[i:i + 1], positions=None, cu_seqlens=None) for i in range(3)]
+whole = [dict(tokens=tokens, targets=targets, positions=None, cu_seqlens=None)]
+sharded_grads = []                                      # before each micro-batch: are the gradients so far sharded?
+forward = step.micro_batch_loss
+
+
+def recording_forward(model, mb):
+    sharded_grads.append(all(p.grad is not None for p in model.parameters()))
+    return forward(model, mb)
+
+
+step.micro_batch_loss = recording_forward
+out = {}
+for name, batches, defer in [("whole", whole, False), ("micro", rows, False), ("deferred", rows, True)]:
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8,
+                                         hidden_dim=64, vocab_size=256))
+    model = parallelize(model, build_mesh(cfg, 2, cpu), cfg, cpu)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    out["initial"] = {n: full_tensor(p).tolist() for n, p in model.named_parameters()}   # the same every run
+    sharded_grads.clear()
+    result = step.train_step(model, optimizer, batches, dp_size=2, max_norm=0.0, device=cpu,
+                             defer_gradient_sync=defer)
+    out[name] = dict(loss=result.loss, sharded=list(sharded_grads),
+                     weights={n: full_tensor(p).tolist() for n, p in model.named_parameters()})
+if rank == 0:
+    json.dump(out, open(sys.argv[1], "w"))
+dist.destroy_process_group()
+"""
+
+
+def test_accumulated_micro_batches_under_fsdp_equal_one_batch_with_sharded_gradients(tmp_path):
+    """Two ranks, FSDP2: three one-row micro-batches give the update of one three-row batch, with each
+    micro-batch's gradients reduce-scattered at once (sharded .grad between micro-batches); with
+    parallel.defer_gradient_sync too, though FSDP2 then holds them unsharded until the last one."""
+    (tmp_path / "worker.py").write_text(ACCUMULATION_WORKER)
+    subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json")], check=True, cwd=ROOT,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=240)
+    out = json.loads((tmp_path / "out.json").read_text())
+    assert out["micro"]["sharded"] == [False, True, True]
+    assert out["deferred"]["sharded"] == [False, False, False]
+    for name in ("micro", "deferred"):
+        assert out[name]["loss"] == pytest.approx(out["whole"]["loss"], rel=1e-6)
+        for param, initial in out["initial"].items():
+            initial = torch.tensor(initial)
+            whole, accumulated = torch.tensor(out["whole"]["weights"][param]), torch.tensor(out[name]["weights"][param])
+            assert torch.linalg.norm(accumulated - whole) <= 1e-5 * torch.linalg.norm(whole - initial), (name, param)
+            assert (accumulated - whole).abs().max() < 1e-6, (name, param)
+
+
 def test_two_process_run_learns_and_writes_its_run_directory(full_run):
     _, run = full_run
     losses = records(run)
@@ -120,15 +184,21 @@ def test_export_loads_in_transformers_with_the_same_logits(full_run):
         torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
-def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, tmp_path):
+@pytest.mark.parametrize("mixed_precision", ["fp32", "bf16"])
+def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, tmp_path, mixed_precision):
+    """With bf16 compute the frozen base is stored in bf16 (lora.base_dtype = "auto") beside fp32 adapters in the
+    same FSDP2 units; the fp32 export is then that bf16 base with the fp32 update added."""
     from safetensors.torch import load_file
     config, base_run = full_run
     run = tmp_path / "lora"
     (tmp_path / "lora.toml").write_text(config.read_text().replace(str(base_run), str(run)))
-    proc = run_train(tmp_path / "lora.toml", "--set", f'model.init_from="{base_run / "export"}"', "--set", "lora.enabled=true",
-              "--set", "lora.rank=4", "--set", "lora.alpha=8.0", "--set", "train.steps=3", "--set", "data.val=[]",
-              "--set", "optim.lr=0.05")
+    proc = run_train(tmp_path / "lora.toml", "--set", f'model.init_from="{base_run / "export"}"',
+                     "--set", "lora.enabled=true", "--set", "lora.rank=4", "--set", "lora.alpha=8.0",
+                     "--set", "train.steps=3", "--set", "data.val=[]", "--set", "optim.lr=0.05",
+                     "--set", f'parallel.mixed_precision="{mixed_precision}"')
     base = load_file(base_run / "export/model.safetensors")
+    if mixed_precision == "bf16":
+        base = {name: weight.bfloat16().float() for name, weight in base.items()}
     merged = load_file(run / "export/model.safetensors")
     adapters = load_file(run / "export-adapters/adapter_model.safetensors")
     assert merged.keys() == base.keys()
@@ -139,6 +209,7 @@ def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, t
         if a_key in adapters:
             b = adapters[a_key.replace("lora_A", "lora_B")]
             assert b.abs().max() > 0, f"{name}: lora_B never trained"
+            assert b.dtype == adapters[a_key].dtype == torch.float32
             expected = weight + (8.0 / 4) * b @ adapters[a_key]
             torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
             adapted += 1
