@@ -45,9 +45,11 @@ def test_dry_run_records_every_section(dry_run):
     assert {name: done[name]["status"] for name in SECTIONS} == {name: "done" for name in SECTIONS}
     for name in SECTIONS:
         assert any(r["section"] == name and r["name"] != "section" for r in records), f"{name}: no results"
-    # every case compared (its verdict is the kernel tests' business: a failing case is recorded, not raised)
+    # every case compared and within tolerance: on the GPU a failing case is recorded rather than raised, so that
+    # the rest still runs; here, under the interpreter, a failure is a defect of the kernels or of the check
     correctness = [r for r in records if r["section"] == "correctness" and r["name"] != "section"]
-    assert len(correctness) >= 9 and all(r["status"] in ("ok", "fail") for r in correctness), correctness
+    assert len(correctness) >= 9, correctness
+    assert [r for r in correctness if r["status"] != "ok"] == []
     assert all(r["max_abs"] >= 0 and r["rel"] >= 0 for r in correctness)
     ceilings = next(r for r in records if r["name"] == "ceilings")
     assert ceilings["matmul_tflops"] > 0 and ceilings["copy_gbps"] > 0
