@@ -88,6 +88,7 @@ import torch.nn.functional as F
 
 from .cache import KVCache
 from .model import Transformer
+from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import Tokenizer
 
 
@@ -363,6 +364,9 @@ class Generator:
         self.prefill_chunk = prefill_chunk
         self.use_onednn = onednn
         self.lock = threading.Lock()
+        # How the checkpoint's training data was prompted (tasks.prompts.PromptSettings), read by the task helpers;
+        # from_pretrained sets it from the checkpoint, a Generator built from a model in memory has none.
+        self.prompt_settings = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -389,7 +393,14 @@ class Generator:
                 raise ValueError(f"{other / 'tokenizer.model'} differs from {tokenizer}: an ensemble's members must "
                                  "share one tokenizer")
         models = [Transformer.from_pretrained(p, device=device, dtype=dtype) for p in paths]
-        return cls(models if len(models) > 1 else models[0], Tokenizer(tokenizer), **options)
+        settings = [load_prompt_settings(p) for p in paths]
+        for other, member in zip(paths[1:], settings[1:]):
+            if member != settings[0]:
+                raise ValueError(f"{other} was prompted differently from {paths[0]} ({SETTINGS_FILE}): an ensemble's "
+                                 "members must share their prompt settings")
+        generator = cls(models if len(models) > 1 else models[0], Tokenizer(tokenizer), **options)
+        generator.prompt_settings = settings[0]
+        return generator
 
     def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
                  top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,

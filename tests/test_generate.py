@@ -11,6 +11,7 @@ import torch
 from cancerllm import ModelArgs, Transformer, Generator
 from cancerllm.cache import KVCache
 from cancerllm.generate import IncrementalText, Sampling, sample
+from cancerllm.tasks.prompts import PromptSettings, load_templates
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from hf_util import hf_model, our_name, tiny_args
 
@@ -240,6 +241,11 @@ def test_ensemble_rejects_mismatched_members(tokenizer, tmp_path):
     (tmp_path / "b" / "tokenizer.model").write_bytes(b"another")
     with pytest.raises(ValueError, match="b/tokenizer.model differs from .*a/tokenizer.model"):
         Generator.from_pretrained([tmp_path / "a", tmp_path / "b"])
+    model.save_pretrained(tmp_path / "c", tokenizer=tokenizer)
+    PromptSettings(load_templates(), max_report_chars=900).save(tmp_path / "c")
+    assert Generator.from_pretrained(tmp_path / "c").prompt_settings.max_report_chars == 900
+    with pytest.raises(ValueError, match="c was prompted differently from .*a .prompt_settings.json"):
+        Generator.from_pretrained([tmp_path / "a", tmp_path / "c"])
 
 
 # ---------------------------------------------------------------------------------------------- stopping

@@ -45,6 +45,7 @@ class Recorder:
 
     def __init__(self, directory):
         self.tokenizer = SimpleNamespace(path=directory / "tokenizer.model")
+        self.prompt_settings = load_prompt_settings(directory)      # as Generator.from_pretrained reads them
         self.task_processors = SimpleNamespace(json=lambda: None)     # no grammar to compile for a recorder
         self.prompts = []
 

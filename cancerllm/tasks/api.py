@@ -24,9 +24,9 @@ def processors(generator):
 
 
 def checkpoint_settings(generator) -> PromptSettings:
-    """The prompt settings of the checkpoint the generator was loaded from: the directory of its tokenizer.model
-    (Generator.from_pretrained reads it from the checkpoint; an ensemble's first member's)."""
-    return load_prompt_settings(generator.tokenizer.path.parent)
+    """The prompt settings of the checkpoint the generator was loaded from (Generator.from_pretrained reads them),
+    else the packaged defaults (load_prompt_settings without a directory)."""
+    return generator.prompt_settings or load_prompt_settings()
 
 
 def parse_phenotypes(text: str):
