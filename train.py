@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from cancerllm.train.build import build_loader, build_model, resolve_tokenizer
+from cancerllm.train.build import build_loader, build_model, resolve_tokenizer, shards_prompt_settings
 from cancerllm.train.checkpointing import Checkpointer
 from cancerllm.train.config import ConfigError, load_config, to_toml
 from cancerllm.train.lora import trainable_summary
@@ -136,8 +136,10 @@ def train(cfg, tokenizer, d, stop: StopSignal):
         validate(step)
     checkpointer.save(step, model, optimizer, scheduler, loader, guard)
     if cfg.checkpoint.export:
+        prompts = shards_prompt_settings(cfg.data.train, "data.train") if cfg.train.stage == "sft" else None
         path = checkpointer.export(model, args, run_dir / "export", tokenizer=tokenizer,
-                                   dtype=cfg.checkpoint.export_dtype, lora=cfg.lora if cfg.lora.enabled else None)
+                                   dtype=cfg.checkpoint.export_dtype, lora=cfg.lora if cfg.lora.enabled else None,
+                                   prompt_settings=prompts)
         log.print(f"exported a Hugging Face checkpoint to {path}")
     loader.close()
     if val_loader:

@@ -26,7 +26,6 @@ from pathlib import Path
 from .eval import evaluate
 from .tasks.build import build, print_summary, read_jsonl, stamp_tokenizer
 from .tasks.mixture import read_spec, write_sft_mixture
-from .tasks.prompts import load_prompt_settings
 from .tokenizer import train as train_tokenizer
 
 RUN = Path("runs/demo")
@@ -41,7 +40,6 @@ EXTRA_TRAIN_FLOOR = "largest"
 # What the SFT stage sees (its [sft_mixture] section, cancerllm.tasks.mixture): the cleaned training reports'
 # phenotype-JSON examples several times, some of them counterfactual copies, the extra reports' once, every
 # diagnosis example and a sample of the question-answering set, so that the stage fits the CPU budget.
-MIXTURE_CONFIG = Path(__file__).parent / "tasks" / "demo_mixture.toml"
 # Task inputs are cut to the report's head, the sentences stating a staging, grade, receptor or Gleason value, and
 # its synoptic / diagnosis section (tasks.prompts.truncate_report): shorter rows let the CPU budget cover more examples.
 MAX_REPORT_CHARS = 1200
@@ -159,7 +157,7 @@ def main(argv=None):
     tasks_dir, tokenizer_prefix = RUN / "tasks", RUN / "tokenizer"
 
     t = step("1-2. task datasets (split by patient) and a domain tokenizer from the training patients' reports")
-    mixture = dataclasses.replace(read_spec(MIXTURE_CONFIG), seed=args.seed)
+    mixture = dataclasses.replace(read_spec(SFT_CONFIG), seed=args.seed)
     # The tokenizer is trained on the training split's cleaned reports, so the datasets' token counts come after it.
     manifest = build(out=tasks_dir, seed=args.seed, max_report_chars=MAX_REPORT_CHARS, tokenizer=None,
                      counterfactual_copies=mixture.counterfactual_copies, extra_train_reports=EXTRA_REPORTS_CSV,
@@ -186,10 +184,8 @@ def main(argv=None):
          "--out", RUN / "shards/sft", "--group-column", "patient_id", "--seed", args.seed, "--pack-to", seq_len,
          "--prompt-settings", tasks_dir / "prompt_settings.json"], "SFT prepare")
     members = [RUN / f"sft-{k}" for k in range(SFT_MEMBERS)]
-    settings = load_prompt_settings(tasks_dir)
     for k, member in enumerate(members):
-        torchrun(SFT_CONFIG, SFT_MEMBERS * train_seed + k, args.nproc, member)
-        settings.save(member / "export")      # how the export is to be prompted: as its training examples were
+        torchrun(SFT_CONFIG, SFT_MEMBERS * train_seed + k, args.nproc, member)   # the export records the prompts
     timings["instruction tuning"] = time.perf_counter() - t
 
     t = step("5. evaluation of the ensemble on the test patients, beside the baselines")

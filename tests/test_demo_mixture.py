@@ -1,4 +1,4 @@
-"""The SFT mixture (cancerllm.tasks.mixture, the demo's [sft_mixture] in cancerllm/tasks/demo_mixture.toml): how
+"""The SFT mixture (cancerllm.tasks.mixture, the demo's [sft_mixture] in configs/cpu-small-sft.toml): how
 many times each training report's examples appear."""
 import json
 from collections import Counter
@@ -8,7 +8,7 @@ import pytest
 from cancerllm.tasks import mixture
 from cancerllm.tasks.mixture import MixtureSpec, json_passes, read_spec, write_sft_mixture
 
-DEMO = read_spec("cancerllm/tasks/demo_mixture.toml")
+DEMO = read_spec("configs/cpu-small-sft.toml")
 
 
 def write_jsonl(path, rows):

@@ -259,8 +259,11 @@ def test_sigterm_saves_a_final_checkpoint_then_exits(tmp_path, shards):
 
 def test_example_loss_weighting_runs_under_fsdp_and_changes_training(tmp_path):
     """Two ranks on SFT rows whose answers are 1 or ~25 tokens: both weightings train to finite losses, and
-    `train.loss_weighting` reaches the step (the runs part ways after the first update)."""
+    `train.loss_weighting` reaches the step (the runs part ways after the first update). The shards record how
+    their prompts were made (prepare --prompt-settings), and the export says so too."""
+    from cancerllm.tasks.prompts import PromptSettings, load_prompt_settings, load_templates
     from cancerllm.tokenizer import mistral_tokenizer_path
+    settings = PromptSettings(load_templates(), max_report_chars=700)
     long = " The tumour is an invasive ductal carcinoma of the left breast, grade 2, with clear margins."
     examples = [{"prompt": f"Report {i}: biopsy of the breast. Answer:", "completion": long if i % 3 else " yes"}
                 for i in range(60)]
@@ -268,15 +271,18 @@ def test_example_loss_weighting_runs_under_fsdp_and_changes_training(tmp_path):
     shards = tmp_path / "shards"
     subprocess.run([sys.executable, "-m", "cancerllm.data.prepare", str(tmp_path / "sft.jsonl"), "--sft",
                     "--tokenizer", str(mistral_tokenizer_path()), "--out", str(shards), "--pack-to", "64",
-                    "--val-fraction", "0", "--quiet"], check=True, cwd=ROOT)
+                    "--val-fraction", "0", "--quiet", "--prompt-settings", str(settings.save(tmp_path))],
+                   check=True, cwd=ROOT)
     losses = {}
     for weighting in ("token", "example"):
         run = tmp_path / weighting
         config = tmp_path / f"{weighting}.toml"
         config.write_text(TINY.format(shards=shards, run=run).replace("seq_len = 48", "seq_len = 64"))
         run_train(config, "--set", 'train.stage="sft"', "--set", f'train.loss_weighting="{weighting}"',
-                  "--set", "train.steps=3", "--set", "data.val=[]", "--set", "checkpoint.export=false")
+                  "--set", "train.steps=3", "--set", "data.val=[]",
+                  "--set", f"checkpoint.export={str(weighting == 'example').lower()}")
         losses[weighting] = records(run)
+    assert load_prompt_settings(tmp_path / "example" / "export") == settings
     assert all(np.isfinite(list(per_step.values())).all() and sorted(per_step) == [1, 2, 3]
                for per_step in losses.values())
     assert losses["token"][3] != pytest.approx(losses["example"][3], rel=1e-3)

@@ -1,16 +1,15 @@
 """The SFT mixture: which task examples, how many times, make the instruction-tuning JSONL.
 
-    python -m cancerllm.tasks.mixture --config cancerllm/tasks/demo_mixture.toml --tasks runs/tasks \\
-        --out runs/sft.jsonl
+    python -m cancerllm.tasks.mixture --config configs/cpu-small-sft.toml --tasks runs/tasks --out runs/sft.jsonl
 
-reads the [sft_mixture] section of the TOML file (keys: the fields of `MixtureSpec`) and the datasets of
-`python -m cancerllm.tasks.build`, and writes {"patient_id", "prompt", "completion"} rows, shuffled, for
-`python -m cancerllm.data.prepare --sft`. Per training patient of the main reports: `json_passes` phenotype-JSON
-examples, `counterfactual_copies` of them the edited copies tasks.build --counterfactual-copies wrote (the value
-changed in the text and in the answer, so only reading gets it right; the plain example where the report states no
-editable value); per extra training patient (tasks.build --extra-train-reports): `extra_json_passes` plain ones.
-Then every diagnosis example `diagnosis_passes` times and a seeded sample of `qa_examples` question-answering
-examples ("all": every one).
+reads the [sft_mixture] section of a TOML file (the SFT run config that trains on the result; keys: the fields of
+`MixtureSpec`) and the datasets of `python -m cancerllm.tasks.build`, and writes {"patient_id", "prompt",
+"completion"} rows, shuffled, for `python -m cancerllm.data.prepare --sft`. Per training patient of the main reports:
+`json_passes` phenotype-JSON examples, `counterfactual_copies` of them the edited copies tasks.build
+--counterfactual-copies wrote (the value changed in the text and in the answer, so only reading gets it right; the
+plain example where the report states no editable value); per extra training patient (tasks.build
+--extra-train-reports): `extra_json_passes` plain ones. Then every diagnosis example `diagnosis_passes` times and a
+seeded sample of `qa_examples` question-answering examples ("all": every one).
 """
 import argparse
 import dataclasses

@@ -1,6 +1,7 @@
 """Building the pieces of a run from its config: the model (random init or a Hugging Face checkpoint, LoRA,
 FSDP2) and the training and validation loaders."""
 import glob
+import json
 from pathlib import Path
 
 import torch
@@ -84,6 +85,25 @@ def expand_paths(patterns: list[str], key: str) -> list[str]:
                                     "first?)")
         paths.extend(matched)
     return paths
+
+
+def shards_prompt_settings(patterns: list[str], key: str):
+    """The prompt settings the SFT shards were made with (prepare --prompt-settings records them in the manifest
+    beside the shards), as tasks.prompts.PromptSettings, or None when no manifest records any. Shards whose
+    manifests disagree are refused: the export could not say how it is to be prompted."""
+    from ..tasks.prompts import PromptSettings
+    found = {}
+    for folder in sorted({Path(p).parent for p in expand_paths(patterns, key)}):
+        manifest = folder / "manifest.json"
+        if manifest.is_file():
+            settings = json.loads(manifest.read_text()).get("prompt_settings")
+            if settings is not None:
+                found[manifest] = PromptSettings(**settings)
+    settings = list(found.values())
+    if any(other != settings[0] for other in settings[1:]):
+        raise ValueError(f"{key}: the shards' manifests record different prompt settings "
+                         f"({', '.join(map(str, found))}): train on shards prompted one way")
+    return settings[0] if settings else None
 
 
 def build_loader(cfg: DataConfig, patterns: list[str], key: str, *, stage: str, seed: int) -> PackedLoader:

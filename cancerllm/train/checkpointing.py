@@ -135,9 +135,11 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ export
 
-    def export(self, model, args, path, *, tokenizer=None, dtype="bfloat16", lora=None):
+    def export(self, model, args, path, *, tokenizer=None, dtype="bfloat16", lora=None, prompt_settings=None):
         """Gather the full weights on rank 0 and write a Hugging Face directory; with LoRA, the adapters alone
-        go to `<path>-adapters/` and the export holds the base weights with the adapters merged in."""
+        go to `<path>-adapters/` and the export holds the base weights with the adapters merged in.
+        prompt_settings (tasks.prompts.PromptSettings): how the training examples were prompted, saved beside the
+        weights so that the Generator's task helpers prompt the same way."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         state = get_model_state_dict(model, options=options)
         path = Path(path)
@@ -148,6 +150,8 @@ class Checkpointer:
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             save_state_dict(state, args, tmp, tokenizer=tokenizer, dtype=EXPORT_DTYPES[dtype])
+            if prompt_settings is not None:
+                prompt_settings.save(tmp)
             shutil.rmtree(path, ignore_errors=True)
             tmp.rename(path)
         barrier()

@@ -6,12 +6,14 @@ value is read as a TOML value (`8`, `3e-4`, `true`, `"text"`, `[0.9, 0.95]`), an
 """
 import dataclasses
 import tomllib
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 from ..model import ModelArgs
+from ..tasks.mixture import MixtureSpec
 
 
 class ConfigError(ValueError):
@@ -112,6 +114,9 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    # What `python -m cancerllm.tasks.mixture --config` makes the SFT data of (train.py itself does not read it):
+    # the SFT config carries the recipe of the shards it trains on.
+    sft_mixture: MixtureSpec = field(default_factory=MixtureSpec)
 
 
 CHOICES = {
@@ -138,7 +143,7 @@ NON_NEGATIVE = {("train", "seed"), ("train", "max_norm"), ("train", "val_every")
 def type_ok(value, annotation) -> bool:
     """Whether a TOML value fits a schema annotation (int is accepted for float, bool is never an int)."""
     origin = typing.get_origin(annotation)
-    if origin is typing.Union:
+    if origin in (typing.Union, types.UnionType):
         return any(type_ok(value, a) for a in typing.get_args(annotation))
     if annotation is type(None):
         return value is None
@@ -208,7 +213,10 @@ def build_section(cls, values: dict, section: str, source: str):
         if not type_ok(value, hints[key]):
             raise ConfigError(f"{source}: {section}.{key} must be {type_name(hints[key])}, got {value!r}")
         kwargs[key] = coerce(value, hints[key])
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:      # a section's own checks (MixtureSpec's)
+        raise ConfigError(f"{source}: {e}") from None
 
 
 def check_values(config: Config, source: str):
