@@ -19,9 +19,28 @@ from .triton_utils import INTERPRET
 
 
 @triton.jit
+def row_grad_scale(row, valid, DENOM, WEIGHTS, MEAN: tl.constexpr, WEIGHTED: tl.constexpr):
+    """d(reduced loss) / d(the row's loss): 0 on an ignored row, else its weight (1 unweighted), over the
+    denominator for the mean. Shared with the fused linear cross-entropy's weight-gradient pass."""
+    scale = tl.where(valid, 1.0, 0.0)
+    if WEIGHTED:
+        scale = scale * tl.load(WEIGHTS + row).to(tl.float32)
+    if MEAN:
+        scale = scale / tl.load(DENOM).to(tl.float32)
+    return scale
+
+
+@triton.jit
+def softmax_grad(x, cols, target, lse, softmax_scale, scale):
+    """d loss / d logits at columns `cols` of a row: softmax * softmax_scale - onehot(target) * scale."""
+    return tl.exp(x - lse) * softmax_scale - tl.where(cols == target, scale, 0.0)
+
+
+@triton.jit
 def _cross_entropy_fwd(
-    LOGITS, GRAD, TARGETS, LOSS, DENOM, WEIGHTS, stride_row, stride_grad_row, V, ignore_index, z_loss,
-    MEAN: tl.constexpr, WEIGHTED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, BLOCK_V: tl.constexpr,
+    LOGITS, GRAD, TARGETS, LOSS, LSE, DENOM, WEIGHTS, stride_row, stride_grad_row, V, ignore_index, z_loss,
+    MEAN: tl.constexpr, WEIGHTED: tl.constexpr, COMPUTE_GRAD: tl.constexpr, STORE_LSE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     LOGITS += row * stride_row
@@ -38,36 +57,36 @@ def _cross_entropy_fwd(
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new), 0)
         m = m_new
     lse = m + tl.log(s)
+    if STORE_LSE:
+        tl.store(LSE + row, lse)
     target_logit = tl.load(LOGITS + tl.where(valid, target, 0)).to(tl.float32)
     loss = lse - target_logit + z_loss * lse * lse
     tl.store(LOSS + row, tl.where(valid, loss, 0.0))
 
     if COMPUTE_GRAD:
-        scale = tl.where(valid, 1.0, 0.0)
-        if WEIGHTED:
-            scale = scale * tl.load(WEIGHTS + row).to(tl.float32)
-        if MEAN:
-            scale = scale / tl.load(DENOM).to(tl.float32)
+        scale = row_grad_scale(row, valid, DENOM, WEIGHTS, MEAN, WEIGHTED)
         softmax_scale = scale * (1.0 + 2.0 * z_loss * lse)
         for v0 in range(0, V, BLOCK_V):
             mask = v0 + cols < V
             x = tl.load(LOGITS + v0 + cols, mask=mask, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) * softmax_scale - tl.where(v0 + cols == target, scale, 0.0)
+            grad = softmax_grad(x, v0 + cols, target, lse, softmax_scale, scale)
             tl.store(GRAD + v0 + cols, grad.to(GRAD.dtype.element_ty), mask=mask)
 
 
 def cross_entropy_rows(logits, targets, denom, *, ignore_index, z_loss=0.0, mean_grad=True, grad=None,
-                       weights=None):
+                       weights=None, lse=None):
     """Per-row losses [N] (fp32, 0 on ignored rows, unweighted); when `grad` ([N, V], may be `logits` itself) is
     given, fills it with d(sum of losses)/d logits, or d(sum of losses / denom)/d logits with `mean_grad`, denom
-    being a positive 0-d tensor; with `weights` [N] (fp32), row i's loss counts weights[i] times in those sums."""
+    being a positive 0-d tensor; with `weights` [N] (fp32), row i's loss counts weights[i] times in those sums.
+    When `lse` ([N] fp32) is given, it receives each row's logsumexp (ignored rows too)."""
     N, V = logits.shape
     loss = torch.empty(N, device=logits.device, dtype=torch.float32)
     block_v = min(triton.next_power_of_2(V), 1024 if INTERPRET else 8192)
     _cross_entropy_fwd[(N,)](
-        logits, logits if grad is None else grad, targets, loss, denom, loss if weights is None else weights,
-        logits.stride(0), logits.stride(0) if grad is None else grad.stride(0), V, ignore_index, z_loss,
-        MEAN=mean_grad, WEIGHTED=weights is not None, COMPUTE_GRAD=grad is not None, BLOCK_V=block_v,
+        logits, logits if grad is None else grad, targets, loss, loss if lse is None else lse, denom,
+        loss if weights is None else weights, logits.stride(0), logits.stride(0) if grad is None else grad.stride(0),
+        V, ignore_index, z_loss, MEAN=mean_grad, WEIGHTED=weights is not None, COMPUTE_GRAD=grad is not None,
+        STORE_LSE=lse is not None, BLOCK_V=block_v,
         num_warps=1 if INTERPRET else 16 if block_v >= 8192 else 8,
     )
     return loss

@@ -143,16 +143,37 @@ def test_linear_cross_entropy_matches_unfused(dtype, reduction):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_weight_product_accumulates_in_place(dtype):
-    """acc += a.T @ b for odd sizes (V, D, C not multiples of the 256 x 64 x 16 interpreter tiles), into the same
-    fp32 storage, against float64."""
-    a, b = torch.randn(37, 301).to(dtype), torch.randn(37, 70).to(dtype)
-    acc = torch.randn(301, 70)
-    expected = acc.double() + a.double().T @ b.double()
-    pointer = acc.data_ptr()
-    lce_module.add_transposed_product(acc, a, b)
-    assert acc.data_ptr() == pointer and acc.dtype == torch.float32
-    assert_close("acc", acc, expected, torch.float32)
+@pytest.mark.parametrize("needs", ["hidden", "weight"])
+def test_linear_cross_entropy_gradient_of_one_input(dtype, needs):
+    """One input requires grad, at odd sizes: 77 tokens (two partial 64-row tiles of the backward kernel) in chunks
+    of 8, D=19, and V=1500 in backward vocabulary steps of 128 (the last partial), weighted tokens and an upstream
+    gradient of 0.5; that input's gradient equals the float64 unfused one's, the other input gets none."""
+    hidden = torch.randn(77, 19, dtype=dtype).requires_grad_(needs == "hidden")
+    weight = (0.3 * torch.randn(V, 19)).to(dtype).requires_grad_(needs == "weight")
+    targets, token_weights = random_targets(77, V), torch.rand(77) * 2
+    assert lce_module.vocabulary_chunk(77, V, 8) == 128
+    with poisoned_allocations():
+        loss = triton_linear_cross_entropy(hidden, weight, targets, chunk_size=8, token_weights=token_weights)
+        loss.backward(torch.tensor(0.5, dtype=loss.dtype))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    (0.5 * weighted_unfused(h64, w64, targets, token_weights, "mean")).backward()
+    leaf, leaf64, other = (hidden, h64, weight) if needs == "hidden" else (weight, w64, hidden)
+    assert_close(f"d{needs}", leaf.grad, leaf64.grad, dtype)
+    assert other.grad is None
+
+
+@pytest.mark.parametrize("N, V_, chunk", [(8192, 32000, 512), (8192, 32000, 1024), (100, 1500, 8), (50, 1500, 16),
+                                          (10**6, 32000, 512), (40, 300, 64), (0, 300, 64)])
+def test_vocabulary_chunk_follows_chunk_size(N, V_, chunk):
+    """The backward's [N, Vc] logits are no larger than the forward's [chunk_size, V] ones, in whole 128-row steps,
+    unless one 128-row step is already larger; the whole vocabulary when there are no more tokens than a chunk."""
+    vc = lce_module.vocabulary_chunk(N, V_, chunk)
+    if N <= chunk:
+        assert vc == V_
+    else:
+        assert vc % 128 == 0 and 128 <= vc <= V_
+        assert N * vc <= chunk * V_ or vc == 128
+        assert N * (vc + 128) > chunk * V_       # the largest such step
 
 
 def peak_bytes(fn):
@@ -180,12 +201,13 @@ def peak_bytes(fn):
 
 
 def test_linear_cross_entropy_peak_memory():
-    """Forward + backward in bf16 at N = 2D (7B's N=8192, D=4096 proportions): the fused op holds no more than the
-    fp32 weight-gradient accumulator, one logits chunk (the interpreter keeps its last launch's arguments until the
-    garbage collector runs, so the chunk is counted into backward), grad_hidden and the bf16 grad_weight; the old
-    per-chunk bf16 product and its fp32 copy (V*D*6 bytes more) fail this. Against the naive loss, whose peak holds
-    three [N, V] bf16 tensors, that is 0.6x here (0.54x at 7B, module docstring)."""
-    N, D, V_, C = 256, 128, 3000, 64
+    """Forward + backward in bf16 at 7B's proportions (N = 2D, chunks of N / 16: N=8192, D=4096, 512): the fused op
+    holds grad_hidden, the bf16 grad_weight, the backward's [N, Vc] logits and the lse and losses, plus one forward
+    logits chunk (the interpreter keeps its last launch's arguments until the garbage collector runs) and what a CPU
+    bf16 matmul allocates for itself (fp32 operand copies; cuBLAS allocates nothing per call), measured apart. Less
+    that CPU workspace it stays under 0.25x of the naive loss's peak (three [N, V] bf16 tensors): 0.22x here, 0.23x
+    at 7B (module docstring). A token-chunked grad_weight's fp32 [V, D] accumulator alone is 0.33x and fails."""
+    N, D, V_, C = 256, 128, 3000, 16
     hidden = torch.randn(N, D, dtype=torch.bfloat16, requires_grad=True)
     weight = (0.1 * torch.randn(V_, D)).to(torch.bfloat16).requires_grad_()
     targets = torch.randint(0, V_, (N,))
@@ -196,10 +218,16 @@ def test_linear_cross_entropy_peak_memory():
         triton_linear_cross_entropy(hidden, weight, targets, chunk_size=C).backward()
         hidden.grad = weight.grad = None
     naive_peak, fused_peak = peak_bytes(naive), peak_bytes(fused)
-    expected = V_ * D * 4 + C * V_ * 2 + N * D * 2 + V_ * D * 2
+    vc = lce_module.vocabulary_chunk(N, V_, C)
+    h, w = hidden.detach(), weight.detach()
+    logits, grad_rows = torch.empty(N, vc, dtype=torch.bfloat16), torch.empty(vc, D, dtype=torch.bfloat16)
+    cpu_matmul = max(peak_bytes(lambda: torch.mm(h, w[:vc].T, out=logits)),
+                     peak_bytes(lambda: torch.mm(logits.T, h, out=grad_rows)))
+    expected = N * D * 2 + V_ * D * 2 + N * vc * 2 + 2 * N * 4 + C * V_ * 2 + cpu_matmul
+    assert vc < V_
     assert naive_peak >= 3 * N * V_ * 2
     assert fused_peak <= expected * 1.01, (fused_peak, expected)
-    assert fused_peak / naive_peak <= 0.62, (fused_peak, naive_peak)
+    assert (fused_peak - cpu_matmul) / naive_peak <= 0.25, (fused_peak, cpu_matmul, naive_peak)
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -366,44 +394,50 @@ def test_linear_cross_entropy_rejects_bad_input(make_args, kwargs, message):
                                      **kwargs)
 
 
-COMPILE_PRODUCT_FOR_H100 = r'''
-import importlib, os, re, subprocess, tempfile, triton, triton.language as tl
+COMPILE_FOR_H100 = r'''
+import importlib, os, re, subprocess, tempfile, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-module = importlib.import_module("cancerllm.kernels.linear_cross_entropy")
-fn = module._add_transposed_product
-# The JIT's specialisation at 7B shapes: pointers, strides, V and D divisible by 16.
-aligned = ("ACC", "A", "B", "stride_a", "stride_b", "stride_acc", "V", "D")
-for dtype, pointer in ((tl.bfloat16, "*bf16"), (tl.float32, "*fp32")):
-    block_v, block_d, block_c, warps, stages = {"*bf16": (128, 128, 64, 8, 3), "*fp32": (64, 64, 32, 4, 3)}[pointer]
-    constexprs = dict(DOT_DTYPE=dtype, BLOCK_V=block_v, BLOCK_D=block_d, BLOCK_C=block_c)
-    sig = {n: "constexpr" if n in constexprs else "*fp32" if n == "ACC" else pointer if n in ("A", "B") else "i32"
-           for n in fn.arg_names}
+CUOBJDUMP = os.path.join(os.path.dirname(triton.backends.nvidia.__file__), "bin", "cuobjdump")
+TYPES = {"LOGITS": "*bf16", "GRAD": "*bf16", "TARGETS": "*i64", "N": "i32", "V": "i32", "v0": "i32",
+         "ignore_index": "i32", "stride_row": "i32", "stride_grad_row": "i32", "z_loss": "fp32"}
+
+def compile_for_sm90(module, name, constexprs, aligned, num_warps):
+    # Other pointers are fp32; `aligned` are the arguments the JIT sees divisible by 16 at 7B shapes.
+    fn = getattr(importlib.import_module(f"cancerllm.kernels.{module}"), name)
+    sig = {n: "constexpr" if n in constexprs else TYPES.get(n, "*fp32") for n in fn.arg_names}
     src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()},
                     attrs={(fn.arg_names.index(k),): [["tt.divisibility", 16]] for k in aligned})
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"]); f.flush()
-        usage = subprocess.run([os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump"),
-                                "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    stack = int(re.search(r"STACK:(\d+)", usage).group(1))
+        usage = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
     ptx = compiled.asm["ptx"]
-    print(pointer, "stack", stack, "cp.async", ptx.count("cp.async"), "wgmma", "wgmma.mma_async" in ptx)
+    print(name, "stack", re.search(r"STACK:(\d+)", usage).group(1), "v4", ptx.count("ld.global.v4"),
+          ptx.count("st.global.v4"))
+
+block_n, block_v = importlib.import_module("cancerllm.kernels.linear_cross_entropy").GRAD_TILE
+compile_for_sm90("linear_cross_entropy", "_logits_to_grad",
+                 dict(MEAN=True, WEIGHTED=True, BLOCK_N=block_n, BLOCK_V=block_v), ("LOGITS", "V"), 4)
+compile_for_sm90("cross_entropy", "_cross_entropy_fwd",
+                 dict(MEAN=True, WEIGHTED=True, COMPUTE_GRAD=True, STORE_LSE=True, BLOCK_V=8192),
+                 ("LOGITS", "GRAD", "stride_row", "stride_grad_row", "V"), 16)
 '''
 
 
-def test_grad_weight_product_compiles_for_an_h100():
-    """The weight-gradient matmul at its GPU tiles, compiled for sm_90 as the JIT would at 7B shapes: no register
-    spills, pipelined (cp.async) loads, and bf16 on wgmma tensor-core instructions."""
+def test_linear_cross_entropy_kernels_compile_for_an_h100():
+    """The fused op's two Triton kernels at their GPU configurations (the backward's elementwise kernel at its
+    tile, the cross-entropy kernel storing lse for a 32k vocabulary), compiled for sm_90 as the JIT would at 7B
+    shapes: no register spills, and the bandwidth-bound passes load and store bf16 16 bytes at a time."""
     import os
     import subprocess
     import sys
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", COMPILE_PRODUCT_FOR_H100], env=env, capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", COMPILE_FOR_H100], env=env, capture_output=True, text=True,
+                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith("*"))
-    for pointer in ("*bf16", "*fp32"):
-        stack, cp_async, wgmma = re.match(r"stack (\d+) cp.async (\d+) wgmma (\w+)", lines[pointer]).groups()
-        assert int(stack) == 0 and int(cp_async) > 0, lines[pointer]
-    assert lines["*bf16"].endswith("wgmma True")
+    lines = dict(line.split(" ", 1) for line in result.stdout.splitlines() if line.startswith("_"))
+    assert set(lines) == {"_logits_to_grad", "_cross_entropy_fwd"}, result.stdout
+    for name, line in lines.items():
+        stack, loads, stores = map(int, re.match(r"stack (\d+) v4 (\d+) (\d+)", line).groups())
+        assert stack == 0 and loads > 0 and stores > 0, (name, line)
