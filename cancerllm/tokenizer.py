@@ -37,7 +37,11 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"Tokenizer.encode: text must be str, got {type(text).__name__}")
-        ids = self.sp.EncodeAsIds(text)
+        try:
+            ids = self.sp.EncodeAsIds(text)
+        except RuntimeError:
+            check_encodable(text)       # sentencepiece's own message ("Unable to cast ...") says nothing useful
+            raise
         return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
@@ -55,6 +59,17 @@ class Tokenizer:
             raise ValueError(
                 f"tokenizer {self.path} has {self.vocab_size} pieces but the {what} has vocab_size={vocab_size}: "
                 "token ids would index past the embedding")
+
+
+def check_encodable(text: str):
+    """Refuse a str that is not valid Unicode text: a lone surrogate (e.g. from a JSON "\\ud800" escape or bytes
+    decoded with surrogateescape) has no UTF-8 form, so sentencepiece cannot take it."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"Tokenizer.encode: text holds a lone surrogate U+{ord(text[e.start]):04X} at character "
+                         f"{e.start}, which is not valid Unicode (bytes that were not UTF-8, read with "
+                         "surrogateescape? a JSON \\ud800 escape?)") from None
 
 
 def train(input_files, model_prefix, *, vocab_size=8000, model_type="bpe", character_coverage=0.9999,

@@ -49,7 +49,8 @@ def with_bad_rows(tmp_path):
            b'TCGA-XX-0003,f,BRCA,T1,T1,,,"caf\xe9 \xff report"\n',  # latin-1 bytes: not UTF-8
            b'TCGA-XX-0004,f,BRCA,T1,T1,,,"   "\n',                 # whitespace only
            b'"",f,BRCA,T1,T1,,,"a report without a patient"\n']   # no group
-    reasons = ["empty text", "missing text", "undecodable bytes in text", "empty text", "missing patient_id"]
+    reasons = ["empty text", "3 field(s), the header has 8", "undecodable bytes in text", "empty text",
+               "missing patient_id"]
     path = tmp_path / "reports_bad.csv"
     path.write_bytes(raw + b"".join(bad))
     return path, {line + i: r for i, r in enumerate(reasons)}
@@ -121,7 +122,9 @@ def test_jsonl_and_text_inputs(tmp_path, tokenizer):
     manifest = run(tokenizer, [jsonl, text], tmp_path / "out", "--val-fraction", "0")
     reasons = [(Path(b["file"]).name, b["line"], b["reason"].split(" (")[0]) for b in manifest["bad_rows"]]
     assert reasons == [("notes.jsonl", 2, "missing text"), ("notes.jsonl", 3, "a JSON list, not an object"),
-                       ("notes.jsonl", 4, "invalid JSON"), ("notes.txt", 2, "empty text")]
+                       ("notes.jsonl", 4, "invalid JSON at column 2: Expecting property name enclosed in double "
+                                          "quotes"),
+                       ("notes.txt", 2, "empty text")]
     assert manifest["splits"]["train"]["documents"] == 3 and manifest["splits"]["val"]["documents"] == 0
 
 
@@ -201,7 +204,7 @@ def test_refuses_a_folder_with_shards_and_bad_arguments(tmp_path, tokenizer):
     run(tokenizer, [text], tmp_path / "out")
     with pytest.raises(FileExistsError, match="already holds shards"):
         run(tokenizer, [text], tmp_path / "out")
-    with pytest.raises(ValueError, match="reports.csv: no column 'patient'"):
+    with pytest.raises(ValueError, match=r"reports.csv: missing column\(s\) 'patient'"):
         run(tokenizer, [REPORTS], tmp_path / "out2", "--group-column", "patient")
     markdown = tmp_path / "a.md"
     markdown.write_text("x")

@@ -25,7 +25,6 @@ manifest, under "prompt_settings", for the trainer to save beside the model it e
 """
 import argparse
 import bisect
-import csv
 import hashlib
 import json
 import os
@@ -40,6 +39,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ..tokenizer import Tokenizer
+from .records import CsvReader, MalformedRow, json_object, open_csv
 from .shards import read_shard, token_dtype, write_shard
 
 FORMATS = {".csv": "csv", ".jsonl": "jsonl", ".txt": "text"}
@@ -60,39 +60,31 @@ def check_text(value, what: str, allow_empty: bool = False) -> str:
         raise BadRow(f"{what} is {type(value).__name__}, not a string")
     try:
         value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise BadRow(f"undecodable bytes in {what}") from None
+    except UnicodeEncodeError as e:         # bytes that were not UTF-8, or a JSON "\ud800" escape
+        raise BadRow(f"undecodable bytes or a lone surrogate in {what} (U+{ord(value[e.start]):04X} at character "
+                     f"{e.start})") from None
     if not allow_empty and not value.strip():
         raise BadRow(f"empty {what}")
     return value
 
 
 def csv_rows(path: Path, f, text_column: str, group_column):
-    csv.field_size_limit(2**31 - 1)         # clinical notes can exceed csv's default 128 KiB per field
-    reader = csv.DictReader(f)
-    for name in filter(None, (text_column, group_column)):
-        if reader.fieldnames is None or name not in reader.fieldnames:
-            raise ValueError(f"{path}: no column {name!r}; columns are {reader.fieldnames}")
-    line = reader.line_num + 1
-    while True:
-        try:
-            row = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as e:               # the rest of the file cannot be parsed reliably: not a row error
-            raise ValueError(f"{path}:{line}: malformed CSV ({e})") from None
-        yield line, lambda row=row: (row.get(text_column), row.get(group_column) if group_column else None)
-        line = reader.line_num + 1
+    reader = CsvReader(f, path, required=list(filter(None, (text_column, group_column))))
+
+    def fields(row):
+        if isinstance(row, MalformedRow):
+            raise BadRow(row.reason)
+        return row[text_column], row[group_column] if group_column else None
+    for line, row in reader:
+        yield line, lambda row=row: fields(row)
 
 
 def jsonl_rows(path: Path, f, text_column: str, group_column, sft: bool):
     def fields(raw):
         try:
-            obj = json.loads(raw)
-        except json.JSONDecodeError as e:
-            raise BadRow(f"invalid JSON ({e.msg})") from None
-        if not isinstance(obj, dict):
-            raise BadRow(f"a JSON {type(obj).__name__}, not an object")
+            obj = json_object(raw)
+        except ValueError as e:
+            raise BadRow(str(e)) from None
         group = obj.get(group_column) if group_column else None
         group = None if group is None else str(group)
         if sft:
@@ -111,8 +103,8 @@ def text_rows(path: Path, f):
 def read_records(path: Path, fmt: str, args, bad: list):
     """Yield (source, line, text or (prompt, completion), group) of the usable rows of one file; append the
     others to `bad` as dicts (file, line, reason), or raise at the first one with args.strict."""
-    # surrogateescape keeps undecodable bytes visible to check_text instead of failing the whole file
-    with open(path, encoding="utf-8", errors="surrogateescape", newline="" if fmt == "csv" else None) as f:
+    # surrogateescape keeps undecodable bytes visible to the row checks instead of failing the whole file
+    with open_csv(path) if fmt == "csv" else open(path, encoding="utf-8", errors="surrogateescape") as f:
         if fmt == "csv":
             rows = csv_rows(path, f, args.text_column, args.group_column)
         elif fmt == "jsonl":
@@ -329,6 +321,7 @@ def prepare(args) -> dict:
         w.finish()
     for row in bad:
         sources[row["file"]]["bad_rows"] += 1
+    check_every_source_used(sources, bad)
     manifest = {
         "format": "cancerllm-shards", "version": 1, "kind": "sft" if args.sft else "pretrain",
         "tokenizer": {"path": str(tokenizer.path), "sha256": tokenizer.fingerprint(),
@@ -346,6 +339,14 @@ def prepare(args) -> dict:
         verify(out, manifest)
     report(manifest, args.quiet)
     return manifest
+
+
+def check_every_source_used(sources: dict, bad: list):
+    """An input that gave no document (only a header, or only bad rows) is a mistake, not an empty dataset."""
+    for source, counts in sources.items():
+        if counts["documents"] == 0:
+            first = next((f"; the first, line {b['line']}: {b['reason']}" for b in bad if b["file"] == source), "")
+            raise ValueError(f"{source}: no usable row ({counts['bad_rows']} bad rows{first})")
 
 
 def verify(out: Path, manifest: dict):

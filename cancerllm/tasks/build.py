@@ -24,8 +24,6 @@ reports without a registry row are counted and reported as failures, never silen
 that is not an allowed form of its field is an error naming the file, line and column.
 """
 import argparse
-import csv
-import gzip
 import hashlib
 import json
 import random
@@ -34,6 +32,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from ..data.records import CsvReader, MalformedRow, json_object, open_csv
 from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
 from .perturb import counterfactual_all
 from .prompts import (DEFAULT_MAX_REPORT_CHARS, DIAGNOSIS_HEADING, PHENOTYPE_TASKS, TASKS, TEMPLATES_PATH,
@@ -56,29 +55,30 @@ HER2_UNDECIDED = ("", "Equivocal", "Indeterminate")
 
 # ---------------------------------------------------------------------------------------------- reading
 
-def open_csv(path, required):
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found")
-    f = (gzip.open if path.suffix == ".gz" else open)(path, "rt", newline="", encoding="utf-8")
-    reader = csv.DictReader(f)
-    missing = [c for c in required if c not in (reader.fieldnames or [])]
-    if missing:
-        f.close()
-        raise ValueError(f"{path}: missing column(s) {', '.join(missing)}")
-    return f, reader
+def csv_rows(path, required) -> tuple[list, list]:
+    """The header and the (line, row) pairs of a CSV file (gzipped when named .gz), read by the strict reader that
+    prepare uses too. A malformed row is an error naming the file and line (skipping it would drop a patient
+    silently), and so is a file without rows."""
+    with open_csv(path) as f:
+        reader = CsvReader(f, path, required)
+        rows = []
+        for line, row in reader:
+            if isinstance(row, MalformedRow):
+                raise row
+            rows.append((line, row))
+    if not rows:
+        raise ValueError(f"{path}: no rows, only a header")
+    return reader.fieldnames, rows
 
 
 def read_reports(path) -> list[dict]:
-    f, reader = open_csv(path, REPORT_COLUMNS)
     reports, seen = [], {}
-    with f:
-        for row in reader:
-            pid = row["patient_id"].strip()
-            if pid in seen:
-                raise ValueError(f"{path}:{reader.line_num}: patient {pid} already has a report (line {seen[pid]})")
-            seen[pid] = reader.line_num
-            reports.append({"patient_id": pid, "text": row["text"].strip(), "where": f"{path}:{reader.line_num}"})
+    for line, row in csv_rows(path, REPORT_COLUMNS)[1]:
+        pid = row["patient_id"].strip()
+        if pid in seen:
+            raise ValueError(f"{path}:{line}: patient {pid} already has a report (line {seen[pid]})")
+        seen[pid] = line
+        reports.append({"patient_id": pid, "text": row["text"].strip(), "where": f"{path}:{line}"})
     return reports
 
 
@@ -105,24 +105,29 @@ def registry_fields(row: dict, where: str) -> dict:
 def read_labels(path) -> tuple[dict, list[str]]:
     """-> ({patient_id: fields}, the registry columns no field uses)."""
     columns = sorted({c for cs in LABEL_COLUMNS.values() for c in cs})
-    f, reader = open_csv(path, ["patient_id", *columns])
+    header, rows = csv_rows(path, ["patient_id", *columns])
     labels = {}
-    with f:
-        unused = [c for c in reader.fieldnames if c != "patient_id" and c not in columns]
-        for row in reader:
-            pid, where = row["patient_id"].strip(), f"{path}:{reader.line_num}"
-            if pid in labels:
-                raise ValueError(f"{where}: patient {pid} has a second registry row")
-            labels[pid] = registry_fields(row, where)
-    return labels, unused
+    for line, row in rows:
+        pid, where = row["patient_id"].strip(), f"{path}:{line}"
+        if pid in labels:
+            raise ValueError(f"{where}: patient {pid} has a second registry row")
+        labels[pid] = registry_fields(row, where)
+    return labels, [c for c in header if c != "patient_id" and c not in columns]
 
 
 def read_jsonl(path) -> list:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (build the datasets: python -m cancerllm.tasks.build)")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    with open(path, encoding="utf-8") as f:
+        return [line_object(path, line, raw) for line, raw in enumerate(f, 1) if raw.strip()]
+
+
+def line_object(path, line: int, raw: str) -> dict:
+    try:
+        return json_object(raw)
+    except ValueError as e:
+        raise ValueError(f"{path}:{line}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- examples
@@ -230,6 +235,8 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
 
     failures, stats = Counter(), Counter()
     kept = usable_reports(report_rows, registry, failures)
+    if not kept:
+        raise ValueError(f"{reports}: no usable report: {dict(failures)} (registry: {labels})")
     extra = usable_reports(extra_rows, registry, failures)
     failures["registry_row_without_report"] = len(registry.keys() - report_at.keys() -
                                                   {r["patient_id"] for r in extra_rows})
