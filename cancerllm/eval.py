@@ -405,6 +405,18 @@ def write(result: dict, predictions: list, out: Path, verbose: bool):
         print(f"wrote {stem}.md, {stem}.json and {stem}_predictions.jsonl")
 
 
+def positive_int(text: str) -> int:
+    """argparse type for counts: 0 or a negative number would be taken silently (0 tokens as the task default,
+    --limit -1 as "all but the last report"), so argparse refuses it, naming the flag."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, nargs="+",
@@ -415,9 +427,10 @@ def main(argv=None):
     p.add_argument("--out", default="reports")
     p.add_argument("--perturb", default="", help=f"comma-separated: {','.join(P.PERTURBATIONS)}")
     p.add_argument("--baseline-checkpoint", default=None, help="Hugging Face Mistral checkpoint, run zero-shot")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N reports only")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N reports only")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--max-new-tokens", type=positive_int, default=None,
+                   help=f"tokens per answer (default per task: {MAX_NEW_TOKENS})")
     p.add_argument("--seed", type=int, default=0, help="perturbation seed")
     p.add_argument("--misspell-rate", type=float, default=0.1)
     p.add_argument("--ocr-rate", type=float, default=0.05)

@@ -214,3 +214,23 @@ def test_prepare_names_the_file_and_line_of_a_truncated_jsonl_line(tmp_path, tok
     path.write_text('{"prompt": "Q: grade?", "completion": "2"}\n{"prompt": "Q: grade?", "compl')
     with pytest.raises(SystemExit, match=f"{path}:2: invalid JSON at column 25: Unterminated string"):
         run_prepare(tokenizer, [path], tmp_path / "out", "--sft", "--strict")
+
+
+# ---------------------------------------------------------------------------------------------- eval's flags
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--batch-size", "0", "must be a positive integer, got 0"),
+    ("--max-new-tokens", "0", "must be a positive integer, got 0"),      # was silently the task's default
+    ("--limit", "-1", "must be a positive integer, got -1"),             # was silently "all but the last patient"
+    ("--limit", "two", "expected a positive integer, got 'two'"),
+])
+def test_eval_refuses_counts_below_one_naming_the_flag(flag, value, message, capsys):
+    from cancerllm.eval import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["--checkpoint", "runs/none", "--task", "diagnosis", flag, value])
+    assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
+
+
+def test_eval_takes_positive_counts():
+    from cancerllm.eval import positive_int
+    assert positive_int("1") == 1 and positive_int("96") == 96
