@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from cancerllm.train.build import build_loader, build_model, resolve_tokenizer, shards_prompt_settings
-from cancerllm.train.checkpointing import Checkpointer
+from cancerllm.train.checkpointing import CheckpointError, Checkpointer, run_settings
 from cancerllm.train.config import ConfigError, load_config, to_toml
 from cancerllm.train.lora import trainable_summary
 from cancerllm.train.metrics import MetricsLogger, environment, write_run_info
@@ -39,7 +39,8 @@ def parse_args(argv):
 
 
 class StopSignal:
-    """SIGTERM (a preempted job, a cancelled torchrun) sets a flag; the loop saves a checkpoint and exits."""
+    """SIGTERM (a preempted job, a cancelled torchrun) sets a flag; the loop saves a checkpoint and exits with
+    EXIT_STOPPED, so a scheduler or script sees that the run is not finished."""
 
     def __init__(self):
         self.requested = False
@@ -47,6 +48,9 @@ class StopSignal:
 
     def handle(self, signum, frame):
         self.requested = True
+
+
+EXIT_STOPPED = 128 + signal.SIGTERM     # 143, the shell's status for a process ended by SIGTERM
 
 
 def main(argv=None):
@@ -59,20 +63,23 @@ def main(argv=None):
     stop = StopSignal()
     d = init_distributed()
     try:
-        train(cfg, tokenizer, d, stop)
+        finished = train(cfg, tokenizer, d, stop)
+    except CheckpointError as e:                        # a resume refused: the same on every rank
+        sys.exit(f"error: {e}")
     finally:
         # Free the model, optimizer and their DTensors (and the Work objects they hold) while the group and
         # the interpreter are both alive, so no backend thread outlives its objects at exit.
         gc.collect()
         dist.destroy_process_group()
+    if not finished:
+        sys.exit(EXIT_STOPPED)
 
 
 def train(cfg, tokenizer, d, stop: StopSignal):
-    """One run, from the mesh to the export; returns early (after a checkpoint) when SIGTERM arrived."""
+    """One run, from the mesh to the export; returns False early (after a checkpoint) when SIGTERM arrived, True
+    when the run is complete."""
     mesh = build_mesh(cfg.parallel, d.world_size, d.device)
     run_dir = Path(cfg.checkpoint.dir)
-    if d.is_main:
-        write_run_info(run_dir, to_toml(cfg), environment(d.world_size, d.device))
 
     args, model = build_model(cfg, d, mesh)
     torch.manual_seed(cfg.train.seed + d.rank)           # per-rank stream for dropout from here on
@@ -90,7 +97,7 @@ def train(cfg, tokenizer, d, stop: StopSignal):
               f"({trainable / total:.2%}); AdamW state {2 * 4 * trainable / 2**20:,.1f} MiB in all; "
               f"{d.world_size} rank(s) on {d.device.type}, mesh {mesh.shape}")
 
-    checkpointer = Checkpointer(run_dir, keep=cfg.checkpoint.keep)
+    checkpointer = Checkpointer(run_dir, d, keep=cfg.checkpoint.keep, settings=run_settings(args, cfg.lora))
     start = 0
     latest = checkpointer.latest() if cfg.checkpoint.resume != "never" else None
     if cfg.checkpoint.resume == "always" and latest is None:
@@ -98,6 +105,8 @@ def train(cfg, tokenizer, d, stop: StopSignal):
     if latest is not None:
         start = checkpointer.load(latest, model, optimizer, scheduler, loader, guard)
         log.print(f"resumed from {latest} (step {start})")
+    if d.is_main:                                        # after the resume checks: a refused run changes nothing
+        write_run_info(run_dir, to_toml(cfg), environment(d.world_size, d.device))
     log.truncate_after(start)                            # steps after `start` are (re)logged by this run
 
     def validate(step):
@@ -126,15 +135,16 @@ def train(cfg, tokenizer, d, stop: StopSignal):
             validate(step)
         if result.stop_requested:
             checkpointer.save(step, model, optimizer, scheduler, loader, guard)
-            log.print(f"stop requested (SIGTERM): saved a checkpoint at step {step}; exiting")
-            return
+            log.print(f"stop requested (SIGTERM): saved a checkpoint at step {step}; exiting with {EXIT_STOPPED}")
+            return False
         if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < cfg.train.steps:
             checkpointer.save(step, model, optimizer, scheduler, loader, guard)
         log.reset_timer()                                # checkpoint and validation time is not step time
 
-    if val_loader and not (cfg.train.val_every and step % cfg.train.val_every == 0):
-        validate(step)
-    checkpointer.save(step, model, optimizer, scheduler, loader, guard)
+    if step > start:                 # a finished run started again has nothing new to validate, and keeps its checkpoint
+        if val_loader and not (cfg.train.val_every and step % cfg.train.val_every == 0):
+            validate(step)
+        checkpointer.save(step, model, optimizer, scheduler, loader, guard)
     if cfg.checkpoint.export:
         prompts = shards_prompt_settings(cfg.data.train, "data.train") if cfg.train.stage == "sft" else None
         path = checkpointer.export(model, args, run_dir / "export", tokenizer=tokenizer,
@@ -145,6 +155,7 @@ def train(cfg, tokenizer, d, stop: StopSignal):
     if val_loader:
         val_loader.close()
     dist.barrier()                                       # no rank tears the group down under another's feet
+    return True
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, example_weights, 
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
 CPU = torch.device("cpu")
+ONE_RANK = Dist(rank=0, local_rank=0, world_size=1, device=CPU)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -318,7 +319,7 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
     for _ in range(2):
         train_step(model, optimizer, [to_device(next(loader), CPU)], dp_size=1, max_norm=1.0, device=CPU)
         scheduler.step()
-    checkpointer = Checkpointer(tmp_path, keep=2)
+    checkpointer = Checkpointer(tmp_path, ONE_RANK, keep=2)
     checkpointer.save(2, model, optimizer, scheduler, loader, guard)
     saved = {n: full_tensor(p).clone() for n, p in model.named_parameters()}
     train_step(model, optimizer, [to_device(next(loader), CPU)], dp_size=1, max_norm=1.0, device=CPU)
@@ -334,7 +335,7 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
     monkeypatch.setattr(dcp, "save", real_save)
     assert (tmp_path / "checkpoints/step-00000003.tmp").is_dir()
 
-    restarted = Checkpointer(tmp_path, keep=2)             # a new run cleans up and finds step 2
+    restarted = Checkpointer(tmp_path, ONE_RANK, keep=2)             # a new run cleans up and finds step 2
     assert not (tmp_path / "checkpoints/step-00000003.tmp").exists()
     assert restarted.latest().name == "step-00000002"
     fresh = one_rank_model(seed=5)

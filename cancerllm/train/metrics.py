@@ -6,9 +6,13 @@ import platform
 import resource
 import sys
 import time
+import warnings
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from ..hardware import gpu_peaks
 
 
 def peak_memory_gib(device: torch.device) -> float:
@@ -26,6 +30,7 @@ def environment(world_size: int, device: torch.device) -> dict:
            "cuda": torch.version.cuda, "argv": sys.argv}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpu_peak_tflops_bf16"] = gpu_peaks(env["gpu"])[0]   # the data sheet's, to judge log.peak_tflops by
     return env
 
 
@@ -38,22 +43,39 @@ def write_run_info(run_dir: Path, config_toml: str, env: dict):
 
 class MetricsLogger:
     """Rank 0 prints every `every` steps and appends every record to run_dir/metrics.jsonl; other ranks are
-    silent. MFU = model FLOPs per second per device / `peak_tflops`, reported on GPU only."""
+    silent. MFU = model FLOPs per second per device / `peak_tflops`, reported on GPU only; peak_tflops=None takes
+    the GPU's data-sheet peak (cancerllm.hardware), and a GPU missing from that table reports no MFU."""
 
-    def __init__(self, run_dir, *, is_main: bool, every: int, flops_per_token: float, peak_tflops: float,
+    def __init__(self, run_dir, *, is_main: bool, every: int, flops_per_token: float, peak_tflops: Optional[float],
                  device: torch.device, world_size: int):
         self.path = Path(run_dir) / "metrics.jsonl"
         self.is_main, self.every = is_main, every
+        if peak_tflops is None and device.type == "cuda":
+            peak_tflops = gpu_peaks(torch.cuda.get_device_name(device))[0]
         self.flops_per_token, self.peak_tflops = flops_per_token, peak_tflops
         self.device, self.world_size = device, world_size
         self.last = time.perf_counter()
 
     def truncate_after(self, step: int):
-        """On resume: drop records of steps after the checkpoint, which the resumed run logs again."""
+        """On resume: drop records of steps after the checkpoint, which the resumed run logs again. A last line
+        cut short (a run killed, or a disk filled, mid-append) is dropped with a warning; a bad line before it is
+        an error naming the line."""
         if not self.is_main or not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line + "\n")
+            except (json.JSONDecodeError, AttributeError) as e:
+                if number < len(lines):
+                    raise ValueError(f"{self.path}:{number}: not a JSON record ({e})") from None
+                warnings.warn(f"{self.path}:{number}: dropping a partial last line (the run writing it was stopped "
+                              f"mid-append): {line[:80]!r}", stacklevel=2)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(self.path)                  # never a half-rewritten log, even if this run is killed here
 
     def write(self, record: dict):
         if self.is_main:
@@ -76,7 +98,7 @@ class MetricsLogger:
                   "tokens_per_s_per_device": tokens_per_s / self.world_size, "step_time_s": step_time,
                   "peak_mem_gib": peak_memory_gib(self.device), "skipped": result.skipped,
                   "skipped_total": skipped_total}
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and self.peak_tflops:
             record["mfu"] = self.flops_per_token * tokens_per_s / self.world_size / (self.peak_tflops * 1e12)
         self.write(record)
         if step % self.every == 0 or result.skipped:

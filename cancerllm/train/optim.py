@@ -39,6 +39,19 @@ def build_scheduler(optimizer, cfg: OptimConfig, total_steps: int) -> LambdaLR:
                                                       floor=cfg.min_lr_ratio))
 
 
+def resume_schedule(scheduler: LambdaLR, saved: dict) -> float:
+    """Move the schedule to a checkpoint's step but keep this run's peak lr: a run resumed with another optim.lr
+    (or warmup, floor, steps) follows the schedule of its own config from the checkpoint's step on, as its
+    config.toml says. Returns the peak lr the checkpoint was written with."""
+    peak_lrs = list(scheduler.base_lrs)
+    scheduler.load_state_dict(saved)
+    saved_lr = scheduler.base_lrs[0]
+    scheduler.base_lrs = peak_lrs
+    scheduler.last_epoch -= 1
+    scheduler.step()            # recompute every group's lr at the checkpoint's step from the current peak
+    return saved_lr
+
+
 def optimizer_bytes(optimizer) -> int:
     """Bytes this rank holds in optimizer state (AdamW's two moments, once they exist)."""
     total = 0

@@ -27,6 +27,9 @@ class Dist:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    def barrier(self):
+        dist.barrier()
+
 
 def init_distributed() -> Dist:
     """Join the torchrun job, or form a one-process group when started as a plain `python train.py`."""
