@@ -37,7 +37,6 @@ import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
-from contextlib import contextmanager  # noqa: E402
 from dataclasses import dataclass, field  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -144,19 +143,11 @@ class Check:
     copy_gbps: float = None
 
 
-@contextmanager
 def kernel_path(mode: str):
-    """CANCERLLM_KERNELS=mode while inside: "triton" runs our kernels (on CPU: under the interpreter), "torch" the
-    plain-PyTorch path that, given float64 tensors, is the reference."""
-    before = os.environ.get("CANCERLLM_KERNELS")
-    os.environ["CANCERLLM_KERNELS"] = mode
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["CANCERLLM_KERNELS"]
-        else:
-            os.environ["CANCERLLM_KERNELS"] = before
+    """cancerllm.kernels' backend `mode` while inside: "triton" runs our kernels (on CPU: under the interpreter),
+    "torch" the plain-PyTorch path that, given float64 tensors, is the reference."""
+    import cancerllm.kernels
+    return cancerllm.kernels.using_backend(mode)
 
 
 def first_line(error: BaseException) -> str:

@@ -1,11 +1,13 @@
 """cancerllm.kernels: attention, RMSNorm, SwiGLU and cross-entropy ops (docs/design.md, "Public API").
 
 Every op checks its inputs (`validate.py`, the same errors on every path), then runs the Triton kernel on CUDA
-tensors and the plain-PyTorch reference (`reference.py`) elsewhere. `CANCERLLM_KERNELS=triton|torch` forces one
-path, read at each call (Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is imported).
-Attention can also run on xformers' memory-efficient kernel (`backend="xformers"`, CUDA only).
+tensors and the plain-PyTorch reference (`reference.py`) elsewhere. `set_backend("triton"|"torch"|"auto")` (or
+`using_backend` for a block) forces one path for the whole process; the CANCERLLM_KERNELS environment variable sets
+the starting value, read once at import (Triton on CPU tensors needs TRITON_INTERPRET=1 set before triton is
+imported). Attention can also run on xformers' memory-efficient kernel (`backend="xformers"`, CUDA only).
 """
 import os
+from contextlib import contextmanager
 
 from . import reference
 from .attention import attention as triton_attention
@@ -14,17 +16,52 @@ from .linear_cross_entropy import linear_cross_entropy as triton_linear_cross_en
 from .rms_norm import rms_norm as triton_rms_norm
 from .validate import (check_attention, check_cross_entropy, check_linear_cross_entropy, check_rms_norm)
 
-__all__ = ["attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton"]
+__all__ = ["attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton", "BACKENDS",
+           "get_backend", "set_backend", "using_backend"]
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def _checked_backend(name: str, source: str) -> str:
+    backend = str(name).strip().lower() or "auto"
+    if backend not in BACKENDS:
+        raise ValueError(f"{source} must be 'triton', 'torch', 'auto' or unset, got {name!r}")
+    return backend
+
+
+# The one process-wide setting every op consults. Read from the environment once: a variable re-read on every op
+# call could change under a running model, and a lookup per kernel launch is wasted work.
+_backend = _checked_backend(os.environ.get("CANCERLLM_KERNELS", ""), "CANCERLLM_KERNELS")
+
+
+def get_backend() -> str:
+    """The current kernel path: "auto" (Triton on CUDA tensors, the reference elsewhere), "triton" or "torch"."""
+    return _backend
+
+
+def set_backend(name: str) -> str:
+    """Forces every op onto one path ("triton" or "torch"), or back to "auto"; returns the previous setting.
+    Process-wide (all threads), like the CANCERLLM_KERNELS variable it overrides."""
+    global _backend
+    previous, _backend = _backend, _checked_backend(name, "set_backend")
+    return previous
+
+
+@contextmanager
+def using_backend(name: str):
+    """set_backend(name) inside the block, the previous setting restored after it (even on error)."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
 
 
 def use_triton(tensor) -> bool:
-    """Whether an op on `tensor` runs the Triton kernel: on CUDA, unless CANCERLLM_KERNELS says otherwise."""
-    mode = os.environ.get("CANCERLLM_KERNELS", "auto").strip().lower() or "auto"
-    if mode == "auto":
+    """Whether an op on `tensor` runs the Triton kernel: on CUDA, unless the backend (get_backend) forces a path."""
+    if _backend == "auto":
         return tensor.is_cuda
-    if mode in ("triton", "torch"):
-        return mode == "triton"
-    raise ValueError(f"CANCERLLM_KERNELS must be 'triton', 'torch' or unset, got {mode!r}")
+    return _backend == "triton"
 
 
 def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False, backend="auto", check_values=True):

@@ -27,3 +27,12 @@ def kernel_test_device(request):
     torch.set_default_device(device)
     yield
     torch.set_default_device(None)
+
+
+@pytest.fixture
+def kernel_backend():
+    """kernel_backend("triton"|"torch"|"auto") forces cancerllm.kernels' path (set_backend) for this test only."""
+    from cancerllm import kernels
+    previous = kernels.get_backend()
+    yield kernels.set_backend
+    kernels.set_backend(previous)

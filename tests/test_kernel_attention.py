@@ -1,5 +1,9 @@
 """Flash attention (Triton, under the interpreter) against the float64 reference: output, log-sum-exp and dQ/dK/dV
 on fresh random inputs; dispatch; the model with the Triton path forced; bad input. Tolerances: kernels.testing."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -93,22 +97,37 @@ def test_poisoning_is_active():
 
 # ---------------------------------------------------------------------------------------------- dispatch, model
 
-def test_dispatch(monkeypatch):
+def test_dispatch(kernel_backend):
     """By default CPU tensors take the reference and CUDA ones the kernels (the GPU run makes CUDA the default
-    device, so a probe on it is added there); the environment variable overrides both."""
+    device, so a probe on it is added there); set_backend overrides both, and rejects an unknown path."""
     probes = [torch.ones(1, device="cpu")]
     if torch.get_default_device().type == "cuda":
         probes.append(torch.ones(1))
     for x in probes:
-        monkeypatch.delenv("CANCERLLM_KERNELS", raising=False)
+        kernel_backend("auto")
         assert kernels.use_triton(x) == x.is_cuda
-        monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+        kernel_backend("triton")
         assert kernels.use_triton(x)
-        monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
-        assert not kernels.use_triton(x)
-        monkeypatch.setenv("CANCERLLM_KERNELS", "cuda")
-        with pytest.raises(ValueError, match="CANCERLLM_KERNELS"):
-            kernels.use_triton(x)
+        with kernels.using_backend(" Torch "):
+            assert kernels.get_backend() == "torch" and not kernels.use_triton(x)
+        assert kernels.get_backend() == "triton"
+        with pytest.raises(ValueError, match="set_backend must be 'triton', 'torch', 'auto'"):
+            kernel_backend("cuda")
+        assert kernels.use_triton(x)
+
+
+def test_dispatch_env_var_read_once_at_import():
+    """CANCERLLM_KERNELS sets the starting backend when cancerllm.kernels is imported (setting it afterwards
+    changes nothing: set_backend does); an unknown value fails the import, naming the variable."""
+    code = ("import os; from cancerllm import kernels; os.environ['CANCERLLM_KERNELS'] = 'torch'; "
+            "print(kernels.get_backend())")
+    for value, expected in (("TRITON", "triton"), ("cuda", None)):
+        proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "CANCERLLM_KERNELS": value},
+                              capture_output=True, text=True, timeout=120)
+        if expected:
+            assert proc.returncode == 0 and proc.stdout.split() == [expected], proc.stderr[-2000:]
+        else:
+            assert proc.returncode != 0 and "CANCERLLM_KERNELS must be 'triton', 'torch', 'auto'" in proc.stderr
 
 
 def model_loss_and_grads(model, tokens, targets, cu_seqlens):
@@ -118,9 +137,9 @@ def model_loss_and_grads(model, tokens, targets, cu_seqlens):
     return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-def test_model_triton_path_equals_reference_path(monkeypatch):
+def test_model_triton_path_equals_reference_path(monkeypatch, kernel_backend):
     """A tiny Mistral (sliding window shorter than the sequence, GQA, packed documents, ignored targets):
-    loss and every parameter gradient agree between CANCERLLM_KERNELS=triton and =torch."""
+    loss and every parameter gradient agree between the "triton" and "torch" backends."""
     args = ModelArgs.preset("tiny", vocab_size=256, max_seq_len=64, sliding_window=5)
     model = Transformer(args)
     tokens = torch.randint(0, args.vocab_size, (2, 12))
@@ -134,10 +153,10 @@ def test_model_triton_path_equals_reference_path(monkeypatch):
         spy = lambda *a, _real=real, _name=name, **kw: calls.append(_name) or _real(*a, **kw)  # noqa: E731
         monkeypatch.setattr(kernels, name, spy)
 
-    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+    kernel_backend("torch")
     ref_loss, ref_grads = model_loss_and_grads(model, tokens, targets, cu_seqlens)
     assert not calls
-    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+    kernel_backend("triton")
     loss, grads = model_loss_and_grads(model, tokens, targets, cu_seqlens)
     assert set(calls) == {"triton_attention", "triton_rms_norm", "triton_linear_cross_entropy"}
 

@@ -88,8 +88,7 @@ def test_cross_entropy_inplace_backward_guards():
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
     for backend in ("torch", "triton"):
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("CANCERLLM_KERNELS", backend)
+        with kernels.using_backend(backend):
             values = torch.randn(6, 50)
             leaf = values.clone().requires_grad_()
             kernels.cross_entropy(leaf, targets, inplace_backward=True).backward()
@@ -245,10 +244,10 @@ class HostSyncCounter(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("ignored_fraction", [0.0, 0.5])
-def test_linear_cross_entropy_dispatch_syncs_once(monkeypatch, ignored_fraction):
+def test_linear_cross_entropy_dispatch_syncs_once(monkeypatch, kernel_backend, ignored_fraction):
     """Past the input checks (validate.py's own reads), the dispatcher reads the device once per call, whether or
     not rows are dropped."""
-    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+    kernel_backend("torch")
     monkeypatch.setattr(kernels, "check_linear_cross_entropy", lambda *args: None)
     targets = torch.randint(0, 50, (20,))
     targets[torch.rand(20) < ignored_fraction] = -100
@@ -269,10 +268,10 @@ def test_linear_cross_entropy_all_ignored():
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("ignored_fraction", [0.8, 1.0])
-def test_linear_cross_entropy_dispatch_drops_ignored_rows(monkeypatch, backend, ignored_fraction):
+def test_linear_cross_entropy_dispatch_drops_ignored_rows(kernel_backend, backend, ignored_fraction):
     """The dispatcher computes logits only for rows that carry loss (SFT prompts carry none); loss and gradients
     still equal the float64 unfused loss over all rows, and ignored rows get exactly zero gradient."""
-    monkeypatch.setenv("CANCERLLM_KERNELS", backend)
+    kernel_backend(backend)
     hidden = torch.randn(37, 24, requires_grad=True)
     weight = (0.3 * torch.randn(V, 24)).requires_grad_()
     targets = torch.randint(0, V, (37,))
@@ -299,10 +298,10 @@ def weighted_unfused(hidden, weight, targets, token_weights, reduction):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_cross_entropy_token_weights(monkeypatch, backend, dtype, reduction):
+def test_linear_cross_entropy_token_weights(kernel_backend, backend, dtype, reduction):
     """Per-token weights (zero on some valid tokens, arbitrary on ignored ones) on both backends, chunks of 8 over
     45 tokens: loss and both gradients equal the float64 weighted sum / weighted mean of the unfused losses."""
-    monkeypatch.setenv("CANCERLLM_KERNELS", backend)
+    kernel_backend(backend)
     hidden = torch.randn(45, 24, dtype=dtype, requires_grad=True)
     weight = (0.3 * torch.randn(V, 24)).to(dtype).requires_grad_()
     targets = random_targets(45, V)
@@ -321,9 +320,9 @@ def test_linear_cross_entropy_token_weights(monkeypatch, backend, dtype, reducti
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_linear_cross_entropy_unit_weights_and_zero_weights(monkeypatch, backend):
+def test_linear_cross_entropy_unit_weights_and_zero_weights(kernel_backend, backend):
     """Weights of 1 give the unweighted loss exactly; weights summing to 0 give loss 0 and zero gradients."""
-    monkeypatch.setenv("CANCERLLM_KERNELS", backend)
+    kernel_backend(backend)
     hidden, weight, targets = torch.randn(13, 16), torch.randn(300, 16), random_targets(13, 300)
     plain = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=4)
     ones = kernels.linear_cross_entropy(hidden, weight, targets, chunk_size=4, token_weights=torch.ones(13))
@@ -334,21 +333,21 @@ def test_linear_cross_entropy_unit_weights_and_zero_weights(monkeypatch, backend
     assert zero.item() == 0.0 and torch.equal(hidden.grad, torch.zeros_like(hidden))
 
 
-def test_linear_cross_entropy_dispatch_passes_only_loss_rows(monkeypatch):
+def test_linear_cross_entropy_dispatch_passes_only_loss_rows(monkeypatch, kernel_backend):
     seen = []
     real = reference.linear_cross_entropy
     def recording(hidden, *args, **kwargs):
         seen.append(hidden.shape[0])
         return real(hidden, *args, **kwargs)
     monkeypatch.setattr(reference, "linear_cross_entropy", recording)
-    monkeypatch.setenv("CANCERLLM_KERNELS", "torch")
+    kernel_backend("torch")
     targets = torch.tensor([-100, 3, -100, -100, 7, -100])
     kernels.linear_cross_entropy(torch.randn(6, 8), torch.randn(10, 8), targets)
     assert seen == [2]
 
 
-def test_dispatch_forced_triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+def test_dispatch_forced_triton_on_cpu(kernel_backend):
+    kernel_backend("triton")
     logits, targets = torch.randn(4, 30), torch.randint(0, 30, (4,))
     expected = reference.cross_entropy(logits.double(), targets)
     assert_close("loss", kernels.cross_entropy(logits, targets), expected, torch.float32)

@@ -57,8 +57,8 @@ def test_non_contiguous_input_is_copied():
     assert_close("y", triton_rms_norm(x, weight), reference.rms_norm(x.double(), weight.double()), torch.float32)
 
 
-def test_dispatch_forced_triton_on_cpu(monkeypatch):
-    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+def test_dispatch_forced_triton_on_cpu(kernel_backend):
+    kernel_backend("triton")
     x, weight = torch.randn(4, 16), torch.randn(16)
     assert_close("y", kernels.rms_norm(x, weight), reference.rms_norm(x.double(), weight.double()), torch.float32)
 

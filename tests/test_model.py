@@ -169,11 +169,11 @@ def host_reads(monkeypatch, fn):
 
 
 @pytest.mark.parametrize("n_layers", [1, 2])
-def test_forward_reads_the_host_once_whatever_the_number_of_layers(monkeypatch, n_layers):
+def test_forward_reads_the_host_once_whatever_the_number_of_layers(monkeypatch, kernel_backend, n_layers):
     """The Triton path (what runs on CUDA; here under the interpreter): one host read per forward checks the
     tokens, positions and packed documents for every layer, and backward reads none. The fused loss's own reads
     (kernels.linear_cross_entropy drops ignored rows) are counted apart, by calling it alone."""
-    monkeypatch.setenv("CANCERLLM_KERNELS", "triton")
+    kernel_backend("triton")
     model = Transformer(tiny_args(n_layers=n_layers, sliding_window=8))
     tokens = torch.randint(0, 256, (2, 16))
     cu_seqlens = torch.tensor([0, 5, 16, 27, 32], dtype=torch.int32)
