@@ -5,8 +5,10 @@ Loading streams tensor by tensor into a model built on the meta device, so a che
 in RAM, not twice that. Nothing is ever unpickled.
 """
 import json
+import os
 import re
 import shutil
+import uuid
 from pathlib import Path
 
 import torch
@@ -19,6 +21,7 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 HF_PREFIX = "model."
 # Buffers some older exports carry that the architecture recomputes.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
@@ -31,8 +34,7 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
     """ModelArgs and stored dtype from a config.json in transformers v4 (`rope_theta`, `torch_dtype`) or v5
     (`rope_parameters`, `dtype`) naming. Refuses what the architecture cannot represent."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (a Hugging Face checkpoint directory needs {CONFIG})")
+    check_file(path, f"missing (a Hugging Face checkpoint directory needs {CONFIG})")
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -43,43 +45,58 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
     def refuse(key, why):
         raise ValueError(f"{path}: {key}={cfg.get(key)!r} is not supported: {why}")
 
+    def get(key, kind, default=None):
+        value = cfg.get(key, default)
+        if value is None and default is None and key in REQUIRED:
+            raise ValueError(f"{path}: missing required key {key!r}")
+        if value is not None and not is_a(value, kind):
+            raise ValueError(f"{path}: {key} must be {kind_name(kind)}, got {value!r}")
+        return value
+
     if cfg.get("model_type") != "mistral":
         refuse("model_type", "only 'mistral' checkpoints can be represented")
     if cfg.get("tie_word_embeddings", False):
         refuse("tie_word_embeddings", "Mistral has an untied output head")
     if cfg.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "the feed-forward is SwiGLU (silu)")
-    rope = cfg.get("rope_parameters") or {}
+    rope = get("rope_parameters", dict) or {}
     if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         refuse("rope_scaling" if cfg.get("rope_scaling") else "rope_parameters", "only unscaled rotary embeddings")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             refuse(key, "Mistral's projections have no bias")
-
-    def get(key, kind, default=None):
-        value = cfg.get(key, default)
-        if value is None and default is None and key in REQUIRED:
-            raise ValueError(f"{path}: missing required key {key!r}")
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
-            raise ValueError(f"{path}: {key} must be {kind.__name__ if isinstance(kind, type) else 'a number'}, "
-                             f"got {value!r}")
-        return value
+    rope_theta = rope.get("rope_theta", get("rope_theta", NUMBER, 10000.0))
+    if not is_a(rope_theta, NUMBER):
+        raise ValueError(f"{path}: rope_parameters.rope_theta must be a number, got {rope_theta!r}")
 
     n_heads = get("num_attention_heads", int)
     dim = get("hidden_size", int)
-    args = ModelArgs(
-        dim=dim, n_layers=get("num_hidden_layers", int), n_heads=n_heads,
-        n_kv_heads=get("num_key_value_heads", int, n_heads),
-        head_dim=get("head_dim", int, None) or dim // n_heads,
-        hidden_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
-        sliding_window=get("sliding_window", int, None),
-        rope_theta=float(rope.get("rope_theta", get("rope_theta", (int, float), 10000.0))),
-        norm_eps=float(get("rms_norm_eps", (int, float), 1e-6)),
-        max_seq_len=get("max_position_embeddings", int, 32768))
+    try:
+        args = ModelArgs(
+            dim=dim, n_layers=get("num_hidden_layers", int), n_heads=n_heads,
+            n_kv_heads=get("num_key_value_heads", int, n_heads),
+            head_dim=get("head_dim", int, None) or (dim // n_heads if n_heads > 0 else 0),
+            hidden_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
+            sliding_window=get("sliding_window", int, None), rope_theta=float(rope_theta),
+            norm_eps=float(get("rms_norm_eps", NUMBER, 1e-6)),
+            max_seq_len=get("max_position_embeddings", int, 32768))
+    except (ValueError, TypeError) as e:      # ModelArgs' own checks: name the file whose value it refused
+        raise ValueError(f"{path}: {e}") from None
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
-    if dtype_name not in DTYPES:
+    if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ValueError(f"{path}: dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
     return args, DTYPES[dtype_name]
+
+
+NUMBER = (int, float)
+
+
+def is_a(value, kind) -> bool:
+    return isinstance(value, kind) and not isinstance(value, bool)
+
+
+def kind_name(kind) -> str:
+    return kind.__name__ if isinstance(kind, type) else "a number"
 
 
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
@@ -103,30 +120,57 @@ def config_dict(args: ModelArgs, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict
 
 # ---------------------------------------------------------------------------------------------- load
 
-def weight_files(directory: Path) -> list[Path]:
+def check_file(path: Path, missing: str):
+    """Refuse a path that is not a readable file, saying why: missing (`missing` says what that means), a
+    symbolic link loop, or something other than a file."""
+    try:
+        path.resolve(strict=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: {missing}") from None
+    except (RuntimeError, OSError) as e:      # RuntimeError up to Python 3.12, OSError(ELOOP) after
+        raise ValueError(f"{path}: cannot be read: a symbolic link loop ({e})") from None
+    if not path.is_file():
+        raise ValueError(f"{path}: not a file")
+
+
+def plain_file_name(name) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\\" not in name
+
+
+def weight_files(directory: Path) -> dict[Path, set | None]:
+    """The weight files and the tensor names to read from each (None: all of them). A sharded checkpoint's index
+    is authoritative: each tensor is read from the file it names and nowhere else, and it may name only files of
+    the directory itself."""
     index = directory / INDEX
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index ({e})") from None
-        files = [directory / f for f in sorted(set(weight_map.values()))]
-    elif (directory / SINGLE).is_file():
-        files = [directory / SINGLE]
-    else:
-        raise FileNotFoundError(f"{directory}: no {SINGLE} or {INDEX} found")
+    if not index.exists() and not index.is_symlink():
+        check_file(directory / SINGLE, f"no {SINGLE} or {INDEX} found in {directory}")
+        return {directory / SINGLE: None}
+    check_file(index, "missing")
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{index}: not a safetensors index ({e})") from None
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must map tensor names to file names")
+    files = {}
+    for name, file in weight_map.items():
+        if not plain_file_name(file):
+            raise ValueError(f"{index}: weight_map[{name!r}] = {file!r} is not a file name in {directory}")
+        files.setdefault(directory / file, set()).add(name)
     for f in files:
-        if not f.is_file():
-            raise FileNotFoundError(f"{f}: listed in {index.name} but missing")
-    return files
+        check_file(f, f"listed in {INDEX} but missing")
+    return dict(sorted(files.items()))
 
 
-def iter_tensors(files):
+def iter_tensors(files: dict):
     """(name, tensor) one at a time, each read from its memory-mapped file when asked for."""
-    for f in files:
+    for f, names in files.items():
         try:
             with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():
+                present = set(sf.keys())
+                if names is not None and names - present:
+                    raise ValueError(f"{f}: lacks {', '.join(sorted(names - present))}, which {INDEX} places there")
+                for name in sorted(present if names is None else names):
                     yield name, sf.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
@@ -142,7 +186,7 @@ def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    state, unexpected, misshapen = {}, [], []
+    state, unexpected, misshapen, not_float = {}, [], [], []
     for name, tensor in iter_tensors(weight_files(directory)):
         key = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
         if IGNORED_KEYS.match(key):
@@ -151,12 +195,15 @@ def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
             unexpected.append(name)
         elif tensor.shape != expected[key]:
             misshapen.append(f"{name}: {tuple(tensor.shape)} in the file, {tuple(expected[key])} expected")
+        elif not tensor.dtype.is_floating_point:
+            not_float.append(f"{name}: {tensor.dtype}")
         else:
             state[key] = tensor.to(device=device, dtype=dtype)
     missing = sorted(HF_PREFIX * (k != "lm_head.weight") + k for k in expected.keys() - state.keys())
     problems = [f"missing: {', '.join(missing)}"] * bool(missing) + \
                [f"unexpected: {', '.join(unexpected)}"] * bool(unexpected) + \
-               [f"wrong shape: {'; '.join(misshapen)}"] * bool(misshapen)
+               [f"wrong shape: {'; '.join(misshapen)}"] * bool(misshapen) + \
+               [f"not floating point: {'; '.join(not_float)}"] * bool(not_float)
     if problems:
         raise ValueError(f"{directory}: weights do not match config.json: " + " | ".join(problems))
     model.load_state_dict(state, assign=True)
@@ -189,15 +236,50 @@ def plan_shards(state: dict, max_bytes: int) -> list[dict]:
 
 def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):
     """Write a model state dict (our names) as a Hugging Face directory. Used for a local model and for the full
-    state dict that FSDP training gathers on rank 0."""
+    state dict that FSDP training gathers on rank 0.
+
+    Every argument is checked before anything is written, and the files are written into a temporary sibling
+    directory, then moved into `path` only when all are complete: a refused or interrupted save leaves an earlier
+    save intact. In an existing directory only the files of the layout (config.json, model.safetensors, the index
+    and the shards it lists, tokenizer.model) are replaced or removed; other files stay. A save without a tokenizer
+    into a directory that holds a tokenizer.model is refused: the old vocabulary would sit beside new weights."""
     directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
+    if not state:
+        raise ValueError("save_pretrained: the state dict is empty")
     dtype = dtype or next(iter(state.values())).dtype
+    if dtype not in DTYPES.values():
+        raise ValueError(f"save_pretrained: dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype}")
+    max_bytes = parse_size(max_shard_size)
+    tok = load_tokenizer(tokenizer, args.vocab_size)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
+    if tok is None and (directory / TOKENIZER).exists():
+        raise ValueError(f"save_pretrained: {directory / TOKENIZER} is from an earlier save and would not match "
+                         "these weights; pass tokenizer= (its path keeps it) or remove it first")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.with_name(f".{directory.name}.saving-{uuid.uuid4().hex[:8]}")
+    staging.mkdir()                            # (not mkdtemp: its mode 0700 would become the directory's)
+    try:
+        write_layout(staging, state, args, dtype, tok, max_bytes)
+        move_into(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_tokenizer(tokenizer, vocab_size: int):
+    if tokenizer is None:
+        return None
+    from .tokenizer import Tokenizer
+    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    tok.check_fits(vocab_size)
+    return tok
+
+
+def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dtype, tok, max_bytes: int):
+    """The files of a Hugging Face directory, written into an empty `directory`."""
     hf_state = {(k if k == "lm_head.weight" else HF_PREFIX + k): v.detach().to("cpu", dtype).contiguous()
                 for k, v in state.items()}
-    for stale in list(directory.glob("model*.safetensors")) + [directory / INDEX]:
-        stale.unlink(missing_ok=True)
-    shards = plan_shards(hf_state, parse_size(max_shard_size))
+    shards = plan_shards(hf_state, max_bytes)
     if len(shards) == 1:
         save_file(shards[0], str(directory / SINGLE), metadata={"format": "pt"})
     else:
@@ -210,14 +292,38 @@ def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_s
         (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                                   indent=2))
     ids = {}
-    if tokenizer is not None:
-        from .tokenizer import Tokenizer
-        tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
-        tok.check_fits(args.vocab_size)
-        if tok.path.resolve() != (directory / TOKENIZER).resolve():
-            shutil.copyfile(tok.path, directory / TOKENIZER)
+    if tok is not None:
+        shutil.copyfile(tok.path, directory / TOKENIZER)
         ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id)
     (directory / CONFIG).write_text(json.dumps(config_dict(args, dtype, **ids), indent=2))
+
+
+def layout_files(directory: Path) -> set[str]:
+    """The files of the layout an earlier save left in `directory`: shards only by their standard names and only
+    when its index lists them, so a user's own model_final.safetensors is never among them."""
+    names = {CONFIG, SINGLE, INDEX, TOKENIZER}
+    try:
+        names |= {f for f in json.loads((directory / INDEX).read_text())["weight_map"].values()
+                  if isinstance(f, str) and SHARD_NAME.fullmatch(f)}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass                                   # no index, or not one of ours: no shards of ours to remove
+    return {name for name in names if (directory / name).is_file()}
+
+
+def move_into(staging: Path, directory: Path):
+    """Make `directory` hold the files of `staging`: by renaming it when `directory` does not exist, else file by
+    file (each an atomic rename: weights, then the index, tokenizer and config.json), removing last the files of an
+    earlier save that the new one does not replace."""
+    if not directory.exists():
+        staging.rename(directory)
+        return
+    stale = layout_files(directory)
+    order = {INDEX: 1, TOKENIZER: 2, CONFIG: 3}
+    for f in sorted(staging.iterdir(), key=lambda f: (order.get(f.name, 0), f.name)):
+        os.replace(f, directory / f.name)
+        stale.discard(f.name)
+    for name in stale:
+        (directory / name).unlink()
 
 
 def save_pretrained(model: Transformer, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):

@@ -1,5 +1,7 @@
-"""Checkpoint files that are missing, corrupt or describe something else get errors naming the file."""
+"""Checkpoint files that are missing, corrupt or describe something else get errors naming the file; a refused or
+interrupted save leaves an earlier one intact."""
 import json
+import re
 
 import pytest
 import torch
@@ -75,11 +77,18 @@ def test_corrupt_config_names_the_line(saved):
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_parameters"),
     (dict(tie_word_embeddings=True), "tie_word_embeddings"),
     (dict(dtype="int8", torch_dtype="int8"), "dtype"),
+    (dict(rope_theta="abc"), "rope_theta must be a number, got 'abc'"),
+    (dict(rope_parameters="x"), "rope_parameters must be dict, got 'x'"),
+    (dict(rope_parameters={"rope_type": "default", "rope_theta": "abc"}), "rope_parameters.rope_theta must be a num"),
+    (dict(rms_norm_eps=-1e-5), "norm_eps must be a positive finite number, got -1e-05"),
+    (dict(max_position_embeddings=2**31 - 1), "max_seq_len=2147483647: its rotary tables would take 128.0 GiB"),
+    (dict(num_attention_heads=0), "n_heads must be positive"),
 ])
 def test_config_it_cannot_represent(saved, changes, match):
     edit_config(saved, **changes)
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ValueError, match=match) as e:
         Transformer.from_pretrained(saved)
+    assert str(saved / "config.json") in str(e.value)
 
 
 def test_state_dict_mismatches_are_named(saved):
@@ -105,3 +114,127 @@ def test_tokenizer_larger_than_vocab_is_refused(tmp_path):
 
 def test_no_pickle_in_checkpoints(saved):
     assert sorted(p.name for p in saved.iterdir()) == ["config.json", "model.safetensors"]
+
+
+def test_integer_weights_are_refused_not_cast(saved):
+    path = saved / "model.safetensors"
+    state = load_file(path)
+    state["model.norm.weight"] = state["model.norm.weight"].long()
+    save_file(state, path)
+    with pytest.raises(ValueError, match="not floating point: model.norm.weight: torch.int64"):
+        Transformer.from_pretrained(saved)
+
+
+# ---------------------------------------------------------------------------------------------- sharded index
+
+def sharded_save(directory):
+    model = Transformer(tiny_args())
+    model.save_pretrained(directory, max_shard_size="40KB")
+    return model, json.loads((directory / "model.safetensors.index.json").read_text())
+
+
+def test_the_index_decides_which_file_a_tensor_is_read_from(tmp_path):
+    model, index = sharded_save(tmp_path)
+    files = sorted(set(index["weight_map"].values()))
+    name = next(n for n, f in index["weight_map"].items() if f == files[0])
+    decoy = load_file(tmp_path / files[-1])            # the same tensor again, in a file read after its own
+    decoy[name] = torch.zeros_like(model.state_dict()[name.removeprefix("model.")])
+    save_file(decoy, tmp_path / files[-1])
+    loaded = Transformer.from_pretrained(tmp_path)
+    assert torch.equal(loaded.state_dict()[name.removeprefix("model.")], model.state_dict()[name.removeprefix("model.")])
+
+
+def test_a_tensor_missing_from_the_file_its_index_names_is_named(tmp_path):
+    _, index = sharded_save(tmp_path)
+    name, file = next(iter(index["weight_map"].items()))
+    state = load_file(tmp_path / file)
+    del state[name]
+    save_file(state, tmp_path / file)
+    with pytest.raises(ValueError, match=f"{file}: lacks {name}, which model.safetensors.index.json places there"):
+        Transformer.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("entry", ["../outside.safetensors", "/tmp/outside.safetensors", "sub/../../x.safetensors"])
+def test_index_entries_outside_the_directory_are_refused(tmp_path, entry):
+    directory = tmp_path / "model"
+    _, index = sharded_save(directory)
+    name, file = next(iter(index["weight_map"].items()))
+    (tmp_path / "outside.safetensors").write_bytes((directory / file).read_bytes())    # it would load
+    index["weight_map"][name] = entry
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"index.json: weight_map\[.*\] = {re.escape(repr(entry))} is not a file name"):
+        Transformer.from_pretrained(directory)
+
+
+def test_a_symlink_loop_is_reported_as_one(saved):
+    (saved / "model.safetensors").unlink()
+    (saved / "model.safetensors").symlink_to(saved / "model.safetensors")
+    with pytest.raises(ValueError, match="model.safetensors: cannot be read: a symbolic link loop"):
+        Transformer.from_pretrained(saved)
+
+
+# ---------------------------------------------------------------------------------------------- saving again
+
+def contents(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir()}
+
+
+@pytest.fixture
+def earlier(tmp_path):
+    directory = tmp_path / "model"
+    Transformer(tiny_args()).save_pretrained(directory)
+    return directory
+
+
+def refused_save_arguments():
+    from cancerllm.tokenizer import mistral_tokenizer_path
+    return [(dict(dtype=torch.int8), r"dtype must be one of torch.float32, .* got torch.int8"),
+            (dict(tokenizer=mistral_tokenizer_path()), "32000 pieces but the model has vocab_size=256"),
+            (dict(max_shard_size="lots"), "max_shard_size must be bytes")]
+
+
+@pytest.mark.parametrize("kwargs, message", refused_save_arguments())
+def test_a_refused_save_leaves_the_earlier_one_intact(earlier, kwargs, message):
+    before = contents(earlier)
+    with pytest.raises(ValueError, match=message):
+        Transformer(tiny_args()).save_pretrained(earlier, **kwargs)
+    assert contents(earlier) == before
+    assert [p.name for p in earlier.parent.iterdir()] == ["model"]
+
+
+def test_an_interrupted_save_leaves_the_earlier_one_intact(earlier, monkeypatch):
+    import cancerllm.checkpoint as checkpoint
+    before, real_save_file, calls = contents(earlier), checkpoint.save_file, []
+
+    def disk_fills_on_the_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        return real_save_file(*args, **kwargs)
+    monkeypatch.setattr(checkpoint, "save_file", disk_fills_on_the_second_shard)
+    with pytest.raises(OSError, match="No space left"):
+        Transformer(tiny_args()).save_pretrained(earlier, max_shard_size="40KB")
+    assert contents(earlier) == before
+    assert [p.name for p in earlier.parent.iterdir()] == ["model"]
+
+
+def test_saving_again_replaces_only_the_files_of_the_layout(tmp_path):
+    directory = tmp_path / "model"
+    sharded_save(directory)
+    (directory / "model_final.safetensors").write_bytes(b"the user's own")
+    (directory / "notes.md").write_text("kept")
+    model = Transformer(tiny_args())
+    model.save_pretrained(directory)                      # one file now: the old index and shards go
+    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors",
+                                                           "model_final.safetensors", "notes.md"]
+    assert (directory / "model_final.safetensors").read_bytes() == b"the user's own"
+    loaded = Transformer.from_pretrained(directory)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_save_without_tokenizer_beside_an_earlier_one_is_refused(earlier):
+    (earlier / "tokenizer.model").write_bytes(b"an earlier vocabulary")
+    before = contents(earlier)
+    with pytest.raises(ValueError, match="tokenizer.model is from an earlier save .* pass tokenizer="):
+        Transformer(tiny_args()).save_pretrained(earlier)
+    assert contents(earlier) == before
