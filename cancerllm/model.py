@@ -4,6 +4,7 @@ rotary embeddings and a SwiGLU feed-forward, a final RMSNorm and an untied outpu
 Module and parameter names follow Hugging Face's MistralForCausalLM, less its `model.` prefix, so checkpoints
 map one to one. Attention, RMSNorm and the loss go through `cancerllm.kernels`.
 """
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -15,6 +16,9 @@ from .kernels.reference import compute_dtype
 from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 
 
+# The rotary tables are precomputed for max_seq_len positions; 1 GiB holds 2M positions at head_dim 128 (Mistral
+# Nemo's 1,024,000 included) and refuses a config.json whose max_position_embeddings is a sentinel like 2**31 - 1.
+MAX_ROPE_TABLE_BYTES = 2**30
 FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), Optional[int]: (int, type(None))}
 
 
@@ -56,6 +60,14 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.sliding_window must be positive or None, got {self.sliding_window}")
         if self.attn_backend not in ("auto", "xformers"):
             raise ValueError(f"ModelArgs.attn_backend must be 'auto' or 'xformers', got {self.attn_backend!r}")
+        for name in ("rope_theta", "norm_eps"):
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"ModelArgs.{name} must be a positive finite number, got {getattr(self, name)}")
+        table_bytes = 2 * self.max_seq_len * self.head_dim // 2 * 4          # cos and sin, fp32
+        if table_bytes > MAX_ROPE_TABLE_BYTES:
+            raise ValueError(f"ModelArgs.max_seq_len={self.max_seq_len}: its rotary tables would take "
+                             f"{table_bytes / 2**30:.1f} GiB (at most {MAX_ROPE_TABLE_BYTES // 2**30} GiB, "
+                             f"{MAX_ROPE_TABLE_BYTES // (4 * self.head_dim):,} positions at head_dim={self.head_dim})")
 
     def to_dict(self) -> dict:
         return asdict(self)
