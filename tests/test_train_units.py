@@ -81,6 +81,12 @@ def write_config(tmp_path, text):
     ("", ["train.stage=rlhf"], "train.stage must be one of pretrain, sft"),
     ("", ["model.overrides.n_layer=2"], "unexpected keyword argument 'n_layer'"),
     ("", ["train.steps=0"], "train.steps must be positive"),
+    ("", ["optim.lr=nan"], "optim.lr must be a finite number, got nan"),
+    ("[optim]\nlr = inf\n", [], "optim.lr must be a finite number, got inf"),
+    ("", ["optim.betas=[0.9, nan]"], "optim.betas must be a finite number, got nan"),
+    ("", ["train.seed=1180591620717411303424"], "train.seed = 1180591620717411303424 does not fit in 64 bits"),
+    ("", ["model.overrides.norm_eps=-1e-5"], "norm_eps must be a positive finite number"),
+    ("", ["model.overrides.rope_theta=inf"], "model.overrides.rope_theta must be a finite number"),
 ])
 def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, overrides, message):
     path = write_config(tmp_path, text)

@@ -5,6 +5,7 @@ value is refused with an error naming the file and the key. `--set section.key=v
 value is read as a TOML value (`8`, `3e-4`, `true`, `"text"`, `[0.9, 0.95]`), and as a plain string otherwise.
 """
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -219,7 +220,24 @@ def build_section(cls, values: dict, section: str, source: str):
         raise ConfigError(f"{source}: {e}") from None
 
 
+INT64 = 2**63     # TOML integers are 64-bit; tomllib reads bigger ones, which torch and the loader cannot take
+
+
+def check_numbers(section: str, values, source: str):
+    """Every float finite (TOML has nan and inf: an infinite lr writes NaN weights) and every int 64-bit."""
+    for key, value in values.items():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and not math.isfinite(item):
+                raise ConfigError(f"{source}: {section}.{key} must be a finite number, got {item!r}")
+            if isinstance(item, int) and not -INT64 <= item < INT64:
+                raise ConfigError(f"{source}: {section}.{key} = {item} does not fit in 64 bits")
+
+
 def check_values(config: Config, source: str):
+    for section in dataclasses.fields(config):
+        values = getattr(config, section.name)
+        check_numbers(section.name, values if isinstance(values, dict) else vars(values), source)
+    check_numbers("model.overrides", config.model.overrides, source)
     for (section, key), allowed in CHOICES.items():
         value = getattr(getattr(config, section), key)
         if value not in allowed:
