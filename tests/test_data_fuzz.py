@@ -85,11 +85,10 @@ def fuzz(folder: str, iterations: int, seed: int):
 
 
 @pytest.mark.skipif(not cpp_available(), reason="cancerllm._C is not built")
-def test_cpp_reader_never_crashes_on_garbage(tmp_path):
-    seed = int(np.random.SeedSequence().entropy % 2**32)
-    done = subprocess.run([sys.executable, __file__, str(tmp_path), str(ITERATIONS), str(seed)],
+def test_cpp_reader_never_crashes_on_garbage(tmp_path, fresh_seed):
+    done = subprocess.run([sys.executable, __file__, str(tmp_path), str(ITERATIONS), str(fresh_seed)],
                           capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"fuzz seed {seed}: exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
+    assert done.returncode == 0, f"fuzz seed {fresh_seed}: exit code {done.returncode}\n{done.stdout}\n{done.stderr}"
     assert f"fuzzed {ITERATIONS} files" in done.stdout
 
 
