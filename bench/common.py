@@ -12,28 +12,9 @@ from pathlib import Path
 import torch
 
 from bench import repo_path  # noqa: F401
+from cancerllm.hardware import gpu_peaks
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-# Dense bf16 tensor-core TFLOP/s and HBM GB/s from the vendors' data sheets, matched on the device name.
-GPU_PEAKS = {
-    "H200": (989.0, 4800.0),
-    "H100 SXM": (989.0, 3350.0),
-    "H100 PCIe": (756.0, 2000.0),
-    "H100": (989.0, 3350.0),
-    "A100-SXM4-80GB": (312.0, 2039.0),
-    "A100": (312.0, 1555.0),
-    "L40S": (362.0, 864.0),
-    "A10G": (70.0, 600.0),
-}
-
-
-def gpu_peaks(device_name: str):
-    """(peak bf16 TFLOP/s, peak GB/s) of a GPU by name, or (None, None) when it is not in the table."""
-    for key, peaks in GPU_PEAKS.items():
-        if key.lower() in device_name.lower():
-            return peaks
-    return None, None
 
 
 def machine() -> dict:

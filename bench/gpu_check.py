@@ -48,7 +48,6 @@ from bench.common import write_results  # noqa: E402
 from bench.repo_path import ROOT, KernelsFinder  # noqa: E402
 
 CARRY = ROOT / ".gpu-carry"
-DATA_SHEET_TFLOPS = 989.0    # H100/H200 SXM dense bf16
 GOALS = {"attention ours/best-peer": 0.8, "linear_cross_entropy peak ours/naive": 0.25, "1b MFU": 0.40}
 
 
@@ -369,6 +368,7 @@ def section_train(c: Check):
     from bench.train import measure_training
     from cancerllm import ModelArgs
     steps, warmup = c.sizes.train_steps
+    data_sheet_tflops = gpu_peaks(torch.cuda.get_device_name(c.device))[0] if c.device.type == "cuda" else None
     for name, preset, overrides, batch, seq_len in c.sizes.train:
         args = ModelArgs.preset(preset, **overrides)
         for checkpoint_every in (0, 1):
@@ -383,9 +383,9 @@ def section_train(c: Check):
                 free_memory()
                 continue
             row["mfu_measured_peak"] = row["model_tflops"] / c.matmul_tflops if c.matmul_tflops else None
-            row["mfu_data_sheet"] = row["model_tflops"] / DATA_SHEET_TFLOPS
+            row["mfu_data_sheet"] = row["model_tflops"] / data_sheet_tflops if data_sheet_tflops else None
             row.pop("mfu", None)
-            is_goal_row = name == "1b" and c.device.type == "cuda"
+            is_goal_row = name == "1b" and data_sheet_tflops is not None   # a GPU in cancerllm.hardware's table
             goal = GOALS["1b MFU"] if is_goal_row else None
             c.rec.record("train", label, params=args.num_params(), **row, goal=goal,
                          meets_goal=None if goal is None else row["mfu_data_sheet"] >= goal)
