@@ -141,7 +141,7 @@ def train(cfg, tokenizer, d, stop: StopSignal):
             checkpointer.save(step, model, optimizer, scheduler, loader, guard)
         log.reset_timer()                                # checkpoint and validation time is not step time
 
-    if step > start:                 # a finished run started again has nothing new to validate, and keeps its checkpoint
+    if step > start:                 # a finished run started again: nothing to validate, its checkpoint kept
         if val_loader and not (cfg.train.val_every and step % cfg.train.val_every == 0):
             validate(step)
         checkpointer.save(step, model, optimizer, scheduler, loader, guard)

@@ -140,8 +140,8 @@ def test_the_index_decides_which_file_a_tensor_is_read_from(tmp_path):
     decoy = load_file(tmp_path / files[-1])            # the same tensor again, in a file read after its own
     decoy[name] = torch.zeros_like(model.state_dict()[name.removeprefix("model.")])
     save_file(decoy, tmp_path / files[-1])
-    loaded = Transformer.from_pretrained(tmp_path)
-    assert torch.equal(loaded.state_dict()[name.removeprefix("model.")], model.state_dict()[name.removeprefix("model.")])
+    key = name.removeprefix("model.")
+    assert torch.equal(Transformer.from_pretrained(tmp_path).state_dict()[key], model.state_dict()[key])
 
 
 def test_a_tensor_missing_from_the_file_its_index_names_is_named(tmp_path):
@@ -162,7 +162,7 @@ def test_index_entries_outside_the_directory_are_refused(tmp_path, entry):
     (tmp_path / "outside.safetensors").write_bytes((directory / file).read_bytes())    # it would load
     index["weight_map"][name] = entry
     (directory / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match=rf"index.json: weight_map\[.*\] = {re.escape(repr(entry))} is not a file name"):
+    with pytest.raises(ValueError, match=rf"weight_map\[.*\] = {re.escape(repr(entry))} is not a file name in"):
         Transformer.from_pretrained(directory)
 
 

@@ -171,6 +171,41 @@ def test_resume_from_checkpoint_reproduces_losses_bitwise(full_run, tmp_path):
     assert records(resumed, "val_loss") == records(run, "val_loss")
 
 
+def test_resume_refuses_other_model_settings_and_applies_a_changed_lr(full_run, tmp_path):
+    """One process resuming the 2-rank run's step-4 checkpoint: another model width is refused before the run
+    directory changes; a new optim.lr takes over from step 4; started again once finished, the run leaves its final
+    checkpoint as it is."""
+    from cancerllm.train.optim import lr_factor
+    config, run = full_run
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-00000008")
+    (resumed / "checkpoints/latest").write_text("step-00000004\n")
+    (tmp_path / "tiny.toml").write_text(config.read_text().replace(str(run), str(resumed)))
+    run_info = (resumed / "config.toml").read_text()
+
+    def train(*overrides):
+        return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(tmp_path / "tiny.toml"),
+                               "--set", "checkpoint.export=false", "--set", "data.val=[]", *overrides], cwd=ROOT,
+                              capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = train("--set", "model.overrides.dim=64")
+    assert proc.returncode == 1 and "model.dim = 32 there, 64 now" in proc.stderr, proc.stderr[-2000:]
+    assert (resumed / "config.toml").read_text() == run_info
+    proc = train("--set", "optim.lr=5e-3")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "optim.lr = 0.005 (it was 0.01" in proc.stdout
+    lrs = records(resumed, "lr")
+    assert lrs[4] == records(run, "lr")[4]
+    assert [lrs[s] for s in (5, 6, 7, 8)] == pytest.approx(
+        [5e-3 * lr_factor(s - 1, warmup=2, total=8, floor=0.1) for s in (5, 6, 7, 8)], rel=1e-12)
+    assert "\nlr = 0.005\n" in (resumed / "config.toml").read_text()       # what the run records is what it used
+    final = resumed / "checkpoints/step-00000008/manifest.json"
+    written = final.stat().st_mtime_ns
+    proc = train("--set", "optim.lr=5e-3")
+    assert proc.returncode == 0 and "(step 8)" in proc.stdout, proc.stderr[-2000:]
+    assert final.stat().st_mtime_ns == written and sorted(records(resumed)) == list(range(1, 9))
+
+
 def test_export_loads_in_transformers_with_the_same_logits(full_run):
     transformers = pytest.importorskip("transformers")
     from cancerllm import Transformer
@@ -252,6 +287,7 @@ def test_sigterm_saves_a_final_checkpoint_then_exits(tmp_path, shards):
     proc.send_signal(signal.SIGTERM)                   # what a scheduler's preemption sends to torchrun
     output, _ = proc.communicate(timeout=120)
     assert "stop requested (SIGTERM): saved a checkpoint at step" in output, output[-2000:]
+    assert "exiting with 143" in output and proc.returncode != 0     # an unfinished run never looks finished
     saved = int((run / "checkpoints/latest").read_text().strip().split("-")[1])
     assert 3 <= saved < 2000
     assert max(records(run)) == saved
