@@ -21,7 +21,8 @@ inline void cpu_relax() {
 Dataset::Dataset(const std::vector<std::string>& paths, uint64_t seq_len, bool verify, int64_t pad_id)
     : seq_len_(seq_len), pad_id_(pad_id) {
   if (paths.empty()) throw std::invalid_argument("PackedLoader: no shard paths");
-  if (seq_len == 0) throw std::invalid_argument("PackedLoader: seq_len must be positive");
+  if (seq_len == 0 || seq_len > kMaxBatchTokens)
+    throw std::invalid_argument("PackedLoader: seq_len must be in [1, 2^31 - 1], got " + std::to_string(seq_len));
   bases_.push_back(0);
   for (const auto& path : paths) {
     shards_.push_back(std::make_unique<ShardFile>(path, verify));
@@ -134,6 +135,14 @@ Loader::Loader(const std::vector<std::string>& paths, uint64_t seq_len, uint64_t
       pool_(std::make_shared<BatchPool>(static_cast<size_t>(num_threads) + prefetch + 2)) {
   if (batch_size == 0 || world_size == 0 || rank >= world_size)
     throw std::invalid_argument("PackedLoader: need batch_size >= 1 and 0 <= rank < world_size");
+  // A wrapped product would size the batch buffers too small and the rows would be written past their end.
+  uint64_t batch_tokens = 0, samples_per_step = 0;
+  if (__builtin_mul_overflow(batch_size, seq_len, &batch_tokens) || batch_tokens > kMaxBatchTokens)
+    throw std::invalid_argument("PackedLoader: batch_size * seq_len (" + std::to_string(batch_size) + " * " +
+                                std::to_string(seq_len) + ") exceeds 2^31 - 1 tokens: cu_seqlens are int32");
+  if (__builtin_mul_overflow(batch_size, world_size, &samples_per_step))
+    throw std::invalid_argument("PackedLoader: batch_size * world_size (" + std::to_string(batch_size) + " * " +
+                                std::to_string(world_size) + ") overflows 64 bits");
   if (num_threads < 1 || prefetch < 1)
     throw std::invalid_argument("PackedLoader: num_threads and prefetch must be at least 1");
 }

@@ -17,6 +17,9 @@
 
 namespace cancerllm {
 
+// The most tokens a batch may hold: cu_seqlens are int32 offsets over the batch's batch_size * seq_len tokens.
+constexpr uint64_t kMaxBatchTokens = (uint64_t{1} << 31) - 1;
+
 struct Batch {
   std::vector<int64_t> tokens, targets, positions;  // [batch, seq_len]
   std::vector<uint8_t> loss_mask;                   // [batch, seq_len], 0/1

@@ -3,16 +3,26 @@ argument, at fault: malformed CSV rows, empty inputs, lone surrogates, truncated
 than the shards', token ids outside the model's vocabulary, absurd batch sizes, and eval's flags."""
 import csv
 import gzip
-import io
-import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from cancerllm.data import PackedLoader, ShardError, write_shard
+from cancerllm.data.loader import cpp_available
 from cancerllm.data.prepare import main as prepare
 from cancerllm.data.records import CsvReader, MalformedRow, open_csv
+from cancerllm.eval import main as eval_main
+from cancerllm.eval import positive_int
 from cancerllm.tasks.build import build, read_jsonl
-from cancerllm.tokenizer import Tokenizer, train
+from cancerllm.tasks.build import main as tasks_build
+from cancerllm.tokenizer import train
+from cancerllm.train.build import check_data
+from cancerllm.train.config import DataConfig
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "tcga"
 LABELS = DATA / "patient_labels.csv"
@@ -141,8 +151,6 @@ def test_prepare_refuses_a_header_only_or_all_bad_input(tmp_path, tokenizer):
 
 
 def test_prepare_command_line_exits_nonzero_on_an_empty_input(tmp_path, tokenizer):
-    import subprocess
-    import sys
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     proc = subprocess.run([sys.executable, "-m", "cancerllm.data.prepare", str(empty), "--tokenizer",
@@ -165,11 +173,10 @@ def test_tasks_build_refuses_header_only_and_unusable_reports(tmp_path):
 
 
 def test_tasks_build_command_line_exits_nonzero_naming_the_file(tmp_path):
-    from cancerllm.tasks.build import main
     header_only = tmp_path / "reports.csv"
     write_reports(header_only, [])
     with pytest.raises(SystemExit, match=f"cancerllm.tasks.build: {header_only}: no rows, only a header"):
-        main(["--reports", str(header_only), "--out", str(tmp_path / "out"), "--tokenizer", "mistral"])
+        tasks_build(["--reports", str(header_only), "--out", str(tmp_path / "out"), "--tokenizer", "mistral"])
 
 
 # ---------------------------------------------------------------------------------------------- lone surrogates
@@ -225,12 +232,158 @@ def test_prepare_names_the_file_and_line_of_a_truncated_jsonl_line(tmp_path, tok
     ("--limit", "two", "expected a positive integer, got 'two'"),
 ])
 def test_eval_refuses_counts_below_one_naming_the_flag(flag, value, message, capsys):
-    from cancerllm.eval import main
     with pytest.raises(SystemExit) as exit_:
-        main(["--checkpoint", "runs/none", "--task", "diagnosis", flag, value])
+        eval_main(["--checkpoint", "runs/none", "--task", "diagnosis", flag, value])
     assert exit_.value.code == 2 and f"argument {flag}: {message}" in capsys.readouterr().err
 
 
 def test_eval_takes_positive_counts():
-    from cancerllm.eval import positive_int
     assert positive_int("1") == 1 and positive_int("96") == 96
+
+
+# ---------------------------------------------------------------------------------------------- shards for training
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIG = """
+[model]
+preset = "tiny"
+overrides = {{dim = 32, n_layers = 1, n_heads = 4, n_kv_heads = 2, head_dim = 8, hidden_dim = 64, vocab_size = 512}}
+[data]
+train = ["{shards}/train-*.bin"]
+seq_len = 16
+batch_size = 2
+[train]
+steps = 1
+[checkpoint]
+dir = "{run}"
+"""
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory, tokenizer):
+    """Shards of 100 reports made by prepare with `tokenizer` (its manifest records the tokenizer's sha256)."""
+    folder = tmp_path_factory.mktemp("shards")
+    hundred_rows(folder / "reports.csv")
+    run_prepare(tokenizer, [folder / "reports.csv"], folder / "out", "--val-fraction", "0")
+    return folder / "out"
+
+
+@pytest.fixture(scope="module")
+def other_tokenizer(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("other")
+    (folder / "corpus.txt").write_text("\n".join(f"colon adenocarcinoma, stage {i % 4}" for i in range(200)))
+    return train([folder / "corpus.txt"], folder / "other", vocab_size=280, num_threads=1)
+
+
+def data_config(shards, tokenizer=None, **overrides):
+    return DataConfig(train=[str(Path(shards) / "*.bin")], tokenizer=tokenizer and str(tokenizer), **overrides)
+
+
+def run_train_py(tmp_path, shards, *overrides):
+    """python train.py (one process) on the shards; returns the finished process."""
+    config = tmp_path / "run.toml"
+    config.write_text(RUN_CONFIG.format(shards=shards, run=tmp_path / "run"))
+    args = [arg for o in overrides for arg in ("--set", o)]
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), "--config", str(config), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_training_refuses_a_tokenizer_other_than_the_shards(shards, tokenizer, other_tokenizer):
+    check_data(data_config(shards, tokenizer.path), 512)               # the shards' own tokenizer is fine
+    with pytest.raises(ValueError, match=f"data.train: the shards in {shards} were made with the tokenizer "
+                                         f"{tokenizer.path} .* not data.tokenizer = {other_tokenizer.path}"):
+        check_data(data_config(shards, other_tokenizer.path), 512)
+
+
+def test_train_py_refuses_the_wrong_tokenizer_before_exporting(tmp_path, shards, tokenizer, other_tokenizer):
+    proc = run_train_py(tmp_path, shards, f'data.tokenizer="{other_tokenizer.path}"')
+    assert proc.returncode != 0
+    assert f"made with the tokenizer {tokenizer.path}" in proc.stderr and str(other_tokenizer.path) in proc.stderr
+    assert not (tmp_path / "run" / "export").exists()
+
+
+def test_shards_without_a_manifest_train_with_a_warning(tmp_path, shards, other_tokenizer):
+    bare = tmp_path / "bare"
+    shutil.copytree(shards, bare, ignore=shutil.ignore_patterns("manifest.json"))
+    with pytest.warns(UserWarning, match=f"data.train: {bare} holds no manifest.json, so the tokenizer"):
+        check_data(data_config(bare, other_tokenizer.path), 512)
+
+
+def test_shards_made_with_two_tokenizers_are_refused(tmp_path, shards, other_tokenizer):
+    hundred_rows(tmp_path / "reports.csv")
+    run_prepare(other_tokenizer, [tmp_path / "reports.csv"], tmp_path / "other", "--val-fraction", "0")
+    cfg = data_config(shards)
+    cfg.train.append(str(tmp_path / "other" / "*.bin"))
+    with pytest.raises(ValueError, match="data.train: the shards were made with different tokenizers"):
+        check_data(cfg, 512)
+
+
+def test_a_tokenizer_larger_than_the_model_is_refused_before_training(shards, tokenizer):
+    with pytest.raises(ValueError, match=f"tokenizer {tokenizer.path} has 300 pieces but the model has vocab_size=299"):
+        check_data(data_config(shards, tokenizer.path), 299)
+
+
+def test_token_ids_beyond_the_model_vocabulary_name_the_shard(shards):
+    with pytest.raises(ShardError, match=f"{shards}/train-00000.bin: made for a vocabulary of 300 ids, but the "
+                                         "model's vocab_size is 256"):
+        check_data(data_config(shards), 256)
+
+
+def test_a_corrupt_token_id_names_the_shard(tmp_path, shards):
+    path = write_shard(tmp_path / "train-00000.bin", [np.arange(1, 40), np.arange(2, 30)], vocab_size=300)
+    raw = bytearray(path.read_bytes())
+    raw[64 + 2 * 5: 64 + 2 * 6] = (40000).to_bytes(2, "little")         # token 5 flipped past the vocabulary
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ShardError, match=f"{path}: token id 40000 is not below the shard's vocab_size 300"):
+        check_data(data_config(tmp_path), 512)
+
+
+def test_train_py_names_the_shard_whose_ids_exceed_the_model(tmp_path, shards):
+    proc = run_train_py(tmp_path, shards, "model.overrides.vocab_size=256")
+    assert proc.returncode != 0 and "IndexError" not in proc.stderr
+    assert f"{shards}/train-00000.bin: made for a vocabulary of 300 ids" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------- batch sizes
+
+@pytest.mark.parametrize("backend", ["python", "cpp"])
+def test_loader_refuses_a_batch_beyond_int32_tokens_naming_the_arguments(shards, backend):
+    if backend == "cpp" and not cpp_available():
+        pytest.skip("cancerllm._C is not built")
+    paths = sorted(map(str, shards.glob("*.bin")))
+    for batch_size in (2**60, 2**27 + 1):       # 2**60 * 16 wraps to 0 in 64 bits; 2**27 * 16 is 2**31
+        with pytest.raises(ValueError, match=rf"PackedLoader: batch_size \* seq_len = {batch_size} \* 16 exceeds"):
+            PackedLoader(paths, seq_len=16, batch_size=batch_size, backend=backend)
+    PackedLoader(paths, seq_len=16, batch_size=4, backend=backend).close()
+
+
+def test_cpp_loader_checks_its_size_products_itself(shards):
+    """The extension called directly (no Python checks before it): an error, never a crash, for products that
+    overflow 64 bits or int32. In a subprocess, so that a crash fails this test instead of killing pytest."""
+    if not cpp_available():
+        pytest.skip("cancerllm._C is not built")
+    script = f"""
+from cancerllm import _C
+path = {str(next(shards.glob("*.bin")))!r}
+for batch_size, seq_len, world_size in [(2**60, 16, 1), (2**27, 16, 1), (2**20, 2, 2**44), (1, 2**32, 1)]:
+    try:
+        loader = _C.Loader([path], seq_len, batch_size, 0, world_size, 0, False, 0, 1, 2)
+        loader.start(0)
+        print("built", batch_size, seq_len, world_size, loader.next()["tokens"].shape)
+    except ValueError as e:
+        print(e)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == [
+        f"PackedLoader: batch_size * seq_len ({2**60} * 16) exceeds 2^31 - 1 tokens: cu_seqlens are int32",
+        f"PackedLoader: batch_size * seq_len ({2**27} * 16) exceeds 2^31 - 1 tokens: cu_seqlens are int32",
+        f"PackedLoader: batch_size * world_size ({2**20} * {2**44}) overflows 64 bits",
+        f"PackedLoader: seq_len must be in [1, 2^31 - 1], got {2**32}"]
+
+
+@pytest.mark.parametrize("backend", ["python", "cpp"])
+def test_train_py_refuses_an_absurd_batch_size_naming_it(tmp_path, shards, backend):
+    proc = run_train_py(tmp_path, shards, f"data.batch_size={2**60}", f'data.backend="{backend}"')
+    assert proc.returncode not in (0, -11)                              # -11: the segfault it was
+    assert f"PackedLoader: batch_size * seq_len = {2**60} * 16 exceeds" in proc.stderr

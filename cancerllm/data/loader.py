@@ -34,6 +34,7 @@ import numpy as np
 from .shards import ShardError, read_shard
 
 M64 = (1 << 64) - 1
+MAX_BATCH_TOKENS = 2**31 - 1        # cu_seqlens are int32 offsets over a batch's batch_size * seq_len tokens
 FEISTEL_ROUNDS = 4
 
 
@@ -93,6 +94,9 @@ def check_args(paths, seq_len, batch_size, rank, world_size, seed):
             raise FileNotFoundError(f"PackedLoader: shard not found: {p}")
     if rank >= world_size:
         raise ValueError(f"PackedLoader: rank {rank} is not below world_size {world_size}")
+    if batch_size * seq_len > MAX_BATCH_TOKENS:
+        raise ValueError(f"PackedLoader: batch_size * seq_len = {batch_size} * {seq_len} exceeds {MAX_BATCH_TOKENS} "
+                         "tokens per batch (cu_seqlens are int32 offsets); lower batch_size")
     if seed > M64:
         raise ValueError(f"PackedLoader: seed must fit in 64 bits, got {seed}")
 

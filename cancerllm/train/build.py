@@ -2,13 +2,15 @@
 FSDP2) and the training and validation loaders."""
 import glob
 import json
+import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from ..data import PackedLoader
+from ..data import PackedLoader, ShardError, read_shard
 from ..model import ModelArgs, Transformer
+from ..tokenizer import Tokenizer
 from .checkpointing import load_full_weights
 from .config import Config, DataConfig
 from .lora import apply_lora, reset_adapters, store_frozen_in
@@ -27,6 +29,9 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
     """
     args = (read_pretrained_args(cfg.model.init_from) if cfg.model.init_from
             else ModelArgs.preset(cfg.model.preset, **cfg.model.overrides))
+    # Here rather than in build_loader: this is the first point that knows both the model's vocabulary and the
+    # data, and a mismatch found now costs no weights built.
+    check_data(cfg.data, args.vocab_size)
     torch.manual_seed(cfg.train.seed)
     on_meta = d.device.type == "cuda" or cfg.model.init_from is not None
     with torch.device("meta" if on_meta else "cpu"):
@@ -87,6 +92,17 @@ def expand_paths(patterns: list[str], key: str) -> list[str]:
     return paths
 
 
+def read_manifest(path: Path) -> dict:
+    """The manifest.json that prepare writes beside its shards."""
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON (line {e.lineno}, column {e.colno}: {e.msg})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != "cancerllm-shards" or "tokenizer" not in manifest:
+        raise ValueError(f"{path}: not the manifest.json of python -m cancerllm.data.prepare")
+    return manifest
+
+
 def shards_prompt_settings(patterns: list[str], key: str):
     """The prompt settings the SFT shards were made with (prepare --prompt-settings records them in the manifest
     beside the shards), as tasks.prompts.PromptSettings, or None when no manifest records any. Shards whose
@@ -96,7 +112,7 @@ def shards_prompt_settings(patterns: list[str], key: str):
     for folder in sorted({Path(p).parent for p in expand_paths(patterns, key)}):
         manifest = folder / "manifest.json"
         if manifest.is_file():
-            settings = json.loads(manifest.read_text()).get("prompt_settings")
+            settings = read_manifest(manifest).get("prompt_settings")
             if settings is not None:
                 found[manifest] = PromptSettings(**settings)
     settings = list(found.values())
@@ -104,6 +120,61 @@ def shards_prompt_settings(patterns: list[str], key: str):
         raise ValueError(f"{key}: the shards' manifests record different prompt settings "
                          f"({', '.join(map(str, found))}): train on shards prompted one way")
     return settings[0] if settings else None
+
+
+def check_data(cfg: DataConfig, vocab_size: int):
+    """Refuse shards that do not fit the run before training on them:
+
+    - a tokenizer (data.tokenizer) other than the one the shards were made with, as recorded by the manifest.json
+      that prepare writes beside them: the run would learn one vocabulary and export another's tokenizer.model.
+      Shards without a manifest (written by write_shard directly) cannot be checked: they train, with a warning
+      when data.tokenizer is set. Manifests that disagree with each other are refused, data.tokenizer set or not;
+    - a tokenizer with more pieces than the model's vocab_size;
+    - token ids the model cannot embed: a shard whose header's vocab_size exceeds the model's, or (a corrupt
+      shard) a token id not below its header's vocab_size. This reads every shard's tokens once (NumPy's max over
+      the memory map, at disk or page-cache speed), which the loader, unverified, never does.
+    Every error names the shard or manifest and the tokenizer."""
+    tokenizer = resolve_tokenizer(cfg.tokenizer)
+    if tokenizer is not None:
+        Tokenizer(tokenizer).check_fits(vocab_size)
+    for key, patterns in (("data.train", cfg.train), ("data.val", cfg.val)):
+        paths = expand_paths(patterns, key)
+        check_shard_tokenizers(sorted({Path(p).parent for p in paths}), tokenizer, key)
+        for path in paths:
+            check_token_ids(path, vocab_size)
+
+
+def check_shard_tokenizers(folders: list[Path], tokenizer, key: str):
+    """The tokenizer the manifests beside the shards record must be data.tokenizer (when set), and one for all."""
+    sha256 = Tokenizer(tokenizer).fingerprint() if tokenizer is not None else None
+    recorded = {}
+    for folder in folders:
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            if sha256 is not None:
+                warnings.warn(f"{key}: {folder} holds no manifest.json, so the tokenizer its shards were made with "
+                              f"cannot be checked against data.tokenizer = {tokenizer}")
+            continue
+        made_with = read_manifest(manifest)["tokenizer"]
+        if sha256 is not None and made_with["sha256"] != sha256:
+            raise ValueError(f"{key}: the shards in {folder} were made with the tokenizer {made_with['path']} "
+                             f"(sha256 {made_with['sha256'][:12]}…, recorded in {manifest}), not data.tokenizer = "
+                             f"{tokenizer} (sha256 {sha256[:12]}…): the export would ship the wrong tokenizer.model")
+        recorded[manifest] = made_with
+    if len({t["sha256"] for t in recorded.values()}) > 1:
+        raise ValueError(f"{key}: the shards were made with different tokenizers: " + ", ".join(
+            f"{t['path']} (in {manifest})" for manifest, t in recorded.items()))
+
+
+def check_token_ids(path: str, vocab_size: int):
+    shard = read_shard(path, verify=False)
+    if shard.vocab_size > vocab_size:
+        raise ShardError(f"{path}: made for a vocabulary of {shard.vocab_size} ids, but the model's vocab_size is "
+                         f"{vocab_size}: its token ids could index past the embedding")
+    largest = int(shard.tokens.max())
+    if largest >= shard.vocab_size:
+        raise ShardError(f"{path}: token id {largest} is not below the shard's vocab_size {shard.vocab_size}: the "
+                         "file is corrupt")
 
 
 def build_loader(cfg: DataConfig, patterns: list[str], key: str, *, stage: str, seed: int) -> PackedLoader:
