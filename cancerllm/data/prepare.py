@@ -6,9 +6,11 @@ Inputs, chosen by extension or --format:
   .txt    one document per line
 
 Every document becomes BOS + tokens + EOS. An SFT example becomes BOS + prompt + completion + EOS with a loss
-mask that is set on the completion tokens and EOS only. Rows that cannot be used (empty text, undecodable bytes,
-a missing column, bad JSON) are counted and reported with file and line, and listed in the manifest; --strict
-makes the first one fatal. Each document goes to train or validation by a hash of (seed, its group): the
+mask that is set on the completion tokens and EOS only. Rows that cannot be used (empty text, undecodable bytes or
+a lone surrogate, a missing column, bad JSON, a malformed CSV record: an unclosed quote or the wrong number of
+fields, read by the strict reader of cancerllm/data/records.py) are counted and reported with file and line, and
+listed in the manifest; --strict makes the first one fatal. An input that gives no document at all (only a header,
+or only bad rows) is an error naming it. Each document goes to train or validation by a hash of (seed, its group): the
 --group-column value (e.g. patient_id, so one patient never lands on both sides), else the document itself.
 
 SFT examples are packed whole into training rows by the loader, greedily in stream order (cancerllm/data/loader.py),

@@ -21,7 +21,10 @@ Reports longer than --max-report-chars are cut to their head, every sentence tha
 or Gleason value in a standard form, and as much of their key section as fits (`prompts.truncate_report`): the
 synoptic/staging summary when the report has one, else the final-diagnosis section. Reports with empty text and
 reports without a registry row are counted and reported as failures, never silently dropped; a registry value
-that is not an allowed form of its field is an error naming the file, line and column.
+that is not an allowed form of its field is an error naming the file, line and column. The CSV files are read by
+the strict reader prepare uses (cancerllm/data/records.py): a malformed row (an unclosed quote, the wrong number
+of fields, bytes that are not UTF-8) is an error naming the file and line, as are a file with no rows and reports
+of which none is usable.
 """
 import argparse
 import hashlib
