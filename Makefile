@@ -3,16 +3,20 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
+PRINT_BUILD_REQUIRES := import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])
 
 .PHONY: demo test bench gpu-carry clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -r requirements-dev.txt
+	# The C++ extension builds inside .venv, not in pip's isolated environment (so does csrc/README.md's rebuild),
+	# with the tools pyproject.toml's [build-system] names.
+	$(PY) -m pip install -q $$($(PY) -c "$(PRINT_BUILD_REQUIRES)")
+	# The package editable with its dependencies and `tasks` extra (pyproject.toml), and the test tools.
+	$(PY) -m pip install -q --no-build-isolation -r requirements-dev.txt
 	# Mistral's real v1 tokenizer.model ships in this wheel; --no-deps keeps its numpy/torch pins out.
 	$(PY) -m pip install -q --no-deps mistral-common
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 test: $(STAMP)

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from .tasks import extra  # noqa: F401  (first: fails naming the `tasks` extra when it is missing)
 from .tasks import perturb as P
 from .tasks.api import guided, parse_phenotypes, processors
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract

@@ -2,6 +2,10 @@
 the tasks' entry points name the extra to install when it is missing."""
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
@@ -30,3 +34,21 @@ def test_public_names_still_import():
     proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "module 'cancerllm' has no attribute 'NoSuchName'" in proc.stdout
+
+
+def test_the_tasks_extra_module_list_matches_pyproject():
+    from cancerllm.tasks.extra import TASKS_EXTRA
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert sorted(pyproject["project"]["optional-dependencies"]["tasks"]) == sorted(TASKS_EXTRA.values())
+
+
+def test_eval_without_the_tasks_extra_names_it():
+    """As after a plain `pip install cancerllm`: rouge-score and xgrammar missing (None in sys.modules blocks them)."""
+    code = ("import runpy, sys\n"
+            "sys.modules['rouge_score'] = sys.modules['xgrammar'] = None\n"
+            "sys.argv = ['cancerllm.eval', '--help']\n"
+            "runpy.run_module('cancerllm.eval', run_name='__main__')\n")
+    proc = run_python(code)
+    assert proc.returncode != 0
+    assert ("ModuleNotFoundError: cancerllm's task metrics, eval and demo need rouge-score, xgrammar, from the "
+            "`tasks` extra: pip install 'cancerllm[tasks]'") in proc.stderr, proc.stderr[-2000:]
