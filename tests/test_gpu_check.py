@@ -92,7 +92,8 @@ def test_runs_where_cancerllm_is_not_installed(tmp_path):
            "HOME": os.environ.get("HOME", str(tmp_path))}
     python = (sys.executable, "-S")
     # without the shim, this tree's cancerllm cannot import its kernels
-    plain = subprocess.run([*python, "-c", "import cancerllm"], cwd=tree, env=env, capture_output=True, text=True)
+    plain = subprocess.run([*python, "-c", "from cancerllm import Transformer"], cwd=tree, env=env,
+                           capture_output=True, text=True)
     last = plain.stderr.strip().splitlines()[-1] if plain.stderr.strip() else ""
     assert plain.returncode != 0 and "kernels" in last and ("ImportError" in last or "ModuleNotFound" in last), last
     out = tmp_path / "out"
