@@ -17,7 +17,9 @@ root is the choice between the field's allowed values and the not-mentioned answ
 import json
 
 import torch
-import xgrammar as xgr
+
+from . import extra  # noqa: F401  (names the `tasks` extra when xgrammar is missing)
+import xgrammar as xgr  # noqa: E402
 
 from .fields import ALLOWED, json_schema
 

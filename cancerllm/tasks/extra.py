@@ -5,7 +5,7 @@ bare ModuleNotFoundError from inside a metric."""
 from importlib.util import find_spec
 
 # Import name -> distribution, as the `tasks` extra lists them (tests/test_packaging.py checks the two agree).
-TASKS_EXTRA = {"rouge_score": "rouge-score", "xgrammar": "xgrammar", "matplotlib": "matplotlib"}
+TASKS_EXTRA = {"nltk": "nltk", "rouge_score": "rouge-score", "xgrammar": "xgrammar", "matplotlib": "matplotlib"}
 
 
 def check_installed() -> None:

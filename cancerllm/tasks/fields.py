@@ -8,10 +8,9 @@ fields (primary site, histology) are any string.
 "moderately differentiated") to one canonical form, which scoring, the majority baseline and the counterfactual
 edits all compare.
 """
+import functools
 import re
 import string
-
-from nltk.stem.porter import PorterStemmer
 
 FIELDS = ("cancer_type", "primary_site", "histology", "laterality", "grade", "pT", "pN", "pM", "stage",
           "ER", "PR", "HER2", "gleason")
@@ -74,14 +73,26 @@ def json_schema() -> dict:
 # ---------------------------------------------------------------------------------------------- normalisation
 
 NULL_ANSWERS = {"", "not mentioned", "null", "none"}
-_stemmer = PorterStemmer()
 _punctuation = str.maketrans({c: " " for c in string.punctuation})
+
+
+@functools.cache
+def porter_stemmer():
+    """nltk's Porter stemmer, imported on first use: only scoring and normalisation need nltk (the `tasks` extra),
+    not the generator or the training config, which import this module for the field list."""
+    try:
+        from nltk.stem.porter import PorterStemmer
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError("normalising free-text values needs nltk, from the `tasks` extra: "
+                                  "pip install 'cancerllm[tasks]'") from e
+    return PorterStemmer()
 
 
 def exact_tokens(text: str) -> list[str]:
     """Lower-cased, punctuation removed, Porter-stemmed tokens: the study's exact match, and free-text values'
     canonical form."""
-    return [_stemmer.stem(w) for w in text.lower().translate(_punctuation).split()]
+    stem = porter_stemmer().stem
+    return [stem(w) for w in text.lower().translate(_punctuation).split()]
 
 
 ROMAN = {"1": "i", "2": "ii", "3": "iii", "4": "iv"}

@@ -102,7 +102,7 @@ class ParallelConfig:
 @dataclass
 class LogConfig:
     every: int = 1                            # steps between console lines (metrics.jsonl gets every step)
-    peak_tflops: float = 989.0                # per-device peak for MFU (H100 SXM dense bf16)
+    peak_tflops: Optional[float] = None       # per-device peak for MFU; None: the GPU's data-sheet bf16 peak
 
 
 @dataclass
@@ -244,6 +244,8 @@ def check_values(config: Config, source: str):
             raise ConfigError(f"{source}: {section}.{key} must be one of {', '.join(allowed)}; got {value!r}")
     for (section, key) in POSITIVE | NON_NEGATIVE:
         value = getattr(getattr(config, section), key)
+        if value is None:                        # an optional key left to its default (log.peak_tflops)
+            continue
         if value < 0 or (value == 0 and (section, key) in POSITIVE):
             kind = "positive" if (section, key) in POSITIVE else "non-negative"
             raise ConfigError(f"{source}: {section}.{key} must be {kind}, got {value!r}")
