@@ -327,6 +327,9 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     unknown = [p for p in perturb if p not in P.PERTURBATIONS]
     if unknown:
         raise ValueError(f"--perturb: unknown {', '.join(unknown)}; known: {', '.join(P.PERTURBATIONS)}")
+    for name, value in (("batch_size", batch_size), ("max_new_tokens", max_new_tokens), ("limit", limit)):
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+            raise ValueError(f"evaluate: {name} must be a positive int or None, got {value!r}")
     data = Path(data)
     checkpoints = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     manifest_path = data / "manifest.json"
@@ -344,7 +347,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     if not records:
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")
     majority = majority_values([r["fields"] for r in read_jsonl(data / "phenotype-json" / "train.jsonl")])
-    budget = max_new_tokens or MAX_NEW_TOKENS[task]
+    budget = MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
     systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]

@@ -241,6 +241,14 @@ def test_eval_takes_positive_counts():
     assert positive_int("1") == 1 and positive_int("96") == 96
 
 
+@pytest.mark.parametrize("name", ["batch_size", "max_new_tokens", "limit"])
+def test_evaluate_refuses_counts_below_one_naming_the_argument(name):
+    """The function too, not only its command line: max_new_tokens=0 used to mean the task's default."""
+    from cancerllm.eval import evaluate
+    with pytest.raises(ValueError, match=f"evaluate: {name} must be a positive int or None, got 0"):
+        evaluate("runs/none", "diagnosis", **{name: 0})
+
+
 # ---------------------------------------------------------------------------------------------- shards for training
 
 ROOT = Path(__file__).resolve().parents[1]
