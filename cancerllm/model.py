@@ -2,7 +2,8 @@
 rotary embeddings and a SwiGLU feed-forward, a final RMSNorm and an untied output head.
 
 Module and parameter names follow Hugging Face's MistralForCausalLM, less its `model.` prefix, so checkpoints
-map one to one. Attention, RMSNorm and the loss go through `cancerllm.kernels`.
+map one to one. Attention, RMSNorm and the loss go through `cancerllm.kernels`. `fuse_for_decoding` (at the end)
+makes the form the Generator decodes with: the same forward, with fused matmuls on weights laid out once.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -10,6 +11,7 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from . import kernels
 from .kernels.reference import compute_dtype
@@ -203,6 +205,8 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
+    # FusedBlock (below) is this block in decoding form, on the same norms, rotary embedding and cache attention:
+    # a change to this forward needs its twin there (tests/test_decode_form.py compares them for every option).
     def __init__(self, args: ModelArgs, layer_id: int):
         super().__init__()
         self.input_layernorm = RMSNorm(args.dim, args.norm_eps)
@@ -252,7 +256,9 @@ class Transformer(nn.Module):
 
         positions [B, T] default to 0..T-1, or restart at each document start when `cu_seqlens` (int32, [n+1],
         offsets over the flattened B*T tokens) marks packed documents, which then never attend to each other.
-        `last_only` returns the logits of the last position only, [B, 1, vocab] (generation's prefill).
+        With a `cache` (cancerllm/cache.py, prepared by `cache.begin`) the tokens are new positions of the cached
+        sequences: attention reads and extends the cache. `last_only` returns the logits of the last position only,
+        [B, 1, vocab] (generation: every prefill chunk and decode step needs just the next token's).
         """
         B, T = self.check_inputs(tokens, positions, cu_seqlens, targets, cache)
         if positions is None:
@@ -320,3 +326,111 @@ class Transformer(nn.Module):
     def save_pretrained(self, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):
         from .checkpoint import save_pretrained
         save_pretrained(self, path, tokenizer=tokenizer, max_shard_size=max_shard_size, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- decoding form
+
+PACK_BATCH = 8   # the batch size oneDNN lays the weights out for; measured best at batch 1 and 8 alike
+
+
+def onednn_usable(weight: torch.Tensor) -> bool:
+    """Whether oneDNN's fused linears can run on this weight: fp32 on CPU (bf16 linears already run on oneDNN
+    inside F.linear)."""
+    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
+            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+class DecodeLinear(nn.Module):
+    """x @ weight.T for inference, with the epilogues decoding fuses into the matmul. With `onednn` the weight is
+    reordered once into oneDNN's blocked layout (a copy) and every matmul calls oneDNN directly, the epilogue as a
+    post-op; otherwise the weight is the one given (no copy) and the epilogue a second op."""
+
+    def __init__(self, weight: torch.Tensor, onednn: bool):
+        super().__init__()
+        self.onednn = onednn
+        weight = weight.detach()
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH) if onednn else weight
+
+    def forward(self, x):
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        return F.linear(x, self.weight)
+
+    def plus(self, x, residual):
+        """residual + x @ weight.T"""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, None, "add")
+        return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), self.weight.t()).view(residual.shape)
+
+    def silu(self, x):
+        """silu(x @ weight.T)"""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "swish", [], "")
+        return F.silu(self.forward(x))
+
+    def times(self, x, other):
+        """other * (x @ weight.T); overwrites `other` where no post-op does it"""
+        if self.onednn:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, None, "mul")
+        return other.mul_(self.forward(x))
+
+
+class DecodeRMSNorm(nn.Module):
+    """An RMSNorm's weight and eps on torch's F.rms_norm: the maths of kernels.rms_norm (bit for bit on CPU,
+    tests/test_decode_form.py) in one op where the reference runs seven; at decode sizes per-op overhead dominates."""
+
+    def __init__(self, norm: RMSNorm):
+        super().__init__()
+        self.weight, self.eps = norm.weight.detach(), norm.eps
+
+    def forward(self, x):
+        return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
+
+
+class FusedBlock(nn.Module):
+    """A Block in decoding form: its norms' weights, the rotary embedding and the cache attention of Attention's
+    cache path, with the matmuls fused: q, k and v projected by one matmul, SwiGLU by the gate and up matmuls, and
+    each residual addition by the matmul that produces it (o, down). Block.forward's maths with a cache, in fewer
+    ops."""
+
+    def __init__(self, block: Block, onednn: bool):
+        super().__init__()
+        attn, mlp = block.self_attn, block.mlp
+        self.input_layernorm = DecodeRMSNorm(block.input_layernorm)
+        self.post_attention_layernorm = DecodeRMSNorm(block.post_attention_layernorm)
+        self.layer_id, self.n_heads, self.n_kv_heads, self.head_dim = (attn.layer_id, attn.n_heads, attn.n_kv_heads,
+                                                                       attn.head_dim)
+        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        self.qkv_proj, self.o_proj = DecodeLinear(qkv, onednn), DecodeLinear(attn.o_proj.weight, onednn)
+        self.gate_proj, self.up_proj, self.down_proj = (DecodeLinear(m.weight, onednn)
+                                                        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+
+    def forward(self, x, cos, sin, cu_seqlens, cache):
+        if cache is None:
+            raise ValueError("a model in decoding form (fuse_for_decoding) runs only with a cache")
+        B, T, _ = x.shape
+        Hq, Hkv = self.n_heads, self.n_kv_heads
+        qkv = self.qkv_proj(self.input_layernorm(x)).view(B, T, Hq + 2 * Hkv, self.head_dim)
+        qk = rotate(qkv[:, :, :Hq + Hkv], cos, sin, sign=1.0)   # apply_rope's rotation, q and k in one pass
+        out = cache.attend(self.layer_id, qk[:, :, :Hq], qk[:, :, Hq:], qkv[:, :, Hq + Hkv:])
+        h = self.o_proj.plus(out.reshape(B, T, -1), residual=x)
+        normed = self.post_attention_layernorm(h)
+        return self.down_proj.plus(self.up_proj.times(normed, self.gate_proj.silu(normed)), residual=h)
+
+
+@torch.no_grad()
+def fuse_for_decoding(model: Transformer, *, onednn: bool = True) -> Transformer:
+    """The model in decoding form, made once per set of weights: a Transformer of the same args and forward (which
+    needs a cache) whose embedding and rotary tables are the model's own and whose blocks, norms and output head
+    run on weights laid out for generation (FusedBlock, DecodeRMSNorm, DecodeLinear). With `onednn`, on fp32 CPU
+    weights, every matmul weight is copied into oneDNN's blocked layout; otherwise only the fused q/k/v weight is a
+    copy. A snapshot: the model's weights replaced or (with `onednn`) changed later are not seen; the Generator
+    rebuilds it when they change."""
+    onednn = onednn and onednn_usable(model.lm_head.weight)
+    with torch.device("meta"):
+        fused = Transformer(model.args)
+    fused.embed_tokens, fused.norm = model.embed_tokens, DecodeRMSNorm(model.norm)
+    fused.rope_cos, fused.rope_sin = model.rope_cos, model.rope_sin
+    fused.layers = nn.ModuleList(FusedBlock(block, onednn) for block in model.layers)
+    fused.lm_head = DecodeLinear(model.lm_head.weight, onednn)
+    return fused.eval()
