@@ -9,7 +9,8 @@ query at position i sees the keys at positions j with i - W < j <= i (Mistral's 
 
 Rows are independent: each carries its own positions, so sequences of different lengths share a batch
 without padding. A forward pass covers a slice of rows: call `begin(rows, positions)` once, then
-`model(tokens, positions=positions, cache=cache)`; every layer then calls `attend`.
+`model(tokens, positions=positions, cache=cache)` (the Generator calls the model's decoding form,
+model.fuse_for_decoding, the same way); every layer then calls `attend`.
 """
 import torch
 import torch.nn.functional as F

@@ -18,31 +18,23 @@ How a call runs
 - Host synchronisation: one per decode step, copying the n new token ids to the host, where EOS, budgets and
   stop strings are checked (and text is streamed). Sampling itself never syncs: a categorical draw is the argmax
   of probs / Exponential(1) noise, drawn from the call's own torch.Generator.
-- Speed on CPU: the forward passes run on a DecodeModel, the model's weights laid out once per Generator (a
-  snapshot, rebuilt when the model changes; see Generator). The cache is allocated once per call and written in
-  place (no per-step concatenation). In fp32 the matmuls run on oneDNN with weights prepacked in its blocked
-  layout, called directly, with the SwiGLU and the residual additions fused into them as post-ops.
-  What each choice bought (small preset, fp32, prompt 512; the 2 cores are shared, so step times are one
-  thread's CPU time, median of 16 steps, best of 8 alternating runs; batch 1 / batch 8):
-    oneDNN via a TorchFunctionMode around the model (before)   6.25 / 11.4 ms per step  (1.45x over MKL)
-    DecodeModel with prepacked oneDNN weights (now)           3.2  /  6.4 ms per step  (1.95x / 1.8x more)
-  Of that: prepacking alone, per matmul, takes the output head from 0.93 to 0.59 ms at batch 1 and from 5.0 to
-  0.95 ms at batch 8 (packing for batch 8 was as good as or better than for batch 1 at every shape); the
-  additive float mask takes the attention from 205 to 190 us per layer at batch 8. Fused q/k/v, the fused
-  post-ops and the removed mode dispatch were not timed one by one. Prefill of 512 tokens: 0.105-0.110 s vs
-  0.114 s before. At batch 1 the matmuls are now 2.6 of 3.5 ms (profiler): the 87 MB of weights read at
-  about 34 GB/s, the read bandwidth of this machine, so a step is within ~30% of its memory bound.
-  torch.compile of the decode step was measured on the model and left out: with the model's positions.max()
-  sync it ran at 149 vs 151 tok/s eager at batch 1 and 238 vs 829 at batch 8; with that sync bypassed and
-  weights frozen, inductor's packed-MKL linears gave 4.2 ms per step at batch 1, no better than oneDNN eager
-  then (it was not retried on DecodeModel).
+- Forward passes: Transformer.forward with the cache, on the model in decoding form (fuse_for_decoding in model.py,
+  built once per Generator and again when the model's weights change; see Generator): the model's own embedding,
+  norm weights, rotary embedding and cache attention, with q/k/v fused into one matmul and, in fp32 on CPU, every
+  matmul on oneDNN with its weight prepacked in oneDNN's blocked layout and SwiGLU and the residual additions fused
+  in as post-ops. The cache is allocated once per call and written in place (no per-step concatenation). What each
+  choice bought is measured in bench/generate.py and bench/README.md.
+
+Decoding options: one SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+ignore_eos, guidance_scale, logits_processor), checked when it is made; generate() and stream() take one, or its
+fields as keywords (`generate(prompts, max_new_tokens=64)`), or both (the keywords replace the object's fields).
 
 Sampling: logits are processed in fp32, in this order: classifier-free guidance when `guidance_scale` != 1,
 repetition penalty (Hugging Face's: a seen token's positive logit is divided by the penalty, a negative one
-multiplied; "seen" is the prompt plus what was generated), the logits processor, then temperature 0 -> greedy
-argmax, otherwise temperature, top-k, top-p and the draw. A `seed` makes sampling reproducible: the same prompts,
-options and seed give the same tokens (a row's draws depend on the batch it is in, since all rows share the call's
-generator).
+multiplied; "seen" is the prompt plus what was generated), the logits processor, then greedy argmax when the
+temperature is below GREEDY_BELOW (0 included), otherwise temperature, top-k, top-p and the draw. A `seed` makes
+sampling reproducible: the same prompts, options and seed give the same tokens (a row's draws depend on the batch
+it is in, since all rows share the call's generator).
 
 Logits processors (schema-constrained decoding) are objects with three methods:
     reset(batch_size)       once per call, before the first token; batch_size = number of prompts.
@@ -63,16 +55,20 @@ what that context adds: for extraction, a value stated in the report over the va
 Cost: the negative rows' prefill, and twice the rows in every decode step.
 
 Ensembles: a Generator can hold several models that share one tokenizer (e.g. fine-tunes of one base from different
-seeds). Each keeps its own decode view and KV cache; every step scores a token by the members' averaged
+seeds). Each keeps its own decoding form and KV cache; every step scores a token by the members' averaged
 probability, log(mean_k softmax(logits_k)) (fairseq's ensemble rule), and sampling, guidance and logits processors
 then work on those scores as on one model's. A one-model Generator uses its logits as they are. Cost: every
 member's forward pass, prefill and decode alike.
 
-Thread safety: a Generator serialises its calls with a lock (a stream holds it until exhausted or closed), so
-sharing one between threads is safe but not parallel; for parallel generation use one Generator per thread.
+Thread safety: a Generator serialises its calls with a lock (a stream holds it from its first piece until exhausted
+or closed), so sharing one between threads is safe but not parallel; for parallel generation use one Generator per
+thread. A call made while the same thread holds the lock (e.g. generate() while a stream it has not finished
+reading is open) would wait for itself forever: it raises RuntimeError instead.
 """
 import argparse
 import collections
+import contextlib
+import dataclasses
 import json
 import math
 import secrets
@@ -84,10 +80,9 @@ from pathlib import Path
 from typing import Iterator, Optional
 
 import torch
-import torch.nn.functional as F
 
 from .cache import KVCache
-from .model import Transformer
+from .model import Transformer, fuse_for_decoding
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import Tokenizer
 
@@ -102,22 +97,88 @@ class GenerationResult:
     decode_s: float           # from the end of the prefill until this row finished
 
 
+# Temperatures below this sample as greedy argmax. Dividing fp32 logits by a tiny temperature overflows to inf
+# (below ~1e-38 even a logit of 1 does), and softmax then gives NaN; long before that, sampling is greedy in all but
+# name: at 1e-5 a logit gap of 0.001 is a probability ratio of exp(100).
+GREEDY_BELOW = 1e-5
+
+
 @dataclass(frozen=True)
-class Sampling:
+class SamplingParams:
+    """Every decoding option of a generate() or stream() call, checked here (ValueError naming the option).
+
+    max_new_tokens: new tokens per prompt at most (also capped by the model's max_seq_len); stop: a string or a
+    list of strings that end a row (kept as a tuple); seed: the call's sampling generator (None: a fresh random
+    one); ignore_eos: generate through EOS (benchmarks); guidance_scale: classifier-free guidance (1: off; the
+    negative prompts are arguments of generate and stream); logits_processor: see the module docstring."""
+    max_new_tokens: int
     temperature: float = 0.0
     top_k: Optional[int] = None
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+    stop: tuple = ()
+    seed: Optional[int] = None
+    ignore_eos: bool = False
+    guidance_scale: float = 1.0
+    logits_processor: object = None
 
     def __post_init__(self):
-        if not isinstance(self.temperature, (int, float)) or not 0 <= self.temperature < math.inf:
+        if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {self.max_new_tokens!r}")
+        if not is_number(self.temperature) or not 0 <= self.temperature < math.inf:
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+        if self.top_k is not None and (not is_int(self.top_k) or self.top_k < 1):
             raise ValueError(f"top_k must be None or an int >= 1, got {self.top_k!r}")
-        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+        if not is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < math.inf:
+        if not is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < math.inf:
             raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        object.__setattr__(self, "stop", check_stop(self.stop))
+        if self.seed is not None and not is_int(self.seed):
+            raise ValueError(f"seed must be None or an int, got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
+            raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
+        processor = self.logits_processor
+        if processor is not None and not all(callable(getattr(processor, m, None))
+                                             for m in ("reset", "mask", "advance")):
+            raise ValueError("logits_processor must have reset(batch_size), mask(logits, rows) and "
+                             f"advance(row, token_id) methods, got {type(processor).__name__}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_stop(stop) -> tuple:
+    """Stop strings as a tuple: None, a string, or a list/tuple of non-empty strings."""
+    if stop is None:
+        return ()
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
+        raise ValueError(f"stop must be None, a string or a list of strings, got {stop!r:.80}")
+    if any(s == "" for s in stop):
+        raise ValueError("stop strings must not be empty")
+    return tuple(stop)
+
+
+def sampling_params(sampling: Optional[SamplingParams], options: dict) -> SamplingParams:
+    """A call's SamplingParams: `sampling` with the keyword `options` replacing its fields, or built from them."""
+    if sampling is None:
+        return SamplingParams(**options)
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    return dataclasses.replace(sampling, **options)
 
 
 # ---------------------------------------------------------------------------------------------- sampling
@@ -128,9 +189,9 @@ def penalize_repeats(logits, seen, penalty: float) -> None:
     torch.where(seen, penalized, logits, out=logits)
 
 
-def sample(logits, sampling: Sampling, rng: torch.Generator):
+def sample(logits, sampling: SamplingParams, rng: torch.Generator):
     """Next token ids [n] from fp32 logits [n, V] (modified in place), without a host sync."""
-    if sampling.temperature == 0:
+    if sampling.greedy:
         return logits.argmax(dim=-1)
     logits /= sampling.temperature
     if sampling.top_k is not None and sampling.top_k < logits.shape[-1]:
@@ -212,103 +273,7 @@ class Row:
             self.finished_at = time.perf_counter()
 
 
-# ---------------------------------------------------------------------------------------------- decode-time model
-
-PACK_BATCH = 8   # the batch size oneDNN packs the weights for; measured best at batch 1 and 8 alike
-
-
-class DecodeModel:
-    """The model's forward pass over a KVCache, written for generation, on weights laid out for it once.
-
-    The same maths as Transformer.forward with a cache (tests/test_generate.py checks it token for token against
-    transformers and against full recomputation), in fewer, larger ops: tokens are flattened to [n*T, dim]; the
-    q, k and v projections are one matmul on a fused weight and rope rotates q and k together; on oneDNN (fp32 on
-    CPU) the SwiGLU's silu and product and both residual additions run as post-ops of the matmuls
-    (mkldnn._linear_pointwise), called directly. What each part bought is in the module docstring.
-
-    Snapshot and memory: on oneDNN every matmul weight is a copy in oneDNN's blocked layout (the model's
-    non-embedding weights once more: 87 MB on the `small` preset); otherwise only the fused q/k/v weight is a copy
-    (7% of them) and the rest are the model's own tensors. `stale()` tells whether any parameter or buffer of the
-    model was replaced or modified in place since (version counters), so the Generator rebuilds the view before
-    a call instead of decoding with old weights.
-    """
-
-    def __init__(self, model: Transformer, onednn: bool):
-        a = model.args
-        self.model, self.args, self.onednn = model, a, onednn
-        self.versions = tensor_versions(model)
-        self.n_heads, self.n_kv_heads, self.head_dim, self.dim, self.eps = (a.n_heads, a.n_kv_heads, a.head_dim,
-                                                                             a.dim, a.norm_eps)
-        with torch.no_grad():
-            self.embed = model.embed_tokens.weight.detach()
-            # Rope in one pass over q and k: x * cos + roll(x, D/2) * sin, with sin's first half negated.
-            cos, sin = model.rope_cos, model.rope_sin
-            self.rope_cos = torch.cat([cos, cos], dim=-1)
-            self.rope_sin = torch.cat([-sin, sin], dim=-1)
-            self.layers = [dict(
-                attn_norm=layer.input_layernorm.weight.detach(),
-                qkv=torch.cat([layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
-                               layer.self_attn.v_proj.weight]).detach(),
-                o=layer.self_attn.o_proj.weight.detach(),
-                mlp_norm=layer.post_attention_layernorm.weight.detach(),
-                gate=layer.mlp.gate_proj.weight.detach(),
-                up=layer.mlp.up_proj.weight.detach(),
-                down=layer.mlp.down_proj.weight.detach(),
-            ) for layer in model.layers]
-            self.norm = model.norm.weight.detach()
-            self.lm_head = model.lm_head.weight.detach()
-            if onednn:   # oneDNN's blocked layout, reordered once here rather than inside every matmul
-                pack = lambda w: torch.ops.mkldnn._reorder_linear_weight(w, PACK_BATCH)   # noqa: E731
-                self.lm_head = pack(self.lm_head)
-                for layer in self.layers:
-                    for name in ("qkv", "o", "gate", "up", "down"):
-                        layer[name] = pack(layer[name])
-
-    def stale(self) -> bool:
-        now = tensor_versions(self.model)
-        return len(now) != len(self.versions) or any(
-            t is not t0 or version != v0 or ptr != p0 for (t, version, ptr), (t0, v0, p0) in zip(now, self.versions))
-
-    # The four matmul shapes of a layer; on oneDNN with the epilogue fused.
-    def linear(self, x, w):
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
-        return F.linear(x, w)
-
-    def linear_add(self, x, w, residual):
-        """residual + x @ w.T"""
-        if self.onednn:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, None, "add")
-        return torch.addmm(residual, x, w.t())
-
-    def swiglu(self, x, layer):
-        """silu(x @ gate.T) * (x @ up.T)"""
-        if self.onednn:
-            gate = torch.ops.mkldnn._linear_pointwise(x, layer["gate"], None, "swish", [], "")
-            return torch.ops.mkldnn._linear_pointwise.binary(x, gate, layer["up"], None, "mul")
-        return F.silu(F.linear(x, layer["gate"])).mul_(F.linear(x, layer["up"]))
-
-    def rms_norm(self, x, weight):
-        return F.rms_norm(x.float(), (self.dim,), weight.float(), self.eps).to(x.dtype)
-
-    def __call__(self, tokens, positions, cache: KVCache):
-        """Logits [n, V] (fp32) of the last position of each row's tokens [n, T] at positions [n, T], the cache
-        prepared by cache.begin()."""
-        n, T = tokens.shape
-        Hq, Hkv, D = self.n_heads, self.n_kv_heads, self.head_dim
-        cos, sin = self.rope_cos[positions][:, :, None], self.rope_sin[positions][:, :, None]   # [n, T, 1, D]
-        h = F.embedding(tokens.view(-1), self.embed)                                            # [n*T, dim]
-        for i, layer in enumerate(self.layers):
-            qkv = self.linear(self.rms_norm(h, layer["attn_norm"]), layer["qkv"]).view(n, T, Hq + 2 * Hkv, D)
-            qk = qkv[:, :, :Hq + Hkv].float()
-            qk = torch.addcmul(qk * cos, qk.roll(D // 2, dims=-1), sin).to(h.dtype)
-            attn = cache.attend(i, qk[:, :, :Hq], qk[:, :, Hq:], qkv[:, :, Hq + Hkv:])
-            h = self.linear_add(attn.reshape(n * T, Hq * D), layer["o"], h)
-            h = self.linear_add(self.swiglu(self.rms_norm(h, layer["mlp_norm"]), layer), layer["down"], h)
-        if T > 1:
-            h = h.view(n, T, self.dim)[:, -1]
-        return self.linear(self.rms_norm(h, self.norm), self.lm_head).float()
-
+# ---------------------------------------------------------------------------------------------- generator
 
 def check_members(model) -> list:
     """A model, or an ensemble's list of models, as a list; members must share vocabulary, device and dtype."""
@@ -331,24 +296,22 @@ def tensor_versions(model) -> list:
     return [(t, t._version, t.data_ptr()) for t in (*model.parameters(), *model.buffers())]
 
 
-def onednn_usable(device: torch.device, dtype: torch.dtype) -> bool:
-    # bf16 linears already run on oneDNN inside F.linear.
-    return (device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+def versions_differ(now: list, then: list) -> bool:
+    return len(now) != len(then) or any(t is not t0 or version != v0 or ptr != p0
+                                        for (t, version, ptr), (t0, v0, p0) in zip(now, then))
 
-
-# ---------------------------------------------------------------------------------------------- generator
 
 class Generator:
     """A model (or an ensemble: a list of models with one vocabulary) and its tokenizer, ready to generate. See the
     module docstring for how a call runs.
 
     prefill_chunk: prompt tokens per prefill forward pass (bounds prefill activation memory).
-    onednn: on CPU in fp32, run the linears on oneDNN rather than MKL (DecodeModel); False: F.linear.
+    onednn: on CPU in fp32, run the matmuls on oneDNN with prepacked weights (fuse_for_decoding); False: F.linear.
 
-    Weights: the Generator decodes with a DecodeModel built from the model's weights at construction. Before each
-    call it checks the model's parameters and buffers (identity, version counter, storage) and rebuilds it when
-    any was replaced or modified in place (an optimizer step, load_state_dict, model.to(...)), so edits to the
+    Weights: the Generator decodes with each model's decoding form (fuse_for_decoding in model.py), a snapshot of its
+    weights that leaves the model itself untouched, so a model still being trained can be sampled from. Before each
+    call it checks the models' parameters and buffers (identity, version counter, storage) and rebuilds the forms
+    when any was replaced or modified in place (an optimizer step, load_state_dict, model.to(...)), so edits to the
     model are always seen; writes the version counters miss (through `.data`) need an explicit `refresh()`.
     """
 
@@ -362,19 +325,25 @@ class Generator:
         self.args = self.model.args
         self.max_seq_len = min(m.args.max_seq_len for m in self.models)
         self.prefill_chunk = prefill_chunk
-        self.use_onednn = onednn
+        self.onednn = onednn
         self.lock = threading.Lock()
+        self.holder = None   # (thread id, call) while a call holds the lock; see claim()
         # How the checkpoint's training data was prompted (tasks.prompts.PromptSettings), read by the task helpers;
         # from_pretrained sets it from the checkpoint, a Generator built from a model in memory has none.
         self.prompt_settings = None
         self.refresh()
 
     def refresh(self) -> None:
-        """Rebuild the decode-time view of the model's weights (see the class docstring)."""
+        """Rebuild the models' decoding forms from their current weights (see the class docstring)."""
         weight = self.model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
-        self.onednn = self.use_onednn and onednn_usable(self.device, self.dtype)
-        self.decoders = [DecodeModel(m, self.onednn) for m in self.models]
+        self.versions = [tensor_versions(m) for m in self.models]
+        self.decode_models = [fuse_for_decoding(m, onednn=self.onednn) for m in self.models]
+
+    def refresh_if_changed(self) -> None:
+        """refresh() when a model's weights changed since the decoding forms were made."""
+        if any(versions_differ(tensor_versions(m), then) for m, then in zip(self.models, self.versions)):
+            self.refresh()
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, **options) -> "Generator":
@@ -402,31 +371,28 @@ class Generator:
         generator.prompt_settings = settings[0]
         return generator
 
-    def generate(self, prompts, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
-                 top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
-                 logits_processor=None, ignore_eos: bool = False, guidance_scale: float = 1.0,
-                 negative_prompts=None) -> list:
-        """One GenerationResult per prompt (a string, or a list of token ids used as given). `stop`: a string
-        or a list of strings; `ignore_eos` generates through EOS (benchmarks); `guidance_scale` and
-        `negative_prompts` (one per prompt, strings or token ids): classifier-free guidance (module docstring)."""
+    def generate(self, prompts, sampling: Optional[SamplingParams] = None, *, negative_prompts=None,
+                 **options) -> list:
+        """One GenerationResult per prompt (a string, or a list of token ids used as given). Decoding options:
+        `sampling`, a SamplingParams, and/or its fields as keywords (max_new_tokens=..., temperature=..., ...), which
+        replace the object's. `negative_prompts` (one per prompt, strings or token ids): the unconditional prompts
+        of classifier-free guidance (module docstring)."""
+        params = sampling_params(sampling, options)
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r:.80}")
-        with self.lock:
-            rows, steps = self.start(prompts, max_new_tokens, temperature, top_k, top_p, stop, seed,
-                                     repetition_penalty, logits_processor, ignore_eos, guidance_scale,
-                                     negative_prompts, track_text=False)
+        with self.claim("generate()"):
+            rows, steps = self.start(prompts, params, negative_prompts, track_text=False)
             collections.deque(steps, maxlen=0)   # run every decode step; generate() needs no per-step text
         return [self.result(row, steps.prefill_s) for row in rows]
 
-    def stream(self, prompt, *, max_new_tokens: int, temperature: float = 0.0, top_k: Optional[int] = None,
-               top_p: float = 1.0, stop=None, seed: Optional[int] = None, repetition_penalty: float = 1.0,
-               logits_processor=None, ignore_eos: bool = False, guidance_scale: float = 1.0,
-               negative_prompt=None) -> Iterator[str]:
-        """Yield the text of one prompt's continuation piece by piece, as generate() would return it whole."""
-        with self.lock:
-            rows, steps = self.start([prompt], max_new_tokens, temperature, top_k, top_p, stop, seed,
-                                     repetition_penalty, logits_processor, ignore_eos, guidance_scale,
-                                     None if negative_prompt is None else [negative_prompt], track_text=True)
+    def stream(self, prompt, sampling: Optional[SamplingParams] = None, *, negative_prompt=None,
+               **options) -> Iterator[str]:
+        """Yield the text of one prompt's continuation piece by piece, as generate() would return it whole. The
+        stream holds the Generator from its first piece until exhausted or closed (`close()`)."""
+        params = sampling_params(sampling, options)
+        with self.claim("stream()"):
+            rows, steps = self.start([prompt], params, None if negative_prompt is None else [negative_prompt],
+                                     track_text=True)
             text = rows[0].text
             for _ in steps:
                 piece = text.take(final=rows[0].finish_reason is not None)
@@ -445,38 +411,38 @@ class Generator:
 
     # ------------------------------------------------------------------------------------------ internals
 
-    def start(self, prompts, max_new_tokens, temperature, top_k, top_p, stop, seed, repetition_penalty,
-              processor, ignore_eos, guidance_scale, negative_prompts, track_text):
-        """Check the arguments and set up the rows; returns (rows, an iterator of decode steps)."""
-        sampling = Sampling(temperature, top_k, top_p, repetition_penalty)
-        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
-        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-            raise ValueError(f"seed must be None or an int, got {seed!r}")
-        if processor is not None and not all(callable(getattr(processor, m, None))
-                                             for m in ("reset", "mask", "advance")):
-            raise ValueError("logits_processor must have reset(batch_size), mask(logits, rows) and "
-                             f"advance(row, token_id) methods, got {type(processor).__name__}")
-        stop = check_stop(stop)
-        if any(decoder.stale() for decoder in self.decoders):
-            self.refresh()
+    @contextlib.contextmanager
+    def claim(self, call: str):
+        """Hold the lock for `call`. The thread that holds it already would wait for itself forever: refuse."""
+        holder = self.holder
+        if holder is not None and holder[0] == threading.get_ident():
+            raise RuntimeError(
+                f"{call} while this thread's {holder[1]} still holds this Generator: a stream holds it until "
+                "it is read to the end or closed (call its close()), and a logits processor cannot call back into "
+                "the Generator; or use a second Generator")
+        with self.lock:
+            self.holder = (threading.get_ident(), call)
+            try:
+                yield
+            finally:
+                self.holder = None
+
+    def start(self, prompts, params: SamplingParams, negative_prompts, track_text: bool):
+        """Check the prompts and set up the rows; returns (rows, an iterator of decode steps)."""
+        self.refresh_if_changed()
         prompt_ids = [self.prompt_ids(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
-        negatives = self.negative_ids(guidance_scale, negative_prompts, prompt_ids)
+        negatives = self.negative_ids(params.guidance_scale, negative_prompts, prompt_ids)
         rows = []
         for i, ids in enumerate(prompt_ids):
             longest = max(len(ids), len(negatives[i]) if negatives else 0)
-            budget = min(max_new_tokens, self.max_seq_len - longest)
-            rows.append(Row(ids, budget, IncrementalText(self.tokenizer, stop) if stop or track_text else None))
-        eos_id = None if ignore_eos else self.tokenizer.eos_id
-        seed = secrets.randbits(63) if seed is None else seed
-        guidance = Guidance(float(guidance_scale), negatives) if negatives else None
-        return rows, DecodeSteps(self, rows, sampling, seed, processor, eos_id, guidance)
+            budget = min(params.max_new_tokens, self.max_seq_len - longest)
+            text = IncrementalText(self.tokenizer, params.stop) if params.stop or track_text else None
+            rows.append(Row(ids, budget, text))
+        guidance = Guidance(float(params.guidance_scale), negatives) if negatives else None
+        return rows, DecodeSteps(self, rows, params, guidance)
 
     def negative_ids(self, guidance_scale, negative_prompts, prompt_ids: list):
         """The unconditional rows' token ids, one list per prompt, or None when guidance is off."""
-        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)) \
-                or not math.isfinite(guidance_scale):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance_scale!r}")
         if guidance_scale == 1:
             if negative_prompts is not None:
                 raise ValueError("negative_prompts need guidance_scale != 1 (at 1 guidance is off)")
@@ -513,9 +479,9 @@ class Generator:
         """fp32 scores [n, V] of the last position of each row's tokens [n, T]: the model's logits, or an
         ensemble's log mean probability."""
         scores = []
-        for decoder, cache in zip(self.decoders, caches):
+        for model, cache in zip(self.decode_models, caches):
             cache.begin(rows, positions)
-            scores.append(decoder(tokens, positions, cache))
+            scores.append(model(tokens, positions, cache=cache, last_only=True)[:, -1].float())
         if len(scores) == 1:
             return scores[0]
         return torch.stack(scores).log_softmax(dim=-1).logsumexp(dim=0) - math.log(len(scores))
@@ -556,10 +522,11 @@ class DecodeSteps:
     With guidance the batch holds the n active conditional rows, then their n unconditional rows in the same
     order; both halves are fed the same tokens and leave the batch together."""
 
-    def __init__(self, gen: Generator, rows: list, sampling: Sampling, seed: int, processor, eos_id,
-                 guidance: Optional[Guidance] = None):
-        self.gen, self.rows, self.sampling, self.processor, self.eos_id = gen, rows, sampling, processor, eos_id
-        self.guidance = guidance
+    def __init__(self, gen: Generator, rows: list, sampling: SamplingParams, guidance: Optional[Guidance] = None):
+        self.gen, self.rows, self.sampling, self.guidance = gen, rows, sampling, guidance
+        self.processor = sampling.logits_processor
+        self.eos_id = None if sampling.ignore_eos else gen.tokenizer.eos_id
+        seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
         self.rng = torch.Generator(gen.device).manual_seed(seed)
         self.prefill_s = 0.0
 
@@ -627,19 +594,6 @@ class DecodeSteps:
         return seen
 
 
-def check_stop(stop) -> tuple:
-    """Stop strings as a tuple: None, a string, or a list/tuple of non-empty strings."""
-    if stop is None:
-        return ()
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) for s in stop):
-        raise ValueError(f"stop must be None, a string or a list of strings, got {stop!r:.80}")
-    if any(s == "" for s in stop):
-        raise ValueError("stop strings must not be empty")
-    return tuple(stop)
-
-
 def parse_dtype(name: str) -> torch.dtype:
     dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
               "float16": torch.float16, "fp16": torch.float16}
@@ -693,12 +647,15 @@ def main(argv=None):
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per result")
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
+    try:
+        sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                  top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
+                                  seed=args.seed, guidance_scale=args.guidance_scale)
+    except ValueError as e:   # the message names the option; its flag is --the-same-name
+        parser.error(str(e))
     gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
                                     prefill_chunk=args.prefill_chunk, onednn=not args.no_onednn)
-    results = gen.generate(prompts, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, stop=args.stop, seed=args.seed,
-                           repetition_penalty=args.repetition_penalty, guidance_scale=args.guidance_scale,
-                           negative_prompts=args.negative_prompt)
+    results = gen.generate(prompts, sampling, negative_prompts=args.negative_prompt)
     for i, r in enumerate(results):
         if args.jsonl:
             print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}))

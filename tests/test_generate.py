@@ -1,16 +1,19 @@
 """The generator against Hugging Face transformers (greedy, token for token) and against full recomputation;
-stopping, streaming, sampling, the logits-processor protocol, bad input and the command line."""
+stopping, streaming, sampling and its parameters, the logits-processor protocol, the lock, bad input and the
+command line."""
+import dataclasses
 import json
 import math
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
 
 from cancerllm import ModelArgs, Transformer, Generator
 from cancerllm.cache import KVCache
-from cancerllm.generate import IncrementalText, Sampling, sample
+from cancerllm.generate import IncrementalText, SamplingParams, main, sample
 from cancerllm.tasks.prompts import PromptSettings, load_templates
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from hf_util import hf_model, our_name, tiny_args
@@ -340,14 +343,130 @@ def test_seeded_sampling_is_reproducible(tokenizer):
 def test_top_k_and_top_p_restrict_the_draws():
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).expand(2000, 5)
     rng = torch.Generator().manual_seed(0)
-    top2 = sample(logits.clone(), Sampling(temperature=1.0, top_k=2), rng)
+    top2 = sample(logits.clone(), SamplingParams(1, temperature=1.0, top_k=2), rng)
     assert set(top2.tolist()) == {0, 1}
     p = torch.softmax(logits[0], -1)                      # 0.64, 0.24, ...: top_p 0.8 keeps two tokens
-    nucleus = sample(logits.clone(), Sampling(temperature=1.0, top_p=float(p[0] + p[1]) - 0.01), rng)
+    nucleus = sample(logits.clone(), SamplingParams(1, temperature=1.0, top_p=float(p[0] + p[1]) - 0.01), rng)
     assert set(nucleus.tolist()) == {0, 1}
-    free = sample(logits.clone(), Sampling(temperature=1.0), rng)
+    free = sample(logits.clone(), SamplingParams(1, temperature=1.0), rng)
     assert set(free.tolist()) == {0, 1, 2, 3, 4}
     assert abs((free == 0).float().mean().item() - p[0].item()) < 0.05
+
+
+def test_tiny_temperatures_decode_greedily(tokenizer):
+    """Dividing by a temperature near fp32's smallest numbers overflowed the logits to NaN (every token id 0)."""
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    prompts = random_prompts(5, 9)
+    greedy = [r.token_ids for r in gen.generate(prompts, max_new_tokens=10, ignore_eos=True)]
+    for temperature in (1e-45, 1e-38, 1e-20, 9.9e-6):
+        tiny = gen.generate(prompts, max_new_tokens=10, temperature=temperature, seed=0, ignore_eos=True)
+        assert [r.token_ids for r in tiny] == greedy, temperature
+    assert SamplingParams(1, temperature=9.9e-6).greedy and not SamplingParams(1, temperature=1e-5).greedy
+
+
+# ---------------------------------------------------------------------------------------------- SamplingParams
+
+def test_sampling_params_and_keywords_decode_alike(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    prompts = random_prompts(5, 9)
+    options = dict(max_new_tokens=12, temperature=0.9, top_k=40, top_p=0.9, repetition_penalty=1.2, stop="xyz",
+                   seed=5, ignore_eos=True, guidance_scale=1.5)
+    params = SamplingParams(**options)
+    assert params.stop == ("xyz",)
+
+    def tokens(*args, **kwargs):
+        return [r.token_ids for r in gen.generate(prompts, *args, **kwargs)]
+
+    expected = tokens(**options)
+    assert tokens(params) == tokens(sampling=params) == expected
+    assert tokens(params, seed=6) == tokens(**{**options, "seed": 6}) != expected   # keywords replace fields
+    assert params.seed == 5
+    negatives = random_prompts(3, 2)
+    assert tokens(params, negative_prompts=negatives) == tokens(**options, negative_prompts=negatives)
+    assert "".join(gen.stream(prompts[0], params)) == gen.generate(prompts[:1], params)[0].text
+    assert "".join(gen.stream(prompts[0], params, negative_prompt=negatives[0])) == \
+        gen.generate(prompts[:1], params, negative_prompts=negatives[:1])[0].text
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        params.seed = 1
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda gen: gen.generate(["ok"]), TypeError, "max_new_tokens"),
+    (lambda gen: gen.generate(["ok"], max_new_tokens=2, temprature=1.0), TypeError, "temprature"),
+    (lambda gen: gen.generate(["ok"], {"max_new_tokens": 2}), TypeError, "sampling must be a SamplingParams"),
+    (lambda gen: gen.generate(["ok"], SamplingParams(2), top_p=2.0), ValueError, "top_p"),
+    (lambda gen: next(gen.stream("ok", max_new_tokens=2, seed=1.5)), ValueError, "seed"),
+])
+def test_bad_sampling_arguments_raise_clear_errors(tokenizer, call, error, message):
+    _, model = hf_and_ours(window=8)
+    with pytest.raises(error, match=message):
+        call(Generator(model, tokenizer))
+
+
+def test_command_line_refuses_bad_sampling_flags(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["--model", "unused", "--prompt", "x", "--top-p", "2"])
+    assert exit.value.code == 2 and "top_p must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------- the lock
+
+def in_thread(function, timeout: float = 120):
+    """function() in a daemon thread: a deadlock fails the test instead of hanging the suite."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = function()
+        except BaseException as e:   # noqa: B036 - handed to the test's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"no answer within {timeout} s: deadlock"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def test_a_call_while_this_threads_stream_is_open_raises_instead_of_waiting_forever(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+    ids = tokenizer.encode(NON_ASCII, bos=False)
+
+    def misuse():
+        stream = gen.stream("Report:", max_new_tokens=len(ids), logits_processor=ForceTokens([ids]))
+        first = next(stream)
+        with pytest.raises(RuntimeError, match=r"generate\(\) while this thread's stream\(\) .*close\(\)"):
+            gen.generate(["x"], max_new_tokens=2)
+        with pytest.raises(RuntimeError, match=r"stream\(\) while this thread's stream\(\)"):
+            next(gen.stream("x", max_new_tokens=2))
+        rest = "".join(stream)                       # the open stream is unharmed
+        assert first + rest == NON_ASCII
+        gen.generate(["x"], max_new_tokens=2)        # exhausted: the Generator is free again
+        stream = gen.stream("Report:", max_new_tokens=len(ids), logits_processor=ForceTokens([ids]))
+        next(stream)
+        stream.close()
+        return gen.generate(["x"], max_new_tokens=3, ignore_eos=True)
+
+    [result] = in_thread(misuse)
+    assert len(result.token_ids) == 3
+
+
+def test_a_logits_processor_calling_back_into_the_generator_raises(tokenizer):
+    _, model = hf_and_ours(window=8)
+    gen = Generator(model, tokenizer)
+
+    class CallsBack(ForceTokens):
+        def mask(self, logits, rows):
+            gen.generate(["x"], max_new_tokens=1)
+
+    with pytest.raises(RuntimeError, match=r"generate\(\) while this thread's generate\(\)"):
+        in_thread(lambda: gen.generate(["x"], max_new_tokens=2, logits_processor=CallsBack([None])))
+    assert len(in_thread(lambda: gen.generate(["x"], max_new_tokens=2, ignore_eos=True))[0].token_ids) == 2
 
 
 # ---------------------------------------------------------------------------------------------- bad input
@@ -367,6 +486,8 @@ def test_top_k_and_top_p_restrict_the_draws():
     (["ok"], {"stop": 3}, "stop"),
     (["ok"], {"stop": ["a", None]}, "stop"),
     (["ok"], {"seed": "1"}, "seed"),
+    (["ok"], {"ignore_eos": "yes"}, "ignore_eos"),
+    (["ok"], {"temperature": True}, "temperature"),
     (["ok"], {"logits_processor": object()}, "logits_processor"),
     (["ok"], {"guidance_scale": float("nan")}, "guidance_scale"),
     (["ok"], {"negative_prompts": ["a"]}, "guidance_scale != 1"),
