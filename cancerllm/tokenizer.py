@@ -1,12 +1,63 @@
-"""Sentencepiece tokenizer: Mistral's v1 `tokenizer.model` or a domain vocabulary trained with `train`."""
+"""Tokenizers of two kinds, one interface (`encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`,
+`id_to_piece`, `fingerprint`, `check_fits`, `path`):
+
+- `Tokenizer`: sentencepiece, a `tokenizer.model` (Mistral's v1, or a domain vocabulary trained with `train`);
+- `JsonTokenizer`: a Hugging Face `tokenizer.json` read by the `tokenizers` library (byte-level BPE such as
+  SmolLM2's), with its special tokens and BOS/EOS set up from the JSON files beside it as transformers does.
+
+`open_tokenizer(path)` opens either kind from the file or from a checkpoint directory.
+"""
 import hashlib
+import json
 import os
 from pathlib import Path
 
 import sentencepiece as spm
+import tokenizers
+
+SENTENCEPIECE_FILE = "tokenizer.model"
+JSON_FILE = "tokenizer.json"
 
 
-class Tokenizer:
+def open_tokenizer(path):
+    """The tokenizer in `path`: a tokenizer file (`*.json`: a JsonTokenizer, anything else: sentencepiece), or a
+    checkpoint directory. A directory's tokenizer.model wins over its tokenizer.json: Mistral's checkpoints ship
+    both (the JSON a conversion of the sentencepiece model) and manifests and exports made so far record the
+    tokenizer.model's sha256."""
+    path = Path(path)
+    if path.is_dir():
+        found = [path / name for name in (SENTENCEPIECE_FILE, JSON_FILE) if (path / name).is_file()]
+        if not found:
+            raise FileNotFoundError(f"{path}: holds neither {SENTENCEPIECE_FILE} nor {JSON_FILE}")
+        path = found[0]
+    return JsonTokenizer(path) if path.suffix == ".json" else Tokenizer(path)
+
+
+class TokenizerBase:
+    """What both kinds share; a subclass sets `path`, `bos_id`, `eos_id` and provides `text_ids`."""
+
+    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"{type(self).__name__}.encode: text must be str, got {type(text).__name__}")
+        prefix = [self.bos_id] if bos and self.bos_id is not None else []
+        return prefix + self.text_ids(text) + ([self.eos_id] if eos else [])
+
+    def fingerprint(self) -> str:
+        """sha256 of the tokenizer file (tokenizer.model or tokenizer.json): identifies the vocabulary in manifests
+        and checkpoints. The BOS/EOS ids a tokenizer.json's neighbouring configs name are not part of it (prepare's
+        manifest records them beside it)."""
+        return hashlib.sha256(self.path.read_bytes()).hexdigest()
+
+    def check_fits(self, vocab_size: int, what: str = "model"):
+        if self.vocab_size > vocab_size:
+            raise ValueError(
+                f"tokenizer {self.path} has {self.vocab_size} pieces but the {what} has vocab_size={vocab_size}: "
+                "token ids would index past the embedding")
+
+
+class Tokenizer(TokenizerBase):
+    """sentencepiece."""
+
     def __init__(self, path):
         self.path = Path(path)
         if not self.path.is_file():
@@ -15,7 +66,8 @@ class Tokenizer:
         try:
             self.sp.Load(str(self.path))
         except (OSError, RuntimeError) as e:
-            raise ValueError(f"{self.path}: not a sentencepiece model ({e})") from None
+            hint = "; a tokenizer.json opens with open_tokenizer" if self.path.suffix == ".json" else ""
+            raise ValueError(f"{self.path}: not a sentencepiece model ({e}){hint}") from None
 
     @property
     def vocab_size(self) -> int:
@@ -34,15 +86,12 @@ class Tokenizer:
         """The model's pad id; Mistral has none, so -1 there (sentencepiece's "unset")."""
         return self.sp.pad_id()
 
-    def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
-        if not isinstance(text, str):
-            raise TypeError(f"Tokenizer.encode: text must be str, got {type(text).__name__}")
+    def text_ids(self, text: str) -> list[int]:
         try:
-            ids = self.sp.EncodeAsIds(text)
+            return self.sp.EncodeAsIds(text)
         except RuntimeError:
             check_encodable(text)       # sentencepiece's own message ("Unable to cast ...") says nothing useful
             raise
-        return ([self.bos_id] if bos else []) + ids + ([self.eos_id] if eos else [])
 
     def decode(self, ids) -> str:
         return self.sp.DecodeIds([int(i) for i in ids])
@@ -50,20 +99,124 @@ class Tokenizer:
     def id_to_piece(self, i: int) -> str:
         return self.sp.IdToPiece(int(i))
 
-    def fingerprint(self) -> str:
-        """sha256 of the model file: identifies the vocabulary in manifests and checkpoints."""
-        return hashlib.sha256(self.path.read_bytes()).hexdigest()
 
-    def check_fits(self, vocab_size: int, what: str = "model"):
-        if self.vocab_size > vocab_size:
-            raise ValueError(
-                f"tokenizer {self.path} has {self.vocab_size} pieces but the {what} has vocab_size={vocab_size}: "
-                "token ids would index past the embedding")
+class JsonTokenizer(TokenizerBase):
+    """A Hugging Face tokenizer.json (byte-level BPE such as SmolLM2's, or any model the `tokenizers` library reads),
+    set up as transformers' fast tokenizer sets it up from the files beside it, so `encode(text)` gives the ids of
+    transformers' `encode(text)`:
+
+    - the special tokens tokenizer_config.json names (bos/eos/unk/pad_token, additional_special_tokens) become
+      special added tokens, so they and the tokenizer.json's own added tokens (`<|im_start|>`, `<|im_end|>`) are
+      single ids where they appear in text;
+    - `bos_id` is the token transformers puts before a text, which is what the tokenizer.json's post-processor
+      prepends (transformers ignores tokenizer_config.json's add_bos_token when there is a tokenizer.json). None
+      when it prepends nothing (SmolLM2: its bos_token <|im_start|> is never added), and then `encode(bos=True)`
+      adds nothing. An EOS is appended only when asked (`eos=True`), whatever the post-processor would append;
+    - `eos_id`: tokenizer_config.json's eos_token, else generation_config.json's eos_token_id (the first of a list),
+      else config.json's: the token that ends a completion, appended to SFT examples and stopping generation;
+    - `pad_id`: tokenizer_config.json's pad_token, None when it names none (sentencepiece says -1);
+    - `decode` keeps special tokens (transformers' default) and never cleans up spaces, so decode(encode(text,
+      bos=False)) == text. Decoding a byte-level sequence that ends inside a multi-byte character ends in U+FFFD
+      until the character is complete, which the Generator's incremental text holds back.
+    """
+
+    def __init__(self, path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"tokenizer not found: {self.path}")
+        try:
+            self.backend = tokenizers.Tokenizer.from_file(str(self.path))
+        except Exception as e:          # the library raises a bare Exception for a file it rejects
+            raise ValueError(f"{self.path}: not a tokenizer.json the tokenizers library can read ({e})") from None
+        folder = self.path.parent
+        self.config_path = folder / "tokenizer_config.json"
+        config = read_json(self.config_path)
+        added = {t.content for t in self.backend.get_added_tokens_decoder().values()}
+        self.backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
+                                         for t in self.named_special_tokens(config) if t not in added])
+        self.bos_id = self.prepended_bos()
+        self.eos_id = self.special_id(config, "eos_token")
+        if self.eos_id is None:
+            self.eos_id = config_eos_id(folder)
+        if self.eos_id is None:
+            raise ValueError(f"{self.path}: no EOS token: neither tokenizer_config.json (eos_token) nor "
+                             f"generation_config.json or config.json (eos_token_id) in {folder} names one")
+        self.pad_id = self.special_id(config, "pad_token")
+
+    def prepended_bos(self):
+        probe = self.backend.encode("a", add_special_tokens=True)
+        prefix = probe.ids[:probe.sequence_ids.index(0)]
+        if len(prefix) > 1:
+            raise ValueError(f"{self.path}: its post-processor puts {len(prefix)} tokens before a text; only a "
+                             "single BOS is supported")
+        return prefix[0] if prefix else None
+
+    def special_id(self, config: dict, key: str):
+        """The id of the token tokenizer_config.json names under `key`; None when it names none."""
+        token = self.token_text(config.get(key), key)
+        if token is None:
+            return None
+        i = self.backend.token_to_id(token)
+        if i is None:
+            raise ValueError(f"{self.config_path}: {key} {token!r} is not in the vocabulary of {self.path}")
+        return i
+
+    def named_special_tokens(self, config: dict) -> list[str]:
+        named = [self.token_text(config.get(k), k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
+        named += [self.token_text(t, "additional_special_tokens") for t in config.get("additional_special_tokens", [])]
+        return [t for t in named if t]
+
+    def token_text(self, value, key: str):
+        """A special token as tokenizer_config.json writes it: a string, or an AddedToken object with its content."""
+        token = value.get("content") if isinstance(value, dict) else value
+        if token is not None and not isinstance(token, str):
+            raise ValueError(f"{self.config_path}: {key} {token!r} is not a token (a string)")
+        return token
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def text_ids(self, text: str) -> list[int]:
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids     # BOS/EOS: encode's flags alone
+        except TypeError:
+            check_encodable(text)
+            raise
+
+    def decode(self, ids) -> str:
+        return self.backend.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def id_to_piece(self, i: int) -> str:
+        return self.backend.id_to_token(int(i))
+
+
+def read_json(path: Path) -> dict:
+    """A checkpoint's JSON config as a dict; {} when the file does not exist."""
+    if not path.is_file():
+        return {}
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object")
+    return value
+
+
+def config_eos_id(folder: Path):
+    for name in ("generation_config.json", "config.json"):
+        eos = read_json(folder / name).get("eos_token_id")
+        if isinstance(eos, list):
+            eos = eos[0] if eos else None
+        if eos is not None:
+            return eos
+    return None
 
 
 def check_encodable(text: str):
     """Refuse a str that is not valid Unicode text: a lone surrogate (e.g. from a JSON "\\ud800" escape or bytes
-    decoded with surrogateescape) has no UTF-8 form, so sentencepiece cannot take it."""
+    decoded with surrogateescape) has no UTF-8 form, so neither kind of tokenizer can take it."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
