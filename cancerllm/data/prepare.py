@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from ..tokenizer import Tokenizer
+from ..tokenizer import open_tokenizer
 from .records import CsvReader, MalformedRow, json_object, open_csv
 from .shards import read_shard, token_dtype, write_shard
 
@@ -137,7 +137,7 @@ TOKENIZER = None
 
 def init_worker(tokenizer_path: str):
     global TOKENIZER
-    TOKENIZER = Tokenizer(tokenizer_path)
+    TOKENIZER = open_tokenizer(tokenizer_path)
 
 
 def tokenize(chunk):
@@ -155,7 +155,7 @@ def tokenize(chunk):
     return out
 
 
-def tokenize_all(records, workers: int, tokenizer: Tokenizer):
+def tokenize_all(records, workers: int, tokenizer):
     """Tokenized chunks, in input order. Reading stays on this thread (not in a pool thread, as Pool.imap
     would do) so that a --strict error is raised here; at most 4 chunks per worker are in flight."""
     global TOKENIZER
@@ -299,7 +299,7 @@ def prepare(args) -> dict:
     if out.is_dir() and any(out.glob("*.bin")):
         raise FileExistsError(f"{out} already holds shards; choose an empty output folder")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = Tokenizer(args.tokenizer)
+    tokenizer = open_tokenizer(args.tokenizer)
     shard_tokens = max(1, int(args.shard_mb * 2**20) // token_dtype(tokenizer.vocab_size).itemsize)
     writers = {s: ShardWriter(out, s, shard_tokens, tokenizer.vocab_size, args.pack_to) for s in ("train", "val")}
     sources = {str(p): {"documents": 0, "tokens": 0, "bad_rows": 0, "bytes": p.stat().st_size} for p in inputs}
@@ -381,7 +381,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m cancerllm.data.prepare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="+", help="CSV, JSONL or text files")
-    p.add_argument("--tokenizer", required=True, help="sentencepiece tokenizer.model")
+    p.add_argument("--tokenizer", required=True,
+                   help="tokenizer.model (sentencepiece) or tokenizer.json, or a checkpoint directory holding one")
     p.add_argument("--out", required=True, help="output folder (must hold no shards yet)")
     p.add_argument("--format", choices=sorted(set(FORMATS.values())), help="override the format of every input")
     p.add_argument("--text-column", default="text", help="CSV column / JSON key holding the text (default text)")

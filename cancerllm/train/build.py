@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from ..data import PackedLoader, ShardError, read_shard
 from ..model import ModelArgs, Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import open_tokenizer
 from .checkpointing import load_full_weights
 from .config import Config, DataConfig
 from .lora import apply_lora, reset_adapters, store_frozen_in
@@ -71,14 +71,18 @@ def read_pretrained_args(path) -> ModelArgs:
 
 
 def resolve_tokenizer(value):
-    """data.tokenizer: a tokenizer.model path, "mistral" for Mistral's v1 vocabulary (shipped in mistral-common),
-    or None (the export then has no tokenizer.model)."""
+    """data.tokenizer: a tokenizer file (tokenizer.model or tokenizer.json) or a checkpoint directory holding one,
+    "mistral" for Mistral's v1 vocabulary (shipped in mistral-common), or None (the export then has no tokenizer).
+    Returns the tokenizer file's path."""
     if value == "mistral":
         from ..tokenizer import mistral_tokenizer_path
         return mistral_tokenizer_path()
-    if value is not None and not Path(value).is_file():
-        raise FileNotFoundError(f"data.tokenizer: {value} is not a file")
-    return value
+    if value is None:
+        return None
+    try:
+        return open_tokenizer(value).path
+    except (FileNotFoundError, ValueError) as e:
+        raise type(e)(f"data.tokenizer: {e}") from None
 
 
 def expand_paths(patterns: list[str], key: str) -> list[str]:
@@ -136,7 +140,7 @@ def check_data(cfg: DataConfig, vocab_size: int):
     Every error names the shard or manifest and the tokenizer."""
     tokenizer = resolve_tokenizer(cfg.tokenizer)
     if tokenizer is not None:
-        Tokenizer(tokenizer).check_fits(vocab_size)
+        open_tokenizer(tokenizer).check_fits(vocab_size)
     for key, patterns in (("data.train", cfg.train), ("data.val", cfg.val)):
         paths = expand_paths(patterns, key)
         check_shard_tokenizers(sorted({Path(p).parent for p in paths}), tokenizer, key)
@@ -146,7 +150,7 @@ def check_data(cfg: DataConfig, vocab_size: int):
 
 def check_shard_tokenizers(folders: list[Path], tokenizer, key: str):
     """The tokenizer the manifests beside the shards record must be data.tokenizer (when set), and one for all."""
-    sha256 = Tokenizer(tokenizer).fingerprint() if tokenizer is not None else None
+    sha256 = open_tokenizer(tokenizer).fingerprint() if tokenizer is not None else None
     recorded = {}
     for folder in folders:
         manifest = folder / "manifest.json"
