@@ -137,7 +137,7 @@ class JsonTokenizer(TokenizerBase):
         self.bos_id = self.prepended_bos()
         self.eos_id = self.special_id(config, "eos_token")
         if self.eos_id is None:
-            self.eos_id = config_eos_id(folder)
+            self.eos_id = self.config_eos_id(folder)
         if self.eos_id is None:
             raise ValueError(f"{self.path}: no EOS token: neither tokenizer_config.json (eos_token) nor "
                              f"generation_config.json or config.json (eos_token_id) in {folder} names one")
@@ -152,14 +152,10 @@ class JsonTokenizer(TokenizerBase):
         return prefix[0] if prefix else None
 
     def special_id(self, config: dict, key: str):
-        """The id of the token tokenizer_config.json names under `key`; None when it names none."""
+        """The id of the token tokenizer_config.json names under `key` (added to the vocabulary if it was not in it,
+        as every named special token is); None when it names none."""
         token = self.token_text(config.get(key), key)
-        if token is None:
-            return None
-        i = self.backend.token_to_id(token)
-        if i is None:
-            raise ValueError(f"{self.config_path}: {key} {token!r} is not in the vocabulary of {self.path}")
-        return i
+        return None if token is None else self.backend.token_to_id(token)
 
     def named_special_tokens(self, config: dict) -> list[str]:
         named = [self.token_text(config.get(k), k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")]
@@ -172,6 +168,20 @@ class JsonTokenizer(TokenizerBase):
         if token is not None and not isinstance(token, str):
             raise ValueError(f"{self.config_path}: {key} {token!r} is not a token (a string)")
         return token
+
+    def config_eos_id(self, folder: Path):
+        """generation_config.json's eos_token_id (the first of a list: the generator stops on one), else
+        config.json's; None when neither names one."""
+        for path in (folder / "generation_config.json", folder / "config.json"):
+            eos = read_json(path).get("eos_token_id")
+            if isinstance(eos, list):
+                eos = eos[0] if eos else None
+            if eos is None:
+                continue
+            if not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
+                raise ValueError(f"{path}: eos_token_id {eos!r} is not a token id of {self.path}")
+            return eos
+        return None
 
     @property
     def vocab_size(self) -> int:
@@ -202,16 +212,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{path}: holds a JSON {type(value).__name__}, not an object")
     return value
-
-
-def config_eos_id(folder: Path):
-    for name in ("generation_config.json", "config.json"):
-        eos = read_json(folder / name).get("eos_token_id")
-        if isinstance(eos, list):
-            eos = eos[0] if eos else None
-        if eos is not None:
-            return eos
-    return None
 
 
 def check_encodable(text: str):

@@ -222,7 +222,11 @@ def test_bad_files_are_named(trained_bpe, tmp_path):
     with pytest.raises(ValueError, match=f"{config}: bos_token 7 is not a token"):
         open_tokenizer(rejected)
     config.unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5000}))
+    with pytest.raises(ValueError, match=f"{tmp_path / 'config.json'}: eos_token_id 5000 is not a token id"):
+        open_tokenizer(rejected)
     (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert open_tokenizer(rejected).eos_id == 2
     with pytest.raises(ValueError, match="lone surrogate"):
         open_tokenizer(tmp_path).encode("bad \ud800")
     with pytest.raises(TypeError, match="JsonTokenizer.encode: text must be str"):
