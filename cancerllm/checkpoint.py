@@ -1,5 +1,7 @@
-"""Read and write the Hugging Face Mistral layout without `transformers`: config.json, model.safetensors or sharded
-model-0000k-of-0000n.safetensors + model.safetensors.index.json, and tokenizer.model beside them.
+"""Read and write the Hugging Face Mistral and Llama layouts without `transformers`: config.json, model.safetensors or
+sharded model-0000k-of-0000n.safetensors + model.safetensors.index.json, and tokenizer.model beside them. A model is
+saved in the family it was loaded in (config.json's model_type); with tied embeddings the files hold no
+lm_head.weight, as transformers writes them.
 
 Loading streams tensor by tensor into a model built on the meta device, so a checkpoint needs about its own size
 in RAM, not twice that. Nothing is ever unpickled.
@@ -26,13 +28,17 @@ HF_PREFIX = "model."
 # Buffers some older exports carry that the architecture recomputes.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+HEAD, EMBEDDING = "lm_head.weight", "embed_tokens.weight"
+ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
+# transformers' defaults for keys a config.json may leave out, where the two families differ.
+DEFAULT_MAX_POSITIONS = {"mistral": 32768, "llama": 2048}
 
 
 # ---------------------------------------------------------------------------------------------- config
 
 def read_config(path) -> tuple[ModelArgs, torch.dtype]:
-    """ModelArgs and stored dtype from a config.json in transformers v4 (`rope_theta`, `torch_dtype`) or v5
-    (`rope_parameters`, `dtype`) naming. Refuses what the architecture cannot represent."""
+    """ModelArgs and stored dtype from a Mistral or Llama config.json in transformers v4 (`rope_theta`,
+    `torch_dtype`) or v5 (`rope_parameters`, `dtype`) naming. Refuses what the architecture cannot represent."""
     path = Path(path)
     check_file(path, f"missing (a Hugging Face checkpoint directory needs {CONFIG})")
     try:
@@ -53,10 +59,9 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
             raise ValueError(f"{path}: {key} must be {kind_name(kind)}, got {value!r}")
         return value
 
-    if cfg.get("model_type") != "mistral":
-        refuse("model_type", "only 'mistral' checkpoints can be represented")
-    if cfg.get("tie_word_embeddings", False):
-        refuse("tie_word_embeddings", "Mistral has an untied output head")
+    family = cfg.get("model_type")
+    if family not in ARCHITECTURES:
+        refuse("model_type", f"only {' and '.join(map(repr, ARCHITECTURES))} checkpoints can be represented")
     if cfg.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "the feed-forward is SwiGLU (silu)")
     rope = get("rope_parameters", dict) or {}
@@ -64,7 +69,7 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
         refuse("rope_scaling" if cfg.get("rope_scaling") else "rope_parameters", "only unscaled rotary embeddings")
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
-            refuse(key, "Mistral's projections have no bias")
+            refuse(key, "the projections have no bias")
     rope_theta = rope.get("rope_theta", get("rope_theta", NUMBER, 10000.0))
     if not is_a(rope_theta, NUMBER):
         raise ValueError(f"{path}: rope_parameters.rope_theta must be a number, got {rope_theta!r}")
@@ -77,9 +82,11 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
             n_kv_heads=get("num_key_value_heads", int, n_heads),
             head_dim=get("head_dim", int, None) or (dim // n_heads if n_heads > 0 else 0),
             hidden_dim=get("intermediate_size", int), vocab_size=get("vocab_size", int),
-            sliding_window=get("sliding_window", int, None), rope_theta=float(rope_theta),
-            norm_eps=float(get("rms_norm_eps", NUMBER, 1e-6)),
-            max_seq_len=get("max_position_embeddings", int, 32768))
+            # LlamaForCausalLM has no window: it ignores a sliding_window key, and so do we.
+            sliding_window=get("sliding_window", int, None) if family == "mistral" else None,
+            rope_theta=float(rope_theta), norm_eps=float(get("rms_norm_eps", NUMBER, 1e-6)),
+            max_seq_len=get("max_position_embeddings", int, DEFAULT_MAX_POSITIONS[family]),
+            tie_word_embeddings=get("tie_word_embeddings", bool, False), family=family)
     except (ValueError, TypeError) as e:      # ModelArgs' own checks: name the file whose value it refused
         raise ValueError(f"{path}: {e}") from None
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
@@ -92,7 +99,7 @@ NUMBER = (int, float)
 
 
 def is_a(value, kind) -> bool:
-    return isinstance(value, kind) and not isinstance(value, bool)
+    return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
 def kind_name(kind) -> str:
@@ -103,17 +110,19 @@ REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermed
 
 
 def config_dict(args: ModelArgs, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict:
-    """A config.json that transformers v4 and v5 both read."""
+    """A config.json of the model's family that transformers v4 and v5 both read."""
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
+    window = {"sliding_window": args.sliding_window} if args.family == "mistral" else \
+             {"attention_bias": False, "mlp_bias": False}
     return {
-        "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+        "architectures": [ARCHITECTURES[args.family]], "model_type": args.family,
         "hidden_size": args.dim, "num_hidden_layers": args.n_layers, "num_attention_heads": args.n_heads,
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
-        "vocab_size": args.vocab_size, "sliding_window": args.sliding_window,
+        "vocab_size": args.vocab_size, **window,
         "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
         "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
-        "hidden_act": "silu", "tie_word_embeddings": False, "attention_dropout": 0.0, "initializer_range": 0.02,
-        "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
+        "hidden_act": "silu", "tie_word_embeddings": args.tie_word_embeddings, "attention_dropout": 0.0,
+        "initializer_range": 0.02, "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
         "torch_dtype": dtype_name, "dtype": dtype_name,
     }
 
@@ -163,7 +172,7 @@ def weight_files(directory: Path) -> dict[Path, set | None]:
 
 
 def iter_tensors(files: dict):
-    """(name, tensor) one at a time, each read from its memory-mapped file when asked for."""
+    """(file, name, tensor) one at a time, each read from its memory-mapped file when asked for."""
     for f, names in files.items():
         try:
             with safe_open(str(f), framework="pt") as sf:
@@ -171,13 +180,13 @@ def iter_tensors(files: dict):
                 if names is not None and names - present:
                     raise ValueError(f"{f}: lacks {', '.join(sorted(names - present))}, which {INDEX} places there")
                 for name in sorted(present if names is None else names):
-                    yield name, sf.get_tensor(name)
+                    yield f, name, sf.get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
 
 
 def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
-    """Build a Transformer from a Hugging Face Mistral directory, in `dtype` (default: the stored one)."""
+    """Build a Transformer from a Hugging Face Mistral or Llama directory, in `dtype` (default: the stored one)."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory not found")
@@ -186,11 +195,18 @@ def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
     with torch.device("meta"):
         model = Transformer(args)
     expected = {name: p.shape for name, p in model.state_dict().items()}
-    state, unexpected, misshapen, not_float = {}, [], [], []
-    for name, tensor in iter_tensors(weight_files(directory)):
+    tied = args.tie_word_embeddings
+    if tied:                          # one tensor, stored as the embedding; a copy as lm_head.weight is checked
+        del expected[HEAD]
+    state, unexpected, misshapen, not_float, tied_pair = {}, [], [], [], {}
+    for file, name, tensor in iter_tensors(weight_files(directory)):
         key = name[len(HF_PREFIX):] if name.startswith(HF_PREFIX) else name
         if IGNORED_KEYS.match(key):
             continue
+        if tied and key in (HEAD, EMBEDDING):
+            tied_pair[key] = (file, tensor)           # as stored, to compare exactly once both are read
+            if key == HEAD:
+                continue
         if key not in expected:
             unexpected.append(name)
         elif tensor.shape != expected[key]:
@@ -199,16 +215,30 @@ def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
             not_float.append(f"{name}: {tensor.dtype}")
         else:
             state[key] = tensor.to(device=device, dtype=dtype)
-    missing = sorted(HF_PREFIX * (k != "lm_head.weight") + k for k in expected.keys() - state.keys())
+    missing = sorted(HF_PREFIX * (k != HEAD) + k for k in expected.keys() - state.keys())
     problems = [f"missing: {', '.join(missing)}"] * bool(missing) + \
                [f"unexpected: {', '.join(unexpected)}"] * bool(unexpected) + \
                [f"wrong shape: {'; '.join(misshapen)}"] * bool(misshapen) + \
                [f"not floating point: {'; '.join(not_float)}"] * bool(not_float)
     if problems:
         raise ValueError(f"{directory}: weights do not match config.json: " + " | ".join(problems))
+    if HEAD in tied_pair:
+        check_tied_head(tied_pair, directory / CONFIG)
+    if tied:
+        state[HEAD] = state[EMBEDDING]
     model.load_state_dict(state, assign=True)
+    if tied:
+        model.tie_weights()           # assign=True gave each name its own Parameter
     model.init_rope()
     return model
+
+
+def check_tied_head(pair: dict, config: Path):
+    """A tied checkpoint may hold lm_head.weight too, but only as an exact copy of the embedding."""
+    (head_file, head), (_, embedding) = pair[HEAD], pair[EMBEDDING]
+    if head.shape != embedding.shape or head.dtype != embedding.dtype or not torch.equal(head, embedding):
+        raise ValueError(f"{head_file}: lm_head.weight differs from {HF_PREFIX}{EMBEDDING}, but {config} says "
+                         "tie_word_embeddings=true (one tensor for both): remove lm_head.weight or untie the config")
 
 
 # ---------------------------------------------------------------------------------------------- save
@@ -246,6 +276,8 @@ def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_s
     directory = Path(path)
     if not state:
         raise ValueError("save_pretrained: the state dict is empty")
+    if args.tie_word_embeddings:
+        state = without_tied_head(state)
     dtype = dtype or next(iter(state.values())).dtype
     if dtype not in DTYPES.values():
         raise ValueError(f"save_pretrained: dtype must be one of torch.{', torch.'.join(DTYPES)}, got {dtype}")
@@ -266,6 +298,19 @@ def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_s
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def without_tied_head(state: dict) -> dict:
+    """A tied model's tensors as transformers stores them: the embedding alone, which loading ties the head to. The
+    state may name the head too (state_dict() does; FSDP's full gather makes it a copy), as long as it is equal."""
+    head, embedding = state.get(HEAD), state.get(EMBEDDING)
+    if embedding is None:
+        raise ValueError(f"save_pretrained: the state dict has no {EMBEDDING}, which a tied model's head is")
+    if head is not None and head is not embedding and not (head.shape == embedding.shape and
+                                                           torch.equal(head, embedding.to(head.device, head.dtype))):
+        raise ValueError(f"save_pretrained: {HEAD} differs from {EMBEDDING}, but the model's ModelArgs say "
+                         "tie_word_embeddings=True (one tensor for both); nothing written")
+    return {name: tensor for name, tensor in state.items() if name != HEAD}
+
+
 def load_tokenizer(tokenizer, vocab_size: int):
     if tokenizer is None:
         return None
@@ -277,7 +322,7 @@ def load_tokenizer(tokenizer, vocab_size: int):
 
 def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dtype, tok, max_bytes: int):
     """The files of a Hugging Face directory, written into an empty `directory`."""
-    hf_state = {(k if k == "lm_head.weight" else HF_PREFIX + k): v.detach().to("cpu", dtype).contiguous()
+    hf_state = {(k if k == HEAD else HF_PREFIX + k): v.detach().to("cpu", dtype).contiguous()
                 for k, v in state.items()}
     shards = plan_shards(hf_state, max_bytes)
     if len(shards) == 1:

@@ -1,9 +1,11 @@
-"""Mistral, written by hand: token embedding, pre-norm blocks of grouped-query sliding-window attention with
-rotary embeddings and a SwiGLU feed-forward, a final RMSNorm and an untied output head.
+"""Mistral and Llama, written by hand: token embedding, pre-norm blocks of grouped-query attention (Mistral's with a
+sliding window, Llama's without) with rotary embeddings and a SwiGLU feed-forward, a final RMSNorm and an output
+head, its own weight or the embedding's (`tie_word_embeddings`).
 
-Module and parameter names follow Hugging Face's MistralForCausalLM, less its `model.` prefix, so checkpoints
-map one to one. Attention, RMSNorm and the loss go through `cancerllm.kernels`. `fuse_for_decoding` (at the end)
-makes the form the Generator decodes with: the same forward, with fused matmuls on weights laid out once.
+Module and parameter names follow Hugging Face's MistralForCausalLM and LlamaForCausalLM (the same names), less
+their `model.` prefix, so checkpoints map one to one. Attention, RMSNorm and the loss go through
+`cancerllm.kernels`. `fuse_for_decoding` (at the end) makes the form the Generator decodes with: the same forward,
+with fused matmuls on weights laid out once.
 """
 import math
 from dataclasses import asdict, dataclass, fields
@@ -21,7 +23,9 @@ from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 # The rotary tables are precomputed for max_seq_len positions; 1 GiB holds 2M positions at head_dim 128 (Mistral
 # Nemo's 1,024,000 included) and refuses a config.json whose max_position_embeddings is a sentinel like 2**31 - 1.
 MAX_ROPE_TABLE_BYTES = 2**30
-FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), Optional[int]: (int, type(None))}
+FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), Optional[int]: (int, type(None))}
+# The Hugging Face architecture a model is saved as (config.json's model_type); Llama is Mistral without the window.
+FAMILIES = ("mistral", "llama")
 
 
 @dataclass
@@ -38,6 +42,8 @@ class ModelArgs:
     norm_eps: float = 1e-5
     max_seq_len: int = 32768                  # length of the precomputed rotary table
     attn_backend: str = "auto"                # "auto" (kernels' dispatch) or "xformers" on CUDA
+    tie_word_embeddings: bool = False         # the output head's weight is the embedding's (one tensor)
+    family: str = "mistral"                   # "mistral" or "llama": what save_pretrained writes as model_type
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
@@ -48,7 +54,7 @@ class ModelArgs:
     def __post_init__(self):
         for f in fields(self):
             value = getattr(self, f.name)
-            if not isinstance(value, FIELD_TYPES[f.type]) or isinstance(value, bool):
+            if not isinstance(value, FIELD_TYPES[f.type]) or (isinstance(value, bool) and f.type is not bool):
                 raise TypeError(f"ModelArgs.{f.name} must be {f.type}, got {value!r}")
         for name in ("dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "vocab_size",
                      "max_seq_len"):
@@ -60,6 +66,11 @@ class ModelArgs:
             raise ValueError(f"ModelArgs.head_dim={self.head_dim} must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"ModelArgs.sliding_window must be positive or None, got {self.sliding_window}")
+        if self.family not in FAMILIES:
+            raise ValueError(f"ModelArgs.family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        if self.family == "llama" and self.sliding_window is not None:
+            raise ValueError(f"ModelArgs.sliding_window={self.sliding_window}: Llama attends without a window (set "
+                             "sliding_window=None, or family='mistral' for a windowed model)")
         if self.attn_backend not in ("auto", "xformers"):
             raise ValueError(f"ModelArgs.attn_backend must be 'auto' or 'xformers', got {self.attn_backend!r}")
         for name in ("rope_theta", "norm_eps"):
@@ -75,10 +86,12 @@ class ModelArgs:
         return asdict(self)
 
     def num_params(self, embedding: bool = True) -> int:
+        """Distinct parameters; without `embedding`, those that multiply (the output head counts even when it is
+        the embedding's tensor: it is a matmul's weight)."""
         attn = self.dim * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
         block = attn + 3 * self.dim * self.hidden_dim + 2 * self.dim
         n = self.n_layers * block + self.dim + self.vocab_size * self.dim    # + final norm, output head
-        return n + self.vocab_size * self.dim if embedding else n
+        return n + self.vocab_size * self.dim if embedding and not self.tie_word_embeddings else n
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, PaLM convention: 6N for the weights (N without the embedding lookup) plus
@@ -99,6 +112,10 @@ PRESETS = {
                   sliding_window=512, max_seq_len=2048),
     # A 1B-class shape for single-GPU benchmarks.
     "1b": dict(dim=2048, n_layers=16, n_heads=16, n_kv_heads=4, head_dim=128, hidden_dim=7168),
+    # SmolLM2-135M's shape (a Llama with tied embeddings), random init, for benchmarks.
+    "smollm2-135m": dict(dim=576, n_layers=30, n_heads=9, n_kv_heads=3, head_dim=64, hidden_dim=1536,
+                         vocab_size=49152, sliding_window=None, rope_theta=100000.0, norm_eps=1e-5, max_seq_len=8192,
+                         tie_word_embeddings=True, family="llama"),
 }
 
 
@@ -228,6 +245,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args, i) for i in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.lm_head = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.tie_weights()
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
         self.init_rope()
@@ -239,6 +258,19 @@ class Transformer(nn.Module):
         device = None if device.type == "meta" else device
         self.rope_cos, self.rope_sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
                                                    device=device)
+
+    def tie_weights(self):
+        """Tied embeddings: make the output head's weight the embedding's own Parameter, so that parameters(), the
+        optimizer, FSDP2 and the gradients see one tensor under two names."""
+        self.lm_head.weight = self.embed_tokens.weight
+
+    def _apply(self, fn, recurse=True):
+        # nn.Module._apply converts each module's parameters separately and, when it cannot convert in place
+        # (to_empty from the meta device), gives each module a new Parameter: the two names would part.
+        module = super()._apply(fn, recurse)
+        if self.args.tie_word_embeddings:
+            self.tie_weights()
+        return module
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02):

@@ -5,11 +5,7 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from cancerllm import ModelArgs, Transformer, kernels
-from hf_util import hf_model, our_name, tiny_args
-
-
-def loss_of(logits, tokens):
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tokens[:, 1:].reshape(-1))
+from hf_util import assert_logits_and_gradients_match, hf_model, tiny_args
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1])       # GQA ratios 1, 2, 4
@@ -19,17 +15,7 @@ def test_logits_and_gradients_match_transformers(tmp_path, n_kv_heads):
     hf.save_pretrained(tmp_path)
     ours = Transformer.from_pretrained(tmp_path)
     tokens = torch.randint(0, args.vocab_size, (2, 3 * args.sliding_window + 5))   # well past the window
-
-    hf_logits = hf(tokens).logits
-    our_logits = ours(tokens)
-    assert (our_logits - hf_logits).abs().max() <= 1e-4
-
-    loss_of(hf_logits, tokens).backward()
-    loss_of(our_logits, tokens).backward()
-    ours_params = dict(ours.named_parameters())
-    for name, p in hf.named_parameters():
-        g, ref = ours_params[our_name(name)].grad, p.grad
-        assert torch.linalg.norm(g - ref) <= 1e-4 * torch.linalg.norm(ref) + 1e-7, name
+    assert_logits_and_gradients_match(ours, hf, tokens)
 
 
 def test_fused_loss_equals_loss_of_logits():

@@ -57,10 +57,17 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+# ModelArgs fields that do not change what the model computes or holds: the attention kernel, and the family,
+# which only names the architecture in an export's config.json (a Llama is a Mistral without a window).
+NAMING_FIELDS = ("attn_backend", "family")
+# Settings that checkpoints written before they existed lack, with the value those checkpoints were written with.
+LATER_SETTINGS = {"model.tie_word_embeddings": False}
+
+
 def run_settings(args, lora) -> dict:
     """What a resumed run must share with the run that wrote the checkpoint: the model's shape and the LoRA
     adapters' (config names). The rest (lr, steps, data, batch size, world size) may change on resume."""
-    settings = {f"model.{key}": value for key, value in args.to_dict().items() if key != "attn_backend"}
+    settings = {f"model.{key}": value for key, value in args.to_dict().items() if key not in NAMING_FIELDS}
     settings["lora.enabled"] = lora.enabled
     if lora.enabled:
         settings.update({"lora.rank": lora.rank, "lora.targets": list(lora.targets)})
@@ -229,6 +236,7 @@ class Checkpointer:
         return None
 
     def check_settings(self, saved: dict, path: Path):
+        saved = {**LATER_SETTINGS, **saved}
         differ = [f"{key} = {saved.get(key)!r} there, {value!r} now" for key, value in self.settings.items()
                   if saved.get(key) != value]
         if differ:
