@@ -5,7 +5,7 @@
 
 Systems: the checkpoint (several: their ensemble, see cancerllm.generate), the majority value per field (from the
 train split), the regular-expression extractor, and with --baseline-checkpoint a Hugging Face Mistral-family
-checkpoint zero-shot (same prompts, read through its own tokenizer.model). Scores:
+checkpoint zero-shot (same prompts, read through its own tokenizer). Scores:
 - phenotype tasks: per-field P/R/F1 on normalised values, micro and macro; the study's instance-averaged set F1
   (exact and ROUGE-1 match; an instance is one question, or one report's set of "field: value" items);
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
@@ -46,13 +46,13 @@ BOOTSTRAP_SAMPLES = 1000
 # ---------------------------------------------------------------------------------------------- inputs
 
 def check_tokenizer(checkpoint: Path, manifest: dict, manifest_path: Path):
-    from .tokenizer import Tokenizer
+    from .tokenizer import open_tokenizer
     if "tokenizer" not in manifest:
         raise ValueError(f"{manifest_path}: records no tokenizer; stamp the datasets with the checkpoint's "
                          "(python -m cancerllm.tasks.build --tokenizer, or cancerllm.tasks.build.stamp_tokenizer)")
-    tok = Tokenizer(checkpoint / "tokenizer.model")
+    tok = open_tokenizer(checkpoint)
     if tok.fingerprint() != manifest["tokenizer"]["sha256"]:
-        raise ValueError(f"{checkpoint / 'tokenizer.model'} is not the tokenizer the datasets were built with "
+        raise ValueError(f"{tok.path} is not the tokenizer the datasets were built with "
                          f"({manifest['tokenizer']['path']}, recorded in {manifest_path}): rebuild the datasets "
                          "with --tokenizer pointing at the checkpoint's tokenizer, or evaluate a matching checkpoint")
 
@@ -424,7 +424,7 @@ def positive_int(text: str) -> int:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, nargs="+",
-                   help="model directory (config.json, safetensors, tokenizer.model); several: their ensemble")
+                   help="model directory (config.json, safetensors, tokenizer); several: their ensemble")
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--split", default="test", choices=SPLITS)
     p.add_argument("--data", default="runs/tasks", help="output directory of python -m cancerllm.tasks.build")

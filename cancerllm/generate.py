@@ -84,7 +84,7 @@ import torch
 from .cache import KVCache
 from .model import Transformer, fuse_for_decoding
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
-from .tokenizer import Tokenizer
+from .tokenizer import TokenizerBase, open_tokenizer
 
 
 @dataclass
@@ -315,7 +315,7 @@ class Generator:
     model are always seen; writes the version counters miss (through `.data`) need an explicit `refresh()`.
     """
 
-    def __init__(self, model, tokenizer: Tokenizer, *, prefill_chunk: int = 512, onednn: bool = True):
+    def __init__(self, model, tokenizer: TokenizerBase, *, prefill_chunk: int = 512, onednn: bool = True):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         self.models = check_members(model)
@@ -347,27 +347,26 @@ class Generator:
 
     @classmethod
     def from_pretrained(cls, path, *, device="cpu", dtype=None, **options) -> "Generator":
-        """Load a training export or a Hugging Face Mistral checkpoint directory (config.json, safetensors
-        weights, tokenizer.model); a list of directories loads an ensemble, whose tokenizer.model files must be
+        """Load a training export or a Hugging Face checkpoint directory (config.json, safetensors weights, and
+        tokenizer.model or tokenizer.json); a list of directories loads an ensemble, whose tokenizers must be
         identical."""
         if isinstance(dtype, str):
             dtype = parse_dtype(dtype)
         paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not paths:
             raise ValueError("from_pretrained: an empty list of checkpoint directories")
-        tokenizer = paths[0] / "tokenizer.model"
-        pieces = tokenizer.read_bytes() if len(paths) > 1 else None
-        for other in paths[1:]:
-            if (other / "tokenizer.model").read_bytes() != pieces:
-                raise ValueError(f"{other / 'tokenizer.model'} differs from {tokenizer}: an ensemble's members must "
-                                 "share one tokenizer")
+        tokenizer = open_tokenizer(paths[0])
+        for other in map(open_tokenizer, paths[1:]):
+            if other.fingerprint() != tokenizer.fingerprint():
+                raise ValueError(f"{other.path} differs from {tokenizer.path}: an ensemble's members must share one "
+                                 "tokenizer")
         models = [Transformer.from_pretrained(p, device=device, dtype=dtype) for p in paths]
         settings = [load_prompt_settings(p) for p in paths]
         for other, member in zip(paths[1:], settings[1:]):
             if member != settings[0]:
                 raise ValueError(f"{other} was prompted differently from {paths[0]} ({SETTINGS_FILE}): an ensemble's "
                                  "members must share their prompt settings")
-        generator = cls(models if len(models) > 1 else models[0], Tokenizer(tokenizer), **options)
+        generator = cls(models if len(models) > 1 else models[0], tokenizer, **options)
         generator.prompt_settings = settings[0]
         return generator
 
@@ -496,7 +495,9 @@ class Generator:
         return logits
 
     def result(self, row: Row, prefill_s: float) -> GenerationResult:
-        text = row.text.text if row.text is not None else self.tokenizer.decode(row.tokens)
+        # The EOS token ends the text without being part of it (a tokenizer.json decodes it as "<|im_end|>").
+        spoken = row.tokens[:-1] if row.finish_reason == "eos" else row.tokens
+        text = row.text.text if row.text is not None else self.tokenizer.decode(spoken)
         decode_s = max(row.finished_at - row.prefill_end, 0.0) if row.tokens else 0.0
         return GenerationResult(text, row.tokens, row.finish_reason or "length", len(row.prompt), prefill_s,
                                 decode_s)
@@ -626,7 +627,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cancerllm.generate",
                                      description="Generate text from a cancerllm or Hugging Face Mistral checkpoint.")
     parser.add_argument("--model", required=True, nargs="+",
-                        help="checkpoint directory (config.json, safetensors, tokenizer.model); several: an ensemble")
+                        help="checkpoint directory (config.json, safetensors, tokenizer); several: an ensemble")
     parser.add_argument("--prompt", action="append", help="a prompt; repeat for a batch")
     parser.add_argument("--prompt-file", help="read the prompt(s) from this file ('-': stdin, the default)")
     parser.add_argument("--lines", action="store_true", help="one prompt per non-empty line of the file or stdin")

@@ -231,3 +231,31 @@ def test_bad_files_are_named(trained_bpe, tmp_path):
         open_tokenizer(tmp_path).encode("bad \ud800")
     with pytest.raises(TypeError, match="JsonTokenizer.encode: text must be str"):
         open_tokenizer(tmp_path).encode(b"bytes")
+
+
+def test_constrained_decoding_reads_a_byte_level_vocabulary(checkpoint):
+    """The grammar engine is told the byte-level spelling: sampled answers under a choice grammar are exactly one of
+    the choices (spaces, digits and letters spelt through GPT-2's byte alphabet), and JSON under the schema parses."""
+    import torch
+    from cancerllm import Generator, ModelArgs, Transformer
+    from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
+    from cancerllm.tasks.fields import ALLOWED, FIELDS
+    tok = open_tokenizer(checkpoint)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=tok.vocab_size))
+    gen = Generator(model, tok)
+    choices = ALLOWED["pN"] + ["not mentioned"]
+    proc = ChoiceProcessor(tok, choices)
+    for seed in range(3):
+        for r in gen.generate(["Report: pT2 N0.", "x"], max_new_tokens=40, temperature=1.0, seed=seed,
+                              logits_processor=proc):
+            assert r.finish_reason == "eos" and r.text.strip() in choices, r.text
+    [r] = gen.generate(["Report:"], max_new_tokens=600, temperature=1.0, seed=0,
+                       logits_processor=JsonSchemaProcessor(tok))
+    assert r.finish_reason == "eos" and list(json.loads(r.text)) == list(FIELDS), r.text
+    # deterministically: inside a free-text value, a raw control byte (GPT-2's "ė" spells 0x17) is refused
+    proc = JsonSchemaProcessor(tok)
+    proc.reset(1)
+    for t in tok.encode('{"cancer_type": null, "primary_site": "ab', bos=False):
+        proc.advance(0, t)
+    assert not proc.matchers[0].accept_token(tok.backend.token_to_id("ė"))

@@ -215,7 +215,7 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     counterfactual_copies > 0), {out}/prompt_settings.json (the templates and the report cut the prompts were made
     with) and {out}/manifest.json; return the manifest (counts, failures, rules).
 
-    `tokenizer` ("mistral": Mistral's v1, or a tokenizer.model) adds its token counts to the manifest
+    `tokenizer` ("mistral": Mistral's v1, a tokenizer file or a checkpoint directory) adds its token counts to the manifest
     (`stamp_tokenizer`); None leaves that to a later stamp_tokenizer call, e.g. with a tokenizer trained on the
     training split these datasets define.
 
@@ -306,11 +306,11 @@ def token_stats(records, tokenizer) -> dict:
 
 
 def stamp_tokenizer(tasks_dir, tokenizer="mistral") -> dict:
-    """Record in {tasks_dir}/manifest.json the tokenizer ("mistral": Mistral's v1, or a tokenizer.model) a model
+    """Record in {tasks_dir}/manifest.json the tokenizer ("mistral": Mistral's v1, a tokenizer file or a checkpoint directory) a model
     trained on these datasets reads them with (eval holds checkpoints to it) and each task's training examples'
     token counts under it; return the manifest."""
-    from ..tokenizer import Tokenizer, mistral_tokenizer_path
-    tok = Tokenizer(mistral_tokenizer_path() if tokenizer == "mistral" else tokenizer)
+    from ..tokenizer import mistral_tokenizer_path, open_tokenizer
+    tok = open_tokenizer(mistral_tokenizer_path() if tokenizer == "mistral" else tokenizer)
     path = Path(tasks_dir) / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["tokenizer"] = {"path": str(tok.path), "sha256": tok.fingerprint()}

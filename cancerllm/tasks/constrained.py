@@ -36,6 +36,21 @@ def choice_grammar(choices) -> xgr.Grammar:
     return xgr.Grammar.from_ebnf("root ::= " + " | ".join(json.dumps(c) for c in choices))
 
 
+def spelling(tokenizer) -> tuple:
+    """How the vocabulary's pieces spell text, which the grammar engine must know to read them: sentencepiece's
+    byte-fallback pieces with a leading "▁" added before the text, or a byte-level BPE's printable alphabet of the
+    256 bytes (GPT-2's, as tokenizer.json's ByteLevel decoder says) with nothing added."""
+    from ..tokenizer import JsonTokenizer
+    if not isinstance(tokenizer, JsonTokenizer):
+        return xgr.VocabType.BYTE_FALLBACK, True
+    decoder = json.loads(tokenizer.backend.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders") or []}
+    if "ByteLevel" not in kinds:
+        raise ValueError(f"{tokenizer.path}: constrained decoding reads sentencepiece and byte-level BPE vocabularies; "
+                         f"this tokenizer's decoder is {decoder.get('type')!r}")
+    return xgr.VocabType.BYTE_LEVEL, False
+
+
 class GrammarProcessor:
     """reset(batch_size) / mask(logits, rows) / advance(row, token_id), the Generator's logits-processor protocol:
     every row's output is kept a prefix of a sentence of `grammar` (then only the stop token is allowed).
@@ -48,8 +63,9 @@ class GrammarProcessor:
             raise ValueError(f"vocab_size={self.vocab_size} is smaller than the tokenizer's "
                              f"{tokenizer.vocab_size} pieces")
         pieces = [tokenizer.id_to_piece(i) for i in range(tokenizer.vocab_size)]
-        info = xgr.TokenizerInfo(pieces, vocab_type=xgr.VocabType.BYTE_FALLBACK, vocab_size=self.vocab_size,
-                                 stop_token_ids=[tokenizer.eos_id], add_prefix_space=True)
+        vocab_type, add_prefix_space = spelling(tokenizer)
+        info = xgr.TokenizerInfo(pieces, vocab_type=vocab_type, vocab_size=self.vocab_size,
+                                 stop_token_ids=[tokenizer.eos_id], add_prefix_space=add_prefix_space)
         self.grammar = xgr.GrammarCompiler(info).compile_grammar(grammar)
         self.matchers, self.bitmask = [], None
 

@@ -65,7 +65,10 @@ def json_schema() -> dict:
     def value_schema(field):
         if field in ALLOWED:
             return {"anyOf": [{"type": "null"}, {"enum": ALLOWED[field]}]}
-        return {"anyOf": [{"type": "null"}, {"type": "string", "minLength": 1, "maxLength": FREE_TEXT_MAX_CHARS}]}
+        # A pattern rather than minLength/maxLength: xgrammar compiles a length-bounded string to a character
+        # class that admits raw control characters, which JSON forbids in strings (the answer would not parse).
+        text = r'^[^"\\\x00-\x1f]{1,%d}$' % FREE_TEXT_MAX_CHARS      # no quote, backslash or control character
+        return {"anyOf": [{"type": "null"}, {"type": "string", "pattern": text}]}
     return {"type": "object", "properties": {f: value_schema(f) for f in FIELDS}, "required": list(FIELDS),
             "additionalProperties": False}
 
