@@ -2,7 +2,8 @@
 
 One uninterrupted pretraining run is shared by several tests: its loss goes down on the bundled TCGA reports,
 a run resumed from its mid-way checkpoint reproduces its losses bit for bit, its export loads in transformers
-with the same logits, and a LoRA run starting from that export trains only the adapters.
+with the same logits, and a LoRA run starting from that export trains only the adapters. A second run does the same
+for a tied Llama (the smollm2-135m preset's architecture, narrowed).
 """
 import json
 import os
@@ -322,3 +323,68 @@ def test_example_loss_weighting_runs_under_fsdp_and_changes_training(tmp_path):
     assert all(np.isfinite(list(per_step.values())).all() and sorted(per_step) == [1, 2, 3]
                for per_step in losses.values())
     assert losses["token"][3] != pytest.approx(losses["example"][3], rel=1e-3)
+
+
+# ---------------------------------------------------------------------------------------------- tied Llama
+
+@pytest.fixture(scope="module")
+def tied_llama_run(tmp_path_factory, shards):
+    """The tiny run on the smollm2-135m preset's architecture (Llama, no window, tied embeddings), narrowed."""
+    run = tmp_path_factory.mktemp("tied") / "run"
+    config = run.parent / "tied.toml"
+    config.write_text(TINY.format(shards=shards, run=run).replace('preset = "tiny"', 'preset = "smollm2-135m"'))
+    return config, run, run_train(config).stdout
+
+
+def test_tied_llama_trains_resumes_bitwise_and_exports_for_transformers(tied_llama_run, tmp_path):
+    """FSDP2 keeps the tied embedding one parameter (in the root unit): it trains, resumes bit for bit, and exports
+    as a Llama directory without lm_head.weight that transformers loads as LlamaForCausalLM with our logits."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors import safe_open
+    from cancerllm import ModelArgs, Transformer
+    config, run, output = tied_llama_run
+    args = ModelArgs.preset("smollm2-135m", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                            vocab_size=32000)
+    assert f" {args.num_params():,} parameters" in output          # the sharded model counts the embedding once
+    losses = records(run)
+    assert np.mean([losses[7], losses[8]]) < np.mean([losses[1], losses[2]]) - 0.5
+    export = run / "export"
+    saved = json.loads((export / "config.json").read_text())
+    assert (saved["model_type"], saved["architectures"], saved["tie_word_embeddings"]) == (
+        "llama", ["LlamaForCausalLM"], True)
+    with safe_open(str(export / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    ours = Transformer.from_pretrained(export).eval()
+    assert ours.lm_head.weight is ours.embed_tokens.weight and ours.args.family == "llama"
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(export, torch_dtype=torch.float32).eval()
+    assert type(theirs).__name__ == "LlamaForCausalLM"
+    tokens = torch.randint(0, ours.args.vocab_size, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
+
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-00000008")
+    (resumed / "checkpoints/latest").write_text("step-00000004\n")
+    (tmp_path / "tied.toml").write_text(config.read_text().replace(str(run), str(resumed)))
+    proc = run_train(tmp_path / "tied.toml", "--set", "checkpoint.export=false")
+    assert "(step 4)" in proc.stdout
+    assert records(resumed) == records(run)
+
+
+def test_lora_from_a_tied_export_keeps_the_embedding_one_tensor(tied_llama_run, tmp_path):
+    """model.init_from a tied Llama export (built on the meta device, filled from rank 0): LoRA trains the blocks'
+    adapters only, and the merged export is tied again, its embedding bit for bit the base's."""
+    from safetensors.torch import load_file
+    config, base_run, _ = tied_llama_run
+    run = tmp_path / "lora"
+    (tmp_path / "lora.toml").write_text(config.read_text().replace(str(base_run), str(run)))
+    run_train(tmp_path / "lora.toml", "--set", f'model.init_from="{base_run / "export"}"', "--set", "lora.enabled=true",
+              "--set", "train.steps=2", "--set", "data.val=[]", "--set", "optim.lr=0.05")
+    base = load_file(base_run / "export/model.safetensors")
+    merged = load_file(run / "export/model.safetensors")
+    assert merged.keys() == base.keys() and "lm_head.weight" not in merged
+    assert torch.equal(merged["model.embed_tokens.weight"], base["model.embed_tokens.weight"])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           base["model.layers.0.self_attn.q_proj.weight"])
+    assert json.loads((run / "export/config.json").read_text())["tie_word_embeddings"] is True
