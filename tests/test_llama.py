@@ -179,6 +179,22 @@ def test_a_llama_config_has_no_window_and_transformers_defaults(tied_dir):
     assert (args.sliding_window, args.max_seq_len, args.head_dim, args.family) == (None, 2048, 12, "llama")
 
 
+SMOLLM2_CONFIG = {     # SmolLM2-135M-Instruct's config.json as published (written by transformers 4.42)
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 1,
+    "eos_token_id": 2, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576,
+    "initializer_range": 0.041666666666666664, "intermediate_size": 1536, "is_llama_config": True,
+    "max_position_embeddings": 8192, "mlp_bias": False, "model_type": "llama", "num_attention_heads": 9,
+    "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
+    "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152}
+
+
+def test_smollm2s_config_reads_as_the_preset(tmp_path):
+    from cancerllm.checkpoint import read_config
+    (tmp_path / "config.json").write_text(json.dumps(SMOLLM2_CONFIG))
+    assert read_config(tmp_path / "config.json") == (ModelArgs.preset("smollm2-135m"), torch.bfloat16)
+
+
 def test_llama_model_args_refuse_a_window_and_unknown_families():
     with pytest.raises(ValueError, match="Llama attends without a window"):
         tiny_llama_args(sliding_window=8)

@@ -323,6 +323,8 @@ class Checkpointer:
         prompt_settings (tasks.prompts.PromptSettings): how the training examples were prompted, saved beside the
         weights so that the Generator's task helpers prompt the same way."""
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        # With tied embeddings this holds the embedding under both names (two gathered copies): save_state_dict
+        # checks that they are equal and writes one, as transformers does.
         state = get_model_state_dict(model, options=options)
         path = Path(path)
         if self.d.is_main:

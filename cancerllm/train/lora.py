@@ -47,8 +47,8 @@ class LoRALinear(nn.Module):
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
-    """Replace the targeted nn.Linear layers of every block by LoRALinear and freeze everything else.
-    Returns the names of the replaced layers."""
+    """Replace the targeted nn.Linear layers of every block by LoRALinear and freeze everything else (the output
+    head is never a target: it may be the embedding's tensor). Returns the names of the replaced layers."""
     replaced = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):

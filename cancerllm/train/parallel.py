@@ -93,6 +93,8 @@ def parallelize(model, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.devi
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by the root's backward: keep them gathered.
         fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+    # The root unit holds the embedding and the output head: tied embeddings (one Parameter under both names) stay
+    # one sharded parameter there, gathered once and given to both modules, its gradients from both uses summed.
     fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
