@@ -23,6 +23,9 @@ CONFIG = "config.json"
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 TOKENIZER = "tokenizer.model"
+# A byte-level BPE's files (tokenizer.JsonTokenizer): the vocabulary, and beside it the special tokens and the chat
+# template that transformers reads.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 HF_PREFIX = "model."
 # Buffers some older exports carry that the architecture recomputes.
@@ -285,9 +288,10 @@ def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_s
     tok = load_tokenizer(tokenizer, args.vocab_size)
     if directory.exists() and not directory.is_dir():
         raise ValueError(f"save_pretrained: {directory} exists and is not a directory")
-    if tok is None and (directory / TOKENIZER).exists():
-        raise ValueError(f"save_pretrained: {directory / TOKENIZER} is from an earlier save and would not match "
-                         "these weights; pass tokenizer= (its path keeps it) or remove it first")
+    earlier = [directory / name for name in (TOKENIZER, *TOKENIZER_FILES) if (directory / name).exists()]
+    if tok is None and earlier:
+        raise ValueError(f"save_pretrained: {earlier[0]} is from an earlier save and would not match these "
+                         "weights; pass tokenizer= (its path keeps it) or remove it first")
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = directory.with_name(f".{directory.name}.saving-{uuid.uuid4().hex[:8]}")
     staging.mkdir()                            # (not mkdtemp: its mode 0700 would become the directory's)
@@ -312,12 +316,24 @@ def without_tied_head(state: dict) -> dict:
 
 
 def load_tokenizer(tokenizer, vocab_size: int):
+    """A tokenizer object, file or checkpoint directory (tokenizer.open_tokenizer) checked against the vocabulary."""
     if tokenizer is None:
         return None
-    from .tokenizer import Tokenizer
-    tok = tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer(tokenizer)
+    from .tokenizer import TokenizerBase, open_tokenizer
+    tok = tokenizer if isinstance(tokenizer, TokenizerBase) else open_tokenizer(tokenizer)
     tok.check_fits(vocab_size)
     return tok
+
+
+def copy_tokenizer(tok, directory: Path):
+    """The tokenizer's own files, byte for byte (its fingerprint is the file's hash): tokenizer.model, or
+    tokenizer.json with the tokenizer_config.json beside it when there is one."""
+    if tok.path.suffix != ".json":
+        shutil.copyfile(tok.path, directory / TOKENIZER)
+        return
+    for name, source in zip(TOKENIZER_FILES, (tok.path, tok.path.with_name(TOKENIZER_FILES[1]))):
+        if source.is_file():
+            shutil.copyfile(source, directory / name)
 
 
 def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dtype, tok, max_bytes: int):
@@ -338,7 +354,7 @@ def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dty
                                                   indent=2))
     ids = {}
     if tok is not None:
-        shutil.copyfile(tok.path, directory / TOKENIZER)
+        copy_tokenizer(tok, directory)
         ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id)
     (directory / CONFIG).write_text(json.dumps(config_dict(args, dtype, **ids), indent=2))
 
@@ -346,7 +362,7 @@ def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dty
 def layout_files(directory: Path) -> set[str]:
     """The files of the layout an earlier save left in `directory`: shards only by their standard names and only
     when its index lists them, so a user's own model_final.safetensors is never among them."""
-    names = {CONFIG, SINGLE, INDEX, TOKENIZER}
+    names = {CONFIG, SINGLE, INDEX, TOKENIZER, *TOKENIZER_FILES}
     try:
         names |= {f for f in json.loads((directory / INDEX).read_text())["weight_map"].values()
                   if isinstance(f, str) and SHARD_NAME.fullmatch(f)}
@@ -363,7 +379,7 @@ def move_into(staging: Path, directory: Path):
         staging.rename(directory)
         return
     stale = layout_files(directory)
-    order = {INDEX: 1, TOKENIZER: 2, CONFIG: 3}
+    order = {INDEX: 1, TOKENIZER: 2, **dict.fromkeys(TOKENIZER_FILES, 2), CONFIG: 3}
     for f in sorted(staging.iterdir(), key=lambda f: (order.get(f.name, 0), f.name)):
         os.replace(f, directory / f.name)
         stale.discard(f.name)

@@ -259,3 +259,20 @@ def test_constrained_decoding_reads_a_byte_level_vocabulary(checkpoint):
     for t in tok.encode('{"cancer_type": null, "primary_site": "ab', bos=False):
         proc.advance(0, t)
     assert not proc.matchers[0].accept_token(tok.backend.token_to_id("ė"))
+
+
+def test_save_pretrained_carries_a_tokenizer_json_checkpoints_files(checkpoint, tmp_path):
+    """A model saved with a tokenizer.json checkpoint's tokenizer ships that tokenizer byte for byte (its
+    fingerprint, which shards and eval check, is the file's hash), with its tokenizer_config.json; a later save
+    without a tokenizer is refused, as beside a tokenizer.model."""
+    from cancerllm import Generator, ModelArgs, Transformer
+    tok = open_tokenizer(checkpoint)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=tok.vocab_size))
+    model.save_pretrained(tmp_path / "out", tokenizer=checkpoint)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (tmp_path / "out" / name).read_bytes() == (checkpoint / name).read_bytes()
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+    gen = Generator.from_pretrained(tmp_path / "out")
+    assert gen.tokenizer.fingerprint() == tok.fingerprint() and gen.tokenizer.eos_id == tok.eos_id
+    with pytest.raises(ValueError, match="tokenizer.json is from an earlier save"):
+        model.save_pretrained(tmp_path / "out")
