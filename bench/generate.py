@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import copy_gbps, machine, print_table, write_results   # noqa: E402
 from cancerllm import Generator, ModelArgs, Transformer   # noqa: E402
 from cancerllm.cache import KVCache   # noqa: E402
-from cancerllm.generate import parse_dtype   # noqa: E402
+from cancerllm.checkpoint import parse_dtype   # noqa: E402
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path   # noqa: E402
 
 

@@ -260,8 +260,9 @@ def rms_inputs(c: Check, residual: bool):
 
 
 def ignored_targets(c: Check, N: int, V: int) -> torch.Tensor:
+    from cancerllm import kernels
     targets = torch.randint(0, V, (N,), device=c.device)
-    targets[torch.rand(N, device=c.device) < 0.25] = -100
+    targets[torch.rand(N, device=c.device) < 0.25] = kernels.IGNORE_INDEX
     return targets
 
 

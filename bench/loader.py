@@ -76,7 +76,7 @@ def step_fraction(paths, batch: int, seq_len: int):
 
     def step():
         tokens, targets = torch.from_numpy(b["tokens"]), torch.from_numpy(b["targets"])
-        targets = targets.masked_fill(~torch.from_numpy(b["loss_mask"]), -100)
+        targets = targets.masked_fill(~torch.from_numpy(b["loss_mask"]), cancerllm.kernels.IGNORE_INDEX)
         loss = model(tokens, positions=torch.from_numpy(b["positions"]),
                      cu_seqlens=torch.from_numpy(b["cu_seqlens"]), targets=targets)
         loss.backward()

@@ -30,7 +30,18 @@ SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 HF_PREFIX = "model."
 # Buffers some older exports carry that the architecture recomputes.
 IGNORED_KEYS = re.compile(r".*rotary_emb\.inv_freq$")
+# The storage dtypes by their Hugging Face `torch_dtype` names: the one map of dtype names (configs, the export, the
+# command lines), with the short names the command lines also take.
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SHORT_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """torch dtype of a name in DTYPES or SHORT_DTYPE_NAMES ("bfloat16" or "bf16")."""
+    full = SHORT_DTYPE_NAMES.get(name, name)
+    if full not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join([*DTYPES, *SHORT_DTYPE_NAMES])}, got {name!r}")
+    return DTYPES[full]
 HEAD, EMBEDDING = "lm_head.weight", "embed_tokens.weight"
 ARCHITECTURES = {"mistral": "MistralForCausalLM", "llama": "LlamaForCausalLM"}
 # transformers' defaults for keys a config.json may leave out, where the two families differ.

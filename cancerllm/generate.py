@@ -82,6 +82,7 @@ from typing import Iterator, Optional
 import torch
 
 from .cache import KVCache
+from .checkpoint import parse_dtype
 from .model import Transformer, fuse_for_decoding
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import TokenizerBase, open_tokenizer
@@ -595,12 +596,6 @@ class DecodeSteps:
         return seen
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    dtypes = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-              "float16": torch.float16, "fp16": torch.float16}
-    if name not in dtypes:
-        raise ValueError(f"dtype must be one of {', '.join(dtypes)}, got {name!r}")
-    return dtypes[name]
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import kernels
-from .kernels.reference import compute_dtype
+from .kernels.reference import IGNORE_INDEX, compute_dtype
 from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 
 
@@ -280,7 +280,7 @@ class Transformer(nn.Module):
             else:
                 p.normal_(0.0, std)
 
-    def forward(self, tokens, positions=None, cu_seqlens=None, cache=None, targets=None, ignore_index=-100,
+    def forward(self, tokens, positions=None, cu_seqlens=None, cache=None, targets=None, ignore_index=IGNORE_INDEX,
                 last_only=False, target_weights=None):
         """tokens [B, T] (int) -> logits [B, T, vocab]; with `targets` [B, T], the mean cross-entropy over
         non-ignored targets instead, computed without materialising the logits; with `target_weights` [B, T] too,

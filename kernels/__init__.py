@@ -10,13 +10,14 @@ import os
 from contextlib import contextmanager
 
 from . import reference
+from .reference import IGNORE_INDEX
 from .attention import attention as triton_attention
 from .cross_entropy import cross_entropy as triton_cross_entropy
 from .linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
 from .rms_norm import rms_norm as triton_rms_norm
 from .validate import (check_attention, check_cross_entropy, check_linear_cross_entropy, check_rms_norm)
 
-__all__ = ["attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton", "BACKENDS",
+__all__ = ["IGNORE_INDEX", "attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton", "BACKENDS",
            "get_backend", "set_backend", "using_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
@@ -125,7 +126,7 @@ def swiglu(gate, up):
     return reference.swiglu(gate, up)
 
 
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
+def cross_entropy(logits, targets, *, ignore_index=IGNORE_INDEX, reduction="mean", z_loss=0.0, inplace_backward=False):
     """Token cross-entropy over logits [N, V] in fp32; reduction "mean" (over non-ignored targets), "sum" or
     "none"; `z_loss` adds z_loss * logsumexp(logits)^2 per token. All targets ignored: loss 0, gradient 0.
     inplace_backward=True (Triton path; the reference allocates its gradient as usual) writes the gradient over the
@@ -140,7 +141,7 @@ def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_los
     return reference.cross_entropy(logits, targets, ignore_index=ignore_index, reduction=reduction, z_loss=z_loss)
 
 
-def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512,
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=IGNORE_INDEX, reduction="mean", chunk_size=512,
                          token_weights=None):
     """cross_entropy(hidden @ weight.T, targets) a chunk of `chunk_size` tokens at a time, never holding the
     [N, V] logits. hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum".

@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import reduce_loss
+from .reference import IGNORE_INDEX, reduce_loss
 from .triton_utils import INTERPRET
 
 
@@ -128,7 +128,7 @@ class CrossEntropyFunction(torch.autograd.Function):
         return scale_in_place(grad, grad_output), None, None, None, None, None
 
 
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0, inplace_backward=False):
+def cross_entropy(logits, targets, *, ignore_index=IGNORE_INDEX, reduction="mean", z_loss=0.0, inplace_backward=False):
     """The Triton twin of `reference.cross_entropy` (inputs already checked by `cancerllm.kernels`); logits whose
     vocabulary axis is strided are copied to contiguous ones, strided rows are read in place.
     inplace_backward=True writes d loss / d logits over the logits (when they require grad and have unit vocabulary

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from .cross_entropy import cross_entropy_rows, row_grad_scale, scale_in_place, softmax_grad
+from .reference import IGNORE_INDEX
 from .triton_utils import INTERPRET
 
 # [rows, columns] per program of the backward's elementwise kernel: 8 bf16 per thread and row at 4 warps (16-byte
@@ -133,7 +134,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512,
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=IGNORE_INDEX, reduction="mean", chunk_size=512,
                          token_weights=None):
     """The Triton twin of `reference.linear_cross_entropy` (inputs already checked by `cancerllm.kernels`;
     non-contiguous ones are copied). hidden [N, D], weight [V, D], targets [N], token_weights None or [N];

@@ -8,6 +8,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
+# A target that carries no loss (SFT prompt tokens, padding): PyTorch's and Hugging Face's value, used everywhere.
+IGNORE_INDEX = -100
+
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -183,7 +186,7 @@ def swiglu(gate, up):
 
 # ---------------------------------------------------------------------------------------------- cross-entropy
 
-def cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", z_loss=0.0):
+def cross_entropy(logits, targets, *, ignore_index=IGNORE_INDEX, reduction="mean", z_loss=0.0):
     """Token cross-entropy over logits [N, V] in fp32. "mean" divides by the number of non-ignored targets
     (0 when there are none, with zero gradient). `z_loss` adds z_loss * logsumexp(logits)^2 per token."""
     lf = logits.to(compute_dtype(logits.dtype))
@@ -252,7 +255,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         return grad_hidden * grad_output, grad_weight * grad_output, None, None, None, None, None
 
 
-def linear_cross_entropy(hidden, weight, targets, *, ignore_index=-100, reduction="mean", chunk_size=512,
+def linear_cross_entropy(hidden, weight, targets, *, ignore_index=IGNORE_INDEX, reduction="mean", chunk_size=512,
                          token_weights=None):
     """Equals cross_entropy(hidden @ weight.T, targets) without holding the [N, V] logits.
     hidden [N, D], weight [V, D], targets [N]; reduction "mean" or "sum". With token_weights [N], token i's loss

@@ -19,7 +19,8 @@ from cancerllm.train.config import (Config, ConfigError, DataConfig, LoraConfig,
 from cancerllm.train.lora import LoRALinear, apply_lora, merge_state_dict
 from cancerllm.train.optim import build_optimizer, build_scheduler, lr_factor
 from cancerllm.train.parallel import Dist, build_mesh, full_tensor, parallelize
-from cancerllm.train.step import IGNORE_INDEX, NonFiniteGuard, example_weights, to_device, train_step
+from cancerllm.kernels import IGNORE_INDEX
+from cancerllm.train.step import NonFiniteGuard, example_weights, to_device, train_step
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
 CPU = torch.device("cpu")

@@ -18,7 +18,7 @@ The contract (both backends; tests/test_data_loader.py holds them to it):
 * Loss. `loss_mask[t]` is true when target t carries loss: the target is a real token of the same document
   as input t (never the first token of the next document, never padding) and, in an SFT shard, its mask bit
   is set (completion tokens and EOS). Masked targets keep their token id; use
-  `targets.masked_fill(~loss_mask, -100)` for `ignore_index`.
+  `targets.masked_fill(~loss_mask, IGNORE_INDEX)` (cancerllm.kernels) for `ignore_index`.
 * Order. The loader is infinite. Global sample index g (over the whole job) is in epoch g // num_samples and
   reads sample perm_epoch(g % num_samples): a bijective shuffle keyed by (seed, epoch), so every epoch sees
   every sample once in a new order. Step k of rank r takes the batch_size samples starting at

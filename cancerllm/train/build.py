@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from ..checkpoint import CONFIG, DTYPES, read_config
 from ..data import PackedLoader, ShardError, read_shard
 from ..model import ModelArgs, Transformer
 from ..tokenizer import open_tokenizer
@@ -16,7 +17,6 @@ from .config import Config, DataConfig
 from .lora import apply_lora, reset_adapters, store_frozen_in
 from .parallel import Dist, param_dtype, parallelize
 
-BASE_DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
@@ -60,11 +60,10 @@ def lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:
     """lora.base_dtype, "auto" being the compute dtype: frozen weights are only ever read in it."""
     if cfg.lora.base_dtype == "auto":
         return param_dtype(cfg.parallel, device)
-    return BASE_DTYPES[cfg.lora.base_dtype]
+    return DTYPES[cfg.lora.base_dtype]
 
 
 def read_pretrained_args(path) -> ModelArgs:
-    from ..checkpoint import CONFIG, read_config
     if not Path(path).is_dir():
         raise FileNotFoundError(f"model.init_from: {path} is not a directory")
     return read_config(Path(path) / CONFIG)[0]

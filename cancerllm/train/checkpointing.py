@@ -36,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.tensor import DTensor
 
-from ..checkpoint import plain_file_name, save_state_dict
+from ..checkpoint import DTYPES, plain_file_name, save_state_dict
 from .lora import merge_state_dict, save_adapters
 from .optim import resume_schedule
 from .parallel import Dist, all_reduce_sum
@@ -46,7 +46,6 @@ MANIFEST = "manifest.json"
 PROGRESS = "progress.json"
 METADATA = ".metadata"
 STEP_DIR = re.compile(r"step-(\d{8})")
-EXPORT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 class CheckpointError(ValueError):
@@ -330,10 +329,10 @@ class Checkpointer:
         if self.d.is_main:
             if lora is not None:
                 save_adapters(state, lora, path.with_name(path.name + "-adapters"))
-                state = merge_state_dict(state, lora, EXPORT_DTYPES[dtype])
+                state = merge_state_dict(state, lora, DTYPES[dtype])
             tmp = path.with_name(path.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            save_state_dict(state, args, tmp, tokenizer=tokenizer, dtype=EXPORT_DTYPES[dtype])
+            save_state_dict(state, args, tmp, tokenizer=tokenizer, dtype=DTYPES[dtype])
             if prompt_settings is not None:
                 prompt_settings.save(tmp)
             shutil.rmtree(path, ignore_errors=True)

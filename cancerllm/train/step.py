@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import IGNORE_INDEX
 from .parallel import all_reduce_sum
 
-IGNORE_INDEX = -100
 
 
 def to_device(batch: dict, device: torch.device, loss_weighting: str = "token") -> dict:
