@@ -10,15 +10,15 @@ import os
 from contextlib import contextmanager
 
 from . import reference
-from .reference import IGNORE_INDEX
 from .attention import attention as triton_attention
 from .cross_entropy import cross_entropy as triton_cross_entropy
 from .linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
+from .reference import IGNORE_INDEX
 from .rms_norm import rms_norm as triton_rms_norm
 from .validate import (check_attention, check_cross_entropy, check_linear_cross_entropy, check_rms_norm)
 
-__all__ = ["IGNORE_INDEX", "attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton", "BACKENDS",
-           "get_backend", "set_backend", "using_backend"]
+__all__ = ["IGNORE_INDEX", "attention", "rms_norm", "swiglu", "cross_entropy", "linear_cross_entropy", "use_triton",
+           "BACKENDS", "get_backend", "set_backend", "using_backend"]
 
 BACKENDS = ("auto", "triton", "torch")
 

@@ -215,8 +215,8 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
     counterfactual_copies > 0), {out}/prompt_settings.json (the templates and the report cut the prompts were made
     with) and {out}/manifest.json; return the manifest (counts, failures, rules).
 
-    `tokenizer` ("mistral": Mistral's v1, a tokenizer file or a checkpoint directory) adds its token counts to the manifest
-    (`stamp_tokenizer`); None leaves that to a later stamp_tokenizer call, e.g. with a tokenizer trained on the
+    `tokenizer` ("mistral": Mistral's v1, a tokenizer file or a checkpoint directory) adds its token counts to the
+    manifest (`stamp_tokenizer`); None leaves that to a later stamp_tokenizer call, e.g. with a tokenizer trained on the
     training split these datasets define.
 
     `extra_train_reports` (a CSV, gzipped or not, with patient_id and text) adds reports whose patients go to the
@@ -306,9 +306,9 @@ def token_stats(records, tokenizer) -> dict:
 
 
 def stamp_tokenizer(tasks_dir, tokenizer="mistral") -> dict:
-    """Record in {tasks_dir}/manifest.json the tokenizer ("mistral": Mistral's v1, a tokenizer file or a checkpoint directory) a model
-    trained on these datasets reads them with (eval holds checkpoints to it) and each task's training examples'
-    token counts under it; return the manifest."""
+    """Record in {tasks_dir}/manifest.json the tokenizer ("mistral": Mistral's v1, a tokenizer file or a checkpoint
+    directory) a model trained on these datasets reads them with (eval holds checkpoints to it) and each task's
+    training examples' token counts under it; return the manifest."""
     from ..tokenizer import mistral_tokenizer_path, open_tokenizer
     tok = open_tokenizer(mistral_tokenizer_path() if tokenizer == "mistral" else tokenizer)
     path = Path(tasks_dir) / "manifest.json"

@@ -162,7 +162,7 @@ def check_shard_tokenizers(folders: list[Path], tokenizer, key: str):
         if sha256 is not None and made_with["sha256"] != sha256:
             raise ValueError(f"{key}: the shards in {folder} were made with the tokenizer {made_with['path']} "
                              f"(sha256 {made_with['sha256'][:12]}…, recorded in {manifest}), not data.tokenizer = "
-                             f"{tokenizer} (sha256 {sha256[:12]}…): the export would ship the wrong tokenizer.model")
+                             f"{tokenizer} (sha256 {sha256[:12]}…): the export would ship the wrong tokenizer")
         recorded[manifest] = made_with
     if len({t["sha256"] for t in recorded.values()}) > 1:
         raise ValueError(f"{key}: the shards were made with different tokenizers: " + ", ".join(

@@ -32,7 +32,7 @@ class ModelConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)  # shard files or glob patterns
     val: list[str] = field(default_factory=list)    # validation shards; empty: no validation
-    tokenizer: Optional[str] = None           # tokenizer.model copied into the export; "mistral": Mistral's v1
+    tokenizer: Optional[str] = None           # file or checkpoint dir, copied into the export; "mistral": Mistral's v1
     seq_len: int = 1024
     batch_size: int = 8                       # rows per micro-batch per rank
     backend: str = "auto"                     # PackedLoader backend: auto | cpp | python
