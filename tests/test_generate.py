@@ -15,7 +15,7 @@ from cancerllm import ModelArgs, Transformer, Generator
 from cancerllm.cache import KVCache
 from cancerllm.generate import IncrementalText, SamplingParams, main, sample
 from cancerllm.tasks.prompts import PromptSettings, load_templates
-from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path, train
 from hf_util import hf_model, our_name, tiny_args
 
 pytest.importorskip("transformers")
@@ -241,7 +241,9 @@ def test_ensemble_rejects_mismatched_members(tokenizer, tmp_path):
         Generator([model, hf_and_ours(window=8)[1].to(torch.bfloat16)], tokenizer)
     model.save_pretrained(tmp_path / "a", tokenizer=tokenizer)
     model.save_pretrained(tmp_path / "b", tokenizer=tokenizer)
-    (tmp_path / "b" / "tokenizer.model").write_bytes(b"another")
+    (tmp_path / "corpus.txt").write_text("\n".join(f"colon adenocarcinoma, stage {i % 4}" for i in range(200)))
+    other = train([tmp_path / "corpus.txt"], tmp_path / "other", vocab_size=280, num_threads=1)
+    (tmp_path / "b" / "tokenizer.model").write_bytes(other.path.read_bytes())       # a valid, different vocabulary
     with pytest.raises(ValueError, match="b/tokenizer.model differs from .*a/tokenizer.model"):
         Generator.from_pretrained([tmp_path / "a", tmp_path / "b"])
     model.save_pretrained(tmp_path / "c", tokenizer=tokenizer)
