@@ -185,20 +185,28 @@ def _attn_bwd_delta(O, DO, DELTA, n_rows, T, Hq,
 
 
 @triton.jit
+def _query_tile(Q, DO, LSE, DELTA, b, tok, head, ok, T, Hq, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr):
+    """A query tile's q and dO (zeros on padded rows), its log-sum-exp in log2 units and delta = rowsum(O * dO),
+    with the offsets and mask of its [rows, D] elements (where dQ is stored)."""
+    d = tl.arange(0, D_PAD)
+    q_mask = ok[:, None] & (d < HEAD_DIM)[None, :]
+    q_offs = (b * T + tok[:, None]) * Hq * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :]
+    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
+    do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * LOG2E
+    delta = tl.load(DELTA + (b * Hq + head) * T + tok, mask=ok, other=0.0)
+    return q, do, lse, delta, q_offs, q_mask
+
+
+@triton.jit
 def _dkdv_tiles(dk, dv, k, v, Q, DO, LSE, DELTA, keys, hi, b, kv_head, T, Hq, qk_scale, t_start, t_end,
                 G: tl.constexpr, G_PAD: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
                 BLOCK_T: tl.constexpr, MASKED: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """Accumulate a key block's dK, dV over the query tiles [t_start, t_end); MASKED tiles apply j <= i < hi_j.
     Rows past T or G read zeros (q, dO, lse, delta), so they add nothing even unmasked."""
-    d = tl.arange(0, D_PAD)
     for t0 in range(t_start, t_end, BLOCK_T):
         tok, head, ok = _rows(t0, kv_head, T, G, G_PAD, BLOCK_T)
-        q_mask = ok[:, None] & (d < HEAD_DIM)[None, :]
-        q_offs = (b * T + tok[:, None]) * Hq * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :]
-        q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
-        do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
-        lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * LOG2E
-        delta = tl.load(DELTA + (b * Hq + head) * T + tok, mask=ok, other=0.0)
+        q, do, lse, delta, _, _ = _query_tile(Q, DO, LSE, DELTA, b, tok, head, ok, T, Hq, HEAD_DIM, D_PAD)
         s_t = mm(k, tl.trans(q), DOT_DTYPE) * qk_scale                         # [keys, rows]
         p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
@@ -280,13 +288,7 @@ def _attn_bwd_dq(
     b = tl.program_id(1)
     kv_head = tl.program_id(2)
     tok, head, ok = _rows(t0, kv_head, T, G, G_PAD, BLOCK_T)
-    d = tl.arange(0, D_PAD)
-    q_mask = ok[:, None] & (d < HEAD_DIM)[None, :]
-    q_offs = (b * T + tok[:, None]) * Hq * HEAD_DIM + head[:, None] * HEAD_DIM + d[None, :]
-    q = tl.load(Q + q_offs, mask=q_mask, other=0.0)
-    do = tl.load(DO + q_offs, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + (b * Hq + head) * T + tok, mask=ok, other=0.0) * LOG2E
-    delta = tl.load(DELTA + (b * Hq + head) * T + tok, mask=ok, other=0.0)
+    q, do, lse, delta, q_offs, q_mask = _query_tile(Q, DO, LSE, DELTA, b, tok, head, ok, T, Hq, HEAD_DIM, D_PAD)
     lo = _first_key(tok, b, T, WINDOW, CU_SEQLENS, N_DOCS, SEARCH_STEPS, HAS_DOCS)
     dq = tl.zeros([BLOCK_T * G_PAD, D_PAD], tl.float32)
     start, mid_lo, mid_hi, end = _key_tiles(t0, lo, ok, T, BLOCK_T, BLOCK_N)

@@ -1,5 +1,4 @@
 """Constrained decoding and the eval CLI end to end, on a tiny random model with Mistral's real tokenizer."""
-import csv
 import json
 
 import pytest
@@ -7,13 +6,14 @@ import torch
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
-from cancerllm.tasks.build import build, task_examples
+from cancerllm.tasks.build import task_examples
 from cancerllm.tasks.prompts import load_templates, task_prompt
 from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from cancerllm.tokenizer import train as train_tokenizer
 from cancerllm import eval as cancer_eval
+from tasks_util import first_reports_datasets
 
 
 @pytest.fixture(scope="module")
@@ -30,13 +30,7 @@ def checkpoint(tmp_path_factory):
 def data(tmp_path_factory):
     """Datasets from the first 30 bundled reports (the test split then holds 3 patients)."""
     tmp = tmp_path_factory.mktemp("data")
-    with open("data/tcga/reports.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:30]
-    with open(tmp / "reports.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    build(tmp / "reports.csv", "data/tcga/patient_labels.csv", tmp / "tasks", max_report_chars=600, verbose=False)
+    first_reports_datasets(tmp, 30)
     return tmp / "tasks"
 
 

@@ -1,6 +1,5 @@
 """The tasks package's layers, and prompts made one way for training and inference: prompt settings saved beside
 the datasets and an export, read back by the Generator helpers."""
-import csv
 import json
 import subprocess
 import sys
@@ -9,9 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from cancerllm.tasks.api import extract_phenotypes, generate_diagnosis
-from cancerllm.tasks.build import build, read_jsonl
+from cancerllm.tasks.build import read_jsonl
 from cancerllm.tasks.fields import FIELDS
 from cancerllm.tasks.prompts import SETTINGS_FILE, PromptSettings, load_prompt_settings, load_templates
+from tasks_util import first_reports_datasets
 
 # In data-flow order: a module may import the ones before it, never one after it.
 LAYERS = ["fields", "mentions", "prompts", "perturb", "build", "baselines", "metrics"]
@@ -58,15 +58,8 @@ class Recorder:
 def small_tasks(tmp_path_factory):
     """Datasets of the first 12 bundled reports with a 600-character cut, and those reports whole."""
     tmp = tmp_path_factory.mktemp("prompts")
-    with open("data/tcga/reports.csv", newline="") as f:
-        rows = list(csv.DictReader(f))[:12]
-    with open(tmp / "reports.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    build(tmp / "reports.csv", "data/tcga/patient_labels.csv", tmp / "tasks", max_report_chars=600, val_frac=0,
-          test_frac=0, tokenizer=None, verbose=False)
-    return tmp / "tasks", {r["patient_id"]: r["text"].strip() for r in rows}
+    reports = first_reports_datasets(tmp, 12, val_frac=0, test_frac=0, tokenizer=None)
+    return tmp / "tasks", reports
 
 
 def test_inference_prompts_are_the_training_prompts(small_tasks, tmp_path):
