@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PRINT_BUILD_REQUIRES := import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['build-system']['requires'])
 
-.PHONY: demo test bench gpu-carry clean
+.PHONY: demo test bench bench-peers gpu-carry clean
 
 $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ bench: $(STAMP)
 	$(PY) bench/loader.py
 	$(PY) bench/train.py
 	$(PY) bench/generate.py
+
+# Peers the benchmarks compare against beyond transformers: PEFT for bench/train.py --mode lora. --no-deps: what it
+# imports (transformers, accelerate, safetensors, psutil, PyYAML, ...) is already in .venv, and pip must not swap torch.
+PEFT_VERSION := 0.21.2
+bench-peers: $(STAMP)
+	$(PY) -m pip install -q --no-deps peft==$(PEFT_VERSION)
 
 # What the lent GPU machine lacks, staged for run(command="bash bench/gpu.sh", carry=[".gpu-carry"]):
 # Liger-Kernel's wheel (pure Python, a peer in bench/gpu_check.py; 0.8.5 needs only torch>=2.1.2 and triton>=2.3.1)

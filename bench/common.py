@@ -56,10 +56,10 @@ def time_fn(fn, *, warmup: int = 3, reps: int = 10, best: bool = False) -> float
     return times[0] if best else times[len(times) // 2]
 
 
-def matmul_tflops(device: torch.device, n: int = None) -> float:
+def matmul_tflops(device: torch.device, n: int = None, dtype: torch.dtype = None) -> float:
     """Measured dense matmul rate of n x n x n (default: bf16 8192 on GPU, the ceiling matrix-bound kernels are
-    judged against; fp32 2048 on CPU); the fastest of the timed runs."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    judged against; fp32 2048 on CPU, or `dtype`: bf16 for a step computing in it); the fastest of the timed runs."""
+    dtype = dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
     n = n or (8192 if device.type == "cuda" else 2048)
     a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return 2 * n**3 / (time_fn(lambda: a @ b, warmup=1, reps=10, best=True) / 1e3) / 1e12
