@@ -17,10 +17,8 @@ Mistral's from mistral-common) only decodes; without one, token ids stand in for
 
 Rows: cancerllm (default: on CPU in fp32 the model's decoding form, model.fuse_for_decoding, runs the matmuls on
 oneDNN with prepacked weights and fused post-ops), cancerllm-mkl (CPU only: the same form on F.linear, showing
-what oneDNN buys), transformers. What each choice in the generator bought is listed in bench/README.md.
-
-Last runs (idle 2-core machine, twice): decode 3.17-3.18x transformers at batch 1 and 3.19-3.21x at batch 8,
-prefill 1.32-1.38x, outputs equal; before the fused decode path: 1.52x and 1.51x.
+what oneDNN buys), transformers. What each choice in the generator bought, and the measured ratios, are in
+bench/README.md.
 """
 import argparse
 import resource

@@ -11,7 +11,8 @@
    and perturbed reports (cancerllm.eval);
 6. reports/demo.md, reports/demo.json and reports/loss_curve.png.
 
-Everything lands under runs/demo/ (recreated each time) and reports/; the same seed gives the same run.
+Everything lands under runs/demo/ (recreated each time) and reports/; the same seed gives the same run on the same
+machine (bf16 numerics differ between CPUs: docs/experiments.md).
 """
 import argparse
 import dataclasses
@@ -45,7 +46,7 @@ EXTRA_TRAIN_FLOOR = "largest"
 MAX_REPORT_CHARS = 1200
 # SFT runs of the one pretrained model with different seeds (so different batch orders), decoded as an ensemble
 # (the mean of their probabilities, cancerllm.generate). At this size one fine-tune's answers swing by ~0.06 micro
-# F1 from seed to seed; averaging members cancels part of that noise (README).
+# F1 from seed to seed; averaging members cancels part of that noise (docs/experiments.md).
 SFT_MEMBERS = 2
 EVAL_PLAN = [  # (task, reports evaluated or None for all, perturbations)
     ("phenotype-json", None, ("misspell", "ocr", "counterfactual")),
