@@ -58,6 +58,16 @@ def kernel_backend():
     kernels.set_backend(previous)
 
 
+@pytest.fixture(scope="module")
+def one_rank_process_group():
+    """A one-process gloo group for a test module that builds training pieces (FSDP2, DCP) in-process; a module
+    asks for it with `pytestmark = pytest.mark.usefixtures("one_rank_process_group")`."""
+    import torch.distributed as dist
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
 @pytest.fixture(autouse=True)
 def kernel_test_device(request):
     """CANCERLLM_TEST_DEVICE=cuda (with TRITON_INTERPRET=0, bench/gpu.sh) runs the kernel tests' tensors on the

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.train import flops_per_token, lora_setting, measure_training  # noqa: E402
@@ -17,12 +16,7 @@ ARGS = ModelArgs.preset("smollm2-135m", dim=64, n_layers=2, n_heads=4, n_kv_head
                         vocab_size=256, max_seq_len=64)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    """Ours joins this one-rank group; the other test modules create their own after this one is gone."""
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_process_group")   # ours joins a one-rank group
 
 
 @pytest.mark.parametrize("mode", ["full", "lora"])

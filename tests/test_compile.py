@@ -10,7 +10,6 @@ import copy
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.train.config import ParallelConfig
@@ -20,11 +19,7 @@ CPU = torch.device("cpu")
 B, T = 2, 24
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_process_group")
 
 
 @pytest.fixture(autouse=True)

@@ -46,7 +46,7 @@ class Recorder:
             self.logits[row].append(logits[i].clone())
 
     def advance(self, row, token_id):
-        pass
+        """Nothing to follow: the recorder constrains no row (the protocol calls this after every step)."""
 
 
 def full_logits(model, ids: list):

@@ -9,7 +9,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 from cancerllm import ModelArgs, Transformer
@@ -28,11 +27,7 @@ ARGS = ModelArgs.preset("tiny", dim=32, n_layers=2, n_heads=4, n_kv_heads=2, hea
                         vocab_size=256)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_process_group")
 
 
 class Run:

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.tensor import DTensor
 
@@ -27,11 +26,7 @@ CPU = torch.device("cpu")
 ONE_RANK = Dist(rank=0, local_rank=0, world_size=1, device=CPU)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def process_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
+pytestmark = pytest.mark.usefixtures("one_rank_process_group")
 
 
 def one_rank_model(seed=0, lora=None, parallel=ParallelConfig()):
