@@ -359,21 +359,12 @@ def tokenizer_config(meta: Metadata, max_length: int) -> dict:
 
 
 def check_chat_template(path: Path, template: str, config: dict):
-    """Render the chat template once as transformers does (a sandboxed jinja2 with its options), so one that
-    cannot render is refused here rather than at the first chat."""
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.globals["raise_exception"] = raise_exception
-    messages = [{"role": "system", "content": "Extract the phenotypes."},
-                {"role": "user", "content": "Left breast, lumpectomy: invasive ductal carcinoma."}]
+    """Render the chat template once as transformers does, so one that cannot render is refused here rather than
+    at the first chat."""
+    from .tasks.prompts import render_chat
     try:
-        env.from_string(template).render(messages=messages, add_generation_prompt=True,
-                                         bos_token=config.get("bos_token", ""), eos_token=config.get("eos_token", ""))
+        render_chat(template, "Left breast, lumpectomy: invasive ductal carcinoma.", system="Extract the phenotypes.",
+                    bos_token=config.get("bos_token", ""), eos_token=config.get("eos_token", ""))
     except Exception as e:      # the template is code from the file: any failure means it cannot be used
         raise GGUFError(f"{path}: tokenizer.chat_template does not render a system and a user message "
                         f"({type(e).__name__}: {e})") from None

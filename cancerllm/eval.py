@@ -4,8 +4,10 @@
         --perturb misspell,ocr,counterfactual --out reports/
 
 Systems: the checkpoint (several: their ensemble, see cancerllm.generate), the majority value per field (from the
-train split), the regular-expression extractor, and with --baseline-checkpoint a Hugging Face Mistral-family
-checkpoint zero-shot (same prompts, read through its own tokenizer). Scores:
+train split), the regular-expression extractor, and peer checkpoints (--peer NAME=DIR, e.g. the general model
+zero-shot or another recipe's fine-tune; --baseline-checkpoint DIR is the peer "zero-shot DIR"), each asked as its
+own prompt_settings.json says (a chat model in its chat template), on the same task prompts. Peers are scored on
+the clean examples and compared with the model; the perturbations run the model and the rule baselines. Scores:
 - phenotype tasks: per-field P/R/F1 on normalised values, micro and macro; the study's instance-averaged set F1
   (exact and ROUGE-1 match; an instance is one question, or one report's set of "field: value" items);
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
@@ -35,6 +37,7 @@ from .tasks.api import guided, parse_phenotypes, processors
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, read_jsonl, task_examples
 from .tasks.fields import FIELDS, normalize_value
+from .tasks.mentions import find_mentions
 from .tasks.metrics import field_counts, field_scores, instance_f1, paired_bootstrap, text_scores
 from .tasks.prompts import (SETTINGS_FILE, TASKS, PromptSettings, diagnosis_statement, load_prompt_settings,
                             load_templates)
@@ -66,9 +69,10 @@ def dataset_settings(data: Path, manifest: dict) -> PromptSettings:
 
 
 def check_prompt_settings(checkpoint: Path, settings: PromptSettings, data: Path):
-    """A checkpoint that records its prompt settings is evaluated on datasets prompted the same way only, so that
-    its helpers (Generator.extract_phenotypes) answer as the evaluation did."""
-    if (checkpoint / SETTINGS_FILE).is_file() and load_prompt_settings(checkpoint) != settings:
+    """A checkpoint that records its prompt settings is evaluated on datasets prompted the same way only (templates
+    and report cut; its chat format is how it reads them), so that its helpers (Generator.extract_phenotypes)
+    answer as the evaluation did."""
+    if (checkpoint / SETTINGS_FILE).is_file() and not load_prompt_settings(checkpoint).same_prompts(settings):
         raise ValueError(f"{checkpoint / SETTINGS_FILE} differs from the prompt settings of the datasets "
                          f"({data / SETTINGS_FILE}): evaluate on datasets built with the checkpoint's templates and "
                          "report cut")
@@ -85,9 +89,10 @@ def limit_patients(records: list, limit) -> list:
 # ---------------------------------------------------------------------------------------------- systems
 
 class ModelSystem:
-    """Batched greedy generation through cancerllm.Generator. Constrained (the default): JSON answers decoded under
-    the schema, and each question about a categorical field answered with one of its values or "not mentioned"
-    (questions are batched by field, so a batch shares one grammar).
+    """Batched greedy generation through cancerllm.Generator. Each task prompt is rendered in the checkpoint's chat
+    format (its prompt settings). Constrained (the default): JSON answers decoded under the schema, and each
+    question about a categorical field answered with one of its values or "not mentioned" (questions are batched by
+    field, so a batch shares one grammar).
 
     guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
     (api.guided), which weighs what the report says against what the model answers without one."""
@@ -97,6 +102,7 @@ class ModelSystem:
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint)
+        self.settings = self.generator.prompt_settings
         self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
         self.tokens, self.seconds = 0, 0.0
 
@@ -120,9 +126,10 @@ class ModelSystem:
         out = [None] * len(records)
         for idx in tqdm(self.batches(records), desc=self.name, unit="batch", leave=False):
             batch = [records[i] for i in idx]
-            guidance = guided(self.guidance_scale, self.templates, [(r["task"], r.get("field")) for r in batch])
+            guidance = guided(self.guidance_scale, self.settings, [(r["task"], r.get("field")) for r in batch])
             start = time.perf_counter()
-            results = self.generator.generate([r["prompt"] for r in batch], max_new_tokens=self.max_new_tokens,
+            results = self.generator.generate([self.settings.render(r["prompt"]) for r in batch],
+                                              max_new_tokens=self.max_new_tokens,
                                               temperature=0.0, stop=self.templates["stop"],
                                               logits_processor=self.processor(batch[0]), **guidance)
             self.seconds += time.perf_counter() - start
@@ -211,6 +218,26 @@ def edit_following(task, perturbed, answers, original_fields: dict) -> dict:
     return out
 
 
+def stated_in_input(records) -> dict:
+    """How many gold values the model's input states, per field: the ceiling of reading alone (a model may also
+    infer a value the text does not state). A value counts as stated when one of the field's standard statements
+    (mentions.py, as the regex baseline reads them) in the cut report gives it, or, for the fields without such
+    patterns (cancer type, site, histology), when it appears verbatim (ignoring case): a lower bound for those.
+    -> {field: {"n_gold", "stated", "share"}, "all": ...}, one count per report."""
+    out, reports = {}, list({r["patient_id"]: r for r in records}.values())
+    for f in FIELDS:
+        gold = [(r, normalize_value(f, r["fields"].get(f))) for r in reports]
+        gold = [(r, g) for r, g in gold if g is not None]
+        if f in REGEX_FIELDS:
+            stated = sum(g in {normalize_value(f, m.value) for m in find_mentions(f, r["report"])} for r, g in gold)
+        else:
+            stated = sum(str(r["fields"][f]).lower() in r["report"].lower() for r, _ in gold)
+        out[f] = {"n_gold": len(gold), "stated": stated, "share": stated / len(gold) if gold else 0.0}
+    n, stated = sum(v["n_gold"] for v in out.values()), sum(v["stated"] for v in out.values())
+    out["all"] = {"n_gold": n, "stated": stated, "share": stated / n if n else 0.0}
+    return out
+
+
 def compare_to_model(task, records, answers_by_system, samples=BOOTSTRAP_SAMPLES) -> dict:
     """The model against every other system, per field and micro, by a paired bootstrap over the reports
     (metrics.paired_bootstrap): {system: {field: {"delta", "ci95", "wins"}}}."""
@@ -285,11 +312,18 @@ def markdown(result: dict) -> str:
                          s["set_exact"]["f1"], s["set_rouge1"]["f1"], s["parse_failures"]]
     lines += ["| system | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     lines += [f"| {name} | " + " | ".join(fmt(x) for x in row(s)) + " |" for name, s in systems.items()]
-    fields = next(iter(systems.values()))["fields"]
-    lines += ["", "Per-field F1 (normalised values; n = examples with a gold value)", "",
-              "| field | n | " + " | ".join(systems) + " |", "|---" * (len(systems) + 2) + "|"]
-    lines += [f"| {f} | {fields[f]['n_gold']} | " + " | ".join(fmt(s["fields"][f]["f1"]) for s in systems.values())
-              + " |" for f in fields]
+    fields, stated = next(iter(systems.values()))["fields"], result.get("stated_in_input")
+    lines += ["", "Per-field F1 (normalised values; n = examples with a gold value"
+              + ("; stated: the share of those gold values the model's input states, eval.stated_in_input)"
+                 if stated else ")"), "",
+              "| field | n | " + ("stated | " if stated else "") + " | ".join(systems) + " |",
+              "|---" * (len(systems) + 2 + bool(stated)) + "|"]
+    lines += [f"| {f} | {fields[f]['n_gold']} | " + (f"{stated[f]['share']:.2f} | " if stated else "")
+              + " | ".join(fmt(s["fields"][f]["f1"]) for s in systems.values()) + " |" for f in fields]
+    if stated:
+        lines += ["", f"The input states {stated['all']['share']:.0%} of the gold values ({stated['all']['stated']} of "
+                  f"{stated['all']['n_gold']}): a system that answers exactly the values counted as stated, and nothing else, "
+                  f"scores micro F1 {2 * stated['all']['share'] / (1 + stated['all']['share']):.3f}."]
     if result["comparisons"]:
         lines += ["", "The model against each system: F1 difference, its 95% interval and the share of draws the model "
                   f"wins (paired bootstrap over the reports, {BOOTSTRAP_SAMPLES:,} draws)", "",
@@ -317,9 +351,11 @@ def markdown(result: dict) -> str:
 
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
-             ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True) -> dict:
+             ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None) -> dict:
     """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
-    `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict."""
+    `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
+    peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
+    baseline_checkpoint=DIR adds the peer "zero-shot {DIR's name}"."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
@@ -343,6 +379,14 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     for c in checkpoints:
         check_tokenizer(c, manifest, manifest_path)
         check_prompt_settings(c, settings, data)
+    peers = dict(peers or {})
+    if baseline_checkpoint:
+        peers[f"zero-shot {Path(baseline_checkpoint).name}"] = baseline_checkpoint
+    for name, peer in peers.items():
+        if name in ("model", "majority", "regex"):
+            raise ValueError(f"peers: {name!r} is the name of a built-in system; choose another")
+        for c in peer if isinstance(peer, (list, tuple)) else [peer]:
+            check_prompt_settings(Path(c), settings, data)
     records = limit_patients(read_jsonl(data / task / f"{split}.jsonl"), limit)
     if not records:
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")
@@ -351,11 +395,10 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
-    if baseline_checkpoint:
-        systems.append(ModelSystem(f"zero-shot {Path(baseline_checkpoint).name}", baseline_checkpoint, task,
-                                   batch_size, budget, templates, constrained, guidance_scale))
+    peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale)
+                    for name, peer in peers.items()]
 
-    clean = {s.name: s.answers(records) for s in systems}
+    clean = {s.name: s.answers(records) for s in systems + peer_systems}
     predictions = prediction_rows(records, clean)
     result = {"task": task, "split": split, "checkpoints": [str(c) for c in checkpoints],
               "n_examples": len(records),
@@ -365,6 +408,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
               "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
               "comparisons": compare_to_model(task, records, clean) if task in FIELD_VIEWS else {},
+              "stated_in_input": stated_in_input(records) if task in FIELD_VIEWS else {},
               "robustness": []}
     original_fields = {r["patient_id"]: r["fields"] for r in records}
     for kind in perturb:
@@ -383,7 +427,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
             result["robustness"].append(row)
     result["speed"] = {s.name: {"tokens": s.tokens, "seconds": s.seconds,
                                 "tokens_per_s": s.tokens / s.seconds if s.seconds else 0.0}
-                       for s in systems if isinstance(s, ModelSystem)}
+                       for s in systems + peer_systems if isinstance(s, ModelSystem)}
     write(result, predictions, Path(out), verbose)
     return result
 
@@ -421,6 +465,18 @@ def positive_int(text: str) -> int:
     return value
 
 
+def parse_peers(items: list[str]) -> dict:
+    peers = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ValueError(f"--peer {item!r}: expected NAME=DIR")
+        if name.strip() in peers:
+            raise ValueError(f"--peer: {name.strip()!r} given twice")
+        peers[name.strip()] = path.strip()
+    return peers
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--checkpoint", required=True, nargs="+",
@@ -430,7 +486,10 @@ def main(argv=None):
     p.add_argument("--data", default="runs/tasks", help="output directory of python -m cancerllm.tasks.build")
     p.add_argument("--out", default="reports")
     p.add_argument("--perturb", default="", help=f"comma-separated: {','.join(P.PERTURBATIONS)}")
-    p.add_argument("--baseline-checkpoint", default=None, help="Hugging Face Mistral checkpoint, run zero-shot")
+    p.add_argument("--baseline-checkpoint", default=None,
+                   help="a Hugging Face checkpoint run zero-shot: the peer 'zero-shot NAME'")
+    p.add_argument("--peer", action="append", default=[], metavar="NAME=DIR",
+                   help="another checkpoint scored beside the model on the clean examples (repeatable)")
     p.add_argument("--limit", type=positive_int, default=None, help="evaluate the first N reports only")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--max-new-tokens", type=positive_int, default=None,
@@ -447,7 +506,7 @@ def main(argv=None):
         evaluate(a.checkpoint, a.task, a.split, data=a.data, out=a.out, perturb=[x for x in a.perturb.split(",") if x],
                  baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
-                 constrained=not a.unconstrained, guidance_scale=a.guidance_scale)
+                 constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer))
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

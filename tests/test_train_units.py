@@ -350,8 +350,8 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
         assert torch.equal(full_tensor(p), saved[n]), n
 
 
-@pytest.mark.parametrize("name", ["cpu-small", "cpu-small-sft", "mistral-7b-pretrain", "mistral-7b-sft",
-                                  "mistral-7b-lora-sft"])
+@pytest.mark.parametrize("name", ["cpu-small", "cpu-small-sft", "smollm2-cpt", "smollm2-sft", "mistral-7b-pretrain",
+                                  "mistral-7b-sft", "mistral-7b-lora-sft"])
 def test_shipped_configs_pass_the_schema(name):
     from pathlib import Path
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")

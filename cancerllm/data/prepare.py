@@ -23,7 +23,9 @@ The output folder receives train-00000.bin, ..., val-00000.bin (format: cancerll
 manifest.json: the tokenizer's sha256, per-source and per-split document and token totals, the bad rows, and
 with --pack-to the rows and fill each split packs into. --prompt-settings FILE (the prompt_settings.json that
 python -m cancerllm.tasks.build writes beside the task datasets) copies how the SFT prompts were made into the
-manifest, under "prompt_settings", for the trainer to save beside the model it exports.
+manifest, under "prompt_settings", for the trainer to save beside the model it exports; when its chat_format is
+"chat_template", each prompt is tokenized as the user turn of that chat template (tasks.prompts.PromptSettings.render),
+as the generator will ask the exported model.
 """
 import argparse
 import bisect
@@ -268,7 +270,8 @@ def input_format(path: Path, forced) -> str:
 
 
 def read_prompt_settings(path, sft: bool):
-    """The JSON object of --prompt-settings, or None without the flag."""
+    """--prompt-settings as tasks.prompts.PromptSettings (checked: templates, cut, a chat template that renders),
+    or None without the flag."""
     if path is None:
         return None
     if not sft:
@@ -276,10 +279,11 @@ def read_prompt_settings(path, sft: bool):
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--prompt-settings: {path} not found")
-    settings = json.loads(path.read_text())
-    if not isinstance(settings, dict) or "templates" not in settings:
-        raise ValueError(f"--prompt-settings: {path} is not a prompt_settings.json (a JSON object with templates)")
-    return settings
+    from ..tasks.prompts import read_prompt_settings as read_settings_file
+    try:
+        return read_settings_file(path)
+    except ValueError as e:
+        raise ValueError(f"--prompt-settings: {e}") from None
 
 
 def prepare(args) -> dict:
@@ -307,7 +311,10 @@ def prepare(args) -> dict:
 
     def records():
         for path, fmt in zip(inputs, formats):
-            yield from read_records(path, fmt, args, bad)
+            for source, line, value, group in read_records(path, fmt, args, bad):
+                if prompt_settings is not None:         # the prompt as the model will be asked it
+                    value = (prompt_settings.render(value[0]), value[1])
+                yield source, line, value, group
 
     start = time.perf_counter()
     bar = tqdm(unit="doc", desc="tokenizing", disable=args.quiet, file=sys.stderr)
@@ -335,7 +342,7 @@ def prepare(args) -> dict:
         "seconds": round(time.perf_counter() - start, 3),
     }
     if prompt_settings is not None:
-        manifest["prompt_settings"] = prompt_settings
+        manifest["prompt_settings"] = prompt_settings.to_json()
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2))
     if args.verify:
         verify(out, manifest)

@@ -40,20 +40,21 @@ def parse_phenotypes(text: str):
     return obj
 
 
-def guided(guidance_scale: float, templates: dict, questions) -> dict:
-    """Generator options for classifier-free guidance of a batch against each prompt without its report (1: off).
-    questions: (task, field or None) of each prompt in the batch."""
+def guided(guidance_scale: float, settings: PromptSettings, questions) -> dict:
+    """Generator options for classifier-free guidance of a batch against each prompt without its report (1: off),
+    rendered in the settings' chat format as the prompts are. questions: (task, field or None) of each prompt."""
     if guidance_scale == 1:
         return {}
     return {"guidance_scale": guidance_scale,
-            "negative_prompts": [no_report_prompt(task, templates, field) for task, field in questions]}
+            "negative_prompts": [settings.render(no_report_prompt(task, settings.templates, field))
+                                 for task, field in questions]}
 
 
 def settings_for(generator, max_report_chars, prompt_settings) -> PromptSettings:
     settings = prompt_settings or checkpoint_settings(generator)
     if max_report_chars == FROM_SETTINGS:
         return settings
-    return PromptSettings(settings.templates, max_report_chars, settings.chat_format)
+    return settings.with_cut(max_report_chars)
 
 
 def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=FROM_SETTINGS,
@@ -66,7 +67,7 @@ def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max
     templates = settings.templates
     result = generator.generate([settings.prompt("phenotype-json", report)], max_new_tokens=max_new_tokens,
                                 temperature=0.0, stop=templates["stop"], logits_processor=processors(generator).json(),
-                                **guided(guidance_scale, templates, [("phenotype-json", None)]))[0]
+                                **guided(guidance_scale, settings, [("phenotype-json", None)]))[0]
     fields = parse_phenotypes(result.text)
     if fields is None:
         raise ValueError(f"the answer did not complete within max_new_tokens={max_new_tokens}: {result.text!r}")
@@ -81,5 +82,5 @@ def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_
     templates = settings.templates
     result = generator.generate([settings.prompt("diagnosis", report)], max_new_tokens=max_new_tokens,
                                 temperature=0.0, stop=templates["stop"],
-                                **guided(guidance_scale, templates, [("diagnosis", None)]))
+                                **guided(guidance_scale, settings, [("diagnosis", None)]))
     return result[0].text.strip()

@@ -9,12 +9,13 @@
 - `task_prompt`: one task's prompt for a (cut) report;
 - `PromptSettings`: the templates, the cut and the chat format together, saved as prompt_settings.json beside the
   datasets (build.py) and beside an SFT export's weights, and read back by the task helpers, so a checkpoint is
-  asked exactly as it was trained.
+  asked exactly as it was trained. A chat model (chat_format "chat_template") gets each task prompt as one user
+  turn of its own Jinja chat template (`render`), in training (data.prepare --sft) and at inference alike.
 """
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .fields import FIELDS
@@ -28,9 +29,10 @@ PHENOTYPE_TASKS = ("phenotype-qa", "phenotype-json")
 DEFAULT_MAX_REPORT_CHARS = 2000
 # Shorter cuts leave no room for a report's head and its key sentences.
 MIN_REPORT_CHARS = 300
-# "plain": the templates' text as it is. A checkpoint records its format so that one trained on another (issue 20
-# adds ChatML) is refused by code that cannot render it, not asked in the wrong one.
-CHAT_FORMATS = ("plain",)
+# "plain": the templates' text as it is; "chat_template": that text as the user turn of the model's own chat template
+# (a chat model such as SmolLM2-Instruct is asked in the format it was instruction-tuned in). A checkpoint records
+# its format so that code that cannot render it refuses it rather than asking in the wrong one.
+CHAT_FORMATS = ("plain", "chat_template")
 SETTINGS_FILE = "prompt_settings.json"
 
 # The final-diagnosis heading: "Diagnosis"/"DIAGNOSIS" (or -es, optionally "Details") ending in '.' or ':', at a
@@ -185,27 +187,74 @@ def diagnosis_statement(fields: dict, templates: dict) -> str:
 @dataclass(frozen=True)
 class PromptSettings:
     """How prompts are made: the templates themselves (not a path: an export must not depend on the installed
-    package's templates.json), the report cut (characters; None keeps reports whole) and the chat format."""
+    package's templates.json), the report cut (characters; None keeps reports whole), the chat format and, for
+    "chat_template", the model's Jinja chat template (tokenizer_config.json's chat_template: a copy, for the same
+    reason)."""
     templates: dict
     max_report_chars: int | None = DEFAULT_MAX_REPORT_CHARS
     chat_format: str = "plain"
+    chat_template: str | None = None
 
     def __post_init__(self):
         check_settings(self)
 
     def prompt(self, task: str, report: str, field: str = None) -> str:
         """The prompt for a whole report, prepared as the datasets were: cut to max_report_chars (for the
-        diagnosis without its final-diagnosis section), then put into the task's template."""
+        diagnosis without its final-diagnosis section), put into the task's template, then rendered in the chat
+        format."""
         if not isinstance(report, str) or not report.strip():
             raise ValueError("report must be a non-empty string")
         cut = task_inputs(report.strip(), self.max_report_chars, self.templates, Counter())[task]
-        return task_prompt(task, cut, self.templates, field)
+        return self.render(task_prompt(task, cut, self.templates, field))
+
+    def render(self, prompt: str) -> str:
+        """A task prompt (the datasets' "prompt") as the model reads it: as it is (plain), or as the one user turn
+        of the chat template followed by the assistant's turn opening."""
+        if self.chat_format == "plain":
+            return prompt
+        return render_chat(self.chat_template, prompt)
+
+    def with_cut(self, max_report_chars) -> "PromptSettings":
+        return replace(self, max_report_chars=max_report_chars)
+
+    def same_prompts(self, other: "PromptSettings") -> bool:
+        """Whether both make the same task prompts (templates and cut): a chat model and the datasets it was
+        tuned on differ only in how a prompt is rendered."""
+        return (self.templates, self.max_report_chars) == (other.templates, other.max_report_chars)
+
+    def to_json(self) -> dict:
+        fields = {"templates": self.templates, "max_report_chars": self.max_report_chars,
+                  "chat_format": self.chat_format}
+        return fields if self.chat_template is None else {**fields, "chat_template": self.chat_template}
 
     def save(self, directory) -> Path:
         path = Path(directory) / SETTINGS_FILE
-        path.write_text(json.dumps({"templates": self.templates, "max_report_chars": self.max_report_chars,
-                                    "chat_format": self.chat_format}, indent=2) + "\n")
+        path.write_text(json.dumps(self.to_json(), indent=2) + "\n")
         return path
+
+
+def chat_environment():
+    """A sandboxed Jinja environment set up as transformers renders chat templates (trim_blocks, lstrip_blocks,
+    loop controls, raise_exception): a template is code from a checkpoint, and must run as its authors tested it."""
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = raise_exception
+    return env
+
+
+def render_chat(template: str, user: str, system: str = None, bos_token: str = "", eos_token: str = "") -> str:
+    """`user` (after a `system` message, if given) rendered by `template` with the assistant's turn opened
+    (add_generation_prompt). bos_token is empty by default: the tokenizer's encode(bos=True) adds the BOS id itself,
+    so a template that writes it would give two."""
+    messages = ([{"role": "system", "content": system}] if system is not None else []) + [
+        {"role": "user", "content": user}]
+    return chat_environment().from_string(template).render(messages=messages, add_generation_prompt=True,
+                                                           bos_token=bos_token, eos_token=eos_token)
 
 
 def check_settings(settings: PromptSettings):
@@ -215,7 +264,41 @@ def check_settings(settings: PromptSettings):
                          "for a report's head and key sentences)")
     if settings.chat_format not in CHAT_FORMATS:
         raise ValueError(f"chat_format={settings.chat_format!r}: this version renders {', '.join(CHAT_FORMATS)}")
+    if (settings.chat_format == "chat_template") != isinstance(settings.chat_template, str):
+        raise ValueError(f"chat_template must be a Jinja template string exactly when chat_format is "
+                         f"'chat_template' (chat_format={settings.chat_format!r}, chat_template "
+                         f"{type(settings.chat_template).__name__})")
+    if settings.chat_template is not None:
+        try:
+            render_chat(settings.chat_template, "Left breast, lumpectomy: invasive ductal carcinoma.")
+        except Exception as e:      # the template is code from a checkpoint: any failure means it cannot be used
+            raise ValueError(f"chat_template does not render a user message ({type(e).__name__}: {e})") from None
     check_templates(settings.templates, "templates")
+
+
+SETTINGS_KEYS = ("templates", "max_report_chars", "chat_format", "chat_template")
+
+
+def settings_from_json(raw: dict) -> PromptSettings:
+    """PromptSettings from a prompt_settings.json object (a file, or a shards manifest's copy); the keys a file
+    written before they existed lacks take their old meaning (the default cut, plain)."""
+    return PromptSettings(raw["templates"], raw.get("max_report_chars", DEFAULT_MAX_REPORT_CHARS),
+                          raw.get("chat_format", "plain"), raw.get("chat_template"))
+
+
+def chat_settings(settings: PromptSettings, checkpoint) -> PromptSettings:
+    """`settings` rendered in the chat template of the checkpoint directory's tokenizer_config.json: how a chat
+    model is asked zero-shot, and how its SFT data is made (prepare --prompt-settings)."""
+    path = Path(checkpoint) / "tokenizer_config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (a chat model's directory carries its chat template there)")
+    template = json.loads(path.read_text()).get("chat_template")
+    if not isinstance(template, str):
+        raise ValueError(f"{path}: no chat_template string (a list of named templates is not supported)")
+    try:
+        return replace(settings, chat_format="chat_template", chat_template=template)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_prompt_settings(directory=None) -> PromptSettings:
@@ -225,12 +308,21 @@ def load_prompt_settings(directory=None) -> PromptSettings:
     path = Path(directory) / SETTINGS_FILE if directory is not None else None
     if path is None or not path.is_file():
         return PromptSettings(load_templates())
-    raw = json.loads(path.read_text())
-    unknown = raw.keys() - {"templates", "max_report_chars", "chat_format"}
-    if unknown or "templates" not in raw:
-        raise ValueError(f"{path}: expected keys templates, max_report_chars, chat_format; got {', '.join(raw)}")
+    return read_prompt_settings(path)
+
+
+def read_prompt_settings(path) -> PromptSettings:
+    """The settings of one prompt_settings.json file, checked; errors name the file."""
+    path = Path(path)
     try:
-        return PromptSettings(raw["templates"], raw.get("max_report_chars", DEFAULT_MAX_REPORT_CHARS),
-                              raw.get("chat_format", "plain"))
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(raw, dict) or raw.keys() - set(SETTINGS_KEYS) or "templates" not in raw:
+        got = ", ".join(raw) if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path}: expected an object with keys {', '.join(SETTINGS_KEYS)} (templates required); "
+                         f"got {got}")
+    try:
+        return settings_from_json(raw)
     except ValueError as e:
         raise ValueError(f"{path}: {e}") from None

@@ -110,14 +110,14 @@ def shards_prompt_settings(patterns: list[str], key: str):
     """The prompt settings the SFT shards were made with (prepare --prompt-settings records them in the manifest
     beside the shards), as tasks.prompts.PromptSettings, or None when no manifest records any. Shards whose
     manifests disagree are refused: the export could not say how it is to be prompted."""
-    from ..tasks.prompts import PromptSettings
+    from ..tasks.prompts import settings_from_json
     found = {}
     for folder in sorted({Path(p).parent for p in expand_paths(patterns, key)}):
         manifest = folder / "manifest.json"
         if manifest.is_file():
             settings = read_manifest(manifest).get("prompt_settings")
             if settings is not None:
-                found[manifest] = PromptSettings(**settings)
+                found[manifest] = settings_from_json(settings)
     settings = list(found.values())
     if any(other != settings[0] for other in settings[1:]):
         raise ValueError(f"{key}: the shards' manifests record different prompt settings "
