@@ -264,9 +264,9 @@ def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) 
              + " examples (the training split, topped up with the OCR reports of "
              f"{info['extra_train_patients']} other patients); the same SFT from the general model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
-             f"schema-constrained decoding; training on {info['nproc']} process(es) on the machine's cores.", "",
-             "| system | phenotype-JSON micro F1 | vs the recipe's model: F1 difference [95% interval] |",
-             "|---|---|---|"]
+             f"schema-constrained decoding; training in {info['nproc']} process(es) on the machine's cores.", "",
+             "| system | phenotype-JSON micro F1 | the recipe's model minus this system [95% interval], share of "
+             "bootstrap draws the recipe's model wins |", "|---|---|---|"]
     for name, scores in systems.items():
         versus = "" if name == "model" else fmt_comparison(comparisons[name]["micro"])
         label = "CPT + SFT (the CancerLLM recipe)" if name == "model" else name
