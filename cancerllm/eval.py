@@ -321,9 +321,10 @@ def markdown(result: dict) -> str:
     lines += [f"| {f} | {fields[f]['n_gold']} | " + (f"{stated[f]['share']:.2f} | " if stated else "")
               + " | ".join(fmt(s["fields"][f]["f1"]) for s in systems.values()) + " |" for f in fields]
     if stated:
-        lines += ["", f"The input states {stated['all']['share']:.0%} of the gold values ({stated['all']['stated']} of "
-                  f"{stated['all']['n_gold']}): a system that answers exactly the values counted as stated, and nothing else, "
-                  f"scores micro F1 {2 * stated['all']['share'] / (1 + stated['all']['share']):.3f}."]
+        share = stated["all"]["share"]
+        lines += ["", f"The input states {share:.0%} of the gold values ({stated['all']['stated']} of "
+                  f"{stated['all']['n_gold']}): a system that answers exactly the values counted as stated, and "
+                  f"nothing else, scores micro F1 {2 * share / (1 + share):.3f}."]
     if result["comparisons"]:
         lines += ["", "The model against each system: F1 difference, its 95% interval and the share of draws the model "
                   f"wins (paired bootstrap over the reports, {BOOTSTRAP_SAMPLES:,} draws)", "",
