@@ -311,9 +311,9 @@ class Generator:
     prefill_chunk: prompt tokens per prefill forward pass (bounds prefill activation memory).
     onednn: on CPU in fp32 or bf16, True runs the matmuls on oneDNN with prepacked weights, False on F.linear, None
         (the default) each weight shape on whichever this machine measured faster (cancerllm/decode_paths.py).
-    quantize: None (weights in the model's dtype) or "int8": weight-only int8 with a scale per output row, the
-        activations and KV cache in the model's dtype (CPU; in bf16 every matmul's input width must be a multiple
-        of 16, else ValueError).
+    quantize: None (weights in the model's dtype) or "int8": weight-only int8 with a bf16 scale per output row,
+        multiplied with the activations rounded to bf16 (fp32 sums); norms, attention and the KV cache stay in the
+        model's dtype (CPU; every matmul's input width must be a multiple of 16, else ValueError).
 
     Weights: the Generator decodes with each model's decoding form (fuse_for_decoding in model.py), a snapshot of its
     weights that leaves the model itself untouched, so a model still being trained can be sampled from. Before each

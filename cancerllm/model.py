@@ -366,11 +366,13 @@ PACK_BATCH = 8   # the batch size oneDNN lays the weights out for; measured best
 # How a DecodeLinear multiplies:
 #   "onednn": oneDNN with the weight prepacked in its blocked layout, epilogues as post-ops (fp32, bf16 on CPU)
 #   "aten":   F.linear on the weight as given
-#   "int8":   int8 weight-only: the weight rounded per output row to int8 times an fp scale (symmetric), multiplied
-#             by torch's _weight_int8pack_mm, which widens it in registers; a quarter of fp32's bytes
+#   "int8":   int8 weight-only: the weight rounded per output row to int8 times a bf16 scale (symmetric), multiplied
+#             by torch's _weight_int8pack_mm on bf16 activations (fp32 sums), whatever the model's dtype: its fp32
+#             kernel ran 10-100x slower than its bf16 one on an AVX512-BF16 CPU (docs/experiments.md); a quarter of
+#             fp32's bytes
 PATHS = ("onednn", "aten", "int8")
 QUANTIZE = (None, "int8")
-INT8_BLOCK = 16  # _weight_int8pack_mm's CPU kernel reads bf16/fp16 inputs 16 at a time: other widths crash or err
+INT8_BLOCK = 16  # _weight_int8pack_mm's CPU kernel reads bf16 inputs 16 at a time: other widths crash or err
 
 
 def onednn_usable(weight: torch.Tensor) -> bool:
@@ -388,18 +390,18 @@ def check_quantize(quantize, weight: torch.Tensor, name: str) -> None:
     if weight.device.type != "cpu":
         raise ValueError(f"quantize='int8' runs on CPU only (torch's _weight_int8pack_mm), the model is on "
                          f"{weight.device}")
-    if weight.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise ValueError(f"quantize='int8' needs fp32, bf16 or fp16 activations, the model is {weight.dtype}")
-    if weight.dtype != torch.float32 and weight.shape[1] % INT8_BLOCK:
-        raise ValueError(f"quantize='int8' in {weight.dtype} needs every matmul's input width to be a multiple of "
-                         f"{INT8_BLOCK} (torch's int8 kernel), but {name} takes {weight.shape[1]}; use float32")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"quantize='int8' runs fp32 or bf16 models, this one is {weight.dtype}")
+    if weight.shape[1] % INT8_BLOCK:
+        raise ValueError(f"quantize='int8' needs every matmul's input width to be a multiple of {INT8_BLOCK} "
+                         f"(torch's int8 kernel reads {INT8_BLOCK} at a time), but {name} takes {weight.shape[1]}")
 
 
 def quantize_int8(weight: torch.Tensor):
-    """(int8 [out, in], scales [out] in the weight's dtype): each row divided by its largest magnitude / 127 and
-    rounded. The scale is rounded to its dtype first, so int8 * scale is the nearest the kernel can represent."""
+    """(int8 [out, in], bf16 scales [out]): each row divided by its largest magnitude / 127 and rounded. The scale
+    is rounded to bf16 first, so int8 * scale is the nearest the kernel can represent."""
     w = weight.float()
-    scales = (w.abs().amax(dim=1) / 127).clamp_(min=torch.finfo(torch.float32).tiny).to(weight.dtype)
+    scales = (w.abs().amax(dim=1) / 127).clamp_(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
     q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
     return q, scales
 
@@ -432,8 +434,9 @@ class DecodeLinear(nn.Module):
         if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.path == "int8":
-            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scales)
-            return y.view(*x.shape[:-1], -1)
+            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
     def plus(self, x, residual):

@@ -83,7 +83,8 @@ def test_quantized_rows_are_within_half_a_step_and_use_the_full_range(out_featur
 @pytest.mark.parametrize("path", ["int8", "onednn", "aten"])
 def test_each_path_and_epilogue_against_fp64(path, dtype):
     """forward, plus, silu and times of a DecodeLinear against the fp64 product with the weight it multiplies by
-    (for int8: the dequantized weight), at decode and prefill row counts."""
+    (for int8: the dequantized weight, and the input rounded to bf16 as the kernel takes it), at decode and prefill
+    row counts."""
     weight = (torch.randn(160, 96) * 0.05).to(dtype)
     linear = DecodeLinear(weight, path)
     exact = dequantize_int8(linear.weight, linear.scales) if path == "int8" else weight
@@ -91,7 +92,7 @@ def test_each_path_and_epilogue_against_fp64(path, dtype):
     for shape in [(1, 1, 96), (8, 1, 96), (2, 37, 96)]:
         x = torch.randn(shape).to(dtype)
         residual, other = torch.randn(*shape[:-1], 160).to(dtype), torch.randn(*shape[:-1], 160).to(dtype)
-        y = x.double() @ exact.t()
+        y = (x.bfloat16() if path == "int8" else x).double() @ exact.t()
         with torch.inference_mode():
             results = {"forward": (linear(x), y),
                        "plus": (linear.plus(x, residual), residual.double() + y),
@@ -99,12 +100,22 @@ def test_each_path_and_epilogue_against_fp64(path, dtype):
                        "times": (linear.times(x, other.clone()), other.double() * y)}
         for name, (actual, expected) in results.items():
             assert actual.dtype == dtype and actual.shape == expected.shape, name
-            assert relative_error(actual, expected) < MATMUL_RTOL[dtype], (name, shape)
+            rtol = MATMUL_RTOL[torch.bfloat16 if path == "int8" else dtype]   # the int8 kernel returns bf16
+            assert relative_error(actual, expected) < rtol, (name, shape)
+
+
+def round_input_to_bf16(module, inputs):
+    return tuple(x.bfloat16().to(x.dtype) for x in inputs)
+
+
+def round_output_to_bf16(module, inputs, output):
+    return output.bfloat16().to(output.dtype)
 
 
 def dequantized_copy(model: Transformer) -> Transformer:
-    """The model with each matmul weight replaced by its int8 rounding (per row, as quantize_int8 rounds the fused
-    q/k/v weight: rows are quantized independently), in fp32: the plain reference of the int8 decoding form."""
+    """The plain reference of the int8 decoding form: the model with each matmul weight replaced by its int8
+    rounding (per row, as quantize_int8 rounds the fused q/k/v weight: rows are quantized independently), each
+    matmul's input and output rounded to bf16 (the kernel takes and returns bf16), computing in fp32."""
     copy = Transformer(model.args).eval()
     copy.load_state_dict(model.state_dict())
     with torch.no_grad():
@@ -113,6 +124,10 @@ def dequantized_copy(model: Transformer) -> Transformer:
                 p.copy_(dequantize_int8(*quantize_int8(p)))
     if model.args.tie_word_embeddings:   # the output head's int8 copy; the embedding lookup keeps the fp32 table
         copy.lm_head.weight = torch.nn.Parameter(dequantize_int8(*quantize_int8(model.lm_head.weight)))
+    for module in copy.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_pre_hook(round_input_to_bf16)
+            module.register_forward_hook(round_output_to_bf16)
     return copy
 
 
@@ -120,18 +135,18 @@ def dequantized_copy(model: Transformer) -> Transformer:
                                        dict(sliding_window=None, tie_word_embeddings=True, family="llama")],
                          ids=["mistral", "no window", "tied llama (SmolLM2's layout)"])
 def test_int8_decoding_equals_the_model_on_its_rounded_weights(tokenizer, overrides):
-    """Every step's logits of the int8 Generator against the fp32 model holding the dequantized weights, recomputing
-    the whole sequence: the same arithmetic up to fp32 rounding. And against the original fp32 model: int8
-    rounding moves the logits by about 1% here (the bound: 3%)."""
+    """Every step's logits of the int8 Generator against its plain reference (dequantized_copy) recomputing the
+    whole sequence: the same arithmetic but for the order of fp32 sums, which can move a bf16 rounding by one step
+    (2^-8): within 0.2% (measured: 0.005%). Against the original fp32 model int8 and bf16 rounding move the logits
+    by about 2% here (the bound: 5%)."""
     model = random_model(**overrides)
     reference = dequantized_copy(model)
     prompts = [torch.randint(3, 32000, (n,)).tolist() for n in (11, 3)]
     logged, tokens = decode_logits(model, tokenizer, prompts, quantize="int8")
     for prompt, ids, steps in zip(prompts, tokens, logged):
         for t, logits in enumerate(steps):
-            expected = full_logits(reference, prompt + ids[:t])
-            torch.testing.assert_close(logits.double(), expected, rtol=1e-4, atol=1e-4)
-            assert relative_error(logits, full_logits(model, prompt + ids[:t])) < 3e-2
+            assert relative_error(logits, full_logits(reference, prompt + ids[:t])) < 2e-3
+            assert relative_error(logits, full_logits(model, prompt + ids[:t])) < 5e-2
 
 
 @pytest.mark.parametrize("onednn", [True, False, None])
@@ -213,17 +228,15 @@ def test_unknown_options_are_named(tokenizer, options, message):
         Generator(random_model(), tokenizer, **options)
 
 
-def test_int8_on_shapes_the_kernel_cannot_take_is_refused(tokenizer):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_on_shapes_the_kernel_cannot_take_is_refused(tokenizer, dtype):
     """torch's int8 kernel reads bf16 inputs 16 at a time (other widths crash the process or compute wrong
-    values): refused by name. fp32 inputs take any width."""
-    model = random_model(dim=40, head_dim=24, hidden_dim=72)
-    with pytest.raises(ValueError, match="multiple of 16.*qkv_proj takes 40; use float32"):
-        Generator(model.to(torch.bfloat16), tokenizer, quantize="int8")
-    model = random_model(dim=40, head_dim=24, hidden_dim=72)
-    prompts = [torch.randint(3, 32000, (5,)).tolist()]
-    logged, tokens = decode_logits(model, tokenizer, prompts, steps=3, quantize="int8")
-    torch.testing.assert_close(logged[0][-1].double(), full_logits(dequantized_copy(model), prompts[0] + tokens[0][:2]),
-                               rtol=1e-4, atol=1e-4)
+    values): refused by name, before any weight is quantized."""
+    model = random_model(dim=40, head_dim=24, hidden_dim=72).to(dtype)
+    with pytest.raises(ValueError, match="multiple of 16 .*but qkv_proj takes 40"):
+        Generator(model, tokenizer, quantize="int8")
+    with pytest.raises(ValueError, match="fp32 or bf16 models, this one is torch.float16"):
+        Generator(random_model().half(), tokenizer, quantize="int8")
 
 
 def test_from_pretrained_and_command_line_quantize(tokenizer, tmp_path):
