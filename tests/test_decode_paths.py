@@ -136,16 +136,17 @@ def dequantized_copy(model: Transformer) -> Transformer:
                          ids=["mistral", "no window", "tied llama (SmolLM2's layout)"])
 def test_int8_decoding_equals_the_model_on_its_rounded_weights(tokenizer, overrides):
     """Every step's logits of the int8 Generator against its plain reference (dequantized_copy) recomputing the
-    whole sequence: the same arithmetic but for the order of fp32 sums, which can move a bf16 rounding by one step
-    (2^-8): within 0.2% (measured: 0.005%). Against the original fp32 model int8 and bf16 rounding move the logits
-    by about 2% here (the bound: 5%)."""
+    whole sequence: the same arithmetic but for the order of fp32 sums, which can move a matmul output's bf16
+    rounding by one step (2^-8), and the layers after it carry that on: measured 0.005% to 0.46% over 12 seeds (the
+    bound: 1.5%). Against the original fp32 model int8 and bf16 rounding move the logits by about 2% here (the
+    bound: 5%); a wrong scale or row would move them by order 100%."""
     model = random_model(**overrides)
     reference = dequantized_copy(model)
     prompts = [torch.randint(3, 32000, (n,)).tolist() for n in (11, 3)]
     logged, tokens = decode_logits(model, tokenizer, prompts, quantize="int8")
     for prompt, ids, steps in zip(prompts, tokens, logged):
         for t, logits in enumerate(steps):
-            assert relative_error(logits, full_logits(reference, prompt + ids[:t])) < 2e-3
+            assert relative_error(logits, full_logits(reference, prompt + ids[:t])) < 1.5e-2
             assert relative_error(logits, full_logits(model, prompt + ids[:t])) < 5e-2
 
 
