@@ -13,6 +13,7 @@ from cancerllm import Generator, ModelArgs, Transformer
 from cancerllm import decode_paths
 from cancerllm.model import DecodeLinear, dequantize_int8, fuse_for_decoding, quantize_int8
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+from test_decode_form import Recorder
 
 BASE = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96, vocab_size=32000,
             sliding_window=8, max_seq_len=64)
@@ -37,20 +38,6 @@ def random_model(**overrides) -> Transformer:
 def relative_error(actual, expected) -> float:
     actual, expected = actual.double(), expected.double()
     return float((actual - expected).norm() / expected.norm())
-
-
-class Recorder:
-    """A logits processor that leaves the logits alone and keeps a copy of each row's."""
-
-    def reset(self, batch_size):
-        self.logits = [[] for _ in range(batch_size)]
-
-    def mask(self, logits, rows):
-        for i, row in enumerate(rows):
-            self.logits[row].append(logits[i].clone())
-
-    def advance(self, row, token_id):
-        """Nothing to follow: the recorder constrains no row."""
 
 
 def decode_logits(model, tokenizer, prompts, steps=6, **options):
