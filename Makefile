@@ -34,11 +34,19 @@ bench: $(STAMP)
 	$(PY) bench/train.py
 	$(PY) bench/generate.py
 
-# Peers the benchmarks compare against beyond transformers: PEFT for bench/train.py --mode lora. --no-deps: what it
-# imports (transformers, accelerate, safetensors, psutil, PyYAML, ...) is already in .venv, and pip must not swap torch.
+# Peers the benchmarks compare against beyond transformers: PEFT for bench/train.py --mode lora; llama.cpp through
+# llama-cpp-python for bench/peers.py (an sdist: pip builds llama.cpp from source with cmake, several minutes on 2
+# cores; GGML_NATIVE for this CPU's instruction sets, as a user building it here would). --no-deps: what they import
+# (transformers, accelerate, safetensors, psutil, PyYAML, numpy, jinja2, ...) is in .venv, and pip must not swap
+# torch; diskcache is llama-cpp-python's one runtime dependency .venv lacks.
 PEFT_VERSION := 0.21.2
+LLAMA_CPP_PYTHON_VERSION := 0.3.36
+DISKCACHE_VERSION := 5.6.3
 bench-peers: $(STAMP)
-	$(PY) -m pip install -q --no-deps peft==$(PEFT_VERSION)
+	$(PY) -m pip install -q --no-deps peft==$(PEFT_VERSION) diskcache==$(DISKCACHE_VERSION)
+	CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+		$(PY) -m pip install -q --no-deps llama-cpp-python==$(LLAMA_CPP_PYTHON_VERSION)
+	$(PY) bench/peers.py
 
 # What the lent GPU machine lacks, staged for run(command="bash bench/gpu.sh", carry=[".gpu-carry"]):
 # Liger-Kernel's wheel (pure Python, a peer in bench/gpu_check.py; 0.8.5 needs only torch>=2.1.2 and triton>=2.3.1)

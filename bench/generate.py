@@ -15,9 +15,10 @@ caches (bytes read plus written) measured in this run.
 The prompts are random token ids: the benchmark measures speed, not text, so the tokenizer (--tokenizer, else
 Mistral's from mistral-common) only decodes; without one, token ids stand in for text (TokenIds).
 
-Rows: cancerllm (default: on CPU in fp32 the model's decoding form, model.fuse_for_decoding, runs the matmuls on
-oneDNN with prepacked weights and fused post-ops), cancerllm-mkl (CPU only: the same form on F.linear, showing
-what oneDNN buys), transformers. What each choice in the generator bought, and the measured ratios, are in
+Rows: cancerllm (default: on CPU the model's decoding form, model.fuse_for_decoding, runs each weight shape's
+matmul on oneDNN with prepacked weights and fused post-ops or on F.linear, whichever this machine measured faster:
+cancerllm/decode_paths.py), cancerllm-onednn and cancerllm-mkl (CPU only: every matmul forced onto one path,
+showing what the measured choice buys), transformers. llama.cpp, in each precision: bench/peers.py. What each choice in the generator bought, and the measured ratios, are in
 bench/README.md.
 """
 import argparse
@@ -178,7 +179,8 @@ def decode_benchmark(preset: str, batches, prompt_len: int, new_tokens: int, rep
     model.init_rope()
     tokenizer = load_tokenizer(tokenizer_path, args.vocab_size)
     gens = {"cancerllm": Generator(model, tokenizer)}
-    if device.type == "cpu":   # what routing the linears through oneDNN buys, against MKL's F.linear
+    if device.type == "cpu":   # the measured choice (the default) against each path forced for every weight
+        gens["cancerllm-onednn"] = Generator(model, tokenizer, onednn=True)
         gens["cancerllm-mkl"] = Generator(model, tokenizer, onednn=False)
     hf = hf_twin(model) if peers else None
 

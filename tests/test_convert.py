@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 gguf = pytest.importorskip("gguf", reason="gguf (llama.cpp's reader) is not installed: run make")
 from gguf import GGMLQuantizationType as Q  # noqa: E402
 
-from cancerllm.convert import GGUFError, convert_gguf, main, smollm2_gguf_path  # noqa: E402
+from cancerllm.convert import GGUFError, convert_gguf, main, smollm2_gguf_path, to_gguf  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=96)
@@ -355,6 +355,50 @@ def test_command_line(tmp_path, capsys, fresh_seed):
     assert f"wrote {tmp_path / 'hf'}: llama, 2 layers, dim 64" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=f"error: {tmp_path / 'hf'} already exists"):
         main(["gguf", str(path), str(tmp_path / "hf")])
+
+
+# ------------------------------------------------------------------------------------------------- export
+
+EXPORT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+@pytest.mark.parametrize("type_name", list(EXPORT_TYPES))
+def test_export_round_trips_through_the_import(tmp_path, fresh_seed, type_name, tied):
+    """A GGUF written the way llama.cpp writes it, imported, exported and imported again: the same config and
+    tokenizer, the weights within the export type's error; in F32 the exported tensors are the original file's
+    bytes (llama.cpp's query/key row order restored)."""
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=tied, **TINY)
+    source = convert_gguf(write_gguf(tmp_path / "in.gguf", weights), tmp_path / "hf")
+    exported = to_gguf(source, tmp_path / "out.gguf", type_name)
+    back = convert_gguf(exported, tmp_path / "back")
+    for file in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert json.loads((back / file).read_text()) == json.loads((source / file).read_text()), file
+    original, again = converted(source), converted(back)
+    assert set(again) == set(original)
+    for name, w in original.items():
+        quant = Q.F32 if w.ndim == 1 else EXPORT_TYPES[type_name]
+        bound = 1.01 * QUANT_ERROR[quant] * np.abs(w).max(axis=-1, keepdims=True)
+        assert (np.abs(again[name] - w) <= bound).all(), name
+    if type_name == "f32":
+        written = {t.name: np.array(t.data) for t in gguf.GGUFReader(exported).tensors}
+        for t in gguf.GGUFReader(tmp_path / "in.gguf").tensors:
+            np.testing.assert_array_equal(written[t.name], np.array(t.data), err_msg=t.name)
+
+
+def test_export_refusals_are_named(tmp_path, fresh_seed):
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **dict(TINY, hidden_dim=80))
+    source = convert_gguf(write_gguf(tmp_path / "in.gguf", weights, hidden_dim=80), tmp_path / "hf")
+    with pytest.raises(GGUFError, match="Q8_0 stores rows in blocks of 32 weights.*hidden_dim=80"):
+        to_gguf(source, tmp_path / "out.gguf", "q8_0")
+    with pytest.raises(GGUFError, match="--type must be one of f32, f16, bf16, q8_0, got 'q4_0'"):
+        to_gguf(source, tmp_path / "out.gguf", "q4_0")
+    (source / "tokenizer.json").unlink()
+    with pytest.raises(GGUFError, match="no tokenizer.json; the export writes byte-level BPE"):
+        to_gguf(source, tmp_path / "out.gguf", "f32")
+    assert not list(tmp_path.glob("*out.gguf*"))     # nothing half-written left behind
+    with pytest.raises(SystemExit, match="error: .*no tokenizer.json"):
+        main(["to-gguf", str(source), str(tmp_path / "out.gguf")])
 
 
 # ------------------------------------------------------------------------------- the real SmolLM2 file

@@ -54,7 +54,7 @@ def full_logits(model, ids: list):
         return model(torch.tensor([ids]))[0, -1].float()
 
 
-@pytest.mark.parametrize("onednn", [True, False])
+@pytest.mark.parametrize("onednn", [True, False, None])
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_every_model_option_reaches_the_decoding_form(tokenizer, name, onednn):
     """Every step's logits of the Generator (which decodes with the fused form) against the model recomputing the

@@ -1,0 +1,100 @@
+"""Which matmul each weight of the decoding form runs on, chosen by measuring on the machine that runs it.
+
+A fast path picked once on one machine can be the slow one on another of the same kind: bench/generate.py measured
+oneDNN's prepacked matmuls 3.18x transformers on one CPU and 1.16x on another, where plain F.linear was faster. So
+when more than one path can multiply a weight (fp32 or bf16 on CPU: oneDNN prepacked or F.linear), the decoding
+form times each on this machine, at the batch sizes decoding runs (1 and 8 rows), on the weight's own shape, and
+keeps the faster. The answer is cached in a JSON file keyed by the machine (CPU model and flags, threads, torch
+version), the dtype and the weight's shape, so the measurement is made once per machine and shape (about a second
+for a 135M model) and a new machine measures again.
+
+Cache file: $CANCERLLM_CACHE_DIR/decode-paths.json, else $XDG_CACHE_HOME/cancerllm/..., else ~/.cache/cancerllm/...
+A cache that cannot be read is measured again and rewritten; one that cannot be written costs only the time to
+measure at the next load.
+"""
+import hashlib
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+CACHE_FILE = "decode-paths.json"
+CALIBRATION_ROWS = (1, 8)   # batch sizes decoding runs most; each path is timed on both, their times summed
+ROUNDS, CALLS = 3, 5        # paths alternate ROUNDS times, CALLS matmuls each; the fastest round counts
+
+
+def cache_path() -> Path:
+    root = os.environ.get("CANCERLLM_CACHE_DIR")
+    if root:
+        return Path(root) / CACHE_FILE
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "cancerllm" / CACHE_FILE
+
+
+def machine_key() -> str:
+    """What makes one machine's measurement invalid on another: the CPU (model name and instruction-set flags; a
+    virtual machine may name only the vendor), the threads torch uses and torch's version (its kernels)."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())   # the first processor's lines
+    except OSError:
+        pass
+    model, flags = info.get("model name") or platform.processor() or platform.machine(), info.get("flags", "")
+    flags_hash = hashlib.sha1(flags.encode()).hexdigest()[:8]
+    return f"{model} flags:{flags_hash} threads:{torch.get_num_threads()} torch:{torch.__version__}"
+
+
+def load_cache(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def save_cache(path: Path, cache: dict) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_text(json.dumps(cache, indent=1, sort_keys=True))
+        os.replace(staging, path)      # readers see the old file or the new one, never half of one
+    except OSError:
+        pass
+
+
+def fastest(runs: dict) -> str:
+    """The name of the fastest of `runs` (name -> function of no arguments): they alternate, so load from other
+    processes hits each alike, and each keeps its best round."""
+    best = {name: float("inf") for name in runs}
+    for _ in range(ROUNDS):
+        for name, run in runs.items():
+            run()   # warm: the first call may allocate or pick kernels
+            start = time.perf_counter()
+            for _ in range(CALLS):
+                run()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return min(best, key=best.get)
+
+
+def choose(weight: torch.Tensor, candidates: tuple, make) -> str:
+    """The path (one of `candidates`) to multiply `weight` [out, in] on: the only one, or the one this machine ran
+    fastest for a weight of this shape and dtype (cached). `make(weight, path)` builds the linear to time."""
+    if len(candidates) == 1:
+        return candidates[0]
+    path = cache_path()
+    cache = load_cache(path)
+    key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {'/'.join(candidates)}"
+    if cache.get(key) in candidates:
+        return cache[key]
+    inputs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+              for rows in CALIBRATION_ROWS]
+    linears = {name: make(weight, name) for name in candidates}
+    with torch.inference_mode():
+        cache[key] = fastest({name: (lambda f=linear: [f(x) for x in inputs]) for name, linear in linears.items()})
+    save_cache(path, {**load_cache(path), key: cache[key]})   # keep what another process wrote meanwhile
+    return cache[key]
