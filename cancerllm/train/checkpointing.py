@@ -39,9 +39,9 @@ from torch.distributed.tensor import DTensor
 
 from ..checkpoint import DTYPES, plain_file_name, save_state_dict
 from .lora import merge_state_dict, save_adapters
-from .nf4 import is_nf4
+from .nf4 import gather_dequantized, is_nf4
 from .optim import resume_schedule
-from .parallel import Dist, all_reduce_sum
+from .parallel import Dist, all_reduce_sum, full_tensor
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -334,16 +334,25 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ export
 
+    def full_state(self, model) -> dict:
+        """The model's whole tensors on rank 0's CPU ({} on the other ranks), gathered one at a time; NF4 weights
+        dequantized (nf4.gather_dequantized)."""
+        state = {}
+        for name, t in get_model_state_dict(model).items():
+            whole = gather_dequantized(t) if is_nf4(t) else full_tensor(t)
+            if self.d.is_main:
+                state[name] = whole.detach().cpu()
+        return state
+
     def export(self, model, args, path, *, tokenizer=None, dtype="bfloat16", lora=None, prompt_settings=None):
         """Gather the full weights on rank 0 and write a Hugging Face directory; with LoRA, the adapters alone
         go to `<path>-adapters/` and the export holds the base weights (dequantized, if NF4) with the adapters
         merged in.
         prompt_settings (tasks.prompts.PromptSettings): how the training examples were prompted, saved beside the
         weights so that the Generator's task helpers prompt the same way."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         # With tied embeddings this holds the embedding under both names (two gathered copies): save_state_dict
         # checks that they are equal and writes one, as transformers does.
-        state = get_model_state_dict(model, options=options)
+        state = self.full_state(model)
         path = Path(path)
         if self.d.is_main:
             if lora is not None:

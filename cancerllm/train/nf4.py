@@ -16,7 +16,9 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.tensor import DTensor
 
 BLOCK_SIZE = 64                # weights per absmax scale (QLoRA's)
 SCALER_BLOCK_SIZE = 256        # scales per int8 group of the double quantization (QLoRA's), or a divisor: below
@@ -60,6 +62,25 @@ def is_nf4(t) -> bool:
 def dequantize(t: torch.Tensor) -> torch.Tensor:
     """An NF4 weight as a plain tensor of its dtype; any other tensor as it is."""
     return t.get_original_weight() if is_nf4(t) else t
+
+
+def gather_dequantized(t: torch.Tensor) -> torch.Tensor:
+    """The whole of an NF4 weight, dequantized. An FSDP2 shard (a DTensor) is all-gathered first, as its packed codes
+    and scales, through NF4Tensor's own FSDP2 hooks with plain synchronous all-gathers, as torchtune does: DTensor's
+    full_tensor() leaves the collectives of an NF4 tensor's parts unwaited (torch warns of them at exit)."""
+    if not isinstance(t, DTensor):
+        return dequantize(t)
+    local, mesh = t.to_local(), t.device_mesh
+    shard_mesh = mesh if mesh.ndim == 1 else mesh["dp_shard"]
+    parts, metadata = local.fsdp_pre_all_gather(shard_mesh)
+    group = shard_mesh.get_group()
+    gathered = []
+    for part in parts:
+        whole = part.new_empty((part.shape[0] * group.size(), *part.shape[1:]))
+        dist.all_gather_single(whole, part.contiguous(), group=group)
+        gathered.append(whole)
+    full, _ = local.fsdp_post_all_gather(tuple(gathered), metadata, local.dtype)
+    return dequantize(full)
 
 
 def scaler_block_size(n_blocks: int) -> int:
