@@ -163,6 +163,19 @@ def random_batch(n_rows=2, seq_len=24):
     return {"tokens": tokens, "positions": None, "cu_seqlens": cu_seqlens, "targets": targets}
 
 
+def plain_reference(model, value):
+    """Give `model`'s lora_B values (B = 0 would leave A's gradient zero), then return a plain (unsharded) LoRA model
+    holding value(p) of each of its parameters."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(0.0, 0.05)
+    reference = Transformer(ModelArgs.preset("tiny", **ARGS))
+    apply_lora(reference, LoraConfig(rank=4, alpha=8.0, dropout=0.0))
+    reference.load_state_dict({n: value(p) for n, p in model.named_parameters()})
+    return reference
+
+
 @pytest.mark.parametrize("mixed_precision, base_dtype", [("bf16", "auto"), ("fp32", "bfloat16")])
 def test_lora_keeps_the_frozen_base_in_bf16_and_the_adapters_in_fp32(mixed_precision, base_dtype):
     model = lora_run(mixed_precision, base_dtype)
@@ -177,13 +190,7 @@ def test_lora_step_on_a_bf16_base_matches_an_fp32_reference():
     """fp32 compute over a bf16-stored base (FSDP2 casts it per block) takes the step of a plain fp32 model holding
     the same (bf16-representable) weights: the storage dtype changes nothing but the bytes."""
     model = lora_run("fp32", "bfloat16")
-    with torch.no_grad():              # B = 0 would leave A's gradient zero: give both adapters a gradient
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_B.normal_(0.0, 0.05)
-    reference = Transformer(ModelArgs.preset("tiny", **ARGS))
-    apply_lora(reference, LoraConfig(rank=4, alpha=8.0, dropout=0.0))
-    reference.load_state_dict({n: full_tensor(p).float() for n, p in model.named_parameters()}, strict=False)
+    reference = plain_reference(model, lambda p: full_tensor(p).float())
     batch = random_batch()
     losses = [train_step(m, torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0), [batch],
                          dp_size=1, max_norm=0.0, device=CPU).loss for m in (model, reference)]
@@ -252,14 +259,7 @@ def test_qlora_gradients_equal_float64_ones_on_the_dequantized_base():
         f"layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                              "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
                                                              "mlp.down_proj"))
-    with torch.no_grad():              # B = 0 would leave A's gradient zero: give both adapters a gradient
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_B.normal_(0.0, 0.05)
-    reference = Transformer(ModelArgs.preset("tiny", **ARGS))
-    apply_lora(reference, LoraConfig(rank=4, alpha=8.0, dropout=0.0))
-    reference.load_state_dict({n: dequantize(p).double() for n, p in model.named_parameters()})
-    reference.double()
+    reference = plain_reference(model, lambda p: dequantize(p).double()).double()
     batch = random_batch()
     losses, grads = [], []
     for m in (model, reference):
