@@ -6,6 +6,7 @@ recomputed from the measured bytes.
 
     python bench/qlora.py                                   # CPU: 2 blocks at Mistral-7B width, and SmolLM2-135M
     python bench/qlora.py --shape small --seq-len 1024 --batch 4
+    python bench/qlora.py --libraries                       # NF4 itself: torchao against bitsandbytes
 
 Per variant: the frozen base's bytes, exactly, from its storage (NF4: codes, scales, factors), the adapted linears
 apart from the rest (embeddings, norms); the load's peak anonymous memory (sampled from /proc/self/status, net of
@@ -15,6 +16,10 @@ The variants alternate, `--repeats` runs each (the order flips every round), and
 its highest peak memory (bench/train.py's best_of): on a shared machine the best run is the least slowed by other
 work. Ratios are against the bf16-base LoRA variant; the issue's goals: frozen adapted weights <= 0.3x, tokens/s
 within 1.3x of it.
+
+`--libraries` times NF4 itself on one weight of Mistral-7B's q_proj shape in this process: quantize, dequantize and
+the round trip's error for torchao's NF4Tensor (ours) and bitsandbytes' quantize_4bit (a `missing` row when it is
+not installed), against a bf16 matmul of `--seq-len` tokens by the same weight.
 """
 import argparse
 import dataclasses
@@ -30,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import machine, print_table, write_results  # noqa: E402
+from bench.common import machine, print_table, time_fn, write_results  # noqa: E402
 from bench.train import best_of, fill_weights, make_batches, peak_rss_gib  # noqa: E402
 from cancerllm import ModelArgs, Transformer  # noqa: E402
 from cancerllm.train.config import LoraConfig  # noqa: E402
@@ -179,6 +184,34 @@ def mistral_7b_estimate(rows: list[dict]) -> dict:
     return out
 
 
+def nf4_libraries(seq_len: int) -> list[dict]:
+    """torchao's and bitsandbytes' NF4 (blocks of 64, double-quantized scales) on one 4096 x 4096 bf16 weight."""
+    from cancerllm.train.nf4 import BLOCK_SIZE, dequantize, quantize
+    weight = torch.randn(4096, 4096).bfloat16()
+    x = torch.randn(seq_len, 4096).bfloat16()
+    matmul_ms = time_fn(lambda: torch.nn.functional.linear(x, weight), warmup=1, reps=5, best=True)
+
+    def row(library, quantize_fn, dequantize_fn):
+        packed = quantize_fn()
+        restored = dequantize_fn(packed).float()
+        dequantize_ms = time_fn(lambda: dequantize_fn(packed), warmup=1, reps=5, best=True)
+        error = torch.linalg.norm(restored - weight.float()) / torch.linalg.norm(weight.float())
+        return {"library": library, "quantize_ms": time_fn(quantize_fn, warmup=0, reps=2, best=True),
+                "dequantize_ms": dequantize_ms, "matmul_ms": matmul_ms,
+                "dequantize_per_matmul": dequantize_ms / matmul_ms, "round_trip_error": float(error)}
+    rows = [row("torchao", lambda: quantize(weight, "weight"), lambda q: dequantize(q))]
+    try:
+        import bitsandbytes.functional as bnb
+    except ImportError as e:
+        rows.append({"library": "bitsandbytes", "status": "missing", "error": str(e)[:120]})
+    else:
+        rows.append(row("bitsandbytes", lambda: bnb.quantize_4bit(weight, blocksize=BLOCK_SIZE, quant_type="nf4",
+                                                                    compress_statistics=True),
+                        lambda q: bnb.dequantize_4bit(q[0], q[1], quant_type="nf4")))
+        rows[-1]["dequantize_speedup_vs_torchao"] = rows[0]["dequantize_ms"] / rows[-1]["dequantize_ms"]
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", nargs="+", choices=sorted(SHAPES), default=["mistral-7b-2", "smollm2-135m"])
@@ -190,11 +223,19 @@ def main():
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3, help="runs per variant, alternating")
+    parser.add_argument("--libraries", action="store_true", help="time NF4 itself: torchao against bitsandbytes")
     parser.add_argument("--variant", choices=list(VARIANTS), help=argparse.SUPPRESS)    # child process
     parser.add_argument("--base", type=Path, help=argparse.SUPPRESS)
     a = parser.parse_args()
     if a.variant:
         print(json.dumps(measure(a.variant, a.base, a)))
+        return
+    if a.libraries:
+        rows = nf4_libraries(a.seq_len)
+        print(json.dumps({**machine(), "threads": torch.get_num_threads()}))
+        print_table(rows, ["library", "quantize_ms", "dequantize_ms", "matmul_ms", "dequantize_per_matmul",
+                           "dequantize_speedup_vs_torchao", "round_trip_error", "status", "error"])
+        print(f"results: {write_results('qlora-libraries', rows, seq_len=a.seq_len)}")
         return
     rows, estimate = [], None
     with tempfile.TemporaryDirectory() as tmp:

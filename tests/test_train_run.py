@@ -420,8 +420,8 @@ def qlora_run(tmp_path_factory, shards):
     Transformer(ModelArgs.preset("tiny", **QLORA_BASE)).save_pretrained(root / "base", dtype=torch.float32)
     run = root / "run"
     config = root / "qlora.toml"
-    config.write_text(TINY.format(shards=shards, run=run).replace("[model]\n", f'[model]\ninit_from = "{root / "base"}"\n')
-                      + QLORA)
+    model_section = f'[model]\ninit_from = "{root / "base"}"\n'
+    config.write_text(TINY.format(shards=shards, run=run).replace("[model]\n", model_section) + QLORA)
     return config, run, root / "base", run_train(config).stdout
 
 
@@ -440,7 +440,8 @@ def test_qlora_under_fsdp_shards_nf4_checkpoints_adapters_and_exports_them_merge
     assert "model.layers.0.self_attn.q_proj.lora_A" in saved and "model.embed_tokens.weight" in saved
     assert not any(key.startswith("model.layers.") and key.endswith("proj.weight") for key in saved)
     base = load_file(base_dir / "model.safetensors")
-    adapted = {name: dequantize(quantize(weight, name)) for name, weight in base.items() if name.endswith("proj.weight")}
+    adapted = {name: dequantize(quantize(weight, name)) for name, weight in base.items()
+               if name.endswith("proj.weight")}
     assert merged_export_adapted(base | adapted, run, scale=8.0 / 4) == 2 * 7 == len(adapted)
 
 

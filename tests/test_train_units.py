@@ -307,7 +307,8 @@ def test_qlora_from_a_checkpoint_quantizes_each_weight_as_it_is_read(tmp_path, m
     monkeypatch.setattr(checkpoint, "iter_tensors", reading)
     monkeypatch.setattr(build, "quantize", quantizing)
     cfg = Config(model=ModelConfig(init_from=str(tmp_path / "base")),
-                 lora=LoraConfig(enabled=True, rank=4, quantize_base="nf4"), parallel=ParallelConfig(mixed_precision="fp32"))
+                 lora=LoraConfig(enabled=True, rank=4, quantize_base="nf4"),
+                 parallel=ParallelConfig(mixed_precision="fp32"))
     _, model = build_model(cfg, ONE_RANK, build_mesh(cfg.parallel, 1, CPU))
     quantized = [i for i, (kind, _) in enumerate(events) if kind == "quantize"]
     assert len(quantized) == 2 * 7 and len(list((tmp_path / "base").glob("model-*.safetensors"))) > 3

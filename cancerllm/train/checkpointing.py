@@ -8,9 +8,9 @@ checkpoints pruned: a run killed mid-write leaves the previous checkpoint and `l
 directory is removed by the next run.
 
 One checkpoint holds the model (with a quantized base, all of it but the NF4 weights: a resumed run quantizes them
-again from model.init_from, or from the seed, as deterministically as the first time), the optimizer's moments and per rank the RNG state (DCP tensors), `progress.json`
-(step, scheduler, guard, world size, and the settings a resumed run must share) and per rank `loader_rank{r}.json`,
-so a resumed run continues the same trajectory.
+again from model.init_from, or from the seed, as deterministically as the first time), the optimizer's moments and
+per rank the RNG state (DCP tensors), `progress.json` (step, scheduler, guard, world size, and the settings a resumed
+run must share) and per rank `loader_rank{r}.json`, so a resumed run continues the same trajectory.
 
 Resuming never executes anything from the checkpoint directory: DCP's `.metadata` is a pickle, read here through an
 allow-list of the classes DCP writes for tensors (a crafted file raises CheckpointError instead of running code),

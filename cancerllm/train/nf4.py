@@ -6,8 +6,9 @@ quantized to int8 in groups (double quantization), about 4.13 bits per weight in
 its dtype inside each linear (forward and backward), so it is never trained: only the adapters beside it are.
 
 torchao's NF4Tensor shards under FSDP2 (its fsdp_pre/post_all_gather hooks gather the packed codes and scales, not
-a dequantized copy), on NCCL and on gloo alike. Sharding splits the codes by rows, so each rank's share must hold
-whole rows and whole groups of scales: `check_shardable` names the weight that does not.
+a dequantized copy): tested here over gloo, and torchtune's QLoRA runs it over NCCL. Sharding splits the codes by
+rows, so each rank's share must hold whole rows and whole groups of scales: `check_shardable` names the weight that
+does not.
 """
 import contextlib
 import importlib
@@ -21,7 +22,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 BLOCK_SIZE = 64                # weights per absmax scale (QLoRA's)
-SCALER_BLOCK_SIZE = 256        # scales per int8 group of the double quantization (QLoRA's), or a divisor: below
+SCALER_BLOCK_SIZE = 256        # scales per int8 group of the double quantization (QLoRA's); see scaler_block_size
 NF4_MODULE = "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"
 TORCHAO_VERSION = "0.18.0"
 
@@ -54,7 +55,7 @@ def quiet_loggers(*names):
 
 
 def is_nf4(t) -> bool:
-    """Whether `t` (a plain tensor or a DTensor's local shard) is an NF4Tensor. Without torchao imported, none is."""
+    """Whether `t` (a tensor, or a DTensor by its local shard) is an NF4Tensor. Without torchao imported, none is."""
     module = sys.modules.get(NF4_MODULE)
     return module is not None and isinstance(getattr(t, "_local_tensor", t), module.NF4Tensor)
 
