@@ -13,7 +13,7 @@ $(STAMP): requirements.txt requirements-dev.txt setup.py pyproject.toml $(wildca
 	# The C++ extension builds inside .venv, not in pip's isolated environment (so does csrc/README.md's rebuild),
 	# with the tools pyproject.toml's [build-system] names.
 	$(PY) -m pip install -q $$($(PY) -c "$(PRINT_BUILD_REQUIRES)")
-	# The package editable with its dependencies and `tasks` extra (pyproject.toml), and the test tools.
+	# The package editable with its dependencies and `tasks` and `qlora` extras (pyproject.toml), and the test tools.
 	$(PY) -m pip install -q --no-build-isolation -r requirements-dev.txt
 	# Mistral's real v1 tokenizer.model ships in this wheel; --no-deps keeps its numpy/torch pins out.
 	$(PY) -m pip install -q --no-deps mistral-common

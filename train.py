@@ -97,7 +97,8 @@ def train(cfg, tokenizer, d, stop: StopSignal):
               f"({trainable / total:.2%}); AdamW state {2 * 4 * trainable / 2**20:,.1f} MiB in all; "
               f"{d.world_size} rank(s) on {d.device.type}, mesh {mesh.shape}")
 
-    checkpointer = Checkpointer(run_dir, d, keep=cfg.checkpoint.keep, settings=run_settings(args, cfg.lora))
+    checkpointer = Checkpointer(run_dir, d, keep=cfg.checkpoint.keep,
+                                settings=run_settings(args, cfg.lora, cfg.model.init_from))
     start = 0
     latest = checkpointer.latest() if cfg.checkpoint.resume != "never" else None
     if cfg.checkpoint.resume == "always" and latest is None:

@@ -199,8 +199,10 @@ def iter_tensors(files: dict):
             raise ValueError(f"{f}: unreadable safetensors file ({e})") from None
 
 
-def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
-    """Build a Transformer from a Hugging Face Mistral or Llama directory, in `dtype` (default: the stored one)."""
+def load_pretrained(path, *, device="cpu", dtype=None, convert=None) -> Transformer:
+    """Build a Transformer from a Hugging Face Mistral or Llama directory, in `dtype` (default: the stored one).
+    `convert(name, tensor)`, when given, replaces each tensor as soon as it is read (e.g. quantizes it), so that only
+    one tensor of the file is ever held in `dtype` at a time."""
     directory = Path(path)
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: checkpoint directory not found")
@@ -229,6 +231,8 @@ def load_pretrained(path, *, device="cpu", dtype=None) -> Transformer:
             not_float.append(f"{name}: {tensor.dtype}")
         else:
             state[key] = tensor.to(device=device, dtype=dtype)
+            if convert is not None:
+                state[key] = convert(key, state[key])
     missing = sorted(HF_PREFIX * (k != HEAD) + k for k in expected.keys() - state.keys())
     problems = [f"missing: {', '.join(missing)}"] * bool(missing) + \
                [f"unexpected: {', '.join(unexpected)}"] * bool(unexpected) + \

@@ -220,6 +220,30 @@ def test_export_loads_in_transformers_with_the_same_logits(full_run):
         torch.testing.assert_close(ours(tokens), theirs(tokens).logits, rtol=1e-4, atol=1e-4)
 
 
+def merged_export_adapted(base: dict, run: Path, *, scale: float) -> int:
+    """Check a LoRA run's fp32 export against the `base` weights it trained on: each adapted weight is the base's
+    plus scale * B A from the PEFT adapters beside it (trained: B not zero), every other weight the base's bit for
+    bit. Returns how many weights were adapted."""
+    from safetensors.torch import load_file
+    merged = load_file(run / "export/model.safetensors")
+    adapters = load_file(run / "export-adapters/adapter_model.safetensors")
+    assert merged.keys() == base.keys()
+    adapted = 0
+    for name, weight in base.items():
+        module = name[len("model."):-len(".weight")] if name.startswith("model.") else None
+        a_key = f"base_model.model.model.{module}.lora_A.weight"
+        if a_key in adapters:
+            b = adapters[a_key.replace("lora_A", "lora_B")]
+            assert b.abs().max() > 0, f"{name}: lora_B never trained"
+            assert b.dtype == adapters[a_key].dtype == torch.float32
+            expected = weight + scale * b @ adapters[a_key]
+            torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
+            adapted += 1
+        else:      # embeddings, norms, the output head: frozen, bit for bit
+            assert torch.equal(merged[name], weight), f"{name} changed under LoRA"
+    return adapted
+
+
 @pytest.mark.parametrize("mixed_precision", ["fp32", "bf16"])
 def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, tmp_path, mixed_precision):
     """With bf16 compute the frozen base is stored in bf16 (lora.base_dtype = "auto") beside fp32 adapters in the
@@ -235,23 +259,7 @@ def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, t
     base = load_file(base_run / "export/model.safetensors")
     if mixed_precision == "bf16":
         base = {name: weight.bfloat16().float() for name, weight in base.items()}
-    merged = load_file(run / "export/model.safetensors")
-    adapters = load_file(run / "export-adapters/adapter_model.safetensors")
-    assert merged.keys() == base.keys()
-    adapted = 0
-    for name, weight in base.items():
-        module = name[len("model."):-len(".weight")] if name.startswith("model.") else None
-        a_key = f"base_model.model.model.{module}.lora_A.weight"
-        if a_key in adapters:
-            b = adapters[a_key.replace("lora_A", "lora_B")]
-            assert b.abs().max() > 0, f"{name}: lora_B never trained"
-            assert b.dtype == adapters[a_key].dtype == torch.float32
-            expected = weight + (8.0 / 4) * b @ adapters[a_key]
-            torch.testing.assert_close(merged[name], expected, rtol=0, atol=1e-6)
-            adapted += 1
-        else:      # embeddings, norms, the output head: frozen, bit for bit
-            assert torch.equal(merged[name], weight), f"{name} changed under LoRA"
-    assert adapted == 2 * 7
+    assert merged_export_adapted(base, run, scale=8.0 / 4) == 2 * 7
     assert "trainable" in proc.stdout and "optimizer state" in proc.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
 
@@ -388,3 +396,65 @@ def test_lora_from_a_tied_export_keeps_the_embedding_one_tensor(tied_llama_run, 
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            base["model.layers.0.self_attn.q_proj.weight"])
     assert json.loads((run / "export/config.json").read_text())["tie_word_embeddings"] is True
+
+
+# ---------------------------------------------------------------------------------------------- QLoRA
+
+# Wide enough that every NF4 weight holds an even number of groups of 256 scales: FSDP2 splits them over 2 ranks.
+QLORA_BASE = dict(dim=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=64, hidden_dim=512, vocab_size=32000)
+QLORA = """
+[lora]
+enabled = true
+rank = 4
+alpha = 8.0
+quantize_base = "nf4"
+"""
+
+
+@pytest.fixture(scope="module")
+def qlora_run(tmp_path_factory, shards):
+    """The tiny run's data and schedule as a QLoRA run on 2 ranks over a random Hugging Face base (fp32 files)."""
+    from cancerllm import ModelArgs, Transformer
+    root = tmp_path_factory.mktemp("qlora")
+    torch.manual_seed(0)
+    Transformer(ModelArgs.preset("tiny", **QLORA_BASE)).save_pretrained(root / "base", dtype=torch.float32)
+    run = root / "run"
+    config = root / "qlora.toml"
+    model_section = f'[model]\ninit_from = "{root / "base"}"\n'
+    config.write_text(TINY.format(shards=shards, run=run).replace("[model]\n", model_section) + QLORA)
+    return config, run, root / "base", run_train(config).stdout
+
+
+def test_qlora_under_fsdp_shards_nf4_checkpoints_adapters_and_exports_them_merged(qlora_run):
+    """Two ranks shard the NF4 base; checkpoints leave it out; the export is the dequantized base plus the update."""
+    from safetensors.torch import load_file
+    from cancerllm.train.checkpointing import read_metadata
+    from cancerllm.train.nf4 import dequantize, quantize
+    config, run, base_dir, output = qlora_run
+    assert "trainable" in output and "mesh (2,)" in output
+    losses = records(run)
+    assert sorted(losses) == list(range(1, 9)) and all(np.isfinite(list(losses.values())))
+    val = records(run, "val_loss")
+    assert val[8] < val[4] - 0.05, val                 # the adapters learn over a frozen NF4 base
+    saved = read_metadata(run / "checkpoints/step-00000008").state_dict_metadata.keys()
+    assert "model.layers.0.self_attn.q_proj.lora_A" in saved and "model.embed_tokens.weight" in saved
+    assert not any(key.startswith("model.layers.") and key.endswith("proj.weight") for key in saved)
+    base = load_file(base_dir / "model.safetensors")
+    adapted = {name: dequantize(quantize(weight, name)) for name, weight in base.items()
+               if name.endswith("proj.weight")}
+    assert merged_export_adapted(base | adapted, run, scale=8.0 / 4) == 2 * 7 == len(adapted)
+
+
+def test_qlora_resumes_bitwise_and_refuses_a_base_that_is_not_quantized(qlora_run, tmp_path):
+    config, run, _, _ = qlora_run
+    resumed = tmp_path / "run"
+    shutil.copytree(run, resumed)
+    shutil.rmtree(resumed / "checkpoints/step-00000008")
+    (resumed / "checkpoints/latest").write_text("step-00000004\n")
+    (tmp_path / "qlora.toml").write_text(config.read_text().replace(str(run), str(resumed)))
+    proc = run_train(tmp_path / "qlora.toml", "--set", "lora.quantize_base=none", check=False)
+    assert proc.returncode == 1 and "lora.quantize_base = 'nf4' there, 'none' now" in proc.stderr, proc.stderr[-2000:]
+    proc = run_train(tmp_path / "qlora.toml", "--set", "checkpoint.export=false")
+    assert "(step 4)" in proc.stdout
+    assert records(resumed) == records(run)
+    assert records(resumed, "val_loss") == records(run, "val_loss")

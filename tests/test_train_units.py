@@ -16,10 +16,11 @@ from cancerllm.train.checkpointing import Checkpointer
 from cancerllm.train.config import (Config, ConfigError, DataConfig, LoraConfig, ModelConfig, OptimConfig,
                                     ParallelConfig, load_config)
 from cancerllm.train.lora import LoRALinear, apply_lora, merge_state_dict
+from cancerllm.train.nf4 import BLOCK_SIZE, check_shardable, dequantize, is_nf4, quantize
 from cancerllm.train.optim import build_optimizer, build_scheduler, lr_factor
 from cancerllm.train.parallel import Dist, build_mesh, full_tensor, parallelize
 from cancerllm.kernels import IGNORE_INDEX
-from cancerllm.train.step import NonFiniteGuard, example_weights, to_device, train_step
+from cancerllm.train.step import NonFiniteGuard, example_weights, micro_batch_loss, to_device, train_step
 
 ARGS = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64, vocab_size=256)
 CPU = torch.device("cpu")
@@ -83,6 +84,8 @@ def write_config(tmp_path, text):
     ("", ["train.seed=1180591620717411303424"], "train.seed = 1180591620717411303424 does not fit in 64 bits"),
     ("", ["model.overrides.norm_eps=-1e-5"], "norm_eps must be a positive finite number"),
     ("", ["model.overrides.rope_theta=inf"], "model.overrides.rope_theta must be a finite number"),
+    ("", ["lora.quantize_base=nf4"], "lora.quantize_base = 'nf4' needs lora.enabled = true"),
+    ("", ["lora.enabled=true", "lora.quantize_base=int4"], "lora.quantize_base must be one of none, nf4"),
 ])
 def test_bad_config_is_refused_naming_file_and_key(tmp_path, text, overrides, message):
     path = write_config(tmp_path, text)
@@ -144,9 +147,10 @@ def test_lora_optimizer_holds_only_adapters_and_merge_adds_the_update():
     torch.testing.assert_close(merged, state["w.weight"].float() + 2.0 * state["w.lora_B"] @ state["w.lora_A"])
 
 
-def lora_run(mixed_precision: str, base_dtype: str = "auto"):
-    cfg = Config(model=ModelConfig(preset="tiny", overrides=ARGS),
-                 lora=LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0, base_dtype=base_dtype),
+def lora_run(mixed_precision: str, base_dtype: str = "auto", quantize_base: str = "none", args=ARGS):
+    cfg = Config(model=ModelConfig(preset="tiny", overrides=args),
+                 lora=LoraConfig(enabled=True, rank=4, alpha=8.0, dropout=0.0, base_dtype=base_dtype,
+                                 quantize_base=quantize_base),
                  parallel=ParallelConfig(mixed_precision=mixed_precision))
     _, model = build_model(cfg, Dist(0, 0, 1, CPU), build_mesh(cfg.parallel, 1, CPU))
     return model
@@ -157,6 +161,19 @@ def random_batch(n_rows=2, seq_len=24):
     cu_seqlens = torch.tensor([0, 7, 24, 40, 48], dtype=torch.int32)
     targets = tokens.roll(-1, dims=1).masked_fill(torch.rand(n_rows, seq_len) < 0.3, IGNORE_INDEX)
     return {"tokens": tokens, "positions": None, "cu_seqlens": cu_seqlens, "targets": targets}
+
+
+def plain_reference(model, value):
+    """Give `model`'s lora_B values (B = 0 would leave A's gradient zero), then return a plain (unsharded) LoRA model
+    holding value(p) of each of its parameters."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_B.normal_(0.0, 0.05)
+    reference = Transformer(ModelArgs.preset("tiny", **ARGS))
+    apply_lora(reference, LoraConfig(rank=4, alpha=8.0, dropout=0.0))
+    reference.load_state_dict({n: value(p) for n, p in model.named_parameters()})
+    return reference
 
 
 @pytest.mark.parametrize("mixed_precision, base_dtype", [("bf16", "auto"), ("fp32", "bfloat16")])
@@ -173,13 +190,7 @@ def test_lora_step_on_a_bf16_base_matches_an_fp32_reference():
     """fp32 compute over a bf16-stored base (FSDP2 casts it per block) takes the step of a plain fp32 model holding
     the same (bf16-representable) weights: the storage dtype changes nothing but the bytes."""
     model = lora_run("fp32", "bfloat16")
-    with torch.no_grad():              # B = 0 would leave A's gradient zero: give both adapters a gradient
-        for module in model.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_B.normal_(0.0, 0.05)
-    reference = Transformer(ModelArgs.preset("tiny", **ARGS))
-    apply_lora(reference, LoraConfig(rank=4, alpha=8.0, dropout=0.0))
-    reference.load_state_dict({n: full_tensor(p).float() for n, p in model.named_parameters()}, strict=False)
+    reference = plain_reference(model, lambda p: full_tensor(p).float())
     batch = random_batch()
     losses = [train_step(m, torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=1.0), [batch],
                          dp_size=1, max_norm=0.0, device=CPU).loss for m in (model, reference)]
@@ -191,12 +202,123 @@ def test_lora_step_on_a_bf16_base_matches_an_fp32_reference():
             assert error < 1e-6 and (full_tensor(p) - updated[name]).abs().max() < 1e-6, name
 
 
-def test_lora_on_a_bf16_base_with_bf16_compute_lowers_the_loss():
-    model = lora_run("bf16")
+@pytest.mark.parametrize("quantize_base", ["none", "nf4"])
+def test_lora_on_a_bf16_base_with_bf16_compute_lowers_the_loss(quantize_base):
+    model = lora_run("bf16", quantize_base=quantize_base)
     optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.0))
     batch = random_batch()
     losses = [train_step(model, optimizer, [batch], dp_size=1, max_norm=1.0, device=CPU).loss for _ in range(6)]
     assert losses[-1] < losses[0] - 0.05, losses
+
+
+# ---------------------------------------------------------------------------------------------- QLoRA (NF4 base)
+
+def nf4_levels_float64() -> torch.Tensor:
+    """QLoRA's 16 NF4 levels from their definition (bitsandbytes' create_normal_map): 8 positive and 7 negative
+    quantiles of N(0, 1), from the 0.5 quantile out to the 0.9677083 one, and an exact 0; scaled to [-1, 1]."""
+    offset = 0.9677083
+    positive = torch.special.ndtri(torch.linspace(offset, 0.5, 9, dtype=torch.float64)[:-1])
+    negative = -torch.special.ndtri(torch.linspace(offset, 0.5, 8, dtype=torch.float64)[:-1])
+    levels = torch.cat([positive, torch.zeros(1, dtype=torch.float64), negative]).sort().values
+    return levels / levels.max()
+
+
+def float64_nf4_round_trip(w: torch.Tensor, levels: torch.Tensor):
+    """Block-wise absmax NF4 in float64, with exact scales (no double quantization): each value -> nearest level."""
+    blocks = w.double().reshape(-1, BLOCK_SIZE)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    nearest = (blocks / absmax).unsqueeze(-1).sub(levels).abs().argmin(-1)
+    return (levels[nearest] * absmax).reshape(w.shape), absmax.expand(-1, BLOCK_SIZE).reshape(w.shape)
+
+
+@pytest.mark.parametrize("scale", [0.02, 1.0, 300.0])
+def test_nf4_round_trip_matches_a_float64_reference_of_the_codebook(scale):
+    levels = nf4_levels_float64()
+    w = torch.randn(256, 512) * scale * torch.rand(256, 1)      # rows of different magnitudes: scales that differ
+    nf4 = quantize(w, "w")
+    assert (nf4.nf4.double() - levels).abs().max() <= 5.1e-5      # torchao's levels: these to 4 decimals
+    ours = dequantize(nf4).double()
+    reference, absmax = float64_nf4_round_trip(w, levels)
+    w64 = w.double()
+    error, reference_error = (float(torch.linalg.norm(x - w64) / torch.linalg.norm(w64)) for x in (ours, reference))
+    assert 0.05 < reference_error < 0.15 and error <= 1.01 * reference_error
+    assert torch.linalg.norm(ours - reference) / torch.linalg.norm(reference) < 0.01
+    # Per value: a double-quantized scale is off by at most half an int8 step of the scales' spread around their
+    # mean (1/256 of it), and a level by its rounding. Only values that close to a midpoint between two levels may
+    # round to the other one.
+    spread = (absmax - absmax.mean()).abs().max()
+    bound = spread / 256 + (5.1e-5 + 1e-6) * absmax
+    assert ((ours - reference).abs() > bound).double().mean() < 1e-3
+
+
+def test_qlora_gradients_equal_float64_ones_on_the_dequantized_base():
+    """The NF4 base (fp32 compute) gives the loss and adapter gradients of a float64 model holding its dequantized
+    weights, backward included (LinearNF4 dequantizes again there)."""
+    model = lora_run("fp32", quantize_base="nf4")
+    assert sorted(n for n, p in model.named_parameters() if is_nf4(p)) == sorted(
+        f"layers.{i}.{m}.weight" for i in range(2) for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                             "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj",
+                                                             "mlp.down_proj"))
+    reference = plain_reference(model, lambda p: dequantize(p).double()).double()
+    batch = random_batch()
+    losses, grads = [], []
+    for m in (model, reference):
+        loss = micro_batch_loss(m, batch)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({n: p.grad.double() for n, p in m.named_parameters() if p.requires_grad})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 7 * 2
+    for name, expected in grads[1].items():
+        error = grads[0][name] - expected
+        assert torch.linalg.norm(error) / torch.linalg.norm(expected) < 1e-5, name
+        assert error.abs().max() < 1e-5 * expected.abs().max(), name
+
+
+def test_qlora_refuses_weights_that_are_not_whole_nf4_blocks_or_shards():
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.q_proj.weight has shape \(32, 33\), whose 1,056 values "
+                                         "are not a multiple of the NF4 block size 64"):
+        lora_run("fp32", quantize_base="nf4", args=ARGS | {"dim": 33})
+    model = lora_run("fp32", quantize_base="nf4")
+    check_shardable(model, 1)
+    with pytest.raises(ValueError, match=r"layers.0.self_attn.q_proj.weight \(32 rows, 1 groups of scales\) cannot "
+                                         "be split evenly over 2 FSDP ranks"):
+        check_shardable(model, 2)
+
+
+def test_qlora_from_a_checkpoint_quantizes_each_weight_as_it_is_read(tmp_path, monkeypatch):
+    """model.init_from: each adapted weight is quantized right after it is read, before the next one is read (so
+    only one is ever held unquantized), to exactly what quantizing the stored weight gives; the rest is as stored."""
+    from cancerllm import checkpoint
+    from cancerllm.train import build
+    torch.manual_seed(1)
+    Transformer(ModelArgs.preset("tiny", **ARGS)).save_pretrained(tmp_path / "base", max_shard_size="40KB")
+    events = []
+    iter_tensors, quantize_weight = checkpoint.iter_tensors, build.quantize
+
+    def reading(files):
+        for item in iter_tensors(files):
+            events.append(("read", item[1]))
+            yield item
+
+    def quantizing(weight, name):
+        events.append(("quantize", "model." + name))
+        return quantize_weight(weight, name)
+    monkeypatch.setattr(checkpoint, "iter_tensors", reading)
+    monkeypatch.setattr(build, "quantize", quantizing)
+    cfg = Config(model=ModelConfig(init_from=str(tmp_path / "base")),
+                 lora=LoraConfig(enabled=True, rank=4, quantize_base="nf4"),
+                 parallel=ParallelConfig(mixed_precision="fp32"))
+    _, model = build_model(cfg, ONE_RANK, build_mesh(cfg.parallel, 1, CPU))
+    quantized = [i for i, (kind, _) in enumerate(events) if kind == "quantize"]
+    assert len(quantized) == 2 * 7 and len(list((tmp_path / "base").glob("model-*.safetensors"))) > 3
+    assert all(events[i - 1] == ("read", events[i][1]) for i in quantized)
+    stored = Transformer.from_pretrained(tmp_path / "base").state_dict()
+    for name, p in model.named_parameters():
+        if is_nf4(p):
+            assert torch.equal(dequantize(p), dequantize(quantize(stored[name], name))), name
+        elif not p.requires_grad:
+            assert torch.equal(p, stored[name]), name
 
 
 # ---------------------------------------------------------------------------------------------- SFT and the loss
@@ -351,7 +473,7 @@ def test_checkpoint_interrupted_mid_write_leaves_the_previous_one_loadable(tmp_p
 
 
 @pytest.mark.parametrize("name", ["cpu-small", "cpu-small-sft", "smollm2-cpt", "smollm2-sft", "mistral-7b-pretrain",
-                                  "mistral-7b-sft", "mistral-7b-lora-sft"])
+                                  "mistral-7b-sft", "mistral-7b-lora-sft", "mistral-7b-qlora-sft"])
 def test_shipped_configs_pass_the_schema(name):
     from pathlib import Path
     cfg = load_config(Path(__file__).resolve().parents[1] / "configs" / f"{name}.toml")

@@ -8,13 +8,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..checkpoint import CONFIG, DTYPES, read_config
+from ..checkpoint import CONFIG, DTYPES, load_pretrained, read_config
 from ..data import PackedLoader, ShardError, read_shard
 from ..model import ModelArgs, Transformer
 from ..tokenizer import open_tokenizer
 from .checkpointing import load_full_weights
 from .config import Config, DataConfig
-from .lora import apply_lora, reset_adapters, store_frozen_in
+from .lora import apply_lora, is_target, reset_adapters, store_frozen_in
+from .nf4 import check_shardable, quantize, quantize_lora_bases
 from .parallel import Dist, param_dtype, parallelize
 
 
@@ -26,6 +27,7 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
     weights do not depend on the world size. On GPU, and whenever weights come from a checkpoint, the model is
     created on the meta device, sharded, and only then materialised: no rank ever holds a full fp32 copy on GPU.
     With LoRA the frozen base is stored in lora.base_dtype (the checkpoint is read in it too); the adapters are fp32.
+    A quantized base (QLoRA) is built whole on every rank instead, then sharded: `build_quantized`.
     """
     args = (read_pretrained_args(cfg.model.init_from) if cfg.model.init_from
             else ModelArgs.preset(cfg.model.preset, **cfg.model.overrides))
@@ -33,6 +35,10 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
     # data, and a mismatch found now costs no weights built.
     check_data(cfg.data, args.vocab_size)
     torch.manual_seed(cfg.train.seed)
+    if cfg.lora.quantize_base != "none":
+        model = build_quantized(cfg, args, d)
+        check_shardable(model, mesh.size())
+        return args, parallelize(model, mesh, cfg.parallel, d.device)
     on_meta = d.device.type == "cuda" or cfg.model.init_from is not None
     with torch.device("meta" if on_meta else "cpu"):
         model = Transformer(args)
@@ -54,6 +60,25 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
         if cfg.lora.enabled:
             reset_adapters(model)
     return args, model
+
+
+def build_quantized(cfg: Config, args: ModelArgs, d: Dist) -> Transformer:
+    """The unsharded model with its LoRA-adapted weights in NF4, on every rank (the same on each: quantizing is
+    deterministic). From a checkpoint, every rank reads the files itself and quantizes each adapted weight as soon
+    as it is read: no rank holds more than one unquantized weight at a time, nor needs rank 0 to send it any.
+    A random init (tests, benchmarks) is the CPU path's: the whole model built in fp32, then quantized."""
+    base_dtype = lora_base_dtype(cfg, d.device)
+    if cfg.model.init_from:
+        def quantize_targets(name, tensor):
+            return quantize(tensor, name) if is_target(name.removesuffix(".weight"), cfg.lora) else tensor
+        model = load_pretrained(cfg.model.init_from, device=d.device, dtype=base_dtype, convert=quantize_targets)
+    else:
+        with torch.device(d.device):
+            model = Transformer(args)
+    apply_lora(model, cfg.lora)
+    store_frozen_in(model, base_dtype)
+    quantize_lora_bases(model)
+    return model
 
 
 def lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:

@@ -7,9 +7,10 @@ and SHA-256) last, renamed once every rank has finished, and only then is `lates
 checkpoints pruned: a run killed mid-write leaves the previous checkpoint and `latest` intact, and the stale `.tmp`
 directory is removed by the next run.
 
-One checkpoint holds the model, the optimizer's moments and per rank the RNG state (DCP tensors), `progress.json`
-(step, scheduler, guard, world size, and the settings a resumed run must share) and per rank `loader_rank{r}.json`,
-so a resumed run continues the same trajectory.
+One checkpoint holds the model (with a quantized base, all of it but the NF4 weights: a resumed run quantizes them
+again from model.init_from, or from the seed, as deterministically as the first time), the optimizer's moments and
+per rank the RNG state (DCP tensors), `progress.json` (step, scheduler, guard, world size, and the settings a resumed
+run must share) and per rank `loader_rank{r}.json`, so a resumed run continues the same trajectory.
 
 Resuming never executes anything from the checkpoint directory: DCP's `.metadata` is a pickle, read here through an
 allow-list of the classes DCP writes for tensors (a crafted file raises CheckpointError instead of running code),
@@ -38,8 +39,9 @@ from torch.distributed.tensor import DTensor
 
 from ..checkpoint import DTYPES, plain_file_name, save_state_dict
 from .lora import merge_state_dict, save_adapters
+from .nf4 import gather_dequantized, is_nf4
 from .optim import resume_schedule
-from .parallel import Dist, all_reduce_sum
+from .parallel import Dist, all_reduce_sum, full_tensor
 
 LATEST = "latest"
 MANIFEST = "manifest.json"
@@ -60,16 +62,20 @@ def step_name(step: int) -> str:
 # which only names the architecture in an export's config.json (a Llama is a Mistral without a window).
 NAMING_FIELDS = ("attn_backend", "family")
 # Settings that checkpoints written before they existed lack, with the value those checkpoints were written with.
-LATER_SETTINGS = {"model.tie_word_embeddings": False}
+LATER_SETTINGS = {"model.tie_word_embeddings": False, "lora.quantize_base": "none"}
 
 
-def run_settings(args, lora) -> dict:
-    """What a resumed run must share with the run that wrote the checkpoint: the model's shape and the LoRA
-    adapters' (config names). The rest (lr, steps, data, batch size, world size) may change on resume."""
+def run_settings(args, lora, init_from=None) -> dict:
+    """What a resumed run must share with the run that wrote the checkpoint: the model's shape, the LoRA
+    adapters' (config names) and whether the base is quantized; a quantized base, which the checkpoint does not hold,
+    must come from the same model.init_from. The rest (lr, steps, data, batch size, world size) may change on resume."""
     settings = {f"model.{key}": value for key, value in args.to_dict().items() if key not in NAMING_FIELDS}
     settings["lora.enabled"] = lora.enabled
     if lora.enabled:
-        settings.update({"lora.rank": lora.rank, "lora.targets": list(lora.targets)})
+        settings.update({"lora.rank": lora.rank, "lora.targets": list(lora.targets),
+                         "lora.quantize_base": lora.quantize_base})
+        if lora.quantize_base != "none":
+            settings["model.init_from"] = init_from
     return settings
 
 
@@ -126,6 +132,18 @@ class SafeReader(FileSystemReader):
 
 
 # ---------------------------------------------------------------------------------------------- state
+
+def model_state(model) -> dict:
+    """The model's tensors a checkpoint holds: all but the NF4 weights (frozen, and rebuilt by quantizing the base
+    again on resume; DCP cannot write them)."""
+    return {name: t for name, t in get_model_state_dict(model).items() if not is_nf4(t)}
+
+
+def set_model_state(model, state: dict):
+    """Load `model_state`'s tensors; the NF4 weights it leaves out keep the values the model was built with."""
+    quantized = any(is_nf4(p) for p in model.parameters())
+    set_model_state_dict(model, state, options=StateDictOptions(strict=not quantized))
+
 
 def rng_states(rank: int) -> dict:
     """This rank's RNG states (CPU, and CUDA when present) under rank-specific keys."""
@@ -254,10 +272,10 @@ class Checkpointer:
         self.check_settings(progress.get("settings", {}), path)
         saved_keys = read_metadata(path).state_dict_metadata.keys()
         optim_state = get_optimizer_state_dict(model, optimizer)
-        tensors = {"model": get_model_state_dict(model), "optim": optim_state["state"],
+        tensors = {"model": model_state(model), "optim": optim_state["state"],
                    **{k: v for k, v in rng_states(self.d.rank).items() if k in saved_keys}}
         dcp.load(tensors, storage_reader=SafeReader(path))
-        set_model_state_dict(model, tensors["model"])
+        set_model_state(model, tensors["model"])
         set_optimizer_state_dict(model, optimizer, {"state": tensors["optim"],
                                                     "param_groups": optim_state["param_groups"]})
         set_rng_states(tensors, self.d.rank)
@@ -279,7 +297,7 @@ class Checkpointer:
         self.refuse_non_finite(model, step)
         final = self.dir / step_name(step)
         tmp = final.with_name(final.name + ".tmp")
-        tensors = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)["state"],
+        tensors = {"model": model_state(model), "optim": get_optimizer_state_dict(model, optimizer)["state"],
                    **rng_states(self.d.rank)}
         dcp.save(tensors, checkpoint_id=str(tmp))
         (tmp / f"loader_rank{self.d.rank}.json").write_text(json.dumps(loader.state_dict()))
@@ -302,7 +320,7 @@ class Checkpointer:
         return final
 
     def refuse_non_finite(self, model, step: int):
-        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
+        local = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters() if not is_nf4(p)]
         finite = torch.stack([torch.isfinite(t).all() for t in local]).all()
         (bad_ranks,) = all_reduce_sum([float(not finite)], self.d.device)
         if bad_ranks:
@@ -316,15 +334,25 @@ class Checkpointer:
 
     # ------------------------------------------------------------------------------------------ export
 
+    def full_state(self, model) -> dict:
+        """The model's whole tensors on rank 0's CPU ({} on the other ranks), gathered one at a time; NF4 weights
+        dequantized (nf4.gather_dequantized)."""
+        state = {}
+        for name, t in get_model_state_dict(model).items():
+            whole = gather_dequantized(t) if is_nf4(t) else full_tensor(t)
+            if self.d.is_main:
+                state[name] = whole.detach().cpu()
+        return state
+
     def export(self, model, args, path, *, tokenizer=None, dtype="bfloat16", lora=None, prompt_settings=None):
         """Gather the full weights on rank 0 and write a Hugging Face directory; with LoRA, the adapters alone
-        go to `<path>-adapters/` and the export holds the base weights with the adapters merged in.
+        go to `<path>-adapters/` and the export holds the base weights (dequantized, if NF4) with the adapters
+        merged in.
         prompt_settings (tasks.prompts.PromptSettings): how the training examples were prompted, saved beside the
         weights so that the Generator's task helpers prompt the same way."""
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         # With tied embeddings this holds the embedding under both names (two gathered copies): save_state_dict
         # checks that they are equal and writes one, as transformers does.
-        state = get_model_state_dict(model, options=options)
+        state = self.full_state(model)
         path = Path(path)
         if self.d.is_main:
             if lora is not None:

@@ -74,6 +74,9 @@ class LoraConfig:
     # Storage dtype of the frozen base weights (the adapters and their AdamW state stay fp32). auto: the compute
     # dtype (parallel.mixed_precision), so a bf16 run keeps a 7B base in 14.5 GB instead of 29 GB and casts nothing.
     base_dtype: str = "auto"                  # auto | bfloat16 | float32
+    # QLoRA: "nf4" stores every adapted weight in 4-bit NormalFloat (train/nf4.py, ~0.26x of bf16), dequantized to
+    # base_dtype inside each linear; the rest of the frozen base (embeddings, norms) stays in base_dtype.
+    quantize_base: str = "none"               # none | nf4
 
 
 @dataclass
@@ -129,6 +132,7 @@ CHOICES = {
     ("checkpoint", "export_dtype"): ("bfloat16", "float16", "float32"),
     ("parallel", "mixed_precision"): ("auto", "bf16", "fp32"),
     ("lora", "base_dtype"): ("auto", "bfloat16", "float32"),
+    ("lora", "quantize_base"): ("none", "nf4"),
 }
 POSITIVE = {("data", "seq_len"), ("data", "batch_size"), ("data", "num_threads"), ("train", "steps"),
             ("train", "grad_accum"), ("train", "max_bad_steps"), ("train", "val_batches"), ("optim", "lr"),
@@ -253,6 +257,9 @@ def check_values(config: Config, source: str):
         raise ConfigError(f"{source}: data.train must list the training shards")
     if len(config.optim.betas) != 2 or not all(0 <= b < 1 for b in config.optim.betas):
         raise ConfigError(f"{source}: optim.betas must be two numbers in [0, 1), got {config.optim.betas!r}")
+    if config.lora.quantize_base != "none" and not config.lora.enabled:
+        raise ConfigError(f"{source}: lora.quantize_base = {config.lora.quantize_base!r} needs lora.enabled = true: "
+                          "a quantized weight cannot be trained, so full fine-tuning cannot use a quantized base")
     if config.parallel.shard != -1 and config.parallel.shard < 1:
         raise ConfigError(f"{source}: parallel.shard must be -1 or positive, got {config.parallel.shard}")
     try:

@@ -4,6 +4,8 @@ A `LoRALinear` keeps the replaced layer's `weight` under the same name, so the b
 the frozen and trainable tensors shard together under FSDP2 (which allows mixed requires_grad in one unit).
 B starts at zero, so training starts exactly from the base model. Adapters are saved on their own in the PEFT
 layout and merged into the base weights (W + (alpha / r) B A) for export.
+With lora.quantize_base = "nf4" (QLoRA) the frozen `weight` is an NF4 tensor (train/nf4.py), dequantized inside
+F.linear; the merge dequantizes it once.
 
 The adapters are fp32 whatever the base's dtype (AdamW on bf16 weights would lose most small updates); the
 frozen base can be stored in the compute dtype (`store_frozen_in`, lora.base_dtype): FSDP2 shards and gathers
@@ -20,6 +22,7 @@ from safetensors.torch import save_file
 
 from ..kernels.reference import compute_dtype
 from .config import LoraConfig
+from .nf4 import dequantize, is_nf4
 
 
 class LoRALinear(nn.Module):
@@ -52,7 +55,7 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     replaced = []
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear) and child_name in cfg.targets and name.startswith("layers."):
+            if isinstance(child, nn.Linear) and is_target(f"{name}.{child_name}", cfg):
                 setattr(module, child_name, LoRALinear(child, cfg.rank, cfg.alpha, cfg.dropout))
                 replaced.append(f"{name}.{child_name}")
     if not replaced:
@@ -62,10 +65,16 @@ def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
     return replaced
 
 
+def is_target(module_name: str, cfg: LoraConfig) -> bool:
+    """Whether the linear layer `module_name` (e.g. layers.0.self_attn.q_proj) gets an adapter."""
+    return module_name.startswith("layers.") and module_name.rsplit(".", 1)[-1] in cfg.targets
+
+
 def store_frozen_in(model: nn.Module, dtype: torch.dtype):
-    """Cast every frozen parameter (on any device, meta included) to `dtype`; trainable ones keep theirs."""
+    """Cast every frozen parameter (on any device, meta included) to `dtype`; trainable ones keep theirs, and NF4
+    ones too (their dtype is the one they dequantize to)."""
     for p in model.parameters():
-        if not p.requires_grad:
+        if not p.requires_grad and not is_nf4(p):
             p.data = p.data.to(dtype)
 
 
@@ -81,7 +90,7 @@ def is_adapter(name: str) -> bool:
 
 def merge_state_dict(state: dict, cfg: LoraConfig, dtype: torch.dtype = None) -> dict:
     """A full state dict with adapters -> the plain model's: W + (alpha / r) B A for every adapted weight, summed in
-    fp32 and rounded once to `dtype` (the export's; default: each base weight's own)."""
+    fp32 and rounded once to `dtype` (the export's; default: each base weight's own). An NF4 W is dequantized."""
     scale = cfg.alpha / cfg.rank
     merged = {}
     for name, tensor in state.items():
@@ -89,6 +98,7 @@ def merge_state_dict(state: dict, cfg: LoraConfig, dtype: torch.dtype = None) ->
             continue
         prefix = name[:-len("weight")]
         if prefix + "lora_A" in state:
+            tensor = dequantize(tensor)
             a, b = state[prefix + "lora_A"].float(), state[prefix + "lora_B"].float()
             tensor = (tensor.float() + scale * (b @ a)).to(dtype or tensor.dtype)
         merged[name] = tensor

@@ -14,6 +14,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .config import ParallelConfig
+from .nf4 import is_nf4
 
 
 @dataclass
@@ -90,12 +91,16 @@ def parallelize(model, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.devi
     if mesh.size() == 1 and all(p.dtype == compute_dtype for p in model.parameters()):
         return model
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    # NF4 weights dequantize to the compute dtype themselves, and on one rank there is nothing to shard: FSDP2 leaves
+    # them alone there (its one-rank path copies only the first of the three tensors an NF4 weight gathers).
+    ignored = {p for p in model.parameters() if is_nf4(p)} if mesh.size() == 1 else None
     for i, block in enumerate(model.layers):
         # The last block's parameters are needed again at once by the root's backward: keep them gathered.
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=i < len(model.layers) - 1,
+                    ignored_params=ignored)
     # The root unit holds the embedding and the output head: tied embeddings (one Parameter under both names) stay
     # one sharded parameter there, gathered once and given to both modules, its gradients from both uses summed.
-    fully_shard(model, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy, ignored_params=ignored)
     return model
 
 
