@@ -3,8 +3,9 @@
     .venv/bin/python bench/gemv.py [--rows 1 8 16 32 64] [--threads N] [--reps 5]
 
 Each path is a DecodeLinear (model.PATHS) as the decoding form calls it, Python overhead included: bf16 weights on
-"gemv" (ours) against "onednn" (prepacked) and "aten" (F.linear); int8 weights with a bf16 scale per row on
-"int8-gemv" (ours) against "int8" (torch's _weight_int8pack_mm), on fp32 activations as the int8 model runs. Every
+"gemv" (ours: gemv_rows in front of "aten") against "onednn" (prepacked) and "aten" (F.linear); int8 weights with a
+bf16 scale per row on "int8-gemv" (ours: gemv_rows in front of "int8") against "int8" (torch's
+_weight_int8pack_mm), on fp32 activations as the int8 model runs. Every
 path cycles through copies of the weight that together exceed the last-level cache, so the weight streams from
 memory as in a decode step. Reported: microseconds per matmul, the weight's bytes per second, that as a fraction
 of the copy bandwidth measured here, and ours / the fastest of torch's paths (above 1: ours is faster). Rows above
@@ -25,24 +26,25 @@ from cancerllm.model import DecodeLinear  # noqa: E402
 
 SHAPES = {"qkv_proj": (960, 576), "o_proj": (576, 576), "gate/up_proj": (1536, 576), "down_proj": (576, 1536),
           "lm_head": (49152, 576)}
-PRECISIONS = {   # weight dtype, activations, the paths (ours first), bytes per weight
-    "bf16": (torch.bfloat16, torch.bfloat16, ("gemv", "onednn", "aten"), 2),
-    "int8": (torch.float32, torch.float32, ("int8-gemv", "int8"), 1),
+PRECISIONS = {   # weight dtype, activations, the paths (ours first) as name: (DecodeLinear path, gemv_rows), bytes
+    "bf16": (torch.bfloat16, torch.bfloat16,
+             {"gemv": ("aten", gemv.MAX_ROWS), "onednn": ("onednn", 0), "aten": ("aten", 0)}, 2),
+    "int8": (torch.float32, torch.float32, {"int8-gemv": ("int8", gemv.MAX_ROWS), "int8": ("int8", 0)}, 1),
 }
 STREAMED_BYTES = 96 * 2**20   # the copies of a weight a path cycles through: three times a 32 MiB L3
 
 
-def linears(shape, weight_dtype, path, bytes_per_weight):
+def linears(shape, weight_dtype, path, gemv_rows, bytes_per_weight):
     copies = max(2, math.ceil(STREAMED_BYTES / (shape[0] * shape[1] * bytes_per_weight)))
-    return [DecodeLinear((torch.randn(shape) * 0.05).to(weight_dtype), path) for _ in range(copies)]
+    return [DecodeLinear((torch.randn(shape) * 0.05).to(weight_dtype), path, gemv_rows) for _ in range(copies)]
 
 
 def measure(shape, precision, rows_list, reps, bandwidth):
     weight_dtype, act_dtype, paths, bytes_per_weight = PRECISIONS[precision]
     weight_bytes = shape[0] * shape[1] * bytes_per_weight
     rows = []
-    for path in paths:
-        layer = linears(shape, weight_dtype, path, bytes_per_weight)
+    for path, (decode_path, gemv_rows) in paths.items():
+        layer = linears(shape, weight_dtype, decode_path, gemv_rows, bytes_per_weight)
         for m in rows_list:
             x = torch.randn(m, shape[1]).to(act_dtype)
             with torch.inference_mode():
