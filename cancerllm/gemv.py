@@ -31,41 +31,57 @@ def fast_kernel() -> bool:
     return available() and _extension().has_avx512_bf16()
 
 
-def check_operands(x: torch.Tensor, weight: torch.Tensor, scales) -> None:
-    """TypeError or ValueError naming what the kernels cannot take: they read raw contiguous CPU memory."""
-    for name, t in (("x", x), ("weight", weight)) + ((("scales", scales),) if scales is not None else ()):
-        if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-            raise ValueError(f"gemv: {name} must be a CPU tensor, got "
-                             f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
-        if not t.is_contiguous():
-            raise ValueError(f"gemv: {name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-    if x.dtype not in FLOATS:
-        raise TypeError(f"gemv: x must be float32 or bfloat16, got {x.dtype}")
-    if weight.dtype not in WEIGHTS:
-        raise TypeError(f"gemv: weight must be bfloat16 or int8, got {weight.dtype}")
-    if x.dim() != 2 or weight.dim() != 2:
-        raise ValueError(f"gemv: x [M, K] and weight [N, K] must be 2-D, got {tuple(x.shape)} and "
-                         f"{tuple(weight.shape)}")
-    if x.shape[1] != weight.shape[1]:
-        raise ValueError(f"gemv: x has K={x.shape[1]} columns but weight [N, K] has K={weight.shape[1]}")
-    if (weight.dtype == torch.int8) != (scales is not None):
-        raise ValueError("gemv: int8 weights need their scales, bf16 weights take none")
-    if scales is not None and (scales.dtype != torch.bfloat16 or scales.shape != weight.shape[:1]):
-        raise ValueError(f"gemv: scales must be bfloat16 of shape ({weight.shape[0]},), got {scales.dtype} "
-                         f"{tuple(scales.shape)}")
+def check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
+        raise ValueError(f"gemv: {name} must be a CPU tensor, got "
+                         f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
+    if not t.is_contiguous():
+        raise ValueError(f"gemv: {name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
+
+
+class Multiplier:
+    """A weight [N, K] (bf16, or int8 with its bf16 scales [N]) checked once, then multiplied by many x: decoding
+    calls it ~150 times a step, where checking the weight again would cost as much as a small matmul."""
+
+    def __init__(self, weight: torch.Tensor, scales: torch.Tensor = None):
+        self.extension = _extension()
+        if self.extension is None:
+            raise RuntimeError("gemv: cancerllm._C lacks small_matmul; rebuild the extension (csrc/README.md)")
+        check_tensor("weight", weight)
+        if weight.dtype not in WEIGHTS:
+            raise TypeError(f"gemv: weight must be bfloat16 or int8, got {weight.dtype}")
+        if weight.dim() != 2:
+            raise ValueError(f"gemv: weight [N, K] must be 2-D, got {tuple(weight.shape)}")
+        if (weight.dtype == torch.int8) != (scales is not None):
+            raise ValueError("gemv: int8 weights need their scales, bf16 weights take none")
+        if scales is not None:
+            check_tensor("scales", scales)
+            if scales.dtype != torch.bfloat16 or scales.shape != weight.shape[:1]:
+                raise ValueError(f"gemv: scales must be bfloat16 of shape ({weight.shape[0]},), got {scales.dtype} "
+                                 f"{tuple(scales.shape)}")
+        self.weight, self.scales = weight, scales   # kept: the kernel reads their memory
+        self.N, self.K = weight.shape
+        self.weight_args = (weight.data_ptr(), WEIGHTS[weight.dtype], 0 if scales is None else scales.data_ptr())
+
+    def __call__(self, x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+        """x [..., K] @ weight.T (times the scales) -> [..., N] in x's dtype, on torch's thread count. `portable`
+        runs the portable kernel on any CPU (tests cover both kernels on one machine)."""
+        check_tensor("x", x)
+        if x.dtype not in FLOATS:
+            raise TypeError(f"gemv: x must be float32 or bfloat16, got {x.dtype}")
+        if x.dim() < 2 or x.shape[-1] != self.K:
+            raise ValueError(f"gemv: x must be [..., K] with K={self.K} (the weight's [N, K]), got {tuple(x.shape)}")
+        y = torch.empty(*x.shape[:-1], self.N, dtype=x.dtype)
+        rows = x.numel() // self.K if self.K else 0
+        if not self.K:
+            y.zero_()
+        elif rows and self.N:
+            self.extension.small_matmul(x.data_ptr(), FLOATS[x.dtype], *self.weight_args, y.data_ptr(),
+                                        FLOATS[y.dtype], self.scales is not None, rows, self.N, self.K,
+                                        torch.get_num_threads(), portable)
+        return y
 
 
 def matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor = None, *, portable: bool = False):
-    """x [M, K] @ weight[N, K].T (times scales [N] for int8 weights) -> [M, N] in x's dtype, on torch's thread
-    count. `portable` runs the portable kernel on any CPU (tests cover both kernels on one machine)."""
-    extension = _extension()
-    if extension is None:
-        raise RuntimeError("gemv: cancerllm._C lacks small_matmul; rebuild the extension (csrc/README.md)")
-    check_operands(x, weight, scales)
-    y = torch.empty(x.shape[0], weight.shape[0], dtype=x.dtype)
-    if x.shape[0] and weight.shape[0]:
-        extension.small_matmul(
-            x.data_ptr(), FLOATS[x.dtype], weight.data_ptr(), WEIGHTS[weight.dtype],
-            0 if scales is None else scales.data_ptr(), y.data_ptr(), FLOATS[y.dtype], scales is not None,
-            x.shape[0], weight.shape[0], x.shape[1], torch.get_num_threads(), portable)
-    return y
+    """x [..., K] @ weight[N, K].T (times scales [N] for int8 weights) -> [..., N] in x's dtype: Multiplier once."""
+    return Multiplier(weight, scales)(x, portable=portable)

@@ -436,25 +436,25 @@ class DecodeLinear(nn.Module):
                              f"cancerllm._C built with its kernels, got {weight.dtype} on {weight.device}")
         self.path, self.scales, self.gemv_rows = path, None, gemv_rows
         weight = weight.detach()
-        self.rows_weight = weight                    # [out, in], what our kernel reads
         if path == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
         elif path == "int8":
             self.weight, self.scales = quantize_int8(weight)
-            self.rows_weight = self.weight
         else:
             self.weight = weight
-        if not gemv_rows:
-            self.rows_weight = None                  # nothing held beyond what the path needs
+        # Our kernel reads the weight in its [out, in] layout: the int8 copy, or the weight as given (beside
+        # oneDNN's copy for "onednn"), held only where the kernel runs.
+        rows_weight = self.weight if path == "int8" else weight
+        self.rows_matmul = gemv.Multiplier(rows_weight, self.scales) if gemv_rows else None
 
     def small(self, x) -> bool:
         """Whether `x` goes to our small-M kernel."""
         return x.numel() <= self.gemv_rows * x.shape[-1]
 
     def forward(self, x):
-        rows = x.reshape(-1, x.shape[-1])
         if self.small(x):
-            return gemv.matmul(rows.contiguous(), self.rows_weight, self.scales).view(*x.shape[:-1], -1)
+            return self.rows_matmul(x.contiguous())
+        rows = x.reshape(-1, x.shape[-1])
         if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.path == "int8":
