@@ -147,13 +147,17 @@ CANCERLLM_AVX512_BF16 void tile(const MatmulArgs& a, const uint16_t* x, int64_t 
   __m512 acc[MT][R];
   for (int m = 0; m < MT; ++m)
     for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  // The tile's rows are one contiguous run of W, but read as R short streams that the hardware prefetcher does
-  // not follow in time: fetch the next tile's run at the rate this one is consumed.
+  // Several rows are one contiguous run of W, but read as R short streams that the hardware prefetcher does not
+  // follow in time: fetch the next tile's run at the rate this one is consumed. One row is one stream it follows.
   constexpr int64_t kBytes = Int8 ? 1 : 2;
   const char* next = static_cast<const char*>(a.w) + (n + R) * K * kBytes;
   int64_t k = 0;
   for (; k + 32 <= K; k += 32) {
-    for (int64_t line = 0; line < R * 32 * kBytes; line += 64) _mm_prefetch(next + k * R * kBytes + line, _MM_HINT_T0);
+    if constexpr (R > 1) {
+      for (int64_t line = 0; line < R * 32 * kBytes; line += 64) {
+        _mm_prefetch(next + k * R * kBytes + line, _MM_HINT_T0);
+      }
+    }
     step<MT, R, Int8, false>(a, x, n, k, 0, acc);
   }
   if (k < K) step<MT, R, Int8, true>(a, x, n, k, (__mmask32{1} << (K - k)) - 1, acc);
@@ -184,9 +188,10 @@ CANCERLLM_AVX512_BF16 inline void store_run(const MatmulArgs& a, int64_t m, int6
   _mm256_mask_storeu_ps(static_cast<float*>(a.y) + at, mask, v);
 }
 
-// Rows of W per tile: enough independent accumulator chains to hide the dot product's latency at M = 1, fewer as
-// x's rows take registers.
-constexpr int rows_per_tile(int mt) { return mt == 1 ? 8 : mt == 2 ? 6 : mt <= 4 ? 4 : 2; }
+// Rows of W per tile, as many as x's rows leave registers for. At M = 1: bf16 rows one at a time (one stream the
+// hardware prefetcher follows, fastest in bench/gemv.py), int8 rows 8 at a time (their widening needs the
+// independent work of several rows to keep up with memory).
+constexpr int rows_per_tile(int mt, bool int8) { return mt == 1 ? (int8 ? 8 : 1) : mt == 2 ? 6 : mt <= 4 ? 4 : 2; }
 
 template <int MT, int R, bool Int8>
 CANCERLLM_AVX512_BF16 int64_t tiles(const MatmulArgs& a, const uint16_t* x, int64_t m0, int64_t n, int64_t n1) {
@@ -201,7 +206,7 @@ CANCERLLM_AVX512_BF16 int64_t tiles(const MatmulArgs& a, const uint16_t* x, int6
 // Rows [n0, n1) of y for MT rows of x from m0: in tiles of rows_per_tile(MT) rows of W, the last rows one by one.
 template <int MT, bool Int8>
 CANCERLLM_AVX512_BF16 void avx512_rows(const MatmulArgs& a, const uint16_t* x, int64_t m0, int64_t n0, int64_t n1) {
-  const int64_t n = tiles<MT, rows_per_tile(MT), Int8>(a, x, m0, n0, n1);
+  const int64_t n = tiles<MT, rows_per_tile(MT, Int8), Int8>(a, x, m0, n0, n1);
   tiles<MT, 1, Int8>(a, x, m0, n, n1);
 }
 
