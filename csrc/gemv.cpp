@@ -1,15 +1,9 @@
 // Small-M matmuls (gemv.h): an AVX512-BF16 kernel chosen at run time where the CPU has it, a portable one
-// everywhere else, over a small pool of worker threads.
+// everywhere else, rows of W split over OpenMP threads.
 #include "gemv.h"
 
 #include <algorithm>
-#include <atomic>
-#include <chrono>
-#include <condition_variable>
 #include <cstring>
-#include <functional>
-#include <mutex>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -241,79 +235,6 @@ void fast_rows(const MatmulArgs& a, const uint16_t* x, int64_t n0, int64_t n1) {
 }
 #endif  // CANCERLLM_X86
 
-// ------------------------------------------------------------------------------------------ threads
-
-void spin_pause() {
-#ifdef CANCERLLM_X86
-  _mm_pause();
-#endif
-}
-
-// Workers that wait for the next call spinning for a short while (decode calls these kernels every few tens of
-// microseconds, and waking a sleeping thread costs about as much), then sleeping, so that between steps they
-// leave the cores to torch's own threads.
-class WorkerPool {
- public:
-  // task(i) for i in [0, count), task(0) on the calling thread; returns when every task is done.
-  void run(int count, const std::function<void(int)>& task) {
-    if (count <= 1) return task(0);
-    std::lock_guard<std::mutex> one_run_at_a_time(run_mu_);   // callers release the GIL
-    const uint64_t generation = generation_.load(std::memory_order_relaxed);
-    while (static_cast<int>(workers_.size()) < count - 1) {
-      workers_.emplace_back(&WorkerPool::work, this, static_cast<int>(workers_.size()) + 1, generation);
-    }
-    task_ = &task;
-    count_ = count;
-    pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      generation_.store(generation + 1, std::memory_order_release);
-    }
-    wake_.notify_all();
-    task(0);
-    while (pending_.load(std::memory_order_acquire) != 0) spin_pause();
-  }
-
- private:
-  static constexpr auto kSpin = std::chrono::microseconds(50);
-
-  void work(int index, uint64_t seen) {
-    for (;;) {
-      wait_past(seen);
-      seen = generation_.load(std::memory_order_acquire);
-      if (index < count_) (*task_)(index);
-      pending_.fetch_sub(1, std::memory_order_release);
-    }
-  }
-
-  void wait_past(uint64_t seen) {
-    const auto until = std::chrono::steady_clock::now() + kSpin;
-    while (generation_.load(std::memory_order_acquire) == seen) {
-      if (std::chrono::steady_clock::now() > until) {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        return;
-      }
-      for (int i = 0; i < 32; ++i) spin_pause();
-    }
-  }
-
-  std::mutex run_mu_, mu_;
-  std::condition_variable wake_;
-  std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  const std::function<void(int)>* task_ = nullptr;
-  int count_ = 0;
-};
-
-WorkerPool& pool() {
-  // Never destroyed: its workers wait for work until the process ends (joining them at exit could hang on an
-  // interpreter shutting down).
-  static WorkerPool* workers = new WorkerPool;
-  return *workers;
-}
-
 }  // namespace
 
 bool has_avx512_bf16() {
@@ -347,14 +268,20 @@ void small_matmul(const MatmulArgs& a, int threads, bool portable) {
     for (int64_t i = 0; i < MK; ++i) x_float[i] = bf16_to_float(x[i]);
     w_rows.resize(count * a.K);
   }
-  const std::function<void(int)> task = [&](int i) {
+  // OpenMP: the runtime torch's own parallel ops use (libgomp, loaded once per process), so our threads are
+  // torch's threads. A pool of our own (tried first) fought torch's spinning OpenMP workers for the cores: at 2
+  // threads decoding ran slower than at 1.
+#pragma omp parallel for num_threads(count) schedule(static, 1) if (count > 1)
+  for (int i = 0; i < count; ++i) {
     const int64_t n0 = i * per_thread, n1 = std::min(a.N, n0 + per_thread);
 #ifdef CANCERLLM_X86
-    if (fast) return fast_rows(a, x, n0, n1);
+    if (fast) {
+      fast_rows(a, x, n0, n1);
+      continue;
+    }
 #endif
     portable_rows(a, x_float.data(), w_rows.data() + i * a.K, n0, n1);
-  };
-  pool().run(count, task);
+  }
 }
 
 }  // namespace cancerllm
