@@ -119,7 +119,8 @@ def choose_gemv_rows(weight: torch.Tensor, path: str, make) -> int:
     the rows grow: bench/gemv.py). `make(weight, path, gemv_rows)` builds the linear to time."""
     path_file = cache_path()
     cache = load_cache(path_file)
-    key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {path} | gemv rows"
+    from . import gemv
+    key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {path} | gemv rows, build {gemv.build_id()}"
     if cache.get(key) in (0,) + GEMV_ROWS:
         return cache[key]
     ours, library = make(weight, path, GEMV_ROWS[-1]), make(weight, path, 0)

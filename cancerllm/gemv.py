@@ -6,6 +6,8 @@ x (fp32 or bf16) is rounded to bf16 and multiplied with fp32 sums: AVX512-BF16 d
 rounded to bf16 (scale applied first), the contract of torch's _weight_int8pack_mm, which the int8 paths share.
 Every check happens here, before the C++ call takes the tensors' data pointers.
 """
+import os
+
 import torch
 
 MAX_ROWS = 16   # up to this many rows the decoding form calls these kernels; prefill goes to the GEMM libraries
@@ -29,6 +31,13 @@ def available() -> bool:
 def fast_kernel() -> bool:
     """Whether this CPU runs the AVX512-BF16 kernel (otherwise the portable one runs)."""
     return available() and _extension().has_avx512_bf16()
+
+
+def build_id() -> str:
+    """Names the built kernels (the extension file's size and modification time): decode_paths measures a rebuilt
+    kernel again rather than trust what the previous build measured."""
+    info = os.stat(_extension().__file__)
+    return f"{info.st_size}-{int(info.st_mtime)}"
 
 
 def check_tensor(name: str, t) -> None:

@@ -151,3 +151,5 @@ def test_gemv_rows_are_measured_up_to_the_first_loss_and_cached(tmp_path, monkey
     assert decode_paths.choose_gemv_rows(weight, "aten", make) == 4 and len(made) == 2   # from the cache
     never = lambda weight, path, gemv_rows=0: Timed(lambda rows: 4e-3 if gemv_rows else 1e-3)   # noqa: E731
     assert decode_paths.choose_gemv_rows(torch.randn(25, 16), "aten", never) == 0
+    monkeypatch.setattr(gemv, "build_id", lambda: "a rebuilt kernel")   # measured again, not read from the cache
+    assert decode_paths.choose_gemv_rows(weight, "aten", never) == 0
