@@ -197,7 +197,7 @@ CANCERLLM_AVX512_BF16 int64_t tiles(const MatmulArgs& a, const uint16_t* x, int6
   return n;
 }
 
-// Rows [n0, n1) of y for MT rows of x from m0: in tiles of rows_per_tile(MT) rows of W, the last rows one by one.
+// Rows [n0, n1) of y for MT rows of x from m0: in tiles of rows_per_tile(MT, Int8) rows of W, the rest one by one.
 template <int MT, bool Int8>
 CANCERLLM_AVX512_BF16 void avx512_rows(const MatmulArgs& a, const uint16_t* x, int64_t m0, int64_t n0, int64_t n1) {
   const int64_t n = tiles<MT, rows_per_tile(MT, Int8), Int8>(a, x, m0, n0, n1);
