@@ -15,7 +15,9 @@ ext_modules = [
         sources,
         include_dirs=["csrc"],
         cxx_std=17,
-        extra_compile_args=["-O3"],
+        # OpenMP for the decoding matmuls' threads (csrc/gemv.cpp): the libgomp torch loads, so they are torch's.
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
     )
 ] if sources else []
 

@@ -8,6 +8,10 @@ keeps the faster. The answer is cached in a JSON file keyed by the machine (CPU 
 version), the dtype and the weight's shape, so the measurement is made once per machine and shape (about a second
 for a 135M model) and a new machine measures again.
 
+Where our small-M kernel (cancerllm/gemv.py) can multiply the weight (bf16, or int8 when quantized), the rows up to
+which it runs faster than the chosen path are measured too (choose_gemv_rows): decoding's batch sizes from 1 up,
+each call timed with its weight out of the caches, as decoding reads it.
+
 Cache file: $CANCERLLM_CACHE_DIR/decode-paths.json, else $XDG_CACHE_HOME/cancerllm/..., else ~/.cache/cancerllm/...
 A cache that cannot be read is measured again and rewritten; one that cannot be written costs only the time to
 measure at the next load.
@@ -24,6 +28,11 @@ import torch
 CACHE_FILE = "decode-paths.json"
 CALIBRATION_ROWS = (1, 8)   # batch sizes decoding runs most; each path is timed on both, their times summed
 ROUNDS, CALLS = 3, 5        # paths alternate ROUNDS times, CALLS matmuls each; the fastest round counts
+GEMV_ROWS = (1, 2, 4, 8, 16)   # row counts at which our small-M kernel is timed against the library path
+# Read between the timed calls of that comparison: past the last-level cache (32 MiB on the CPUs measured), so that
+# each call reads its weight from memory as decoding does (a model is larger than the caches); in cache, where no
+# call waits for memory, the comparison could favour another kernel than the one decoding runs faster.
+EVICT_BYTES = 64 * 2**20
 
 
 def cache_path() -> Path:
@@ -67,17 +76,21 @@ def save_cache(path: Path, cache: dict) -> None:
         pass
 
 
-def fastest(runs: dict) -> str:
+def fastest(runs: dict, before=None) -> str:
     """The name of the fastest of `runs` (name -> function of no arguments): they alternate, so load from other
-    processes hits each alike, and each keeps its best round."""
+    processes hits each alike, and each keeps its best round. `before` (untimed) runs before every timed call."""
     best = {name: float("inf") for name in runs}
     for _ in range(ROUNDS):
         for name, run in runs.items():
             run()   # warm: the first call may allocate or pick kernels
-            start = time.perf_counter()
+            spent = 0.0
             for _ in range(CALLS):
+                if before is not None:
+                    before()
+                start = time.perf_counter()
                 run()
-            best[name] = min(best[name], time.perf_counter() - start)
+                spent += time.perf_counter() - start
+            best[name] = min(best[name], spent)
     return min(best, key=best.get)
 
 
@@ -98,3 +111,27 @@ def choose(weight: torch.Tensor, candidates: tuple, make) -> str:
         cache[key] = fastest({name: (lambda f=linear: [f(x) for x in inputs]) for name, linear in linears.items()})
     save_cache(path, {**load_cache(path), key: cache[key]})   # keep what another process wrote meanwhile
     return cache[key]
+
+
+def choose_gemv_rows(weight: torch.Tensor, path: str, make) -> int:
+    """Up to how many rows (one of GEMV_ROWS, or 0: none) our small-M kernel multiplies `weight` faster than `path`
+    on this machine (cached): timed at each of GEMV_ROWS in turn, up to the first where it loses (its lead shrinks as
+    the rows grow: bench/gemv.py). `make(weight, path, gemv_rows)` builds the linear to time."""
+    path_file = cache_path()
+    cache = load_cache(path_file)
+    from . import gemv
+    key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {path} | gemv rows, build {gemv.build_id()}"
+    if cache.get(key) in (0,) + GEMV_ROWS:
+        return cache[key]
+    ours, library = make(weight, path, GEMV_ROWS[-1]), make(weight, path, 0)
+    evict = torch.ones(EVICT_BYTES // 4)
+    rows_won = 0
+    with torch.inference_mode():
+        for rows in GEMV_ROWS:
+            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+            runs = {"gemv": lambda: ours(x), "library": lambda: library(x)}
+            if fastest(runs, before=evict.sum) != "gemv":
+                break
+            rows_won = rows
+    save_cache(path_file, {**load_cache(path_file), key: rows_won})
+    return rows_won

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import kernels
+from . import gemv, kernels
 from .kernels.reference import IGNORE_INDEX, compute_dtype
 from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 
@@ -370,6 +370,8 @@ PACK_BATCH = 8   # the batch size oneDNN lays the weights out for; measured best
 #             by torch's _weight_int8pack_mm on bf16 activations (fp32 sums), whatever the model's dtype: its fp32
 #             kernel ran 10-100x slower than its bf16 one on an AVX512-BF16 CPU (docs/experiments.md); a quarter of
 #             fp32's bytes
+# In front of any of them, for inputs of at most `gemv_rows` rows (decoding's batches; 0: never), our small-M
+# kernel (cancerllm/gemv.py) on the same weight in its [out, in] layout, bf16 or int8, where it runs faster.
 PATHS = ("onednn", "aten", "int8")
 QUANTIZE = (None, "int8")
 INT8_BLOCK = 16  # _weight_int8pack_mm's CPU kernel reads bf16 inputs 16 at a time: other widths crash or err
@@ -379,6 +381,12 @@ def onednn_usable(weight: torch.Tensor) -> bool:
     """Whether oneDNN's fused linears can run on this weight: fp32 or bf16 on CPU."""
     return (weight.device.type == "cpu" and weight.dtype in (torch.float32, torch.bfloat16)
             and torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
+
+
+def gemv_usable(weight: torch.Tensor, quantize) -> bool:
+    """Whether our small-M kernel can multiply this weight: on CPU, bf16 weights or int8 ones (of any model dtype)."""
+    return (weight.device.type == "cpu" and gemv.available()
+            and (quantize == "int8" or weight.dtype == torch.bfloat16))
 
 
 def check_quantize(quantize, weight: torch.Tensor, name: str) -> None:
@@ -415,13 +423,18 @@ class DecodeLinear(nn.Module):
     """x @ weight.T for inference on one of PATHS, with the epilogues decoding fuses into the matmul. "onednn"
     reorders the weight once into oneDNN's blocked layout (a copy) and calls oneDNN directly, the epilogue as a
     post-op; "aten" keeps the weight given (no copy) and runs the epilogue as a second op; "int8" keeps an int8
-    copy and its scales."""
+    copy and its scales. With `gemv_rows`, inputs of that many rows or fewer go to our small-M kernel on the weight
+    in its [out, in] layout (the int8 copy, or the weight as given: for "onednn" a reference kept beside its
+    copy), the epilogue as a second op."""
 
-    def __init__(self, weight: torch.Tensor, path: str):
+    def __init__(self, weight: torch.Tensor, path: str, gemv_rows: int = 0):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"DecodeLinear path must be one of {', '.join(PATHS)}, got {path!r}")
-        self.path, self.scales = path, None
+        if gemv_rows and not gemv_usable(weight, "int8" if path == "int8" else None):
+            raise ValueError(f"DecodeLinear gemv_rows={gemv_rows} needs a CPU weight (bf16 unless quantized) and "
+                             f"cancerllm._C built with its kernels, got {weight.dtype} on {weight.device}")
+        self.path, self.scales, self.gemv_rows = path, None, gemv_rows
         weight = weight.detach()
         if path == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
@@ -429,49 +442,63 @@ class DecodeLinear(nn.Module):
             self.weight, self.scales = quantize_int8(weight)
         else:
             self.weight = weight
+        # Our kernel reads the weight in its [out, in] layout: the int8 copy, or the weight as given (beside
+        # oneDNN's copy for "onednn"), held only where the kernel runs.
+        rows_weight = self.weight if path == "int8" else weight
+        self.rows_matmul = gemv.Multiplier(rows_weight, self.scales) if gemv_rows else None
+
+    def small(self, x) -> bool:
+        """Whether `x` goes to our small-M kernel."""
+        return x.numel() <= self.gemv_rows * x.shape[-1]
 
     def forward(self, x):
+        if self.small(x):
+            return self.rows_matmul(x.contiguous())
+        rows = x.reshape(-1, x.shape[-1])
         if self.path == "onednn":
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.path == "int8":
-            rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-            y = torch.ops.aten._weight_int8pack_mm(rows, self.weight, self.scales)
+            y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scales)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
     def plus(self, x, residual):
         """residual + x @ weight.T"""
-        if self.path == "onednn":
+        if self.path == "onednn" and not self.small(x):
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, None, "add")
-        if self.path == "int8":
-            return self.forward(x).add_(residual)
-        return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), self.weight.t()).view(residual.shape)
+        if self.path == "aten" and not self.small(x):
+            return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), self.weight.t()).view(residual.shape)
+        return self.forward(x).add_(residual)
 
     def silu(self, x):
         """silu(x @ weight.T)"""
-        if self.path == "onednn":
+        if self.path == "onednn" and not self.small(x):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "swish", [], "")
         return F.silu(self.forward(x))
 
     def times(self, x, other):
         """other * (x @ weight.T); overwrites `other` where no post-op does it"""
-        if self.path == "onednn":
+        if self.path == "onednn" and not self.small(x):
             return torch.ops.mkldnn._linear_pointwise.binary(x, other, self.weight, None, "mul")
         return other.mul_(self.forward(x))
 
 
-def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> str:
-    """The path of the DecodeLinear for `weight`: int8 when quantized; otherwise oneDNN (onednn=True, where usable),
-    F.linear (False), or (None) whichever this machine runs faster for this shape (decode_paths.py, cached)."""
+def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
+    """(path, gemv_rows) of the DecodeLinear for `weight`. The path: int8 when quantized; otherwise oneDNN
+    (onednn=True, where usable), F.linear (False), or (None) whichever this machine runs faster for this shape. With
+    onednn=None or quantized, gemv_rows: up to how many rows our small-M kernel runs faster than that path here
+    (decode_paths.py, both measured and cached)."""
+    from .decode_paths import choose, choose_gemv_rows
     check_quantize(quantize, weight, name)
     if quantize == "int8":
-        return "int8"
-    if not onednn_usable(weight) or onednn is False:
-        return "aten"
-    if onednn is True:
-        return "onednn"
-    from .decode_paths import choose
-    return choose(weight, ("onednn", "aten"), DecodeLinear)
+        path = "int8"
+    elif not onednn_usable(weight) or onednn is False:
+        return "aten", 0
+    elif onednn is True:
+        return "onednn", 0
+    else:
+        path = choose(weight, ("onednn", "aten"), DecodeLinear)
+    return path, choose_gemv_rows(weight, path, DecodeLinear) if gemv_usable(weight, quantize) else 0
 
 
 class DecodeRMSNorm(nn.Module):
@@ -524,15 +551,16 @@ def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Tran
     run on weights laid out for generation (FusedBlock, DecodeRMSNorm, DecodeLinear). Each matmul's path (PATHS,
     linear_path): with quantize="int8" an int8 copy of every matmul weight; otherwise oneDNN's blocked layout (a
     copy; onednn=True, on fp32 or bf16 CPU weights), F.linear (onednn=False: only the fused q/k/v weight is a copy),
-    or (onednn=None) per weight shape whichever this machine runs faster. A snapshot: the model's weights replaced
+    or (onednn=None) per weight shape whichever this machine runs faster; with onednn=None or quantized, our small-M
+    kernel in front for the decoding batches where it runs faster (bf16 and int8 weights). A snapshot: the model's weights replaced
     or changed later are not seen; the Generator rebuilds it when they change."""
-    paths = {}   # weight shape -> path: equal shapes run alike, and each shape is checked or measured once
+    paths = {}   # weight shape -> (path, gemv_rows): equal shapes run alike, each checked or measured once
 
     def linear(weight, name):
         shape = tuple(weight.shape)
         if shape not in paths:
             paths[shape] = linear_path(weight, name, onednn, quantize)
-        return DecodeLinear(weight, paths[shape])
+        return DecodeLinear(weight, *paths[shape])
 
     with torch.device("meta"):
         fused = Transformer(model.args)

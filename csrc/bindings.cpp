@@ -1,9 +1,12 @@
-// cancerllm._C: the shard reader and the packed loader for Python. Batches reach NumPy without a copy: the
-// arrays are views of the C++ buffers, which go back to the loader's pool when the last array goes away.
+// cancerllm._C: the shard reader and the packed loader for Python, and the small-M matmuls of decoding. Batches
+// reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
+// last array goes away. The matmuls take torch tensors as data pointers (no torch headers here): cancerllm/gemv.py
+// checks their dtypes, shapes and contiguity before the call.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "gemv.h"
 #include "loader.h"
 
 namespace py = pybind11;
@@ -84,4 +87,20 @@ PYBIND11_MODULE(_C, m) {
         auto B = static_cast<py::ssize_t>(batch->tokens.size() / l.dataset().seq_len());
         return to_numpy(std::move(batch), l.pool(), B, static_cast<py::ssize_t>(l.dataset().seq_len()));
       });
+
+  m.def("has_avx512_bf16", &has_avx512_bf16, "Whether this CPU runs small_matmul's AVX512-BF16 kernel");
+  m.def("small_matmul", [](uintptr_t x, int x_type, uintptr_t w, int w_type, uintptr_t scales, uintptr_t y,
+                           int y_type, bool round_to_bf16, int64_t M, int64_t N, int64_t K, int threads,
+                           bool portable) {
+    if (x_type < 0 || x_type > 1 || y_type < 0 || y_type > 1 || w_type < 0 || w_type > 1)
+      throw std::invalid_argument("small_matmul: unknown element type");
+    if (M < 1 || N < 1 || K < 1 || threads < 1) throw std::invalid_argument("small_matmul: sizes must be >= 1");
+    MatmulArgs args{reinterpret_cast<const void*>(x), static_cast<Float>(x_type), reinterpret_cast<const void*>(w),
+                    static_cast<Weight>(w_type), reinterpret_cast<const uint16_t*>(scales),
+                    reinterpret_cast<void*>(y), static_cast<Float>(y_type), round_to_bf16, M, N, K};
+    small_matmul(args, threads, portable);
+  }, py::arg("x"), py::arg("x_type"), py::arg("w"), py::arg("w_type"), py::arg("scales"), py::arg("y"),
+     py::arg("y_type"), py::arg("round_to_bf16"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("threads"),
+     py::arg("portable"), py::call_guard<py::gil_scoped_release>(),
+     "y[M, N] = x[M, K] @ w[N, K]^T (times scales[N]) on raw pointers: use cancerllm.gemv.matmul");
 }

@@ -66,14 +66,17 @@ def test_quantized_rows_are_within_half_a_step_and_use_the_full_range(out_featur
     assert (q[1:].abs().amax(dim=1) == 127).all() and (q[0] == 0).all()
 
 
+@pytest.mark.parametrize("gemv_rows", [0, 8], ids=["library", "gemv in front"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("path", ["int8", "onednn", "aten"])
-def test_each_path_and_epilogue_against_fp64(path, dtype):
+def test_each_path_and_epilogue_against_fp64(path, dtype, gemv_rows):
     """forward, plus, silu and times of a DecodeLinear against the fp64 product with the weight it multiplies by
     (for int8: the dequantized weight, and the input rounded to bf16 as the kernel takes it), at decode and prefill
-    row counts."""
+    row counts; with our small-M kernel in front (gemv_rows) where it can take the weight (bf16, int8)."""
+    if gemv_rows and dtype != torch.bfloat16 and path != "int8":
+        pytest.skip(f"our small-M kernel takes bf16 or int8 weights, not {dtype} ones")
     weight = (torch.randn(160, 96) * 0.05).to(dtype)
-    linear = DecodeLinear(weight, path)
+    linear = DecodeLinear(weight, path, gemv_rows)
     exact = dequantize_int8(linear.weight, linear.scales) if path == "int8" else weight
     exact = exact.double()
     for shape in [(1, 1, 96), (8, 1, 96), (2, 37, 96)]:

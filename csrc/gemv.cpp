@@ -1,0 +1,287 @@
+// Small-M matmuls (gemv.h): an AVX512-BF16 kernel chosen at run time where the CPU has it, a portable one
+// everywhere else, rows of W split over OpenMP threads.
+#include "gemv.h"
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+// GCC 12's AVX512 headers warn about their own _mm512_undefined_* placeholders (GCC bug 105593).
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#define CANCERLLM_X86 1
+#endif
+
+namespace cancerllm {
+namespace {
+
+// Rows of W a thread handles at a time for every tile of x's rows: they stay in L2 (24 x 1536 bf16 is 72 KiB)
+// while x's rows are multiplied by them 8 at a time, so W is read from memory once whatever M is. A multiple of
+// every row tile below (8, 6, 4, 2).
+constexpr int64_t kRowBlock = 24;
+constexpr int kMaxRowsOfX = 8;  // rows of x per tile: 8 x 2 accumulators and 8 rows of x fill the 32 registers
+
+float bf16_to_float(uint16_t v) {
+  uint32_t bits = uint32_t{v} << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+uint16_t float_to_bf16(float f) {  // round to nearest even, as torch rounds; NaN stays a (quiet) NaN
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+// One result: times its row's scale, stored in y's type (rounded to bf16 first where the contract says so).
+void store(const MatmulArgs& a, int64_t m, int64_t n, float v) {
+  if (a.scales) v *= bf16_to_float(a.scales[n]);
+  if (a.y_type == Float::BF16) {
+    static_cast<uint16_t*>(a.y)[m * a.N + n] = float_to_bf16(v);
+  } else {
+    static_cast<float*>(a.y)[m * a.N + n] = a.round_to_bf16 ? bf16_to_float(float_to_bf16(v)) : v;
+  }
+}
+
+// ------------------------------------------------------------------------------------------ portable kernel
+
+float weight_value(const MatmulArgs& a, int64_t i) {
+  return a.w_type == Weight::INT8 ? static_cast<float>(static_cast<const int8_t*>(a.w)[i])
+                                  : bf16_to_float(static_cast<const uint16_t*>(a.w)[i]);
+}
+
+// Rows [n0, n1) of y from x in fp32 (bf16 values): each row of W widened once into `w_row` (K floats), then its
+// dot product with every row of x in 16 independent partial sums, a loop the compiler vectorizes without
+// reassociating.
+void portable_rows(const MatmulArgs& a, const float* x, float* w_row, int64_t n0, int64_t n1) {
+  constexpr int64_t kLanes = 16;
+  const int64_t K = a.K, body = K / kLanes * kLanes;
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t k = 0; k < K; ++k) w_row[k] = weight_value(a, n * K + k);
+    for (int64_t m = 0; m < a.M; ++m) {
+      const float* xm = x + m * K;
+      float lanes[kLanes] = {};
+      for (int64_t k = 0; k < body; k += kLanes)
+        for (int64_t j = 0; j < kLanes; ++j) lanes[j] += xm[k + j] * w_row[k + j];
+      float sum = 0.0f;
+      for (int64_t k = body; k < K; ++k) sum += xm[k] * w_row[k];
+      for (float lane : lanes) sum += lane;
+      store(a, m, n, sum);
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------ AVX512-BF16 kernel
+
+#ifdef CANCERLLM_X86
+#define CANCERLLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
+
+// 32 weights of one row from `offset` on (zero past the mask, when Masked) as bf16: int8 widened exactly
+// (|q| <= 127 fits bf16's 8 significant bits), in order, so that pairs (k, k+1) meet x's pairs in the dot product.
+template <bool Int8, bool Masked>
+CANCERLLM_AVX512_BF16 inline __m512i load_weights(const void* w, int64_t offset, __mmask32 mask) {
+  if constexpr (Int8) {
+    const int8_t* p = static_cast<const int8_t*>(w) + offset;
+    const __m256i q = Masked ? _mm256_maskz_loadu_epi8(mask, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1)));
+    return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));
+  } else {
+    const uint16_t* p = static_cast<const uint16_t*>(w) + offset;
+    return Masked ? _mm512_maskz_loadu_epi16(mask, p) : _mm512_loadu_si512(p);
+  }
+}
+
+// The sum of v's 16 lanes.
+CANCERLLM_AVX512_BF16 inline float sum_lanes(__m512 v) {
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
+  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
+  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
+}
+
+// The lane sums of a, b, c and d, as 4 floats: one transposing reduction instead of four (at short K the
+// reductions are a good part of a tile's work).
+CANCERLLM_AVX512_BF16 inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128 bits: a b c d
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
+  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+}
+
+// 32 steps along K from k: MT rows of x and R rows of W (from row n) into the R x MT accumulators, each loaded
+// piece of W multiplied by all MT rows before the next is loaded. Masked: the last, partial step (zeros past K).
+template <int MT, int R, bool Int8, bool Masked>
+CANCERLLM_AVX512_BF16 inline void step(const MatmulArgs& a, const uint16_t* x, int64_t n, int64_t k, __mmask32 mask,
+                                       __m512 (&acc)[MT][R]) {
+  const int64_t K = a.K;
+  __m512i xv[MT];
+  for (int m = 0; m < MT; ++m) {
+    xv[m] = Masked ? _mm512_maskz_loadu_epi16(mask, x + m * K + k) : _mm512_loadu_si512(x + m * K + k);
+  }
+  for (int r = 0; r < R; ++r) {
+    const __m512i wv = load_weights<Int8, Masked>(a.w, (n + r) * K + k, mask);
+    for (int m = 0; m < MT; ++m)
+      acc[m][r] = _mm512_dpbf16_ps(acc[m][r], reinterpret_cast<__m512bh>(wv), reinterpret_cast<__m512bh>(xv[m]));
+  }
+}
+
+// Dot products of R rows of W (from row n) with MT rows of x (bf16, from `x`), in fp32 partial sums. The loop
+// runs whole steps unmasked: GCC keeps the accumulators in registers only then (with masked loads in the loop it
+// stored every one to the stack at every step).
+template <int MT, int R, bool Int8>
+CANCERLLM_AVX512_BF16 void tile(const MatmulArgs& a, const uint16_t* x, int64_t n, float out[MT][R]) {
+  const int64_t K = a.K;
+  __m512 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  // Several rows are one contiguous run of W, but read as R short streams that the hardware prefetcher does not
+  // follow in time: fetch the next tile's run at the rate this one is consumed. One row is one stream it follows.
+  constexpr int64_t kBytes = Int8 ? 1 : 2;
+  const char* next = static_cast<const char*>(a.w) + (n + R) * K * kBytes;
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    if constexpr (R > 1) {
+      for (int64_t line = 0; line < R * 32 * kBytes; line += 64) {
+        _mm_prefetch(next + k * R * kBytes + line, _MM_HINT_T0);
+      }
+    }
+    step<MT, R, Int8, false>(a, x, n, k, 0, acc);
+  }
+  if (k < K) step<MT, R, Int8, true>(a, x, n, k, (__mmask32{1} << (K - k)) - 1, acc);
+  const __m512* flat = &acc[0][0];   // in out's order
+  float* sums = &out[0][0];
+  int i = 0;
+  for (; i + 4 <= R * MT; i += 4) _mm_storeu_ps(sums + i, sum_lanes4(flat[i], flat[i + 1], flat[i + 2], flat[i + 3]));
+  for (; i < R * MT; ++i) sums[i] = sum_lanes(flat[i]);
+}
+
+// y[m, n:n+count] from their sums (count <= 8): store()'s arithmetic on 8 lanes at once.
+CANCERLLM_AVX512_BF16 inline void store_run(const MatmulArgs& a, int64_t m, int64_t n, const float* sums, int count) {
+  const __mmask8 mask = static_cast<__mmask8>((1u << count) - 1);
+  __m256 v = _mm256_maskz_loadu_ps(mask, sums);
+  if (a.scales) {
+    const __m128i scales = _mm_maskz_loadu_epi16(mask, a.scales + n);
+    v = _mm256_mul_ps(v, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(scales), 16)));
+  }
+  const int64_t at = m * a.N + n;
+  if (a.y_type == Float::BF16) {
+    _mm_mask_storeu_epi16(static_cast<uint16_t*>(a.y) + at, mask, reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(v)));
+    return;
+  }
+  if (a.round_to_bf16) {
+    const __m128i rounded = reinterpret_cast<__m128i>(_mm256_cvtneps_pbh(v));
+    v = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(rounded), 16));
+  }
+  _mm256_mask_storeu_ps(static_cast<float*>(a.y) + at, mask, v);
+}
+
+// Rows of W per tile, as many as x's rows leave registers for. At M = 1: bf16 rows one at a time (one stream the
+// hardware prefetcher follows, fastest in bench/gemv.py), int8 rows 8 at a time (their widening needs the
+// independent work of several rows to keep up with memory).
+constexpr int rows_per_tile(int mt, bool int8) { return mt == 1 ? (int8 ? 8 : 1) : mt == 2 ? 6 : mt <= 4 ? 4 : 2; }
+
+template <int MT, int R, bool Int8>
+CANCERLLM_AVX512_BF16 int64_t tiles(const MatmulArgs& a, const uint16_t* x, int64_t m0, int64_t n, int64_t n1) {
+  float out[MT][R];
+  for (; n + R <= n1; n += R) {
+    tile<MT, R, Int8>(a, x + m0 * a.K, n, out);
+    for (int m = 0; m < MT; ++m) store_run(a, m0 + m, n, out[m], R);
+  }
+  return n;
+}
+
+// Rows [n0, n1) of y for MT rows of x from m0: in tiles of rows_per_tile(MT, Int8) rows of W, the rest one by one.
+template <int MT, bool Int8>
+CANCERLLM_AVX512_BF16 void avx512_rows(const MatmulArgs& a, const uint16_t* x, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t n = tiles<MT, rows_per_tile(MT, Int8), Int8>(a, x, m0, n0, n1);
+  tiles<MT, 1, Int8>(a, x, m0, n, n1);
+}
+
+template <bool Int8>
+CANCERLLM_AVX512_BF16 void avx512_rows_of_x(const MatmulArgs& a, const uint16_t* x, int64_t m0, int mt, int64_t n0,
+                                           int64_t n1) {
+  switch (mt) {
+    case 1: return avx512_rows<1, Int8>(a, x, m0, n0, n1);
+    case 2: return avx512_rows<2, Int8>(a, x, m0, n0, n1);
+    case 3: return avx512_rows<3, Int8>(a, x, m0, n0, n1);
+    case 4: return avx512_rows<4, Int8>(a, x, m0, n0, n1);
+    case 5: return avx512_rows<5, Int8>(a, x, m0, n0, n1);
+    case 6: return avx512_rows<6, Int8>(a, x, m0, n0, n1);
+    case 7: return avx512_rows<7, Int8>(a, x, m0, n0, n1);
+    default: return avx512_rows<8, Int8>(a, x, m0, n0, n1);
+  }
+}
+
+// Rows [n0, n1) of y: block by block of W's rows, every tile of x's rows against the block.
+void fast_rows(const MatmulArgs& a, const uint16_t* x, int64_t n0, int64_t n1) {
+  for (int64_t block = n0; block < n1; block += kRowBlock) {
+    const int64_t end = std::min(n1, block + kRowBlock);
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowsOfX) {
+      const int mt = static_cast<int>(std::min<int64_t>(kMaxRowsOfX, a.M - m0));
+      if (a.w_type == Weight::INT8) {
+        avx512_rows_of_x<true>(a, x, m0, mt, block, end);
+      } else {
+        avx512_rows_of_x<false>(a, x, m0, mt, block, end);
+      }
+    }
+  }
+}
+#endif  // CANCERLLM_X86
+
+}  // namespace
+
+bool has_avx512_bf16() {
+#ifdef CANCERLLM_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16");
+#else
+  return false;
+#endif
+}
+
+void small_matmul(const MatmulArgs& a, int threads, bool portable) {
+  const bool fast = !portable && has_avx512_bf16();
+  const int64_t MK = a.M * a.K;
+  // x as the kernels read it: bf16 for the fast kernel, fp32 holding bf16 values for the portable one.
+  std::vector<uint16_t> x_bf16;
+  const uint16_t* x = static_cast<const uint16_t*>(a.x);
+  if (a.x_type == Float::F32) {
+    x_bf16.resize(MK);
+    for (int64_t i = 0; i < MK; ++i) x_bf16[i] = float_to_bf16(static_cast<const float*>(a.x)[i]);
+    x = x_bf16.data();
+  }
+  // Whole blocks of rows per thread, as many threads as there are blocks at most.
+  const int64_t blocks = (a.N + kRowBlock - 1) / kRowBlock;
+  const int64_t per_thread = (blocks + threads - 1) / std::max(threads, 1) * kRowBlock;
+  const int count = static_cast<int>((a.N + per_thread - 1) / per_thread);
+  std::vector<float> x_float, w_rows;
+  if (!fast) {
+    x_float.resize(MK);
+    for (int64_t i = 0; i < MK; ++i) x_float[i] = bf16_to_float(x[i]);
+    w_rows.resize(count * a.K);
+  }
+  // OpenMP: the runtime torch's own parallel ops use (libgomp, loaded once per process), so our threads are
+  // torch's threads. A pool of our own (tried first) fought torch's spinning OpenMP workers for the cores: at 2
+  // threads decoding ran slower than at 1.
+#pragma omp parallel for num_threads(count) schedule(static, 1) if (count > 1)
+  for (int i = 0; i < count; ++i) {
+    const int64_t n0 = i * per_thread, n1 = std::min(a.N, n0 + per_thread);
+#ifdef CANCERLLM_X86
+    if (fast) {
+      fast_rows(a, x, n0, n1);
+      continue;
+    }
+#endif
+    portable_rows(a, x_float.data(), w_rows.data() + i * a.K, n0, n1);
+  }
+}
+
+}  // namespace cancerllm

@@ -1,0 +1,34 @@
+// Small-M matmuls for decoding on CPU: y[M, N] = x[M, K] @ W[N, K]^T with few rows (a decode batch), W in bf16 or
+// in int8 with a bf16 scale per output row. Decoding is bound by reading W once per step: these kernels stream W
+// row by row in its own layout (the one torch's F.linear and _weight_int8pack_mm take, so no second copy) and
+// multiply every loaded piece of it by all M rows of x. The callers (cancerllm/gemv.py) check dtypes, shapes and
+// contiguity; these functions trust them.
+#pragma once
+
+#include <cstdint>
+
+namespace cancerllm {
+
+enum class Float : int { F32 = 0, BF16 = 1 };  // x's and y's element types
+enum class Weight : int { BF16 = 0, INT8 = 1 };
+
+struct MatmulArgs {
+  const void* x;           // [M, K], Float x_type, contiguous
+  Float x_type;
+  const void* w;           // [N, K], Weight w_type, contiguous
+  Weight w_type;
+  const uint16_t* scales;  // [N] bf16 for INT8 weights, else null
+  void* y;                 // [M, N], Float y_type, contiguous
+  Float y_type;
+  bool round_to_bf16;      // results rounded to bf16 even when y is fp32 (the int8 path's contract)
+  int64_t M, N, K;
+};
+
+// Whether this CPU runs the AVX512-BF16 kernel (otherwise the portable one runs).
+bool has_avx512_bf16();
+
+// y = x @ W^T (times the row scales), fp32 sums, over `threads` threads (1: the calling thread only). `portable`
+// forces the portable kernel, which every CPU runs (for tests of it on a CPU that has the fast one).
+void small_matmul(const MatmulArgs& args, int threads, bool portable);
+
+}  // namespace cancerllm
