@@ -95,13 +95,14 @@ class ModelSystem:
     field, so a batch shares one grammar).
 
     guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
-    (api.guided), which weighs what the report says against what the model answers without one."""
+    (api.guided), which weighs what the report says against what the model answers without one.
+    decoding: Generator.from_pretrained's options (dtype, quantize)."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
-                 guidance_scale=1.0):
+                 guidance_scale=1.0, decoding=None):
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
-        self.generator = Generator.from_pretrained(checkpoint)
+        self.generator = Generator.from_pretrained(checkpoint, **(decoding or {}))
         self.settings = self.generator.prompt_settings
         self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
         self.tokens, self.seconds = 0, 0.0
@@ -303,6 +304,9 @@ def markdown(result: dict) -> str:
     lines = [f"# {task} — {result['split']} split ({result['n_examples']} examples, {result['n_reports']} reports)",
              "", "checkpoint: " + " + ".join(f"`{c}`" for c in result["checkpoints"])
              + (f" (an ensemble of {len(result['checkpoints'])})" if len(result["checkpoints"]) > 1 else ""), ""]
+    decoding = {k: v for k, v in result.get("decoding", {}).items() if v}
+    if decoding:
+        lines += ["decoded with " + ", ".join(f"{k} {v}" for k, v in decoding.items()), ""]
     if task == "diagnosis":
         cols = ["token F1", "ROUGE-L", "set F1 exact", "set F1 ROUGE-1", "stated-field micro F1"]
         row = lambda s: [s["token_f1"], s["rouge_l"], s["set_exact"]["f1"], s["set_rouge1"]["f1"], s["micro"]["f1"]]
@@ -352,11 +356,14 @@ def markdown(result: dict) -> str:
 
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
-             ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None) -> dict:
+             ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None, dtype=None,
+             quantize=None) -> dict:
     """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
     `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
     peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
-    baseline_checkpoint=DIR adds the peer "zero-shot {DIR's name}"."""
+    baseline_checkpoint=DIR adds the peer "zero-shot {DIR's name}". dtype and quantize: how every checkpoint is
+    decoded (Generator.from_pretrained's; default: each checkpoint's own dtype, unquantized), so that a faster
+    decoding can be checked against the task metrics."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
@@ -393,11 +400,13 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
         raise ValueError(f"{data / task / f'{split}.jsonl'}: no examples to evaluate")
     majority = majority_values([r["fields"] for r in read_jsonl(data / "phenotype-json" / "train.jsonl")])
     budget = MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
-    systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale),
+    decoding = {"dtype": dtype, "quantize": quantize}
+    systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale,
+                           decoding),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
-    peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale)
-                    for name, peer in peers.items()]
+    peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale,
+                                decoding) for name, peer in peers.items()]
 
     clean = {s.name: s.answers(records) for s in systems + peer_systems}
     predictions = prediction_rows(records, clean)
@@ -406,6 +415,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
               "constrained": constrained and task != "diagnosis",
               "guidance_scale": guidance_scale,
+              "decoding": {"dtype": None if dtype is None else str(dtype).removeprefix("torch."),
+                           "quantize": quantize},
               "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
               "systems": {name: score(task, records, a, templates) for name, a in clean.items()},
               "comparisons": compare_to_model(task, records, clean) if task in FIELD_VIEWS else {},
@@ -502,12 +513,16 @@ def main(argv=None):
                    help="decode JSON answers without the schema, and questions without their field's values")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
+    p.add_argument("--dtype", default=None, help="decode in float32, bfloat16 or float16 (default: each checkpoint's)")
+    p.add_argument("--quantize", choices=["int8"], default=None,
+                   help="int8: weight-only int8 matmuls, a scale per output row (CPU; Generator's quantize)")
     a = p.parse_args(argv)
     try:
         evaluate(a.checkpoint, a.task, a.split, data=a.data, out=a.out, perturb=[x for x in a.perturb.split(",") if x],
                  baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
-                 constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer))
+                 constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer),
+                 dtype=a.dtype, quantize=a.quantize)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

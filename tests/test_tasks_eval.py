@@ -222,3 +222,25 @@ def test_eval_scores_an_ensemble_of_checkpoints(checkpoint, data, tmp_path):
         assert result["checkpoints"] == [str(c) for c in checkpoints]
         return result["systems"]["model"]
     assert model_scores(checkpoint, checkpoint) == model_scores(checkpoint)
+
+
+def test_eval_decodes_every_checkpoint_as_asked_and_says_so(checkpoint, data, tmp_path, monkeypatch):
+    """--dtype and --quantize reach Generator.from_pretrained for the model and its peers, and the report records
+    them; an unknown quantize value is refused by name."""
+    asked = []
+    load = Generator.from_pretrained.__func__
+    monkeypatch.setattr(Generator, "from_pretrained",
+                        classmethod(lambda cls, path, **options: asked.append(options) or load(cls, path, **options)))
+    cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data),
+                      "--out", str(tmp_path), "--limit", "1", "--max-new-tokens", "8", "--peer", f"twin={checkpoint}",
+                      "--dtype", "bfloat16", "--quantize", "int8"])
+    assert asked == [{"dtype": "bfloat16", "quantize": "int8"}] * 2
+    result = json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())
+    assert result["decoding"] == {"dtype": "bfloat16", "quantize": "int8"}
+    assert "decoded with dtype bfloat16, quantize int8" in (tmp_path / "eval_phenotype-json_test.md").read_text()
+    with pytest.raises(ValueError, match="quantize"):
+        cancer_eval.evaluate(checkpoint, "phenotype-json", data=data, out=tmp_path, limit=1, quantize="int4",
+                             verbose=False)
+    with pytest.raises(SystemExit):
+        cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data),
+                          "--quantize", "int4"])
