@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -47,15 +48,20 @@ def machine_key() -> str:
     """What makes one machine's measurement invalid on another: the CPU (model name and instruction-set flags; a
     virtual machine may name only the vendor), the threads torch uses and torch's version (its kernels)."""
     info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())   # the first processor's lines
-    except OSError:
-        pass
+    for line in cpuinfo_lines():
+        key, _, value = line.partition(":")
+        info.setdefault(key.strip(), value.strip())   # the first processor's lines
     model, flags = info.get("model name") or platform.processor() or platform.machine(), info.get("flags", "")
     flags_hash = hashlib.sha1(flags.encode()).hexdigest()[:8]
     return f"{model} flags:{flags_hash} threads:{torch.get_num_threads()} torch:{torch.__version__}"
+
+
+def cpuinfo_lines() -> list:
+    """/proc/cpuinfo's lines; none where there is no such file (not Linux: platform then names the CPU)."""
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
 
 
 def load_cache(path: Path) -> dict:
@@ -72,8 +78,8 @@ def save_cache(path: Path, cache: dict) -> None:
         staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         staging.write_text(json.dumps(cache, indent=1, sort_keys=True))
         os.replace(staging, path)      # readers see the old file or the new one, never half of one
-    except OSError:
-        pass
+    except OSError as e:
+        warnings.warn(f"{path}: the decode-path measurements were not saved ({e}); the next load measures again")
 
 
 def fastest(runs: dict, before=None) -> str:

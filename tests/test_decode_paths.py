@@ -193,6 +193,19 @@ def test_an_unreadable_cache_is_measured_again(tmp_path, monkeypatch):
     assert list(json.loads((tmp_path / decode_paths.CACHE_FILE).read_text()).values()) == ["aten"]
 
 
+def test_an_unwritable_cache_still_chooses_and_says_it_was_not_saved(tmp_path, monkeypatch):
+    (tmp_path / "a file").write_text("")
+    monkeypatch.setenv("CANCERLLM_CACHE_DIR", str(tmp_path / "a file"))   # no directory can be made there
+    make = lambda w, path: FakeLinear(2e-3 if path == "onednn" else 0.0)   # noqa: E731
+    with pytest.warns(UserWarning, match="not saved"):
+        assert decode_paths.choose(torch.randn(6, 16), ("onednn", "aten"), make) == "aten"
+
+
+def test_machine_key_without_proc_cpuinfo(monkeypatch):
+    monkeypatch.setattr(decode_paths, "cpuinfo_lines", lambda: [])
+    assert f"torch:{torch.__version__}" in decode_paths.machine_key()
+
+
 def test_measured_paths_are_real_paths_and_the_form_follows_them(tmp_path, monkeypatch):
     """With onednn=None each weight shape gets the path the cache names: force one shape to each path."""
     monkeypatch.setenv("CANCERLLM_CACHE_DIR", str(tmp_path))
