@@ -10,10 +10,13 @@ query at position i sees the keys at positions j with i - W < j <= i (Mistral's 
 Rows are independent: each carries its own positions, so sequences of different lengths share a batch
 without padding. A forward pass covers a slice of rows: call `begin(rows, positions)` once, then
 `model(tokens, positions=positions, cache=cache)` (the Generator calls the model's decoding form,
-model.fuse_for_decoding, the same way); every layer then calls `attend`.
+model.fuse_for_decoding, the same way); every layer then calls `attend`, or, in the decoding form at one token per
+row on CPU, `attend_step`: the whole step's rotation, store and attention in one C++ call (decode_attention.py).
 """
 import torch
 import torch.nn.functional as F
+
+from . import decode_attention
 
 
 class KVCache:
@@ -28,8 +31,12 @@ class KVCache:
         self.batch_index = torch.arange(batch, device=device)[:, None]
         # Set by begin() for the coming forward pass.
         self.rows = slice(0, batch)
-        self.mask = None
         self.write_slots = None
+        self.positions = None        # each row's first new position, [n]
+        self.visibility = None       # (key positions, query positions) the mask is built from, when first needed
+        self._mask = None
+        # Whether attend_step can run this cache's one-token passes (the Generator's decode steps).
+        self.step_kernel = decode_attention.usable(self.k)
 
     @classmethod
     def for_model(cls, args, batch: int, max_len: int, *, dtype, device) -> "KVCache":
@@ -62,17 +69,28 @@ class KVCache:
             kept = positions[:, -self.n_slots:]
             self.write_slots = kept % self.n_slots
             slot_pos.scatter_(1, self.write_slots, kept)
-        key_pos, query_pos = key_pos[:, None, :], positions[:, :, None]
-        visible = (key_pos >= 0) & (key_pos <= query_pos)
-        if self.window is not None:
-            visible &= key_pos > query_pos - self.window
-        # Queries are laid out [n, Hkv, T * groups, D] by attend(): repeat each query's row of the mask per group.
-        # An additive float mask, built once per pass: SDPA would convert a boolean one in every layer.
-        K = visible.shape[-1]
-        visible = visible[:, None, :, None, :].expand(n, 1, T, self.groups, K).reshape(n, 1, T * self.groups, K)
-        self.mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(
-            ~visible, -torch.inf)
+        self.visibility, self._mask = (key_pos, positions), None
+        self.positions = positions[:, 0].contiguous()
         self.rows = rows
+
+    @property
+    def mask(self):
+        """The additive attention mask of the pass begin() prepared, [n, 1, T * groups, keys]: built at the first
+        attend() of the pass (once, not per layer; SDPA would convert a boolean one in every layer), never when
+        attend_step does all the layers' attention."""
+        if self._mask is None:
+            key_pos, positions = self.visibility
+            n, T = positions.shape
+            key_pos, query_pos = key_pos[:, None, :], positions[:, :, None]
+            visible = (key_pos >= 0) & (key_pos <= query_pos)
+            if self.window is not None:
+                visible &= key_pos > query_pos - self.window
+            # Queries are laid out [n, Hkv, T * groups, D] by attend(): repeat each query's mask row per group.
+            K = visible.shape[-1]
+            visible = visible[:, None, :, None, :].expand(n, 1, T, self.groups, K).reshape(n, 1, T * self.groups, K)
+            self._mask = torch.zeros(visible.shape, dtype=self.k.dtype, device=self.k.device).masked_fill_(
+                ~visible, -torch.inf)
+        return self._mask
 
     def attend(self, layer_id: int, q, k, v):
         """Store this pass's k, v [n, T, Hkv, D] for layer `layer_id` and return the attention of q
@@ -91,6 +109,16 @@ class KVCache:
         qg = q.view(n, T, Hkv, self.groups, D).transpose(1, 2).reshape(n, Hkv, T * self.groups, D)
         out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=self.mask)
         return out.view(n, Hkv, T, self.groups, D).transpose(1, 2).reshape(n, T, Hq, D)
+
+    def attend_step(self, layer_id: int, qkv, cos, sin):
+        """What a decode step's layer needs from the cache when `step_kernel` is set and every row brings one token:
+        qkv [n, 1, Hq + 2 Hkv, D] (the fused projection, not rotated) and its rotary angles cos, sin [n, 1, D/2] in,
+        the attention [n, 1, Hq, D] out, k and v stored (decode_attention.attend_step)."""
+        # The rotary tables are fp32 unless the model was cast whole (.to(bfloat16) casts buffers too); rotate()
+        # widens them, so does this.
+        return decode_attention.attend_step(qkv, cos.float(), sin.float(), self.k[layer_id, self.rows],
+                                            self.v[layer_id, self.rows], self.slot_pos[self.rows], self.positions,
+                                            window=self.window)
 
     def store(self, k_cache, v_cache, k, v):
         """Write k, v [n, Hkv, m, D] into the slots chosen by begin()."""

@@ -282,6 +282,12 @@ def plan_shards(state: dict, max_bytes: int) -> list[dict]:
     return shards + [current]
 
 
+def own_storage(t: torch.Tensor) -> torch.Tensor:
+    """`t` alone in its storage, as safetensors writes tensors: a copy of a view into a larger one (the packed
+    weights of a model the Generator loaded, arena.py)."""
+    return t if t.untyped_storage().nbytes() == t.nbytes else t.clone()
+
+
 def save_state_dict(state: dict, args: ModelArgs, path, *, tokenizer=None, max_shard_size="5GB", dtype=None):
     """Write a model state dict (our names) as a Hugging Face directory. Used for a local model and for the full
     state dict that FSDP training gathers on rank 0.
@@ -353,7 +359,7 @@ def copy_tokenizer(tok, directory: Path):
 
 def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dtype, tok, max_bytes: int):
     """The files of a Hugging Face directory, written into an empty `directory`."""
-    hf_state = {(k if k == HEAD else HF_PREFIX + k): v.detach().to("cpu", dtype).contiguous()
+    hf_state = {(k if k == HEAD else HF_PREFIX + k): own_storage(v.detach().to("cpu", dtype).contiguous())
                 for k, v in state.items()}
     shards = plan_shards(hf_state, max_bytes)
     if len(shards) == 1:

@@ -10,17 +10,14 @@ import os
 
 import torch
 
+from .extension import FLOATS, check_cpu_tensor, native
+
 MAX_ROWS = 16   # up to this many rows the decoding form calls these kernels; prefill goes to the GEMM libraries
-FLOATS = {torch.float32: 0, torch.bfloat16: 1}
 WEIGHTS = {torch.bfloat16: 0, torch.int8: 1}
 
 
 def _extension():
-    try:
-        from . import _C
-    except ImportError:
-        return None
-    return _C if hasattr(_C, "small_matmul") else None
+    return native("small_matmul")
 
 
 def available() -> bool:
@@ -40,14 +37,6 @@ def build_id() -> str:
     return f"{info.st_size}-{int(info.st_mtime)}"
 
 
-def check_tensor(name: str, t) -> None:
-    if not isinstance(t, torch.Tensor) or t.device.type != "cpu":
-        raise ValueError(f"gemv: {name} must be a CPU tensor, got "
-                         f"{t.device if isinstance(t, torch.Tensor) else type(t).__name__}")
-    if not t.is_contiguous():
-        raise ValueError(f"gemv: {name} must be contiguous, got strides {t.stride()} for shape {tuple(t.shape)}")
-
-
 class Multiplier:
     """A weight [N, K] (bf16, or int8 with its bf16 scales [N]) checked once, then multiplied by many x: decoding
     calls it ~150 times a step, where checking the weight again would cost as much as a small matmul."""
@@ -56,7 +45,7 @@ class Multiplier:
         self.extension = _extension()
         if self.extension is None:
             raise RuntimeError("gemv: cancerllm._C lacks small_matmul; rebuild the extension (csrc/README.md)")
-        check_tensor("weight", weight)
+        check_cpu_tensor("gemv", "weight", weight)
         if weight.dtype not in WEIGHTS:
             raise TypeError(f"gemv: weight must be bfloat16 or int8, got {weight.dtype}")
         if weight.dim() != 2:
@@ -64,7 +53,7 @@ class Multiplier:
         if (weight.dtype == torch.int8) != (scales is not None):
             raise ValueError("gemv: int8 weights need their scales, bf16 weights take none")
         if scales is not None:
-            check_tensor("scales", scales)
+            check_cpu_tensor("gemv", "scales", scales)
             if scales.dtype != torch.bfloat16 or scales.shape != weight.shape[:1]:
                 raise ValueError(f"gemv: scales must be bfloat16 of shape ({weight.shape[0]},), got {scales.dtype} "
                                  f"{tuple(scales.shape)}")
@@ -75,7 +64,7 @@ class Multiplier:
     def __call__(self, x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
         """x [..., K] @ weight.T (times the scales) -> [..., N] in x's dtype, on torch's thread count. `portable`
         runs the portable kernel on any CPU (tests cover both kernels on one machine)."""
-        check_tensor("x", x)
+        check_cpu_tensor("gemv", "x", x)
         if x.dtype not in FLOATS:
             raise TypeError(f"gemv: x must be float32 or bfloat16, got {x.dtype}")
         if x.dim() < 2 or x.shape[-1] != self.K:

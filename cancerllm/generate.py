@@ -85,7 +85,7 @@ import torch
 
 from .cache import KVCache
 from .checkpoint import parse_dtype
-from .model import QUANTIZE, Transformer, fuse_for_decoding
+from .model import QUANTIZE, Transformer, fuse_for_decoding, pack_weights
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import TokenizerBase, open_tokenizer
 
@@ -373,6 +373,8 @@ class Generator:
                 raise ValueError(f"{other.path} differs from {tokenizer.path}: an ensemble's members must share one "
                                  "tokenizer")
         models = [Transformer.from_pretrained(p, device=device, dtype=dtype) for p in paths]
+        for model in models:   # its own: its weights can move into the layout decoding reads fastest
+            pack_weights(model)
         settings = [load_prompt_settings(p) for p in paths]
         for other, member in zip(paths[1:], settings[1:]):
             if member != settings[0]:

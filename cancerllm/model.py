@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import gemv, kernels
+from . import arena, decode_rms_norm, gemv, kernels
+from .decode_rms_norm import RowNorm
 from .kernels.reference import IGNORE_INDEX, compute_dtype
 from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 
@@ -444,8 +445,27 @@ class DecodeLinear(nn.Module):
             self.weight = weight
         # Our kernel reads the weight in its [out, in] layout: the int8 copy, or the weight as given (beside
         # oneDNN's copy for "onednn"), held only where the kernel runs.
-        rows_weight = self.weight if path == "int8" else weight
-        self.rows_matmul = gemv.Multiplier(rows_weight, self.scales) if gemv_rows else None
+        self.rows_weight = (self.weight if path == "int8" else weight) if gemv_rows else None
+        self.rows_matmul = gemv.Multiplier(self.rows_weight, self.scales) if gemv_rows else None
+
+    def streamed(self) -> list:
+        """The tensors a decode step reads from memory for this matmul in their plain layout: the int8 weight and
+        its scales, F.linear's weight, or the weight our kernel reads beside oneDNN's copy (none without it)."""
+        if self.path == "int8":
+            return [self.weight, self.scales]
+        if self.path == "aten":
+            return [self.weight]
+        return [self.rows_weight] if self.gemv_rows else []
+
+    def adopt(self, tensors: list) -> None:
+        """Read copies of the streamed() tensors (equal values, in the same order) from now on."""
+        if self.path == "int8":
+            self.weight, self.scales = tensors
+        elif self.path == "aten":
+            (self.weight,) = tensors
+        if self.gemv_rows:
+            self.rows_weight = tensors[0]
+            self.rows_matmul = gemv.Multiplier(self.rows_weight, self.scales)
 
     def small(self, x) -> bool:
         """Whether `x` goes to our small-M kernel."""
@@ -502,14 +522,18 @@ def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
 
 
 class DecodeRMSNorm(nn.Module):
-    """An RMSNorm's weight and eps on torch's F.rms_norm: the maths of kernels.rms_norm (bit for bit on CPU,
-    tests/test_decode_form.py) in one op where the reference runs seven; at decode sizes per-op overhead dominates."""
+    """An RMSNorm's weight and eps for decoding, the maths of kernels.rms_norm in fewer ops (at decode sizes per-op
+    overhead dominates): on CPU in fp32 or bf16 our one-call kernel (decode_rms_norm.py), elsewhere torch's
+    F.rms_norm (bit for bit kernels.rms_norm's; tests/test_decode_form.py compares both)."""
 
     def __init__(self, norm: RMSNorm):
         super().__init__()
         self.weight, self.eps = norm.weight.detach(), norm.eps
+        self.row_norm = RowNorm(self.weight, self.eps) if decode_rms_norm.usable(self.weight) else None
 
     def forward(self, x):
+        if self.row_norm is not None and decode_rms_norm.usable(x):
+            return self.row_norm(x)
         return F.rms_norm(x.float(), (x.shape[-1],), self.weight.float(), self.eps).to(x.dtype)
 
 
@@ -526,10 +550,14 @@ class FusedBlock(nn.Module):
         self.post_attention_layernorm = DecodeRMSNorm(block.post_attention_layernorm)
         self.layer_id, self.n_heads, self.n_kv_heads, self.head_dim = (attn.layer_id, attn.n_heads, attn.n_kv_heads,
                                                                        attn.head_dim)
-        qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
+        qkv = arena.concat_rows([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])
         self.qkv_proj, self.o_proj = linear(qkv, "qkv_proj"), linear(attn.o_proj.weight, "o_proj")
         self.gate_proj, self.up_proj, self.down_proj = (linear(m.weight, name) for m, name in (
             (mlp.gate_proj, "gate_proj"), (mlp.up_proj, "up_proj"), (mlp.down_proj, "down_proj")))
+
+    def linears(self) -> list:
+        """The block's DecodeLinears in the order forward() runs them."""
+        return [self.qkv_proj, self.o_proj, self.gate_proj, self.up_proj, self.down_proj]
 
     def forward(self, x, cos, sin, cu_seqlens, cache):
         if cache is None:
@@ -537,8 +565,11 @@ class FusedBlock(nn.Module):
         B, T, _ = x.shape
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(self.input_layernorm(x)).view(B, T, Hq + 2 * Hkv, self.head_dim)
-        qk = rotate(qkv[:, :, :Hq + Hkv], cos, sin, sign=1.0)   # apply_rope's rotation, q and k in one pass
-        out = cache.attend(self.layer_id, qk[:, :, :Hq], qk[:, :, Hq:], qkv[:, :, Hq + Hkv:])
+        if T == 1 and cache.step_kernel:   # a decode step: rotation, store and attention in one C++ call
+            out = cache.attend_step(self.layer_id, qkv, cos, sin)
+        else:
+            qk = rotate(qkv[:, :, :Hq + Hkv], cos, sin, sign=1.0)   # apply_rope's rotation, q and k in one pass
+            out = cache.attend(self.layer_id, qk[:, :, :Hq], qk[:, :, Hq:], qkv[:, :, Hq + Hkv:])
         h = self.o_proj.plus(out.reshape(B, T, -1), residual=x)
         normed = self.post_attention_layernorm(h)
         return self.down_proj.plus(self.up_proj.times(normed, self.gate_proj.silu(normed)), residual=h)
@@ -568,4 +599,32 @@ def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Tran
     fused.rope_cos, fused.rope_sin = model.rope_cos, model.rope_sin
     fused.layers = nn.ModuleList(FusedBlock(block, linear) for block in model.layers)
     fused.lm_head = linear(model.lm_head.weight, "lm_head")
+    pack_streamed([m for block in fused.layers for m in block.linears()] + [fused.lm_head])
     return fused.eval()
+
+
+def pack_streamed(linears: list) -> None:
+    """Give the DecodeLinears, listed in the order a step runs them, copies of their streamed() tensors in one
+    allocation in that order (arena.py: a step then reads one long stream, on huge pages where the OS has them),
+    unless they already lie in one allocation in that order (a model packed by pack_weights: no copy). CPU only."""
+    tensors = [t for linear in linears for t in linear.streamed()]
+    if not tensors or tensors[0].device.type != "cpu" or arena.in_order(tensors):
+        return
+    copies = iter(arena.pack(tensors))
+    for linear in linears:
+        linear.adopt([next(copies) for _ in linear.streamed()])
+
+
+@torch.no_grad()
+def pack_weights(model: Transformer) -> None:
+    """Move a CPU model's matmul weights into one allocation, in the order a forward pass reads them (each block's
+    q, k, v, o, gate, up, down, then the output head, the embedding when tied): the same values, read faster by
+    decoding (arena.py), whose q/k/v fusion then is a view rather than a copy. The Generator does it for the models
+    it loads; a model it is handed is left alone (its decoding form packs copies instead)."""
+    if model.lm_head.weight.device.type != "cpu":
+        return
+    params = [proj.weight for block in model.layers for proj in (
+        block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj, block.self_attn.o_proj,
+        block.mlp.gate_proj, block.mlp.up_proj, block.mlp.down_proj)] + [model.lm_head.weight]
+    for param, view in zip(params, arena.pack([p.detach() for p in params])):
+        param.data = view

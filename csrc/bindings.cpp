@@ -1,13 +1,16 @@
-// cancerllm._C: the shard reader and the packed loader for Python, and the small-M matmuls of decoding. Batches
+// cancerllm._C: the shard reader and the packed loader for Python, and the CPU decoding kernels (small-M matmuls,
+// single-token cached attention, RMSNorm). Batches
 // reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
-// last array goes away. The matmuls take torch tensors as data pointers (no torch headers here): cancerllm/gemv.py
-// checks their dtypes, shapes and contiguity before the call.
+// last array goes away. The decoding kernels take torch tensors as data pointers (no torch headers here): their
+// Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py) check dtypes, shapes and contiguity.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "decode_attention.h"
 #include "gemv.h"
 #include "loader.h"
+#include "rms_norm.h"
 
 namespace py = pybind11;
 using namespace cancerllm;
@@ -89,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
       });
 
   m.def("has_avx512_bf16", &has_avx512_bf16, "Whether this CPU runs small_matmul's AVX512-BF16 kernel");
+  m.def("has_avx512", &has_avx512, "Whether this CPU runs decode_attention's AVX512 loops");
   m.def("small_matmul", [](uintptr_t x, int x_type, uintptr_t w, int w_type, uintptr_t scales, uintptr_t y,
                            int y_type, bool round_to_bf16, int64_t M, int64_t N, int64_t K, int threads,
                            bool portable) {
@@ -103,4 +107,32 @@ PYBIND11_MODULE(_C, m) {
      py::arg("y_type"), py::arg("round_to_bf16"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("threads"),
      py::arg("portable"), py::call_guard<py::gil_scoped_release>(),
      "y[M, N] = x[M, K] @ w[N, K]^T (times scales[N]) on raw pointers: use cancerllm.gemv.matmul");
+
+  m.def("decode_attention", [](uintptr_t qkv, uintptr_t cos, uintptr_t sin, uintptr_t k_cache, uintptr_t v_cache,
+                               uintptr_t slot_pos, uintptr_t positions, uintptr_t out, int type, int64_t n,
+                               int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t window, float scale,
+                               int threads, bool portable) {
+    if (type < 0 || type > 1) throw std::invalid_argument("decode_attention: unknown element type");
+    if (n < 1 || Hkv < 1 || Hq % Hkv || S < 1 || D < 2 || D % 2 || window < 0 || threads < 1)
+      throw std::invalid_argument("decode_attention: bad sizes");
+    DecodeAttentionArgs args{reinterpret_cast<const void*>(qkv), reinterpret_cast<const float*>(cos),
+                             reinterpret_cast<const float*>(sin), reinterpret_cast<void*>(k_cache),
+                             reinterpret_cast<void*>(v_cache), reinterpret_cast<const int64_t*>(slot_pos),
+                             reinterpret_cast<const int64_t*>(positions), reinterpret_cast<void*>(out),
+                             static_cast<Float>(type), n, Hq, Hkv, S, D, window, scale};
+    decode_attention(args, threads, portable);
+  }, py::arg("qkv"), py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_pos"),
+     py::arg("positions"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("Hq"), py::arg("Hkv"),
+     py::arg("S"), py::arg("D"), py::arg("window"), py::arg("scale"), py::arg("threads"), py::arg("portable"),
+     py::call_guard<py::gil_scoped_release>(),
+     "one decode step's rotary, cache write and attention on raw pointers: use cancerllm.decode_attention");
+  m.def("rms_norm_rows", [](uintptr_t x, uintptr_t weight, float eps, uintptr_t y, int type, int64_t rows,
+                            int64_t dim, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("rms_norm_rows: unknown element type");
+    if (rows < 0 || dim < 1 || threads < 1) throw std::invalid_argument("rms_norm_rows: bad sizes");
+    rms_norm_rows(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(weight), eps,
+                  reinterpret_cast<void*>(y), static_cast<Float>(type), rows, dim, threads);
+  }, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("y"), py::arg("type"), py::arg("rows"),
+     py::arg("dim"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "RMSNorm of rows on raw pointers: use cancerllm.decode_rms_norm");
 }

@@ -6,13 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-// GCC 12's AVX512 headers warn about their own _mm512_undefined_* placeholders (GCC bug 105593).
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#include <immintrin.h>
-#define CANCERLLM_X86 1
-#endif
+#include "avx512.h"
 
 namespace cancerllm {
 namespace {
@@ -22,20 +16,6 @@ namespace {
 // every row tile below (8, 6, 4, 2).
 constexpr int64_t kRowBlock = 24;
 constexpr int kMaxRowsOfX = 8;  // rows of x per tile: 8 x 2 accumulators and 8 rows of x fill the 32 registers
-
-float bf16_to_float(uint16_t v) {
-  uint32_t bits = uint32_t{v} << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even, as torch rounds; NaN stays a (quiet) NaN
-  uint32_t bits;
-  std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
-}
 
 // One result: times its row's scale, stored in y's type (rounded to bf16 first where the contract says so).
 void store(const MatmulArgs& a, int64_t m, int64_t n, float v) {
@@ -96,25 +76,6 @@ CANCERLLM_AVX512_BF16 inline __m512i load_weights(const void* w, int64_t offset,
   }
 }
 
-// The sum of v's 16 lanes.
-CANCERLLM_AVX512_BF16 inline float sum_lanes(__m512 v) {
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
-
-// The lane sums of a, b, c and d, as 4 floats: one transposing reduction instead of four (at short K the
-// reductions are a good part of a tile's work).
-CANCERLLM_AVX512_BF16 inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));  // per 128 bits: a b a b
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 abcd = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
-                                    _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));  // per 128 bits: a b c d
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
-  return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-}
-
 // 32 steps along K from k: MT rows of x and R rows of W (from row n) into the R x MT accumulators, each loaded
 // piece of W multiplied by all MT rows before the next is loaded. Masked: the last, partial step (zeros past K).
 template <int MT, int R, bool Int8, bool Masked>
@@ -132,6 +93,9 @@ CANCERLLM_AVX512_BF16 inline void step(const MatmulArgs& a, const uint16_t* x, i
   }
 }
 
+// Dot products of R rows of W (from row n) with MT rows of x (bf16, from `x`), in fp32 partial sums. The loop
+// runs whole steps unmasked: GCC keeps the accumulators in registers only then (with masked loads in the loop it
+// stored every one to the stack at every step).
 // Dot products of R rows of W (from row n) with MT rows of x (bf16, from `x`), in fp32 partial sums. The loop
 // runs whole steps unmasked: GCC keeps the accumulators in registers only then (with masked loads in the loop it
 // stored every one to the stack at every step).

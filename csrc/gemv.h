@@ -7,9 +7,10 @@
 
 #include <cstdint>
 
+#include "bf16.h"
+
 namespace cancerllm {
 
-enum class Float : int { F32 = 0, BF16 = 1 };  // x's and y's element types
 enum class Weight : int { BF16 = 0, INT8 = 1 };
 
 struct MatmulArgs {

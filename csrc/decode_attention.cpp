@@ -1,0 +1,293 @@
+// Single-token cached attention (decode_attention.h): one task per (row, KV head), in fp32 whatever the cache
+// holds. Where the CPU has AVX512 the products run on explicit AVX512 loops (picked at run time); elsewhere on
+// portable loops written for the compiler to vectorize (`omp simd`), cloned for AVX2 and baseline x86.
+#include "decode_attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "simd.h"
+
+#include "avx512.h"
+
+namespace cancerllm {
+namespace {
+
+// Attention work (query heads x slots x head width) below which one thread does it all: an OpenMP fork costs
+// more than it saves on a short cache.
+constexpr int64_t kParallelWork = int64_t{1} << 16;
+
+// e^x for x <= 0 within 2 ulp, branch-free so that the softmax loop vectorizes (std::exp does not, and a step
+// takes ~1e5 of them): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, 2^n in the exponent bits.
+// Below -87 (e^x < 2^-126) the result is 0.
+inline float exp_nonpositive(float x) {
+  const bool underflow = x < -87.0f;
+  x = std::max(x, -87.0f);
+  constexpr float kRound = 12582912.0f;   // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
+  const float shifted = x * 1.44269504088896341f + kRound;
+  const float n = shifted - kRound;
+  int32_t n_bits;
+  std::memcpy(&n_bits, &shifted, sizeof n_bits);
+  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;   // ln2 in two parts: r stays exact
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float e_r = p * r * r + r + 1.0f;
+  const int32_t scale_bits = ((n_bits - 0x4B400000) + 127) << 23;   // 2^n, n = the integer kRound held
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return underflow ? 0.0f : e_r * scale;
+}
+
+// Head `head` of row i's fused projection in fp32, its halves rotated by the row's angles when `rotate`, then
+// rounded to the activations' type (the rotated tensor torch would hold).
+void load_head(const DecodeAttentionArgs& a, int64_t i, int64_t head, bool rotate, float* dst) {
+  const int64_t D = a.D, half = D / 2, at = (i * (a.Hq + 2 * a.Hkv) + head) * D;
+  for (int64_t d = 0; d < D; ++d) dst[d] = load_float(a.qkv, a.type, at + d);
+  if (!rotate) return;
+  const float* cos = a.cos + i * half;
+  const float* sin = a.sin + i * half;
+  for (int64_t d = 0; d < half; ++d) {
+    const float x1 = dst[d], x2 = dst[d + half];
+    dst[d] = round_to(a.type, x1 * cos[d] - x2 * sin[d]);
+    dst[d + half] = round_to(a.type, x2 * cos[d] + x1 * sin[d]);
+  }
+}
+
+// Slot `slot` of a [S, D] cache head as fp32: a pointer into it (fp32 cache) or its widening into `buffer`.
+// (Inlined into each clone of its callers.)
+inline const float* cached(const void* head, Float type, int64_t slot, int64_t D, float* buffer) {
+  if (type == Float::F32) return static_cast<const float*>(head) + slot * D;
+  const uint16_t* src = static_cast<const uint16_t*>(head) + slot * D;
+#pragma omp simd
+  for (int64_t d = 0; d < D; ++d) {
+    const uint32_t bits = uint32_t{src[d]} << 16;
+    std::memcpy(buffer + d, &bits, sizeof bits);
+  }
+  return buffer;
+}
+
+// The scores of `groups` queries [groups, D] against the visible slots' keys, scaled: scores[g * count + j].
+CANCERLLM_SIMD_CLONES void scores_of(const void* keys, Float type, const std::vector<int64_t>& visible,
+                                       const float* q, int64_t groups, int64_t D, float scale, float* buffer,
+                                       float* scores) {
+  const int64_t count = static_cast<int64_t>(visible.size());
+  for (int64_t j = 0; j < count; ++j) {
+    const float* k = cached(keys, type, visible[j], D, buffer);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = q + g * D;
+      float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qg[d] * k[d];
+      scores[g * count + j] = dot * scale;
+    }
+  }
+}
+
+// scores [groups, count] -> softmax weights in place; returns nothing: each row sums to 1.
+CANCERLLM_SIMD_CLONES void softmax_rows(float* scores, int64_t groups, int64_t count) {
+  for (int64_t g = 0; g < groups; ++g) {
+    float* row = scores + g * count;
+    float top = -INFINITY;
+    for (int64_t j = 0; j < count; ++j) top = std::max(top, row[j]);
+    float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+    for (int64_t j = 0; j < count; ++j) {
+      row[j] = exp_nonpositive(row[j] - top);
+      total += row[j];
+    }
+    const float inverse = 1.0f / total;
+#pragma omp simd
+    for (int64_t j = 0; j < count; ++j) row[j] *= inverse;
+  }
+}
+
+// acc [groups, D] = weights [groups, count] @ the visible slots' values.
+CANCERLLM_SIMD_CLONES void weighted_values(const void* values, Float type, const std::vector<int64_t>& visible,
+                                             const float* weights, int64_t groups, int64_t D, float* buffer,
+                                             float* acc) {
+  const int64_t count = static_cast<int64_t>(visible.size());
+  std::fill(acc, acc + groups * D, 0.0f);
+  for (int64_t j = 0; j < count; ++j) {
+    const float* v = cached(values, type, visible[j], D, buffer);
+    for (int64_t g = 0; g < groups; ++g) {
+      const float w = weights[g * count + j];
+      float* acc_g = acc + g * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) acc_g[d] += w * v[d];
+    }
+  }
+}
+
+#ifdef CANCERLLM_X86
+
+// Values [d, d + 16) of a cache row as fp32 (lanes outside `mask` zero): bf16 widened exactly.
+template <bool Bf16>
+CANCERLLM_AVX512 inline __m512 load16(const void* row, int64_t d, __mmask16 mask) {
+  if constexpr (Bf16) {
+    const __m256i half = _mm256_maskz_loadu_epi16(mask, static_cast<const uint16_t*>(row) + d);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16));
+  } else {
+    return _mm512_maskz_loadu_ps(mask, static_cast<const float*>(row) + d);
+  }
+}
+
+CANCERLLM_AVX512 inline __mmask16 lanes_left(int64_t D, int64_t d) {
+  return D - d >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (D - d)) - 1);
+}
+
+// The dot product of query q [D] with a key row, 16 values at a time, in one register of partial sums.
+template <bool Bf16>
+CANCERLLM_AVX512 inline __m512 partial_dot(const float* q, const char* row, int64_t D) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __mmask16 mask = lanes_left(D, d);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load16<Bf16>(row, d, mask), acc);
+  }
+  return acc;
+}
+
+// scores_of with explicit AVX512: each query against four keys at a time, their partial sums reduced together
+// (one transposing reduction for four dot products), the keys loaded from memory by the first query and from L1
+// for the others. (The compiler's version of these loops spent more on setting up each short loop than on the
+// products.)
+template <bool Bf16>
+CANCERLLM_AVX512 void avx512_scores(const void* keys, const std::vector<int64_t>& visible, const float* q,
+                                    int64_t groups, int64_t D, float scale, float* scores) {
+  const int64_t count = static_cast<int64_t>(visible.size()), row_bytes = D * (Bf16 ? 2 : 4);
+  const char* base = static_cast<const char*>(keys);
+  int64_t j = 0;
+  for (; j + 4 <= count; j += 4) {
+    const char* rows[4] = {base + visible[j] * row_bytes, base + visible[j + 1] * row_bytes,
+                           base + visible[j + 2] * row_bytes, base + visible[j + 3] * row_bytes};
+    for (int64_t g = 0; g < groups; ++g) {
+      const float* qg = q + g * D;
+      const __m128 sums = sum_lanes4(partial_dot<Bf16>(qg, rows[0], D), partial_dot<Bf16>(qg, rows[1], D),
+                                     partial_dot<Bf16>(qg, rows[2], D), partial_dot<Bf16>(qg, rows[3], D));
+      _mm_storeu_ps(scores + g * count + j, _mm_mul_ps(sums, _mm_set1_ps(scale)));
+    }
+  }
+  for (; j < count; ++j)
+    for (int64_t g = 0; g < groups; ++g)
+      scores[g * count + j] = sum_lanes(partial_dot<Bf16>(q + g * D, base + visible[j] * row_bytes, D)) * scale;
+}
+
+// One query's output out[D] = its weights @ the visible values, CH = ceil(D / 16) accumulators in registers.
+template <int CH, bool Bf16>
+CANCERLLM_AVX512 void avx512_values_of(const void* values, const std::vector<int64_t>& visible, const float* weights,
+                                       int64_t D, float* out) {
+  const int64_t count = static_cast<int64_t>(visible.size()), element = Bf16 ? 2 : 4;
+  __m512 acc[CH];
+  for (int c = 0; c < CH; ++c) acc[c] = _mm512_setzero_ps();
+  for (int64_t j = 0; j < count; ++j) {
+    const char* row = static_cast<const char*>(values) + visible[j] * D * element;
+    const __m512 w = _mm512_set1_ps(weights[j]);
+    for (int c = 0; c < CH; ++c) acc[c] = _mm512_fmadd_ps(w, load16<Bf16>(row, 16 * c, lanes_left(D, 16 * c)), acc[c]);
+  }
+  for (int c = 0; c < CH; ++c) _mm512_mask_storeu_ps(out + 16 * c, lanes_left(D, 16 * c), acc[c]);
+}
+
+// weighted_values with explicit AVX512 for head widths up to 128 (false: wider, left to the portable loops).
+template <bool Bf16>
+CANCERLLM_AVX512 bool avx512_values(const void* values, const std::vector<int64_t>& visible, const float* weights,
+                                    int64_t groups, int64_t D, float* acc) {
+  const int64_t count = static_cast<int64_t>(visible.size());
+  for (int64_t g = 0; g < groups; ++g) {
+    const float* w = weights + g * count;
+    float* out = acc + g * D;
+    switch ((D + 15) / 16) {
+      case 1: avx512_values_of<1, Bf16>(values, visible, w, D, out); break;
+      case 2: avx512_values_of<2, Bf16>(values, visible, w, D, out); break;
+      case 3: avx512_values_of<3, Bf16>(values, visible, w, D, out); break;
+      case 4: avx512_values_of<4, Bf16>(values, visible, w, D, out); break;
+      case 5: avx512_values_of<5, Bf16>(values, visible, w, D, out); break;
+      case 6: avx512_values_of<6, Bf16>(values, visible, w, D, out); break;
+      case 7: avx512_values_of<7, Bf16>(values, visible, w, D, out); break;
+      case 8: avx512_values_of<8, Bf16>(values, visible, w, D, out); break;
+      default: return false;
+    }
+  }
+  return true;
+}
+#endif  // CANCERLLM_X86
+
+// The scores and the weighted values of one task, on the AVX512 loops where `fast`, else the portable ones.
+void scores_and_values(const void* keys, const void* values, Float type, const std::vector<int64_t>& visible,
+                       const float* q, int64_t groups, int64_t D, float scale, bool fast, float* buffer,
+                       float* weights, float* acc) {
+  const int64_t count = static_cast<int64_t>(visible.size());
+#ifdef CANCERLLM_X86
+  if (fast) {
+    const bool bf16 = type == Float::BF16;
+    if (bf16) {
+      avx512_scores<true>(keys, visible, q, groups, D, scale, weights);
+    } else {
+      avx512_scores<false>(keys, visible, q, groups, D, scale, weights);
+    }
+    softmax_rows(weights, groups, count);
+    if (bf16 ? avx512_values<true>(values, visible, weights, groups, D, acc)
+             : avx512_values<false>(values, visible, weights, groups, D, acc))
+      return;
+    weighted_values(values, type, visible, weights, groups, D, buffer, acc);
+    return;
+  }
+#endif
+  scores_of(keys, type, visible, q, groups, D, scale, buffer, weights);
+  softmax_rows(weights, groups, count);
+  weighted_values(values, type, visible, weights, groups, D, buffer, acc);
+}
+
+// Row i, KV head h: store the new key (rotated) and value, then attend with the query heads that share them.
+void attend(const DecodeAttentionArgs& a, int64_t i, int64_t h, bool fast) {
+  const int64_t D = a.D, S = a.S, groups = a.Hq / a.Hkv, pos = a.positions[i];
+  const int64_t head_size = S * D, head_at = (i * a.Hkv + h) * head_size;
+  std::vector<float> q(groups * D), row(D), buffer(D);
+  // The new key and value go to the slot of their position (begin() in cache.py recorded it in slot_pos).
+  const int64_t slot = pos % S;
+  load_head(a, i, a.Hq + h, true, row.data());
+  for (int64_t d = 0; d < D; ++d) store_float(a.k_cache, a.type, head_at + slot * D + d, row[d]);
+  load_head(a, i, a.Hq + a.Hkv + h, false, row.data());
+  for (int64_t d = 0; d < D; ++d) store_float(a.v_cache, a.type, head_at + slot * D + d, row[d]);
+  for (int64_t g = 0; g < groups; ++g) load_head(a, i, h * groups + g, true, q.data() + g * D);
+
+  std::vector<int64_t> visible;
+  const int64_t* slot_pos = a.slot_pos + i * S;
+  for (int64_t s = 0; s < S; ++s) {
+    const int64_t p = slot_pos[s];
+    if (p >= 0 && p <= pos && (a.window == 0 || p > pos - a.window)) visible.push_back(s);
+  }
+  const size_t element = a.type == Float::BF16 ? 2 : 4;
+  const char* keys = static_cast<const char*>(a.k_cache) + head_at * element;
+  const char* values = static_cast<const char*>(a.v_cache) + head_at * element;
+  std::vector<float> weights(groups * visible.size()), acc(groups * D);
+  scores_and_values(keys, values, a.type, visible, q.data(), groups, D, a.scale, fast, buffer.data(),
+                    weights.data(), acc.data());
+  const int64_t out_at = (i * a.Hq + h * groups) * D;
+  for (int64_t e = 0; e < groups * D; ++e) store_float(a.out, a.type, out_at + e, acc[e]);
+}
+
+}  // namespace
+
+bool has_avx512() {
+#ifdef CANCERLLM_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+void decode_attention(const DecodeAttentionArgs& a, int threads, bool portable) {
+  const bool fast = !portable && has_avx512();
+  const int64_t tasks = a.n * a.Hkv;
+  const bool parallel = threads > 1 && tasks > 1 && a.n * a.Hq * a.S * a.D >= kParallelWork;
+#pragma omp parallel for num_threads(threads) schedule(static) if (parallel)
+  for (int64_t t = 0; t < tasks; ++t) attend(a, t / a.Hkv, t % a.Hkv, fast);
+}
+
+}  // namespace cancerllm
