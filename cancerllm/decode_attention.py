@@ -35,32 +35,41 @@ def heads(qkv: torch.Tensor, k_cache: torch.Tensor) -> tuple:
 
 
 def check(qkv, cos, sin, k_cache, v_cache, slot_pos, positions, window) -> None:
-    for name, t in dict(qkv=qkv, k_cache=k_cache, v_cache=v_cache).items():
-        check_cpu_tensor(OP, name, t, dtypes=tuple(FLOATS))
-        if t.dtype != qkv.dtype:
-            raise TypeError(f"{OP}: {name} must have qkv's dtype {qkv.dtype}, got {t.dtype}")
-    for name, t in dict(cos=cos, sin=sin).items():
-        check_cpu_tensor(OP, name, t, dtypes=(torch.float32,))
-    for name, t in dict(slot_pos=slot_pos, positions=positions).items():
-        check_cpu_tensor(OP, name, t, dtypes=(torch.int64,))
+    check_cpu_tensor(OP, "qkv", qkv, dtypes=tuple(FLOATS))
     if qkv.dim() != 4 or qkv.shape[1] != 1:
         raise ValueError(f"{OP}: qkv must be [n, 1, Hq + 2 Hkv, D] (one token per row), got {tuple(qkv.shape)}")
-    n, _, _, D = qkv.shape
-    if k_cache.dim() != 4 or k_cache.shape[0] != n or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
-        raise ValueError(f"{OP}: k_cache and v_cache must both be [n={n}, Hkv, S, D={D}], got "
-                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    n, _, heads_in_qkv, D = qkv.shape
+    check_step(OP, cos, sin, k_cache, v_cache, slot_pos, positions, window, n=n, D=D, dtype=qkv.dtype)
     Hq, Hkv = heads(qkv, k_cache)
-    if Hq < Hkv or Hq % Hkv or D % 2:
-        raise ValueError(f"{OP}: qkv's {qkv.shape[2]} heads are not Hq + 2 Hkv with Hq a multiple of the cache's "
-                         f"Hkv={Hkv}, or D={D} is odd")
+    if Hq < Hkv or Hq % Hkv:
+        raise ValueError(f"{OP}: qkv's {heads_in_qkv} heads are not Hq + 2 Hkv with Hq a multiple of the cache's "
+                         f"Hkv={Hkv}")
+
+
+def check_step(op, cos, sin, k_cache, v_cache, slot_pos, positions, window, *, n, D, dtype) -> None:
+    """The cache and rotary inputs of a decode step for n rows and heads of width D in `dtype` (what attend_step
+    and decode_layer's BlockStep both hand to C++)."""
+    for name, t in dict(k_cache=k_cache, v_cache=v_cache).items():
+        check_cpu_tensor(op, name, t)
+        if t.dtype != dtype:
+            raise TypeError(f"{op}: {name} must have the activations' dtype {dtype}, got {t.dtype}")
+    for name, t in dict(cos=cos, sin=sin).items():
+        check_cpu_tensor(op, name, t, dtypes=(torch.float32,))
+    for name, t in dict(slot_pos=slot_pos, positions=positions).items():
+        check_cpu_tensor(op, name, t, dtypes=(torch.int64,))
+    if k_cache.dim() != 4 or k_cache.shape[0] != n or k_cache.shape[3] != D or v_cache.shape != k_cache.shape:
+        raise ValueError(f"{op}: k_cache and v_cache must both be [n={n}, Hkv, S, D={D}], got "
+                         f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}")
+    if D % 2:
+        raise ValueError(f"{op}: the head width D={D} must be even (the rotation pairs its halves)")
     if cos.shape != sin.shape or cos.numel() != n * D // 2:
-        raise ValueError(f"{OP}: cos and sin must hold n * D / 2 = {n * D // 2} angles each, got "
+        raise ValueError(f"{op}: cos and sin must hold n * D / 2 = {n * D // 2} angles each, got "
                          f"{tuple(cos.shape)} and {tuple(sin.shape)}")
     if slot_pos.shape != (n, k_cache.shape[2]) or positions.shape != (n,):
-        raise ValueError(f"{OP}: slot_pos must be [n, S] = {(n, k_cache.shape[2])} and positions [n] = ({n},), got "
+        raise ValueError(f"{op}: slot_pos must be [n, S] = {(n, k_cache.shape[2])} and positions [n] = ({n},), got "
                          f"{tuple(slot_pos.shape)} and {tuple(positions.shape)}")
     if window is not None and (not isinstance(window, int) or window < 1):
-        raise ValueError(f"{OP}: window must be None or an int >= 1, got {window!r}")
+        raise ValueError(f"{op}: window must be None or an int >= 1, got {window!r}")
 
 
 def fast_kernel() -> bool:

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from . import arena, decode_rms_norm, gemv, kernels
+from .decode_layer import BlockStep
 from .decode_rms_norm import RowNorm
 from .kernels.reference import IGNORE_INDEX, compute_dtype
 from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
@@ -554,6 +555,7 @@ class FusedBlock(nn.Module):
         self.qkv_proj, self.o_proj = linear(qkv, "qkv_proj"), linear(attn.o_proj.weight, "o_proj")
         self.gate_proj, self.up_proj, self.down_proj = (linear(m.weight, name) for m, name in (
             (mlp.gate_proj, "gate_proj"), (mlp.up_proj, "up_proj"), (mlp.down_proj, "down_proj")))
+        self.step = None   # the whole block of a decode step in one call (decode_layer.py); set by fuse_for_decoding
 
     def linears(self) -> list:
         """The block's DecodeLinears in the order forward() runs them."""
@@ -563,6 +565,8 @@ class FusedBlock(nn.Module):
         if cache is None:
             raise ValueError("a model in decoding form (fuse_for_decoding) runs only with a cache")
         B, T, _ = x.shape
+        if T == 1 and cache.step_kernel and self.step is not None and B <= self.step.rows:
+            return self.step(x, cos, sin, cache)
         Hq, Hkv = self.n_heads, self.n_kv_heads
         qkv = self.qkv_proj(self.input_layernorm(x)).view(B, T, Hq + 2 * Hkv, self.head_dim)
         if T == 1 and cache.step_kernel:   # a decode step: rotation, store and attention in one C++ call
@@ -600,6 +604,8 @@ def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Tran
     fused.layers = nn.ModuleList(FusedBlock(block, linear) for block in model.layers)
     fused.lm_head = linear(model.lm_head.weight, "lm_head")
     pack_streamed([m for block in fused.layers for m in block.linears()] + [fused.lm_head])
+    for block in fused.layers:   # after packing: a BlockStep holds the addresses of the weights it reads
+        block.step = BlockStep(block) if BlockStep.possible(block) else None
     return fused.eval()
 
 

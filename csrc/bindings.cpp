@@ -1,13 +1,18 @@
 // cancerllm._C: the shard reader and the packed loader for Python, and the CPU decoding kernels (small-M matmuls,
-// single-token cached attention, RMSNorm). Batches
+// single-token cached attention, RMSNorm, and a whole block of a decode step made of them). Batches
 // reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
 // last array goes away. The decoding kernels take torch tensors as data pointers (no torch headers here): their
-// Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py) check dtypes, shapes and contiguity.
+// Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py, decode_layer.py) check dtypes, shapes
+// and contiguity.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <string>
+#include <tuple>
+
 #include "decode_attention.h"
+#include "decode_layer.h"
 #include "gemv.h"
 #include "loader.h"
 #include "rms_norm.h"
@@ -126,6 +131,42 @@ PYBIND11_MODULE(_C, m) {
      py::arg("S"), py::arg("D"), py::arg("window"), py::arg("scale"), py::arg("threads"), py::arg("portable"),
      py::call_guard<py::gil_scoped_release>(),
      "one decode step's rotary, cache write and attention on raw pointers: use cancerllm.decode_attention");
+  using Weights = std::tuple<uintptr_t, int, uintptr_t, int64_t, int64_t>;  // pointer, type, scales, N, K
+  m.def("decode_layer", [](uintptr_t x, uintptr_t out, uintptr_t input_norm, uintptr_t post_norm, float eps,
+                           const std::vector<Weights>& weights, uintptr_t cos, uintptr_t sin, uintptr_t k_cache,
+                           uintptr_t v_cache, uintptr_t slot_pos, uintptr_t positions, int type, int64_t n,
+                           int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t window, float scale, int64_t dim,
+                           int64_t hidden, int threads, bool portable) {
+    if (type < 0 || type > 1) throw std::invalid_argument("decode_layer: unknown element type");
+    if (weights.size() != 5) throw std::invalid_argument("decode_layer: needs the 5 weights qkv, o, gate, up, down");
+    if (n < 1 || Hkv < 1 || Hq % Hkv || S < 1 || D < 2 || D % 2 || window < 0 || dim < 1 || hidden < 1 ||
+        threads < 1)
+      throw std::invalid_argument("decode_layer: bad sizes");
+    const int64_t shapes[5][2] = {{(Hq + 2 * Hkv) * D, dim}, {dim, Hq * D}, {hidden, dim}, {hidden, dim},
+                                  {dim, hidden}};
+    LinearWeights linear[5];
+    for (int i = 0; i < 5; ++i) {
+      const auto& [w, w_type, scales, N, K] = weights[i];
+      if (N != shapes[i][0] || K != shapes[i][1] || w_type < 0 || w_type > 1 || (w_type == 1) != (scales != 0))
+        throw std::invalid_argument("decode_layer: weight " + std::to_string(i) + " does not fit the block");
+      linear[i] = {reinterpret_cast<const void*>(w), static_cast<Weight>(w_type),
+                   reinterpret_cast<const uint16_t*>(scales), N, K};
+    }
+    DecodeAttentionArgs attention{nullptr, reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin),
+                                  reinterpret_cast<void*>(k_cache), reinterpret_cast<void*>(v_cache),
+                                  reinterpret_cast<const int64_t*>(slot_pos),
+                                  reinterpret_cast<const int64_t*>(positions), nullptr, static_cast<Float>(type), n,
+                                  Hq, Hkv, S, D, window, scale};
+    DecodeLayerArgs args{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out),
+                         reinterpret_cast<const float*>(input_norm), reinterpret_cast<const float*>(post_norm), eps,
+                         linear[0], linear[1], linear[2], linear[3], linear[4], attention, dim, hidden};
+    decode_layer(args, threads, portable);
+  }, py::arg("x"), py::arg("out"), py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("weights"),
+     py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_pos"),
+     py::arg("positions"), py::arg("type"), py::arg("n"), py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"),
+     py::arg("window"), py::arg("scale"), py::arg("dim"), py::arg("hidden"), py::arg("threads"),
+     py::arg("portable"), py::call_guard<py::gil_scoped_release>(),
+     "a decode step's whole block on raw pointers: use cancerllm.decode_layer");
   m.def("rms_norm_rows", [](uintptr_t x, uintptr_t weight, float eps, uintptr_t y, int type, int64_t rows,
                             int64_t dim, int threads) {
     if (type < 0 || type > 1) throw std::invalid_argument("rms_norm_rows: unknown element type");
