@@ -5,7 +5,7 @@ From Python the block cost ~12 calls per layer, each with its checks and allocat
 costs were the largest share of a step after the matmuls (docs/experiments.md).
 
 A FusedBlock runs its BlockStep when every matmul of the block sends decode-sized inputs to our small-M kernel
-(bf16 or int8 weights), both norms run our norm kernel, and the cache takes attend_step; otherwise, and for
+(fp32, bf16 or int8 weights), both norms run our norm kernel, and the cache takes attend_step; otherwise, and for
 prefill, it runs op by op. `portable` runs the portable kernels (tests cover both on one machine).
 """
 import math

@@ -4,9 +4,11 @@ A fast path picked once on one machine can be the slow one on another of the sam
 oneDNN's prepacked matmuls 3.18x transformers on one CPU and 1.16x on another, where plain F.linear was faster. So
 when more than one path can multiply a weight (fp32 or bf16 on CPU: oneDNN prepacked or F.linear), the decoding
 form times each on this machine, at the batch sizes decoding runs (1 and 8 rows), on the weight's own shape, and
-keeps the faster. The answer is cached in a JSON file keyed by the machine (CPU model and flags, threads, torch
-version), the dtype and the weight's shape, so the measurement is made once per machine and shape (about a second
-for a 135M model) and a new machine measures again.
+keeps the faster; int8 weights choose the same way between torch's int8 kernel and a bf16 GEMM on the weight
+widened per call, timed on a prefill chunk (PREFILL_ROWS), since our kernel takes the decoding batches. The answer
+is cached in a JSON file keyed by the machine (CPU model and flags, threads, torch version), the dtype and the
+weight's shape, so the measurement is made once per machine and shape (seconds for a 135M model) and a new machine
+measures again.
 
 Where our small-M kernel (cancerllm/gemv.py) can multiply the weight (bf16, or int8 when quantized), the rows up to
 which it runs faster than the chosen path are measured too (choose_gemv_rows): decoding's batch sizes from 1 up,
@@ -28,6 +30,9 @@ import torch
 
 CACHE_FILE = "decode-paths.json"
 CALIBRATION_ROWS = (1, 8)   # batch sizes decoding runs most; each path is timed on both, their times summed
+# Where our small-M kernel takes the decoding batches, the library path runs the prefill chunks: the int8 paths are
+# timed on a chunk of this many rows (a short prompt's; longer ones favour the GEMM more, bench/README.md).
+PREFILL_ROWS = (32,)
 ROUNDS, CALLS = 3, 5        # paths alternate ROUNDS times, CALLS matmuls each; the fastest round counts
 GEMV_ROWS = (1, 2, 4, 8, 16)   # row counts at which our small-M kernel is timed against the library path
 # Read between the timed calls of that comparison: past the last-level cache (32 MiB on the CPUs measured), so that
@@ -100,18 +105,20 @@ def fastest(runs: dict, before=None) -> str:
     return min(best, key=best.get)
 
 
-def choose(weight: torch.Tensor, candidates: tuple, make) -> str:
+def choose(weight: torch.Tensor, candidates: tuple, make, rows: tuple = CALIBRATION_ROWS) -> str:
     """The path (one of `candidates`) to multiply `weight` [out, in] on: the only one, or the one this machine ran
-    fastest for a weight of this shape and dtype (cached). `make(weight, path)` builds the linear to time."""
+    fastest for a weight of this shape and dtype on inputs of `rows` rows (cached). `make(weight, path)` builds the
+    linear to time."""
     if len(candidates) == 1:
         return candidates[0]
     path = cache_path()
     cache = load_cache(path)
     key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {'/'.join(candidates)}"
+    if rows != CALIBRATION_ROWS:
+        key += f" | rows {'/'.join(map(str, rows))}"
     if cache.get(key) in candidates:
         return cache[key]
-    inputs = [torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-              for rows in CALIBRATION_ROWS]
+    inputs = [torch.randn(n, weight.shape[1], dtype=weight.dtype, device=weight.device) for n in rows]
     linears = {name: make(weight, name) for name in candidates}
     with torch.inference_mode():
         cache[key] = fastest({name: (lambda f=linear: [f(x) for x in inputs]) for name, linear in linears.items()})

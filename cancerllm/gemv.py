@@ -1,9 +1,10 @@
-"""Our small-M CPU matmul for decoding (csrc/gemv.cpp): y = x @ W.T for a few rows of x, W in bf16 or in int8
-with a bf16 scale per output row (model.quantize_int8's format), read once per call in its own [N, K] layout.
+"""Our small-M CPU matmul for decoding (csrc/gemv.cpp): y = x @ W.T for a few rows of x, W in bf16, in int8 with a
+bf16 scale per output row (model.quantize_int8's format) or in fp32, read once per call in its own [N, K] layout.
 
-x (fp32 or bf16) is rounded to bf16 and multiplied with fp32 sums: AVX512-BF16 dot products where the CPU has them
-(chosen at run time), a portable kernel elsewhere. y comes back in x's dtype; with int8 weights its values are
-rounded to bf16 (scale applied first), the contract of torch's _weight_int8pack_mm, which the int8 paths share.
+With bf16 or int8 weights x (fp32 or bf16) is rounded to bf16 and multiplied with fp32 sums: AVX512-BF16 dot
+products where the CPU has them (chosen at run time), a portable kernel elsewhere. With fp32 weights everything is
+fp32 (AVX512F fused multiply-adds, or the portable kernel). y comes back in x's dtype; with int8 weights its values
+are rounded to bf16 (scale applied first), the contract of torch's _weight_int8pack_mm, which the int8 paths share.
 Every check happens here, before the C++ call takes the tensors' data pointers.
 """
 import os
@@ -13,7 +14,7 @@ import torch
 from .extension import FLOATS, check_cpu_tensor, native
 
 MAX_ROWS = 16   # up to this many rows the decoding form calls these kernels; prefill goes to the GEMM libraries
-WEIGHTS = {torch.bfloat16: 0, torch.int8: 1}
+WEIGHTS = {torch.bfloat16: 0, torch.int8: 1, torch.float32: 2}
 
 
 def _extension():
@@ -47,11 +48,11 @@ class Multiplier:
             raise RuntimeError("gemv: cancerllm._C lacks small_matmul; rebuild the extension (csrc/README.md)")
         check_cpu_tensor("gemv", "weight", weight)
         if weight.dtype not in WEIGHTS:
-            raise TypeError(f"gemv: weight must be bfloat16 or int8, got {weight.dtype}")
+            raise TypeError(f"gemv: weight must be bfloat16, int8 or float32, got {weight.dtype}")
         if weight.dim() != 2:
             raise ValueError(f"gemv: weight [N, K] must be 2-D, got {tuple(weight.shape)}")
         if (weight.dtype == torch.int8) != (scales is not None):
-            raise ValueError("gemv: int8 weights need their scales, bf16 weights take none")
+            raise ValueError("gemv: int8 weights need their scales, bf16 and fp32 weights take none")
         if scales is not None:
             check_cpu_tensor("gemv", "scales", scales)
             if scales.dtype != torch.bfloat16 or scales.shape != weight.shape[:1]:

@@ -372,9 +372,13 @@ PACK_BATCH = 8   # the batch size oneDNN lays the weights out for; measured best
 #             by torch's _weight_int8pack_mm on bf16 activations (fp32 sums), whatever the model's dtype: its fp32
 #             kernel ran 10-100x slower than its bf16 one on an AVX512-BF16 CPU (docs/experiments.md); a quarter of
 #             fp32's bytes
+#   "int8-bf16": the same int8 weight and scales, multiplied by widening the weight to bf16 (exactly) for each call
+#             and running a bf16 GEMM, the scales applied to its bf16 result: for prefill-sized inputs, where that
+#             ran 1.6-2.9x faster than _weight_int8pack_mm here (one more rounding to bf16: ~3e-3 relative)
 # In front of any of them, for inputs of at most `gemv_rows` rows (decoding's batches; 0: never), our small-M
-# kernel (cancerllm/gemv.py) on the same weight in its [out, in] layout, bf16 or int8, where it runs faster.
-PATHS = ("onednn", "aten", "int8")
+# kernel (cancerllm/gemv.py) on the same weight in its [out, in] layout (fp32, bf16 or int8), where it runs faster.
+PATHS = ("onednn", "aten", "int8", "int8-bf16")
+INT8_PATHS = ("int8", "int8-bf16")
 QUANTIZE = (None, "int8")
 INT8_BLOCK = 16  # _weight_int8pack_mm's CPU kernel reads bf16 inputs 16 at a time: other widths crash or err
 
@@ -386,9 +390,9 @@ def onednn_usable(weight: torch.Tensor) -> bool:
 
 
 def gemv_usable(weight: torch.Tensor, quantize) -> bool:
-    """Whether our small-M kernel can multiply this weight: on CPU, bf16 weights or int8 ones (of any model dtype)."""
+    """Whether our small-M kernel can multiply this weight: on CPU, fp32 or bf16 weights, or int8 ones."""
     return (weight.device.type == "cpu" and gemv.available()
-            and (quantize == "int8" or weight.dtype == torch.bfloat16))
+            and (quantize == "int8" or weight.dtype in (torch.float32, torch.bfloat16)))
 
 
 def check_quantize(quantize, weight: torch.Tensor, name: str) -> None:
@@ -433,26 +437,26 @@ class DecodeLinear(nn.Module):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"DecodeLinear path must be one of {', '.join(PATHS)}, got {path!r}")
-        if gemv_rows and not gemv_usable(weight, "int8" if path == "int8" else None):
-            raise ValueError(f"DecodeLinear gemv_rows={gemv_rows} needs a CPU weight (bf16 unless quantized) and "
-                             f"cancerllm._C built with its kernels, got {weight.dtype} on {weight.device}")
+        if gemv_rows and not gemv_usable(weight, "int8" if path in INT8_PATHS else None):
+            raise ValueError(f"DecodeLinear gemv_rows={gemv_rows} needs a CPU weight (fp32 or bf16 unless quantized) "
+                             f"and cancerllm._C built with its kernels, got {weight.dtype} on {weight.device}")
         self.path, self.scales, self.gemv_rows = path, None, gemv_rows
         weight = weight.detach()
         if path == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
-        elif path == "int8":
+        elif path in INT8_PATHS:
             self.weight, self.scales = quantize_int8(weight)
         else:
             self.weight = weight
         # Our kernel reads the weight in its [out, in] layout: the int8 copy, or the weight as given (beside
         # oneDNN's copy for "onednn"), held only where the kernel runs.
-        self.rows_weight = (self.weight if path == "int8" else weight) if gemv_rows else None
+        self.rows_weight = (self.weight if path in INT8_PATHS else weight) if gemv_rows else None
         self.rows_matmul = gemv.Multiplier(self.rows_weight, self.scales) if gemv_rows else None
 
     def streamed(self) -> list:
         """The tensors a decode step reads from memory for this matmul in their plain layout: the int8 weight and
         its scales, F.linear's weight, or the weight our kernel reads beside oneDNN's copy (none without it)."""
-        if self.path == "int8":
+        if self.path in INT8_PATHS:
             return [self.weight, self.scales]
         if self.path == "aten":
             return [self.weight]
@@ -460,7 +464,7 @@ class DecodeLinear(nn.Module):
 
     def adopt(self, tensors: list) -> None:
         """Read copies of the streamed() tensors (equal values, in the same order) from now on."""
-        if self.path == "int8":
+        if self.path in INT8_PATHS:
             self.weight, self.scales = tensors
         elif self.path == "aten":
             (self.weight,) = tensors
@@ -480,6 +484,9 @@ class DecodeLinear(nn.Module):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, None, "none", [], "")
         if self.path == "int8":
             y = torch.ops.aten._weight_int8pack_mm(rows.to(torch.bfloat16), self.weight, self.scales)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
+        if self.path == "int8-bf16":   # |q| <= 127: widening to bf16 is exact
+            y = F.linear(rows.to(torch.bfloat16), self.weight.to(torch.bfloat16)).mul_(self.scales)
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         return F.linear(x, self.weight)
 
@@ -505,14 +512,14 @@ class DecodeLinear(nn.Module):
 
 
 def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
-    """(path, gemv_rows) of the DecodeLinear for `weight`. The path: int8 when quantized; otherwise oneDNN
-    (onednn=True, where usable), F.linear (False), or (None) whichever this machine runs faster for this shape. With
-    onednn=None or quantized, gemv_rows: up to how many rows our small-M kernel runs faster than that path here
-    (decode_paths.py, both measured and cached)."""
-    from .decode_paths import choose, choose_gemv_rows
+    """(path, gemv_rows) of the DecodeLinear for `weight`. The path: when quantized, whichever of the int8 paths
+    this machine runs faster at prefill sizes; otherwise oneDNN (onednn=True, where usable), F.linear (False), or
+    (None) whichever this machine runs faster for this shape. With onednn=None or quantized, gemv_rows: up to how many
+    rows our small-M kernel runs faster than that path here (decode_paths.py, all measured and cached)."""
+    from .decode_paths import PREFILL_ROWS, choose, choose_gemv_rows
     check_quantize(quantize, weight, name)
     if quantize == "int8":
-        path = "int8"
+        path = choose(weight, INT8_PATHS, DecodeLinear, rows=PREFILL_ROWS)
     elif not onednn_usable(weight) or onednn is False:
         return "aten", 0
     elif onednn is True:

@@ -1,5 +1,5 @@
-// Lane reductions shared by the AVX512 decoding kernels (gemv.cpp, decode_attention.cpp). x86 with GCC or Clang
-// only: the includers guard their AVX512 code with CANCERLLM_X86.
+// What the AVX512 decoding kernels (gemv.cpp, decode_attention.cpp) share: lane reductions and the run-time check.
+// The intrinsics are x86 with GCC or Clang only: the includers guard their AVX512 code with CANCERLLM_X86.
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -33,3 +33,17 @@ CANCERLLM_AVX512 inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d
 
 }  // namespace cancerllm
 #endif  // x86
+
+namespace cancerllm {
+
+// Whether this CPU runs the AVX512 (F, BW, DQ, VL) loops; false off x86.
+inline bool cpu_has_avx512() {
+#ifdef CANCERLLM_X86
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#else
+  return false;
+#endif
+}
+
+}  // namespace cancerllm

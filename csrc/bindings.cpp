@@ -101,7 +101,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("small_matmul", [](uintptr_t x, int x_type, uintptr_t w, int w_type, uintptr_t scales, uintptr_t y,
                            int y_type, bool round_to_bf16, int64_t M, int64_t N, int64_t K, int threads,
                            bool portable) {
-    if (x_type < 0 || x_type > 1 || y_type < 0 || y_type > 1 || w_type < 0 || w_type > 1)
+    if (x_type < 0 || x_type > 1 || y_type < 0 || y_type > 1 || w_type < 0 || w_type > 2)
       throw std::invalid_argument("small_matmul: unknown element type");
     if (M < 1 || N < 1 || K < 1 || threads < 1) throw std::invalid_argument("small_matmul: sizes must be >= 1");
     MatmulArgs args{reinterpret_cast<const void*>(x), static_cast<Float>(x_type), reinterpret_cast<const void*>(w),
@@ -147,7 +147,7 @@ PYBIND11_MODULE(_C, m) {
     LinearWeights linear[5];
     for (int i = 0; i < 5; ++i) {
       const auto& [w, w_type, scales, N, K] = weights[i];
-      if (N != shapes[i][0] || K != shapes[i][1] || w_type < 0 || w_type > 1 || (w_type == 1) != (scales != 0))
+      if (N != shapes[i][0] || K != shapes[i][1] || w_type < 0 || w_type > 2 || (w_type == 1) != (scales != 0))
         throw std::invalid_argument("decode_layer: weight " + std::to_string(i) + " does not fit the block");
       linear[i] = {reinterpret_cast<const void*>(w), static_cast<Weight>(w_type),
                    reinterpret_cast<const uint16_t*>(scales), N, K};

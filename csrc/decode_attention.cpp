@@ -273,14 +273,7 @@ void attend(const DecodeAttentionArgs& a, int64_t i, int64_t h, bool fast) {
 
 }  // namespace
 
-bool has_avx512() {
-#ifdef CANCERLLM_X86
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
-#else
-  return false;
-#endif
-}
+bool has_avx512() { return cpu_has_avx512(); }
 
 void decode_attention(const DecodeAttentionArgs& a, int threads, bool portable) {
   const bool fast = !portable && has_avx512();

@@ -30,11 +30,14 @@ void store(const MatmulArgs& a, int64_t m, int64_t n, float v) {
 // ------------------------------------------------------------------------------------------ portable kernel
 
 float weight_value(const MatmulArgs& a, int64_t i) {
-  return a.w_type == Weight::INT8 ? static_cast<float>(static_cast<const int8_t*>(a.w)[i])
-                                  : bf16_to_float(static_cast<const uint16_t*>(a.w)[i]);
+  switch (a.w_type) {
+    case Weight::INT8: return static_cast<float>(static_cast<const int8_t*>(a.w)[i]);
+    case Weight::F32: return static_cast<const float*>(a.w)[i];
+    default: return bf16_to_float(static_cast<const uint16_t*>(a.w)[i]);
+  }
 }
 
-// Rows [n0, n1) of y from x in fp32 (bf16 values): each row of W widened once into `w_row` (K floats), then its
+// Rows [n0, n1) of y from x in fp32 (bf16 values, unless the weights are fp32): each row of W widened once into `w_row` (K floats), then its
 // dot product with every row of x in 16 independent partial sums, a loop the compiler vectorizes without
 // reassociating.
 void portable_rows(const MatmulArgs& a, const float* x, float* w_row, int64_t n0, int64_t n1) {
@@ -197,6 +200,49 @@ void fast_rows(const MatmulArgs& a, const uint16_t* x, int64_t n0, int64_t n1) {
     }
   }
 }
+
+// fp32 weights: one row of W against MT rows of x (from m0) in fp32, 32 values per step in two independent sums.
+template <int MT>
+CANCERLLM_AVX512 void f32_row(const MatmulArgs& a, const float* x, int64_t m0, int64_t n) {
+  const int64_t K = a.K;
+  const float* w = static_cast<const float*>(a.w) + n * K;
+  __m512 acc[MT][2];
+  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
+    for (int m = 0; m < MT; ++m) {
+      const float* xm = x + (m0 + m) * K + k;
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
+      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1]);
+    }
+  }
+  for (; k < K; k += 16) {
+    const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 w0 = _mm512_maskz_loadu_ps(mask, w + k);
+    for (int m = 0; m < MT; ++m)
+      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k), acc[m][0]);
+  }
+  for (int m = 0; m < MT; ++m) store(a, m0 + m, n, sum_lanes(_mm512_add_ps(acc[m][0], acc[m][1])));
+}
+
+// Rows [n0, n1) of y for fp32 weights: each row of W read once, against every tile of up to 8 rows of x.
+CANCERLLM_AVX512 void f32_rows(const MatmulArgs& a, const float* x, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n) {
+    for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowsOfX) {
+      switch (std::min<int64_t>(kMaxRowsOfX, a.M - m0)) {
+        case 1: f32_row<1>(a, x, m0, n); break;
+        case 2: f32_row<2>(a, x, m0, n); break;
+        case 3: f32_row<3>(a, x, m0, n); break;
+        case 4: f32_row<4>(a, x, m0, n); break;
+        case 5: f32_row<5>(a, x, m0, n); break;
+        case 6: f32_row<6>(a, x, m0, n); break;
+        case 7: f32_row<7>(a, x, m0, n); break;
+        default: f32_row<8>(a, x, m0, n); break;
+      }
+    }
+  }
+}
 #endif  // CANCERLLM_X86
 
 }  // namespace
@@ -212,12 +258,14 @@ bool has_avx512_bf16() {
 }
 
 void small_matmul(const MatmulArgs& a, int threads, bool portable) {
-  const bool fast = !portable && has_avx512_bf16();
+  const bool f32 = a.w_type == Weight::F32;
+  const bool fast = !portable && (f32 ? cpu_has_avx512() : has_avx512_bf16());
   const int64_t MK = a.M * a.K;
-  // x as the kernels read it: bf16 for the fast kernel, fp32 holding bf16 values for the portable one.
+  // x as the kernels read it: for bf16 and int8 weights bf16 (the fast kernel) or fp32 holding bf16 values (the
+  // portable one); for fp32 weights fp32.
   std::vector<uint16_t> x_bf16;
   const uint16_t* x = static_cast<const uint16_t*>(a.x);
-  if (a.x_type == Float::F32) {
+  if (a.x_type == Float::F32 && !f32) {
     x_bf16.resize(MK);
     for (int64_t i = 0; i < MK; ++i) x_bf16[i] = float_to_bf16(static_cast<const float*>(a.x)[i]);
     x = x_bf16.data();
@@ -227,11 +275,11 @@ void small_matmul(const MatmulArgs& a, int threads, bool portable) {
   const int64_t per_thread = (blocks + threads - 1) / std::max(threads, 1) * kRowBlock;
   const int count = static_cast<int>((a.N + per_thread - 1) / per_thread);
   std::vector<float> x_float, w_rows;
-  if (!fast) {
+  if (!fast || f32) {
     x_float.resize(MK);
-    for (int64_t i = 0; i < MK; ++i) x_float[i] = bf16_to_float(x[i]);
-    w_rows.resize(count * a.K);
+    for (int64_t i = 0; i < MK; ++i) x_float[i] = f32 ? load_float(a.x, a.x_type, i) : bf16_to_float(x[i]);
   }
+  if (!fast) w_rows.resize(count * a.K);
   // OpenMP: the runtime torch's own parallel ops use (libgomp, loaded once per process), so our threads are
   // torch's threads. A pool of our own (tried first) fought torch's spinning OpenMP workers for the cores: at 2
   // threads decoding ran slower than at 1.
@@ -240,7 +288,11 @@ void small_matmul(const MatmulArgs& a, int threads, bool portable) {
     const int64_t n0 = i * per_thread, n1 = std::min(a.N, n0 + per_thread);
 #ifdef CANCERLLM_X86
     if (fast) {
-      fast_rows(a, x, n0, n1);
+      if (f32) {
+        f32_rows(a, x_float.data(), n0, n1);
+      } else {
+        fast_rows(a, x, n0, n1);
+      }
       continue;
     }
 #endif

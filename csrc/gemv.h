@@ -1,5 +1,6 @@
-// Small-M matmuls for decoding on CPU: y[M, N] = x[M, K] @ W[N, K]^T with few rows (a decode batch), W in bf16 or
-// in int8 with a bf16 scale per output row. Decoding is bound by reading W once per step: these kernels stream W
+// Small-M matmuls for decoding on CPU: y[M, N] = x[M, K] @ W[N, K]^T with few rows (a decode batch), W in bf16, in
+// int8 with a bf16 scale per output row, or in fp32. x is rounded to bf16 for bf16 and int8 weights (the products
+// then run on AVX512-BF16 dot products) and stays fp32 for fp32 weights (fp32 fused multiply-adds). Decoding is bound by reading W once per step: these kernels stream W
 // row by row in its own layout (the one torch's F.linear and _weight_int8pack_mm take, so no second copy) and
 // multiply every loaded piece of it by all M rows of x. The callers (cancerllm/gemv.py) check dtypes, shapes and
 // contiguity; these functions trust them.
@@ -11,7 +12,7 @@
 
 namespace cancerllm {
 
-enum class Weight : int { BF16 = 0, INT8 = 1 };
+enum class Weight : int { BF16 = 0, INT8 = 1, F32 = 2 };
 
 struct MatmulArgs {
   const void* x;           // [M, K], Float x_type, contiguous
@@ -25,7 +26,8 @@ struct MatmulArgs {
   int64_t M, N, K;
 };
 
-// Whether this CPU runs the AVX512-BF16 kernel (otherwise the portable one runs).
+// Whether this CPU runs the AVX512-BF16 kernel for bf16 and int8 weights (otherwise the portable one runs; fp32
+// weights need AVX512F only).
 bool has_avx512_bf16();
 
 // y = x @ W^T (times the row scales), fp32 sums, over `threads` threads (1: the calling thread only). `portable`

@@ -11,7 +11,7 @@ import torch
 
 from cancerllm import Generator, ModelArgs, Transformer
 from cancerllm import decode_paths
-from cancerllm.model import DecodeLinear, dequantize_int8, fuse_for_decoding, quantize_int8
+from cancerllm.model import INT8_PATHS, DecodeLinear, dequantize_int8, fuse_for_decoding, quantize_int8
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from test_decode_form import Recorder
 
@@ -68,21 +68,20 @@ def test_quantized_rows_are_within_half_a_step_and_use_the_full_range(out_featur
 
 @pytest.mark.parametrize("gemv_rows", [0, 8], ids=["library", "gemv in front"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["int8", "onednn", "aten"])
+@pytest.mark.parametrize("path", ["int8", "int8-bf16", "onednn", "aten"])
 def test_each_path_and_epilogue_against_fp64(path, dtype, gemv_rows):
     """forward, plus, silu and times of a DecodeLinear against the fp64 product with the weight it multiplies by
     (for int8: the dequantized weight, and the input rounded to bf16 as the kernel takes it), at decode and prefill
     row counts; with our small-M kernel in front (gemv_rows) where it can take the weight (bf16, int8)."""
-    if gemv_rows and dtype != torch.bfloat16 and path != "int8":
-        pytest.skip(f"our small-M kernel takes bf16 or int8 weights, not {dtype} ones")
+    int8 = path in INT8_PATHS
     weight = (torch.randn(160, 96) * 0.05).to(dtype)
     linear = DecodeLinear(weight, path, gemv_rows)
-    exact = dequantize_int8(linear.weight, linear.scales) if path == "int8" else weight
+    exact = dequantize_int8(linear.weight, linear.scales) if int8 else weight
     exact = exact.double()
     for shape in [(1, 1, 96), (8, 1, 96), (2, 37, 96)]:
         x = torch.randn(shape).to(dtype)
         residual, other = torch.randn(*shape[:-1], 160).to(dtype), torch.randn(*shape[:-1], 160).to(dtype)
-        y = (x.bfloat16() if path == "int8" else x).double() @ exact.t()
+        y = (x.bfloat16() if int8 else x).double() @ exact.t()
         with torch.inference_mode():
             results = {"forward": (linear(x), y),
                        "plus": (linear.plus(x, residual), residual.double() + y),
@@ -90,7 +89,7 @@ def test_each_path_and_epilogue_against_fp64(path, dtype, gemv_rows):
                        "times": (linear.times(x, other.clone()), other.double() * y)}
         for name, (actual, expected) in results.items():
             assert actual.dtype == dtype and actual.shape == expected.shape, name
-            rtol = MATMUL_RTOL[torch.bfloat16 if path == "int8" else dtype]   # the int8 kernel returns bf16
+            rtol = MATMUL_RTOL[torch.bfloat16 if int8 else dtype]   # the int8 kernels return bf16
             assert relative_error(actual, expected) < rtol, (name, shape)
 
 
@@ -212,8 +211,9 @@ def test_measured_paths_are_real_paths_and_the_form_follows_them(tmp_path, monke
     model = random_model()
     fused = fuse_for_decoding(model, onednn=None)
     cache = json.loads((tmp_path / decode_paths.CACHE_FILE).read_text())
-    assert set(cache.values()) <= {"onednn", "aten"} and len(cache) == 5   # qkv, o, gate/up, down, lm_head
-    flipped = {key: "aten" if path == "onednn" else "onednn" for key, path in cache.items()}
+    paths = {key: path for key, path in cache.items() if "gemv rows" not in key}   # the rest: our kernel's rows
+    assert set(paths.values()) <= {"onednn", "aten"} and len(paths) == 5   # qkv, o, gate/up, down, lm_head
+    flipped = {key: "aten" if path == "onednn" else "onednn" for key, path in paths.items()}
     (tmp_path / decode_paths.CACHE_FILE).write_text(json.dumps(flipped))
     flipped_form = fuse_for_decoding(model, onednn=None)
     assert fused.lm_head.path != flipped_form.lm_head.path

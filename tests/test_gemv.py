@@ -22,13 +22,15 @@ def operands(M, N, K, weights):
     if weights == "int8":
         q, scales = quantize_int8(w)
         return x, (q, scales), dequantize_int8(q, scales).double()
+    if weights == "f32":
+        return x, (w, None), w.double()
     return x, (w.bfloat16(), None), w.bfloat16().double()
 
 
-def check_close(y, x, w64, rounded_to_bf16):
-    """y against (x rounded to bf16) @ w64.T in fp64, element by element: fp32 sums' error, plus half a bf16 step
-    where the results are rounded to bf16; and over the whole output in the 2-norm."""
-    x64 = x.bfloat16().double()
+def check_close(y, x, w64, rounded_to_bf16, x_rounded=True):
+    """y against (x rounded to bf16, unless not `x_rounded`) @ w64.T in fp64, element by element: fp32 sums' error,
+    plus half a bf16 step where the results are rounded to bf16; and over the whole output in the 2-norm."""
+    x64 = (x.bfloat16() if x_rounded else x).double()
     expected, magnitude = x64 @ w64.t(), x64.abs() @ w64.abs().t()
     step = BF16_HALF_STEP if rounded_to_bf16 else 0.0
     bound = FP32_SUMS * magnitude + step * (expected.abs() + FP32_SUMS * magnitude)
@@ -60,6 +62,18 @@ def test_int8_weights_against_fp64(M, N, K, x_dtype, portable):
     check_close(y, x, w64, rounded_to_bf16=True)
 
 
+@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("M, N, K", SHAPES)
+def test_fp32_weights_against_fp64(M, N, K, portable):
+    """fp32 weights: fp32 throughout, x not rounded."""
+    x, (w, _), w64 = operands(M, N, K, "f32")
+    y = gemv.matmul(x, w, portable=portable)
+    assert y.dtype == torch.float32 and y.shape == (M, N)
+    check_close(y, x, w64, rounded_to_bf16=False, x_rounded=False)
+    if x.numel() > 1:
+        assert not torch.equal(y, gemv.matmul(x.bfloat16().float(), w, portable=portable))   # x was not rounded
+
+
 @pytest.mark.skipif(not gemv.fast_kernel(), reason="this CPU runs the portable kernel only")
 def test_portable_forces_the_other_kernel():
     """The two kernels add in different orders: their fp32 results differ in the last bits somewhere, so
@@ -84,7 +98,7 @@ def test_threads_split_rows_without_changing_results(portable):
 
 @pytest.mark.parametrize("make, error, message", [
     (lambda: (torch.randn(2, 8).half(), torch.randn(4, 8).bfloat16(), None), TypeError, "x must be float32 or bf"),
-    (lambda: (torch.randn(2, 8), torch.randn(4, 8), None), TypeError, "weight must be bfloat16 or int8"),
+    (lambda: (torch.randn(2, 8), torch.randn(4, 8).double(), None), TypeError, "weight must be bfloat16, int8 or"),
     (lambda: (torch.randn(8, 2).t(), torch.randn(4, 8).bfloat16(), None), ValueError, "x must be contiguous"),
     (lambda: (torch.randn(2, 8), torch.randn(8, 4).bfloat16().t(), None), ValueError, "weight must be contiguous"),
     (lambda: (torch.randn(2, 8), torch.zeros(4, 8, dtype=torch.int8), None), ValueError, "need their scales"),
@@ -102,8 +116,9 @@ def test_bad_operands_are_refused_by_name(make, error, message):
         gemv.matmul(x, w, scales)
 
 
-@pytest.mark.parametrize("path, dtype", [("int8", torch.float32), ("int8", torch.bfloat16),
-                                         ("aten", torch.bfloat16), ("onednn", torch.bfloat16)])
+@pytest.mark.parametrize("path, dtype", [("int8", torch.float32), ("int8", torch.bfloat16), ("int8-bf16", torch.float32),
+                                         ("aten", torch.bfloat16), ("onednn", torch.bfloat16), ("aten", torch.float32),
+                                         ("onednn", torch.float32)])
 def test_decode_linear_sends_small_inputs_to_the_kernel_and_the_rest_to_the_path(path, dtype, monkeypatch):
     """With gemv_rows=4 inputs of up to 4 rows take our kernel, larger ones the path, each with the same result
     as the path alone up to the sums' order and one bf16 rounding (both round to bf16 where the path does)."""
