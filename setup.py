@@ -1,4 +1,4 @@
-"""Builds the package and its C++ data loader, `cancerllm._C`.
+"""Builds the package and its C++ extension `cancerllm._C` (the data loader, the CPU decoding kernels).
 
 `kernels/` lives at the top level (docs/design.md) but installs as `cancerllm.kernels`: the bare name `kernels`
 collides with a PyPI package. The extension includes no torch headers, so it survives torch upgrades.
@@ -15,7 +15,7 @@ ext_modules = [
         sources,
         include_dirs=["csrc"],
         cxx_std=17,
-        # OpenMP for the decoding matmuls' threads (csrc/gemv.cpp): the libgomp torch loads, so they are torch's.
+        # OpenMP for the decoding kernels' threads: the libgomp torch loads, so they are torch's.
         extra_compile_args=["-O3", "-fopenmp"],
         extra_link_args=["-fopenmp"],
     )
