@@ -15,11 +15,12 @@ inline float bf16_to_float(uint16_t v) {
   return f;
 }
 
-inline uint16_t float_to_bf16(float f) {  // NaN stays a (quiet) NaN
+inline uint16_t float_to_bf16(float f) {  // NaN stays a (quiet) NaN; a select, not a branch: loops vectorize
   uint32_t bits;
   std::memcpy(&bits, &f, sizeof bits);
-  if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
-  return static_cast<uint16_t>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  const uint32_t nan = (bits >> 16) | 0x40u, rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const uint32_t is_nan = (bits & 0x7fffffffu) > 0x7f800000u;   // 0 or 1: masks below, no control flow
+  return static_cast<uint16_t>((rounded & (is_nan - 1u)) | (nan & (0u - is_nan)));
 }
 
 // Element i of an activation tensor of type t, as fp32; and v stored there (rounded for bf16).

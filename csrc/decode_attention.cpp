@@ -11,6 +11,7 @@
 #include "simd.h"
 
 #include "avx512.h"
+#include "fast_exp.h"
 
 namespace cancerllm {
 namespace {
@@ -19,30 +20,6 @@ namespace {
 // more than it saves on a short cache.
 constexpr int64_t kParallelWork = int64_t{1} << 16;
 
-// e^x for x <= 0 within 2 ulp, branch-free so that the softmax loop vectorizes (std::exp does not, and a step
-// takes ~1e5 of them): x = n ln2 + r, |r| <= ln2 / 2, e^r by Cephes' expf polynomial, 2^n in the exponent bits.
-// Below -87 (e^x < 2^-126) the result is 0.
-inline float exp_nonpositive(float x) {
-  const bool underflow = x < -87.0f;
-  x = std::max(x, -87.0f);
-  constexpr float kRound = 12582912.0f;   // 1.5 * 2^23: adding it rounds to an integer, kept in the low bits
-  const float shifted = x * 1.44269504088896341f + kRound;
-  const float n = shifted - kRound;
-  int32_t n_bits;
-  std::memcpy(&n_bits, &shifted, sizeof n_bits);
-  const float r = (x - n * 0.693359375f) - n * -2.12194440e-4f;   // ln2 in two parts: r stays exact
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float e_r = p * r * r + r + 1.0f;
-  const int32_t scale_bits = ((n_bits - 0x4B400000) + 127) << 23;   // 2^n, n = the integer kRound held
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return underflow ? 0.0f : e_r * scale;
-}
 
 // Head `head` of row i's fused projection in fp32, its halves rotated by the row's angles when `rotate`, then
 // rounded to the activations' type (the rotated tensor torch would hold).
@@ -98,7 +75,7 @@ CANCERLLM_SIMD_CLONES void softmax_rows(float* scores, int64_t groups, int64_t c
     float total = 0.0f;
 #pragma omp simd reduction(+ : total)
     for (int64_t j = 0; j < count; ++j) {
-      row[j] = exp_nonpositive(row[j] - top);
+      row[j] = fast_exp(row[j] - top);
       total += row[j];
     }
     const float inverse = 1.0f / total;

@@ -1,10 +1,12 @@
 // A decode step's block in one call (decode_layer.h).
 #include "decode_layer.h"
 
-#include <cmath>
+#include <algorithm>
 #include <vector>
 
+#include "fast_exp.h"
 #include "rms_norm.h"
+#include "simd.h"
 
 namespace cancerllm {
 namespace {
@@ -16,17 +18,68 @@ void matmul(const void* x, const LinearWeights& w, void* y, Float type, int64_t 
   small_matmul(args, threads, portable);
 }
 
-// out[i] = a[i] + b[i], each rounded to `type` (torch's add of two tensors of that type).
-void add(const void* a, const void* b, void* out, Float type, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) store_float(out, type, i, load_float(a, type, i) + load_float(b, type, i));
+// Elementwise loops over n values of one activation type, widened to fp32 and rounded back on store: one
+// instantiation per type, so that the compiler vectorizes each (`omp simd`, cloned per instruction set).
+template <typename T>
+float widen(T v) {
+  if constexpr (sizeof(T) == 2) {
+    return bf16_to_float(v);
+  } else {
+    return v;
+  }
 }
 
-// up[i] = up[i] * silu(gate[i]), where silu's result is rounded to `type` first (F.silu, then mul_).
+template <typename T>
+T narrow(float v) {
+  if constexpr (sizeof(T) == 2) {
+    return float_to_bf16(v);
+  } else {
+    return v;
+  }
+}
+
+// out[i] = a[i] + b[i] (torch's add of two tensors of that type).
+template <typename T>
+CANCERLLM_SIMD_CLONES void add_typed(const T* a, const T* b, T* out, int64_t count) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = narrow<T>(widen(a[i]) + widen(b[i]));
+}
+
+// silu(g) in fp32 for `count` values.
+CANCERLLM_SIMD_CLONES void silu_floats(const float* gate, float* out, int64_t count) {
+#pragma omp simd
+  for (int64_t i = 0; i < count; ++i) out[i] = gate[i] / (1.0f + fast_exp(-gate[i]));
+}
+
+// up[i] = up[i] * silu(gate[i]), silu's result rounded to the type first (F.silu, then mul_): in chunks through
+// fp32 buffers, each loop simple enough for the compiler to vectorize.
+template <typename T>
+CANCERLLM_SIMD_CLONES void swiglu_typed(const T* gate, T* up, int64_t count) {
+  constexpr int64_t kChunk = 256;
+  float g[kChunk], silu[kChunk];
+  for (int64_t at = 0; at < count; at += kChunk) {
+    const int64_t n = std::min(kChunk, count - at);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) g[i] = widen(gate[at + i]);
+    silu_floats(g, silu, n);
+#pragma omp simd
+    for (int64_t i = 0; i < n; ++i) up[at + i] = narrow<T>(widen(up[at + i]) * widen(narrow<T>(silu[i])));
+  }
+}
+
+void add(const void* a, const void* b, void* out, Float type, int64_t count) {
+  if (type == Float::BF16) {
+    add_typed(static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), static_cast<uint16_t*>(out), count);
+  } else {
+    add_typed(static_cast<const float*>(a), static_cast<const float*>(b), static_cast<float*>(out), count);
+  }
+}
+
 void swiglu(const void* gate, void* up, Float type, int64_t count) {
-  for (int64_t i = 0; i < count; ++i) {
-    const float g = load_float(gate, type, i);
-    const float activated = round_to(type, g / (1.0f + std::exp(-g)));
-    store_float(up, type, i, load_float(up, type, i) * activated);
+  if (type == Float::BF16) {
+    swiglu_typed(static_cast<const uint16_t*>(gate), static_cast<uint16_t*>(up), count);
+  } else {
+    swiglu_typed(static_cast<const float*>(gate), static_cast<float*>(up), count);
   }
 }
 
