@@ -31,6 +31,7 @@ class KVCache:
         self.batch_index = torch.arange(batch, device=device)[:, None]
         # Set by begin() for the coming forward pass.
         self.rows = slice(0, batch)
+        self.used = n_slots          # slots a multi-token pass attends over: all up to the last one held
         self.write_slots = None
         self.positions = None        # each row's first new position, [n]
         self.visibility = None       # (key positions, query positions) the mask is built from, when first needed
@@ -64,8 +65,11 @@ class KVCache:
             key_pos = slot_pos
         else:
             # A chunk attends to the cache as it was plus to itself, and is stored afterwards: storing first
-            # would let its later tokens overwrite slots its earlier queries still need (rolling buffer).
-            key_pos = torch.cat([slot_pos, positions], dim=1)
+            # would let its later tokens overwrite slots its earlier queries still need (rolling buffer). Slots
+            # past the last one any row holds are left out: a prompt's first chunk would otherwise attend over
+            # the whole empty cache (one host sync per chunk).
+            self.used = used_slots(slot_pos)
+            key_pos = torch.cat([slot_pos[:, :self.used], positions], dim=1)
             kept = positions[:, -self.n_slots:]
             self.write_slots = kept % self.n_slots
             slot_pos.scatter_(1, self.write_slots, kept)
@@ -103,7 +107,8 @@ class KVCache:
             self.store(k_cache, v_cache, k, v)
             keys, values = k_cache, v_cache
         else:
-            keys, values = torch.cat([k_cache, k], dim=2), torch.cat([v_cache, v], dim=2)
+            keys = torch.cat([k_cache[:, :, :self.used], k], dim=2)
+            values = torch.cat([v_cache[:, :, :self.used], v], dim=2)
             self.store(k_cache, v_cache, k[:, :, -self.n_slots:], v[:, :, -self.n_slots:])
         # The query heads sharing a KV head are folded into the query axis: K and V are read once per group.
         qg = q.view(n, T, Hkv, self.groups, D).transpose(1, 2).reshape(n, Hkv, T * self.groups, D)
@@ -132,3 +137,9 @@ class KVCache:
         self.k[:, :n] = self.k[:, keep]
         self.v[:, :n] = self.v[:, keep]
         self.slot_pos[:n] = self.slot_pos[keep]
+
+
+def used_slots(slot_pos: torch.Tensor) -> int:
+    """1 + the last slot index any row of slot_pos [n, S] holds a position in (0 when all are empty)."""
+    held = (slot_pos >= 0).any(dim=0)
+    return int((held * torch.arange(1, held.shape[0] + 1, device=held.device)).max()) if held.numel() else 0

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from cancerllm import decode_attention, decode_rms_norm
 from cancerllm.cache import KVCache
@@ -108,6 +109,26 @@ def test_the_cache_attends_alike_with_and_without_the_step_kernel():
         torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(caches[0].k, caches[1].k, rtol=1e-6, atol=1e-6)
         assert torch.equal(caches[0].v, caches[1].v)
+
+
+def test_a_prefill_chunk_attends_over_the_slots_held_only():
+    """A multi-token pass leaves out the slots past the last one any row holds (a first chunk: all of them), and
+    its attention is plain causal attention over everything stored before it and itself."""
+    from cancerllm.cache import used_slots
+    assert used_slots(torch.tensor([[-1, -1, -1]])) == 0 and used_slots(torch.tensor([[0, -1, 5], [-1, 1, -1]])) == 3
+    torch.manual_seed(0)
+    Hq, Hkv, D = 4, 2, 8
+    cache = KVCache(1, 2, 20, Hq, Hkv, D)
+    keys, values, queries = [], [], []
+    for start, T in [(0, 5), (5, 3), (8, 6)]:
+        q, k, v = torch.randn(2, T, Hq, D), torch.randn(2, T, Hkv, D), torch.randn(2, T, Hkv, D)
+        cache.begin(slice(0, 2), torch.arange(start, start + T).expand(2, T))
+        assert cache.used == start
+        out = cache.attend(0, q, k, v)
+        keys, values, queries = keys + [k], values + [v], queries + [q]
+        K, V = (torch.cat(t, dim=1).repeat_interleave(Hq // Hkv, dim=2).transpose(1, 2) for t in (keys, values))
+        expected = F.scaled_dot_product_attention(torch.cat(queries, dim=1).transpose(1, 2), K, V, is_causal=True)
+        torch.testing.assert_close(out, expected.transpose(1, 2)[:, start:], rtol=1e-5, atol=1e-5)
 
 
 def test_attention_step_refuses_what_it_cannot_read():

@@ -91,10 +91,16 @@ def porter_stemmer():
     return PorterStemmer()
 
 
+@functools.lru_cache(maxsize=2**17)
+def stem(word: str) -> str:
+    """The Porter stem of a word, memoised: an evaluation stems the same few thousand words tens of thousands of
+    times (half the scoring time before)."""
+    return porter_stemmer().stem(word)
+
+
 def exact_tokens(text: str) -> list[str]:
     """Lower-cased, punctuation removed, Porter-stemmed tokens: the study's exact match, and free-text values'
     canonical form."""
-    stem = porter_stemmer().stem
     return [stem(w) for w in text.lower().translate(_punctuation).split()]
 
 

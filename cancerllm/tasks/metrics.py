@@ -10,6 +10,7 @@
 - Diagnosis statements: token F1 and ROUGE-L F against the reference.
 - Whether one system's field F1 beats another's beyond chance: a paired bootstrap over the records.
 """
+import functools
 from collections import Counter
 
 import numpy as np
@@ -32,8 +33,15 @@ def f_beta(p: float, r: float, beta: float = 1.0) -> float:
     return (1 + b2) * p * r / (b2 * p + r) if p + r > 0 else 0.0
 
 
+@functools.lru_cache(maxsize=2**16)
+def rouge_scores(gold: str, pred: str) -> dict:
+    """rouge-score's ROUGE-1 and ROUGE-L of a pair, memoised: the same (prediction, gold) pairs recur across
+    records, fields and systems."""
+    return _scorer.score(gold, pred)
+
+
 def rouge1_match(pred: str, gold: str) -> float:
-    s = _scorer.score(gold, pred)["rouge1"]
+    s = rouge_scores(gold, pred)["rouge1"]
     return f_beta(s.precision, s.recall, ROUGE_BETA)
 
 
@@ -136,7 +144,7 @@ def token_f1(pred: str, gold: str) -> float:
 
 
 def rouge_l(pred: str, gold: str) -> float:
-    return _scorer.score(gold, pred)["rougeL"].fmeasure
+    return rouge_scores(gold, pred)["rougeL"].fmeasure
 
 
 def text_scores(preds, golds) -> dict:
