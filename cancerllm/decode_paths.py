@@ -3,9 +3,9 @@
 A fast path picked once on one machine can be the slow one on another of the same kind: bench/generate.py measured
 oneDNN's prepacked matmuls 3.18x transformers on one CPU and 1.16x on another, where plain F.linear was faster. So
 when more than one path can multiply a weight (fp32 or bf16 on CPU: oneDNN prepacked or F.linear), the decoding
-form times each on this machine, at the batch sizes decoding runs (1 and 8 rows), on the weight's own shape, and
-keeps the faster; int8 weights choose the same way between torch's int8 kernel and a bf16 GEMM on the weight
-widened per call, timed on a prefill chunk (PREFILL_ROWS), since our kernel takes the decoding batches. The answer
+form times each on this machine on the weight's own shape and keeps the faster: at the batch sizes decoding runs
+(1 and 8 rows), or, where our small-M kernel takes those (below), on a prefill chunk (PREFILL_ROWS); int8 weights
+choose the same way between torch's int8 kernel and a bf16 GEMM on the weight widened per call. The answer
 is cached in a JSON file keyed by the machine (CPU model and flags, threads, torch version), the dtype and the
 weight's shape, so the measurement is made once per machine and shape (seconds for a 135M model) and a new machine
 measures again.
@@ -30,8 +30,8 @@ import torch
 
 CACHE_FILE = "decode-paths.json"
 CALIBRATION_ROWS = (1, 8)   # batch sizes decoding runs most; each path is timed on both, their times summed
-# Where our small-M kernel takes the decoding batches, the library path runs the prefill chunks: the int8 paths are
-# timed on a chunk of this many rows (a short prompt's; longer ones favour the GEMM more, bench/README.md).
+# Where our small-M kernel takes the decoding batches, the library path runs the prefill chunks: its candidates
+# (oneDNN or F.linear; the two int8 paths) are timed on a chunk of this many rows (a short prompt's).
 PREFILL_ROWS = (32,)
 ROUNDS, CALLS = 3, 5        # paths alternate ROUNDS times, CALLS matmuls each; the fastest round counts
 GEMV_ROWS = (1, 2, 4, 8, 16)   # row counts at which our small-M kernel is timed against the library path

@@ -514,9 +514,10 @@ class DecodeLinear(nn.Module):
 def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
     """(path, gemv_rows) of the DecodeLinear for `weight`. The path: when quantized, whichever of the int8 paths
     this machine runs faster at prefill sizes; otherwise oneDNN (onednn=True, where usable), F.linear (False), or
-    (None) whichever this machine runs faster for this shape. With onednn=None or quantized, gemv_rows: up to how many
+    (None) whichever this machine runs faster for this shape (at prefill sizes where our kernel takes the decoding
+    batches, else at decoding's). With onednn=None or quantized, gemv_rows: up to how many
     rows our small-M kernel runs faster than that path here (decode_paths.py, all measured and cached)."""
-    from .decode_paths import PREFILL_ROWS, choose, choose_gemv_rows
+    from .decode_paths import CALIBRATION_ROWS, PREFILL_ROWS, choose, choose_gemv_rows
     check_quantize(quantize, weight, name)
     if quantize == "int8":
         path = choose(weight, INT8_PATHS, DecodeLinear, rows=PREFILL_ROWS)
@@ -524,8 +525,9 @@ def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
         return "aten", 0
     elif onednn is True:
         return "onednn", 0
-    else:
-        path = choose(weight, ("onednn", "aten"), DecodeLinear)
+    else:   # where our kernel takes the decoding batches, the library path runs the prefill chunks: timed on one
+        rows = PREFILL_ROWS if gemv_usable(weight, quantize) else CALIBRATION_ROWS
+        path = choose(weight, ("onednn", "aten"), DecodeLinear, rows=rows)
     return path, choose_gemv_rows(weight, path, DecodeLinear) if gemv_usable(weight, quantize) else 0
 
 

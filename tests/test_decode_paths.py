@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from cancerllm import Generator, ModelArgs, Transformer
-from cancerllm import decode_paths
+from cancerllm import decode_paths, gemv
 from cancerllm.model import INT8_PATHS, DecodeLinear, dequantize_int8, fuse_for_decoding, quantize_int8
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from test_decode_form import Recorder
@@ -213,6 +213,8 @@ def test_measured_paths_are_real_paths_and_the_form_follows_them(tmp_path, monke
     cache = json.loads((tmp_path / decode_paths.CACHE_FILE).read_text())
     paths = {key: path for key, path in cache.items() if "gemv rows" not in key}   # the rest: our kernel's rows
     assert set(paths.values()) <= {"onednn", "aten"} and len(paths) == 5   # qkv, o, gate/up, down, lm_head
+    if gemv.available():   # our kernel takes the decoding batches: the library path was timed on a prefill chunk
+        assert all(key.endswith(f"rows {decode_paths.PREFILL_ROWS[0]}") for key in paths)
     flipped = {key: "aten" if path == "onednn" else "onednn" for key, path in paths.items()}
     (tmp_path / decode_paths.CACHE_FILE).write_text(json.dumps(flipped))
     flipped_form = fuse_for_decoding(model, onednn=None)
