@@ -50,8 +50,9 @@ def adjacent(tensors: list) -> bool:
     first = tensors[0]
     ptr = first.data_ptr()
     for t in tensors:
-        if (not t.is_contiguous() or t.dtype != first.dtype or t.device != first.device or t.shape[1:] != first.shape[1:]
-                or t.untyped_storage().data_ptr() != first.untyped_storage().data_ptr() or t.data_ptr() != ptr):
+        same_kind = t.dtype == first.dtype and t.device == first.device and t.shape[1:] == first.shape[1:]
+        same_storage = t.untyped_storage().data_ptr() == first.untyped_storage().data_ptr()
+        if not (t.is_contiguous() and same_kind and same_storage and t.data_ptr() == ptr):
             return False
         ptr += t.numel() * t.element_size()
     return True

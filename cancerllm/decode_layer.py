@@ -51,16 +51,17 @@ class BlockStep:
             raise ValueError(f"{OP}: x must be [n <= {self.rows}, 1, {self.dim}], got {tuple(x.shape)}")
         n = x.shape[0]
         k_cache, v_cache = cache.k[self.layer_id, cache.rows], cache.v[self.layer_id, cache.rows]
+        slot_pos = cache.slot_pos[cache.rows]
         cos, sin = cos.float(), sin.float()   # as KVCache.attend_step widens them
-        decode_attention.check_step(OP, cos, sin, k_cache, v_cache, cache.slot_pos[cache.rows], cache.positions,
-                                    cache.window, n=n, D=self.D, dtype=x.dtype)
+        decode_attention.check_step(OP, cos, sin, k_cache, v_cache, slot_pos, cache.positions, cache.window, n=n,
+                                    D=self.D, dtype=x.dtype)
         if k_cache.shape[1] != self.Hkv:
             raise ValueError(f"{OP}: the cache holds {k_cache.shape[1]} KV heads, the block {self.Hkv}")
         out = torch.empty_like(x)
         native(OP).decode_layer(
             x.data_ptr(), out.data_ptr(), self.input_norm.weight.data_ptr(), self.post_norm.weight.data_ptr(),
             self.input_norm.eps, self.weights, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
-            v_cache.data_ptr(), cache.slot_pos[cache.rows].data_ptr(), cache.positions.data_ptr(), FLOATS[x.dtype],
+            v_cache.data_ptr(), slot_pos.data_ptr(), cache.positions.data_ptr(), FLOATS[x.dtype],
             n, self.Hq, self.Hkv, k_cache.shape[2], self.D, cache.window or 0, 1 / math.sqrt(self.D), self.dim,
             self.hidden, torch.get_num_threads(), portable)
         return out

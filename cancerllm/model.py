@@ -515,8 +515,8 @@ def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
     """(path, gemv_rows) of the DecodeLinear for `weight`. The path: when quantized, whichever of the int8 paths
     this machine runs faster at prefill sizes; otherwise oneDNN (onednn=True, where usable), F.linear (False), or
     (None) whichever this machine runs faster for this shape (at prefill sizes where our kernel takes the decoding
-    batches, else at decoding's). With onednn=None or quantized, gemv_rows: up to how many
-    rows our small-M kernel runs faster than that path here (decode_paths.py, all measured and cached)."""
+    batches, else at decoding's). With onednn=None or quantized, gemv_rows: up to how many rows our small-M kernel
+    runs faster than that path here (decode_paths.py, all measured and cached)."""
     from .decode_paths import CALIBRATION_ROWS, PREFILL_ROWS, choose, choose_gemv_rows
     check_quantize(quantize, weight, name)
     if quantize == "int8":
@@ -594,10 +594,12 @@ def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Tran
     needs a cache) whose embedding and rotary tables are the model's own and whose blocks, norms and output head
     run on weights laid out for generation (FusedBlock, DecodeRMSNorm, DecodeLinear). Each matmul's path (PATHS,
     linear_path): with quantize="int8" an int8 copy of every matmul weight; otherwise oneDNN's blocked layout (a
-    copy; onednn=True, on fp32 or bf16 CPU weights), F.linear (onednn=False: only the fused q/k/v weight is a copy),
-    or (onednn=None) per weight shape whichever this machine runs faster; with onednn=None or quantized, our small-M
-    kernel in front for the decoding batches where it runs faster (bf16 and int8 weights). A snapshot: the model's weights replaced
-    or changed later are not seen; the Generator rebuilds it when they change."""
+    copy; onednn=True, on fp32 or bf16 CPU weights), F.linear (onednn=False), or (onednn=None) per weight shape
+    whichever this machine runs faster; with onednn=None or quantized, our small-M kernel in front for the decoding
+    batches where it runs faster (fp32, bf16 and int8 weights), and then each block of a decode step in one C++ call
+    (BlockStep). On CPU the weights a step streams lie in one allocation in reading order (pack_streamed: the
+    model's own when pack_weights packed it, else copies). A snapshot: the model's weights replaced or changed later
+    are not seen; the Generator rebuilds it when they change."""
     paths = {}   # weight shape -> (path, gemv_rows): equal shapes run alike, each checked or measured once
 
     def linear(weight, name):

@@ -84,7 +84,7 @@ void decode_layer(const DecodeLayerArgs& a, int threads, bool portable) {
   const Float type = at.type;
   const int64_t n = at.n, element = type == Float::BF16 ? 2 : 4;
   // Scratch in the activations' type: the normed input, the q/k/v projection, the attention output, the gate and
-  // the up projection.
+  // up projections, and the o or down projection before its residual is added.
   std::vector<char> normed(n * a.dim * element), qkv(n * a.qkv.N * element), attended(n * at.Hq * at.D * element),
       gate(n * a.hidden * element), up(n * a.hidden * element), projected(n * a.dim * element);
 

@@ -37,9 +37,9 @@ float weight_value(const MatmulArgs& a, int64_t i) {
   }
 }
 
-// Rows [n0, n1) of y from x in fp32 (bf16 values, unless the weights are fp32): each row of W widened once into `w_row` (K floats), then its
-// dot product with every row of x in 16 independent partial sums, a loop the compiler vectorizes without
-// reassociating.
+// Rows [n0, n1) of y from x in fp32 (bf16 values, unless the weights are fp32): each row of W widened once into
+// `w_row` (K floats), then its dot product with every row of x in 16 independent partial sums, a loop the compiler
+// vectorizes without reassociating.
 void portable_rows(const MatmulArgs& a, const float* x, float* w_row, int64_t n0, int64_t n1) {
   constexpr int64_t kLanes = 16;
   const int64_t K = a.K, body = K / kLanes * kLanes;

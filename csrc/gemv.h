@@ -1,9 +1,9 @@
 // Small-M matmuls for decoding on CPU: y[M, N] = x[M, K] @ W[N, K]^T with few rows (a decode batch), W in bf16, in
 // int8 with a bf16 scale per output row, or in fp32. x is rounded to bf16 for bf16 and int8 weights (the products
-// then run on AVX512-BF16 dot products) and stays fp32 for fp32 weights (fp32 fused multiply-adds). Decoding is bound by reading W once per step: these kernels stream W
-// row by row in its own layout (the one torch's F.linear and _weight_int8pack_mm take, so no second copy) and
-// multiply every loaded piece of it by all M rows of x. The callers (cancerllm/gemv.py) check dtypes, shapes and
-// contiguity; these functions trust them.
+// then run on AVX512-BF16 dot products) and stays fp32 for fp32 weights (fp32 fused multiply-adds). Decoding is
+// bound by reading W once per step: these kernels stream W row by row in its own layout (the one torch's F.linear
+// and _weight_int8pack_mm take, so no second copy) and multiply every loaded piece of it by all M rows of x. The
+// callers (cancerllm/gemv.py) check dtypes, shapes and contiguity; these functions trust them.
 #pragma once
 
 #include <cstdint>

@@ -35,7 +35,8 @@ def test_rows_back_to_back_concatenate_as_a_view_otherwise_as_a_copy():
 @pytest.mark.parametrize("tied", [False, True])
 def test_a_packed_model_computes_saves_and_decodes_as_before(tmp_path, tied):
     torch.manual_seed(0)
-    args = ModelArgs.preset("tiny", tie_word_embeddings=tied, **(dict(family="llama", sliding_window=None) if tied else {}))
+    llama = dict(family="llama", sliding_window=None) if tied else {}
+    args = ModelArgs.preset("tiny", tie_word_embeddings=tied, **llama)
     model = Transformer(args)
     tokens = torch.randint(0, args.vocab_size, (2, 9))
     with torch.no_grad():

@@ -116,9 +116,9 @@ def test_bad_operands_are_refused_by_name(make, error, message):
         gemv.matmul(x, w, scales)
 
 
-@pytest.mark.parametrize("path, dtype", [("int8", torch.float32), ("int8", torch.bfloat16), ("int8-bf16", torch.float32),
-                                         ("aten", torch.bfloat16), ("onednn", torch.bfloat16), ("aten", torch.float32),
-                                         ("onednn", torch.float32)])
+@pytest.mark.parametrize("path, dtype", [("int8", torch.float32), ("int8", torch.bfloat16),
+                                         ("int8-bf16", torch.float32), ("aten", torch.bfloat16),
+                                         ("onednn", torch.bfloat16), ("aten", torch.float32), ("onednn", torch.float32)])
 def test_decode_linear_sends_small_inputs_to_the_kernel_and_the_rest_to_the_path(path, dtype, monkeypatch):
     """With gemv_rows=4 inputs of up to 4 rows take our kernel, larger ones the path, each with the same result
     as the path alone up to the sums' order and one bf16 rounding (both round to bf16 where the path does)."""
