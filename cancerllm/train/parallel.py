@@ -1,7 +1,8 @@
 """Process group, device mesh and FSDP2: each transformer block and then the root are `fully_shard`ed over a
 data-parallel mesh (HSDP when `parallel.replicate` > 1: replicate across groups, shard within one), with
-optional activation checkpointing and `torch.compile` per block applied first. A one-rank mesh computing in the
-parameters' own dtype has nothing to shard, reduce or cast, so its model stays a plain module."""
+optional activation checkpointing and `torch.compile` per block applied first. A one-rank mesh has nothing to shard
+or reduce: its model stays a plain module, and on CPU its casts to the compute dtype are train/mixed_precision.py's
+(cheaper there than FSDP2's per-step buffers); one GPU, or compiled blocks, keep FSDP2 for the cast."""
 import os
 import warnings
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .config import ParallelConfig
+from .mixed_precision import cast_on_use
 from .nf4 import is_nf4
 
 
@@ -81,7 +83,9 @@ def parallelize(model, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.devi
     torchtitan does: each block is one all-gather / reduce-scatter unit). Reductions are always fp32.
 
     FSDP2 is skipped on a one-rank mesh when the compute dtype is the parameters' dtype: it would only add its
-    buffers and hooks (~100 MB peak on CPU for the `small` preset). A one-rank bf16 run keeps it for the cast."""
+    buffers and hooks (~100 MB peak on CPU for the `small` preset); and on one CPU rank whatever the dtypes, which
+    cast_on_use casts instead. One GPU keeps FSDP2, which frees each block's compute-dtype weights between uses (a
+    7B model's bf16 copy is 14.5 GB there), and so do compiled blocks (their hooks would be traced)."""
     if cfg.activation_checkpoint_every:
         apply_activation_checkpointing(model, cfg.activation_checkpoint_every)
     if cfg.compile:
@@ -90,6 +94,8 @@ def parallelize(model, mesh: DeviceMesh, cfg: ParallelConfig, device: torch.devi
     compute_dtype = param_dtype(cfg, device)
     if mesh.size() == 1 and all(p.dtype == compute_dtype for p in model.parameters()):
         return model
+    if mesh.size() == 1 and device.type == "cpu" and not cfg.compile:
+        return cast_on_use(model, compute_dtype)
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     # NF4 weights dequantize to the compute dtype themselves, and on one rank there is nothing to shard: FSDP2 leaves
     # them alone there (its one-rank path copies only the first of the three tensors an NF4 weight gathers).
