@@ -36,6 +36,20 @@ inline void store_float(void* p, Float t, int64_t i, float v) {
   }
 }
 
+// The same for loops instantiated per element type (uint16_t holding bf16, or float), so that the compiler
+// vectorizes each: widen to fp32, and narrow back (rounding to nearest even for bf16).
+template <typename T>
+inline float widen(T v) {
+  if constexpr (sizeof(T) == 2) return bf16_to_float(v);
+  else return v;
+}
+
+template <typename T>
+inline T narrow(float v) {
+  if constexpr (sizeof(T) == 2) return float_to_bf16(v);
+  else return v;
+}
+
 // v as type t holds it: rounded through bf16 for BF16, unchanged for F32.
 inline float round_to(Float t, float v) { return t == Float::BF16 ? bf16_to_float(float_to_bf16(v)) : v; }
 

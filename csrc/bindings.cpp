@@ -1,9 +1,10 @@
-// cancerllm._C: the shard reader and the packed loader for Python, and the CPU decoding kernels (small-M matmuls,
-// single-token cached attention, RMSNorm, and a whole block of a decode step made of them). Batches
+// cancerllm._C: the shard reader and the packed loader for Python, the CPU decoding kernels (small-M matmuls,
+// single-token cached attention, RMSNorm, and a whole block of a decode step made of them) and two elementwise
+// training kernels (SwiGLU forward and backward, hashed dropout). Batches
 // reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
 // last array goes away. The decoding kernels take torch tensors as data pointers (no torch headers here): their
-// Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py, decode_layer.py) check dtypes, shapes
-// and contiguity.
+// Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py, decode_layer.py, cpu_swiglu.py,
+// hashed_dropout.py) check dtypes, shapes and contiguity.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -13,9 +14,11 @@
 
 #include "decode_attention.h"
 #include "decode_layer.h"
+#include "dropout.h"
 #include "gemv.h"
 #include "loader.h"
 #include "rms_norm.h"
+#include "swiglu.h"
 
 namespace py = pybind11;
 using namespace cancerllm;
@@ -176,4 +179,30 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("y"), py::arg("type"), py::arg("rows"),
      py::arg("dim"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "RMSNorm of rows on raw pointers: use cancerllm.decode_rms_norm");
+  m.def("swiglu_forward", [](uintptr_t gate, uintptr_t up, uintptr_t out, int type, int64_t n, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("swiglu_forward: unknown element type");
+    if (n < 0 || threads < 1) throw std::invalid_argument("swiglu_forward: bad sizes");
+    swiglu_forward(reinterpret_cast<const void*>(gate), reinterpret_cast<const void*>(up), reinterpret_cast<void*>(out),
+                   static_cast<Float>(type), n, threads);
+  }, py::arg("gate"), py::arg("up"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("threads"),
+     py::call_guard<py::gil_scoped_release>(), "SwiGLU forward on raw pointers: use cancerllm.cpu_swiglu");
+  m.def("swiglu_backward", [](uintptr_t grad, uintptr_t gate, uintptr_t up, uintptr_t grad_gate, uintptr_t grad_up,
+                              int type, int64_t n, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("swiglu_backward: unknown element type");
+    if (n < 0 || threads < 1) throw std::invalid_argument("swiglu_backward: bad sizes");
+    swiglu_backward(reinterpret_cast<const void*>(grad), reinterpret_cast<const void*>(gate),
+                    reinterpret_cast<const void*>(up), reinterpret_cast<void*>(grad_gate),
+                    reinterpret_cast<void*>(grad_up), static_cast<Float>(type), n, threads);
+  }, py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("grad_gate"), py::arg("grad_up"), py::arg("type"),
+     py::arg("n"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "SwiGLU backward on raw pointers: use cancerllm.cpu_swiglu");
+  m.def("hashed_dropout", [](uintptr_t x, uintptr_t out, int type, int64_t n, uint64_t seed, uint32_t threshold,
+                             float scale, bool accumulate, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("hashed_dropout: unknown element type");
+    if (n < 0 || threads < 1 || threshold > (1u << 24)) throw std::invalid_argument("hashed_dropout: bad sizes");
+    hashed_dropout(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), static_cast<Float>(type), n, seed,
+                   threshold, scale, accumulate, threads);
+  }, py::arg("x"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
+     py::arg("scale"), py::arg("accumulate"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "dropout with a hashed mask on raw pointers: use cancerllm.hashed_dropout");
 }

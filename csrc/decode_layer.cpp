@@ -18,20 +18,8 @@ void matmul(const void* x, const LinearWeights& w, void* y, Float type, int64_t 
   small_matmul(args, threads, portable);
 }
 
-// Elementwise loops over n values of one activation type, widened to fp32 and rounded back on store: one
-// instantiation per type, so that the compiler vectorizes each (`omp simd`, cloned per instruction set).
-template <typename T>
-float widen(T v) {  // T: uint16_t holding bf16, or float
-  if constexpr (sizeof(T) == 2) return bf16_to_float(v);
-  else return v;
-}
-
-template <typename T>
-T narrow(float v) {
-  if constexpr (sizeof(T) == 2) return float_to_bf16(v);
-  else return v;
-}
-
+// Elementwise loops over n values of one activation type, widened to fp32 and rounded back on store (bf16.h's
+// widen / narrow), vectorized by the compiler (`omp simd`, cloned per instruction set).
 // out[i] = a[i] + b[i] (torch's add of two tensors of that type).
 template <typename T>
 CANCERLLM_SIMD_CLONES void add_typed(const T* a, const T* b, T* out, int64_t count) {

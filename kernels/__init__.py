@@ -9,6 +9,8 @@ imported). Attention can also run on xformers' memory-efficient kernel (`backend
 import os
 from contextlib import contextmanager
 
+import torch
+
 from . import reference
 from .attention import attention as triton_attention
 from .cross_entropy import cross_entropy as triton_cross_entropy
@@ -118,11 +120,16 @@ def rms_norm(x, weight, eps=1e-5, residual=None):
 
 
 def swiglu(gate, up):
-    """silu(gate) * up for the feed-forward, saving only gate and up for backward. One path on every device:
-    plain PyTorch elementwise ops, which are already memory-bound next to the matmuls around them."""
+    """silu(gate) * up for the feed-forward, saving only gate and up for backward. On CPU one C++ pass each way
+    (cancerllm/cpu_swiglu.py: torch's backward is ~10 passes over fp32 temporaries); elsewhere plain PyTorch
+    elementwise ops, which on a GPU are memory-bound next to the matmuls around them."""
     if gate.shape != up.shape or gate.dtype != up.dtype:
         raise ValueError(f"swiglu: gate and up must share shape and dtype, got {tuple(gate.shape)} {gate.dtype} "
                          f"and {tuple(up.shape)} {up.dtype}")
+    from cancerllm import cpu_swiglu   # here: cancerllm imports this package (also importable as `kernels`) first
+    # Compiled, the reference's ops fuse into one loop anyway, and a call on data pointers would break the graph.
+    if cpu_swiglu.usable(gate) and not torch.compiler.is_compiling():
+        return cpu_swiglu.swiglu(gate, up)
     return reference.swiglu(gate, up)
 
 

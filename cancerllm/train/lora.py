@@ -20,6 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from .. import hashed_dropout
 from ..kernels.reference import compute_dtype
 from .config import LoraConfig
 from .nf4 import dequantize, is_nf4
@@ -46,7 +47,49 @@ class LoRALinear(nn.Module):
         nn.init.zeros_(self.lora_B)
 
     def forward(self, x):
-        return F.linear(x, self.weight) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        base = F.linear(x, self.weight)
+        p = self.dropout.p if self.training and isinstance(self.dropout, nn.Dropout) else 0.0
+        # Compiled (parallel.compile), autograd's version fuses and the kernel's pointer call would break the graph.
+        if (p == 0.0 or hashed_dropout.usable(x)) and not torch.compiler.is_compiling():
+            seed = hashed_dropout.draw_seed() if p else 0
+            return LoRABranch.apply(x, base, self.lora_A, self.lora_B, self.scale, p, seed)
+        return base + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+
+
+class LoRABranch(torch.autograd.Function):
+    """base += scale * drop(x) A^T B^T, in place into the frozen layer's output, keeping only x (the base layer
+    keeps it anyway) and the [N, rank] drop(x) A^T for backward: no [N, in] dropped input or mask is stored, the
+    hashed mask is regenerated from its seed (cancerllm/hashed_dropout.py). autograd's version of the same sum
+    keeps both per adapted layer (~0.6 GB at SmolLM2-135M's 30 x 7 layers, 2 x 512 tokens) and draws its mask from
+    mt19937."""
+
+    @staticmethod
+    def forward(ctx, x, base, lora_a, lora_b, scale, p, seed):
+        rows = x.reshape(-1, x.shape[-1])
+        dropped = hashed_dropout.dropout(rows, p, seed) if p else rows
+        down = dropped @ lora_a.t()
+        base.view(-1, base.shape[-1]).addmm_(down, lora_b.t(), alpha=scale)
+        ctx.mark_dirty(base)
+        ctx.save_for_backward(x, lora_a, lora_b, down)
+        ctx.scale, ctx.p, ctx.seed = scale, p, seed
+        return base
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, lora_a, lora_b, down = ctx.saved_tensors
+        rows = x.reshape(-1, x.shape[-1])
+        grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
+        up_grad = (grad_rows @ lora_b).mul_(ctx.scale)                    # d loss / d (drop(x) A^T), [N, rank]
+        grad_b = grad_rows.t() @ down.mul(ctx.scale)
+        dropped = hashed_dropout.dropout(rows, ctx.p, ctx.seed) if ctx.p else rows
+        grad_a = up_grad.t() @ dropped
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = up_grad @ lora_a
+            if ctx.p:
+                grad_x = hashed_dropout.dropout(grad_x, ctx.p, ctx.seed)
+            grad_x = grad_x.view(x.shape)
+        return grad_x, grad_out, grad_a, grad_b, None, None, None
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:

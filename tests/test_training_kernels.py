@@ -1,0 +1,155 @@
+"""The CPU training kernels: SwiGLU forward and backward (cancerllm/cpu_swiglu.py, csrc/swiglu.cpp) and hashed
+dropout (cancerllm/hashed_dropout.py, csrc/dropout.cpp) against float64 references on fresh random inputs, at odd
+sizes and both thread counts; the LoRA branch built on them (train/lora.py's LoRABranch) against autograd through
+the same mask; and their refusals."""
+import pytest
+import torch
+import torch.nn as nn
+
+from cancerllm import cpu_swiglu, hashed_dropout, kernels
+from cancerllm.kernels.testing import assert_close, poisoned_allocations
+from cancerllm.train.lora import LoRALinear
+
+pytestmark = pytest.mark.skipif(not (cpu_swiglu.usable(torch.zeros(1)) and hashed_dropout.usable(torch.zeros(1))),
+                                reason="cancerllm._C built without the training kernels")
+DTYPES = [torch.float32, torch.bfloat16]
+SIZES = [(1,), (7, 3), (2, 37, 129), (3, 4097), (2, 512, 96)]   # past one 256-chunk, one 4096-block, the threshold
+
+
+class threads_set:
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *_):
+        torch.set_num_threads(self.before)
+
+
+def swiglu64(gate, up):
+    g, u = gate.double(), up.double()
+    return g * torch.sigmoid(g) * u
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES, ids=str)
+def test_swiglu_forward_and_backward_match_float64(size, dtype, threads):
+    gate = (torch.randn(size) * 4).to(dtype).requires_grad_()   # past the sigmoid's flat ends
+    up = torch.randn(size).to(dtype).requires_grad_()
+    grad = torch.randn(size).to(dtype)
+    with threads_set(threads), poisoned_allocations():
+        out = kernels.swiglu(gate, up)
+        out.backward(grad)
+    g64, u64 = gate.detach().double().requires_grad_(), up.detach().double().requires_grad_()
+    ref = swiglu64(g64, u64)
+    ref.backward(grad.double())
+    assert out.dtype == dtype and gate.grad.dtype == dtype
+    assert_close("out", out, ref, dtype)
+    assert_close("grad gate", gate.grad, g64.grad, dtype)
+    assert_close("grad up", up.grad, u64.grad, dtype)
+
+
+def test_swiglu_takes_the_kernel_on_cpu_and_extremes_stay_finite():
+    gate = torch.tensor([-1e4, -90.0, -20.0, 0.0, 20.0, 90.0, 1e4], requires_grad=True)
+    up = torch.ones(7, requires_grad=True)
+    out = kernels.swiglu(gate, up)
+    assert out.grad_fn.name() == "CPUSwiGLUFunctionBackward"
+    out.sum().backward()
+    torch.testing.assert_close(out, swiglu64(gate, up).float(), rtol=1e-6, atol=1e-6)
+    assert torch.isfinite(gate.grad).all() and torch.isfinite(up.grad).all()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("size", SIZES, ids=str)
+def test_hashed_dropout_is_its_mask_times_the_scale(size, dtype, threads):
+    x = torch.randn(size).to(dtype)
+    p, seed = 0.3, hashed_dropout.draw_seed()
+    keep = hashed_dropout.keep_mask(x.numel(), p, seed).view(size)
+    with threads_set(threads), poisoned_allocations():
+        out = hashed_dropout.dropout(x, p, seed)
+    assert torch.equal(out != 0, keep & (x != 0))
+    assert_close("dropout", out, x.double() * keep / (1 - p), dtype)
+    into = torch.randn(size).to(dtype)
+    expected = into.double() + x.double() * keep / (1 - p)
+    with threads_set(threads):
+        assert hashed_dropout.dropout(x, p, seed, into=into) is into
+    assert_close("dropout into", into, expected, dtype)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.9])
+def test_hashed_dropout_keeps_one_minus_p_of_the_values_independently_of_the_seed(p):
+    n = 200_000
+    masks = [hashed_dropout.keep_mask(n, p, hashed_dropout.draw_seed()) for _ in range(3)]
+    for mask in masks:
+        assert abs(mask.double().mean() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5 + 1e-9)
+    if 0 < p:   # two seeds' masks agree as often as independent draws would
+        agree = (masks[0] == masks[1]).double().mean()
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 5 * (0.25 / n) ** 0.5
+    kernel = hashed_dropout.dropout(torch.ones(n), p, 12345) != 0
+    assert torch.equal(kernel, hashed_dropout.keep_mask(n, p, 12345))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: hashed_dropout.dropout(torch.ones(3), 1.0, 1), "p must be in"),
+    (lambda: hashed_dropout.dropout(torch.ones(3), -0.1, 1), "p must be in"),
+    (lambda: hashed_dropout.dropout(torch.ones(3, dtype=torch.float64), 0.1, 1), "x must be float32, bfloat16"),
+    (lambda: hashed_dropout.dropout(torch.ones(3), 0.1, 1, into=torch.ones(4)), "into must have x's shape"),
+    (lambda: hashed_dropout.dropout(torch.ones(3), 0.1, 1, into=torch.ones(6)[::2]), "into must be contiguous"),
+    (lambda: cpu_swiglu.swiglu(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)),
+     "gate must be float32, bfloat16"),
+    (lambda: kernels.swiglu(torch.ones(3), torch.ones(4)), "gate and up must share shape"),
+])
+def test_refusals_name_the_argument(call, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        call()
+
+
+def lora_layer(dtype, dropout, in_features=37, out_features=23, rank=5):
+    layer = LoRALinear(nn.Linear(in_features, out_features, bias=False), rank=rank, alpha=10.0, dropout=dropout)
+    with torch.no_grad():
+        layer.lora_B.normal_(0.0, 0.5)                            # B = 0 would leave A's gradient zero
+    return layer.to(dtype)
+
+
+def autograd_lora(layer, x, keep):
+    """The layer's output as autograd computes it in float64 with the dropout mask `keep` made explicit."""
+    w, a, b = (t.detach().double().requires_grad_(t.requires_grad) for t in (layer.weight, layer.lora_A, layer.lora_B))
+    p = layer.dropout.p if isinstance(layer.dropout, nn.Dropout) and layer.training else 0.0
+    dropped = x * keep / (1 - p)
+    return x @ w.t() + (dropped @ a.t()) @ b.t() * layer.scale, (a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dropout, training", [(0.0, True), (0.2, True), (0.2, False)])
+def test_lora_branch_matches_autograd_through_the_same_mask(dtype, dropout, training):
+    layer = lora_layer(dtype, dropout).train(training)
+    x = torch.randn(2, 11, 37).to(dtype).requires_grad_()
+    grad = torch.randn(2, 11, 23).to(dtype)
+    state = torch.get_rng_state()
+    y = layer(x)
+    y.backward(grad)
+    torch.set_rng_state(state)   # the seed the layer drew: the same draw again
+    p = dropout if training else 0.0
+    keep = (hashed_dropout.keep_mask(x.numel(), p, hashed_dropout.draw_seed()).view(x.shape) if p
+            else torch.ones(x.shape, dtype=torch.bool))
+    x64 = x.detach().double().requires_grad_()
+    ref, (a64, b64) = autograd_lora(layer, x64, keep)
+    ref.backward(grad.double())
+    assert "LoRABranch" in y.grad_fn.name()
+    assert_close("y", y, ref, dtype)
+    assert_close("grad x", x.grad, x64.grad, dtype)
+    assert_close("grad A", layer.lora_A.grad, a64.grad, dtype)
+    assert_close("grad B", layer.lora_B.grad, b64.grad, dtype)
+    assert layer.weight.grad is None
+
+
+def test_lora_branch_draws_a_new_mask_per_call_and_none_in_eval():
+    layer = lora_layer(torch.float32, 0.5)
+    x = torch.randn(4, 37)
+    assert not torch.equal(layer(x), layer(x))
+    layer.eval()
+    torch.testing.assert_close(layer(x), layer(x), rtol=0, atol=0)
