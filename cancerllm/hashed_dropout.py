@@ -1,7 +1,7 @@
 """Dropout with a hashed mask (csrc/dropout.cpp), for LoRA on CPU: element i of a tensor is kept under a 64-bit seed
 when a splitmix64 hash of (seed, i) clears p, so a backward regenerates the mask from the seed instead of keeping
-it, and one pass applies it. torch's CPU dropout draws every bit from mt19937 (8 ms for 1.5M values) and keeps its
-mask and the dropped input for backward; a SmolLM2-135M LoRA step at p = 0.05 spent ~1 s in it and held ~0.6 GB.
+it, and one pass applies it. torch's CPU dropout draws every value from mt19937, one at a time, and keeps its mask
+and the dropped input for backward (docs/experiments.md, 2026-11-30: what that cost a LoRA step).
 
     seed = draw_seed()                      # from torch's CPU generator: torch.manual_seed reproduces a run
     y = dropout(x, p, seed)                 # x * keep / (1 - p)

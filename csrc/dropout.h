@@ -1,6 +1,6 @@
 // Dropout whose mask is a hash of (seed, element index), for LoRA on CPU: the backward regenerates the mask from
-// the seed instead of keeping it, and one pass applies it (torch's CPU dropout draws each bit from mt19937 and
-// keeps mask and dropped input for backward: ~1 s of a SmolLM2-135M LoRA step, and ~0.6 GB).
+// the seed instead of keeping it, and one pass applies it (torch's CPU dropout draws each value from mt19937, one
+// at a time, and keeps the mask and the dropped input of every adapted layer for backward).
 // The caller (cancerllm/hashed_dropout.py) checks dtypes, sizes and contiguity; these functions trust them.
 #pragma once
 

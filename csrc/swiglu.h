@@ -1,5 +1,5 @@
 // SwiGLU's elementwise part for training on CPU, forward and backward, one pass each: torch runs the backward as
-// ~10 ops with as many full-size fp32 temporaries (a SmolLM2-135M block's 2 x 512 tokens: 8 ms of a 116 ms block).
+// ~10 ops with as many full-size fp32 temporaries, each a trip through memory (docs/experiments.md, 2026-11-30).
 // The caller (cancerllm/cpu_swiglu.py) checks dtypes, shapes and contiguity; these functions trust them.
 #pragma once
 

@@ -49,3 +49,14 @@ def poisoned_allocations():
         yield
     finally:
         torch.empty, torch.empty_like = real_empty, real_empty_like
+
+
+@contextmanager
+def threads_set(threads: int):
+    """torch's thread count set for a block (the CPU kernels take it as theirs), restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from cancerllm import decode_attention, decode_rms_norm
 from cancerllm.cache import KVCache
 from cancerllm.decode_rms_norm import RowNorm
+from cancerllm.kernels.testing import threads_set
 
 pytestmark = pytest.mark.skipif(not (decode_attention.available() and decode_rms_norm.available()),
                                 reason="cancerllm._C built without the decoding kernels")
@@ -175,19 +176,6 @@ def test_rms_norm_rows_refuse_what_they_cannot_read():
         norm(torch.randn(2, 8).half())
     with pytest.raises(ValueError, match="weight must be a 1-D CPU tensor"):
         RowNorm(torch.ones(2, 8), 1e-5)
-
-
-class threads_set:
-    """torch's thread count set for a block (the kernels use it), restored after."""
-
-    def __init__(self, threads):
-        self.threads, self.before = threads, torch.get_num_threads()
-
-    def __enter__(self):
-        torch.set_num_threads(self.threads)
-
-    def __exit__(self, *exc):
-        torch.set_num_threads(self.before)
 
 
 @pytest.mark.parametrize("portable", KERNELS)

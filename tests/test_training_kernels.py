@@ -7,25 +7,13 @@ import torch
 import torch.nn as nn
 
 from cancerllm import cpu_swiglu, hashed_dropout, kernels
-from cancerllm.kernels.testing import assert_close, poisoned_allocations
+from cancerllm.kernels.testing import assert_close, poisoned_allocations, threads_set
 from cancerllm.train.lora import LoRALinear
 
 pytestmark = pytest.mark.skipif(not (cpu_swiglu.usable(torch.zeros(1)) and hashed_dropout.usable(torch.zeros(1))),
                                 reason="cancerllm._C built without the training kernels")
 DTYPES = [torch.float32, torch.bfloat16]
 SIZES = [(1,), (7, 3), (2, 37, 129), (3, 4097), (2, 512, 96)]   # past one 256-chunk, one 4096-block, the threshold
-
-
-class threads_set:
-    def __init__(self, n):
-        self.n = n
-
-    def __enter__(self):
-        self.before = torch.get_num_threads()
-        torch.set_num_threads(self.n)
-
-    def __exit__(self, *_):
-        torch.set_num_threads(self.before)
 
 
 def swiglu64(gate, up):

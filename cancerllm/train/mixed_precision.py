@@ -6,14 +6,15 @@ As a unit's forward begins (each block, then the root's own embedding, final nor
 another dtype than the compute dtype is swapped for a copy in it, and swapped back when the forward ends. A copy is
 made once and refreshed only when its parameter may have changed since: after any optimizer's step (fused AdamW
 updates in place without bumping version counters), an in-place write (which bumps it: a checkpoint's load) or a
-new tensor under the parameter (`.data =`). A forward after a step casts each weight once; a second micro-batch or
-an activation-checkpointing recompute casts nothing. A write through `.data` alone is not seen. Autograd accumulates the copy's gradient; a hook then adds it
-into the parameter's own gradient in the parameter's dtype and drops it, so no more than the gradients of the
-unit backward is in keeps a second, compute-dtype gradient.
+new tensor under the parameter (`.data =`); a write through `.data` alone is not seen. A forward after a step
+casts each weight once; a second micro-batch or an activation-checkpointing recompute casts nothing. Autograd
+accumulates each copy's gradient; a hook then adds it into its parameter's gradient, in the parameter's dtype, and
+frees it: only the unit backward is in holds compute-dtype gradients.
 
 Why not FSDP2 here: on one CPU rank its all-gather and reduce-scatter are copies into buffers allocated every
-step, a third of a bf16 SmolLM2-135M training step (docs/experiments.md, 2026-11-30). The copies here cost one
-extra compute-dtype tensor per parameter, held for the whole run (half the fp32 parameters' bytes in bf16).
+step, and its gathered weights and reduced gradients live beside the masters (docs/experiments.md, 2026-11-30: less
+peak memory, the same speed within noise). The copies here are one compute-dtype tensor per cast parameter, held
+for the whole run (half the fp32 parameters' bytes in bf16), made again only after a change.
 """
 from functools import partial
 

@@ -2,7 +2,7 @@
 data-parallel mesh (HSDP when `parallel.replicate` > 1: replicate across groups, shard within one), with
 optional activation checkpointing and `torch.compile` per block applied first. A one-rank mesh has nothing to shard
 or reduce: its model stays a plain module, and on CPU its casts to the compute dtype are train/mixed_precision.py's
-(cheaper there than FSDP2's per-step buffers); one GPU, or compiled blocks, keep FSDP2 for the cast."""
+(no per-step buffers); one GPU, or compiled blocks, keep FSDP2 for the cast."""
 import os
 import warnings
 from dataclasses import dataclass
