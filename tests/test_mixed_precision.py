@@ -137,3 +137,17 @@ def test_a_forward_that_raises_gives_the_module_its_parameters_back():
     with pytest.raises((ValueError, IndexError)):
         model(**bad)
     assert all(p is masters[n] for n, p in model.named_parameters())
+
+
+def test_a_parameter_replaced_or_frozen_after_wrapping_gets_a_fresh_copy():
+    model = cast_on_use(fp32_model(), torch.bfloat16)
+    loss_and_grads(model, batch())
+    model.zero_grad(set_to_none=True)
+    model.norm.weight = torch.nn.Parameter(torch.full((ARGS["dim"],), 2.0))   # a new tensor under the name
+    model.layers[0].mlp.up_proj.weight.requires_grad_(False)                  # frozen after the first forward
+    reference = bf16_twin(model)
+    assert_matches_bf16_model(model, reference, batch(6))
+    assert model.layers[0].mlp.up_proj.weight.grad is None
+    units = [hook.__self__ for hook in model._forward_pre_hooks.values()]
+    assert len(units[0].copies) == sum(1 for _ in model.parameters()) - sum(
+        1 for block in model.layers for _ in block.parameters())        # no copy of the replaced weight is kept

@@ -45,6 +45,8 @@ class CastOnUse:
 
     def swap_in(self, *_):
         self.masters = [module._parameters[name] for module, name in self.slots]
+        live = {id(m) for m in self.masters}
+        self.copies = {key: held for key, held in self.copies.items() if key in live}   # replaced parameters go
         for (module, name), master in zip(self.slots, self.masters):
             if master is not None and master.dtype != self.dtype and not is_nf4(master):
                 module._parameters[name] = self.copy_of(master)
@@ -55,7 +57,7 @@ class CastOnUse:
 
     def copy_of(self, master: nn.Parameter) -> nn.Parameter:
         held = self.copies.get(id(master))
-        if held is None or held[0] is not master:
+        if held is None or held[0] is not master or held[1].requires_grad != master.requires_grad:
             copy = nn.Parameter(torch.empty_like(master, dtype=self.dtype), requires_grad=master.requires_grad)
             if master.requires_grad:
                 copy.register_post_accumulate_grad_hook(partial(accumulate_into, master))
