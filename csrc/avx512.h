@@ -1,4 +1,5 @@
-// What the AVX512 decoding kernels (gemv.cpp, decode_attention.cpp) share: lane reductions and the run-time check.
+// What the AVX512 kernels (gemv.cpp, decode_attention.cpp, score_matmul.cpp) share: target attributes, lane
+// reductions and the run-time check.
 // The intrinsics are x86 with GCC or Clang only: the includers guard their AVX512 code with CANCERLLM_X86.
 #pragma once
 
@@ -9,6 +10,7 @@
 #include <immintrin.h>
 #define CANCERLLM_X86 1
 #define CANCERLLM_AVX512 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl")))
+#define CANCERLLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 namespace cancerllm {
 

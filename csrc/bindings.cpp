@@ -1,10 +1,10 @@
 // cancerllm._C: the shard reader and the packed loader for Python, the CPU decoding kernels (small-M matmuls,
 // single-token cached attention, RMSNorm, and a whole block of a decode step made of them) and two elementwise
-// training kernels (SwiGLU forward and backward, hashed dropout). Batches
+// training kernels (SwiGLU forward and backward, hashed dropout, attention's score matmuls and softmax). Batches
 // reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
 // last array goes away. The decoding kernels take torch tensors as data pointers (no torch headers here): their
 // Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py, decode_layer.py, cpu_swiglu.py,
-// hashed_dropout.py) check dtypes, shapes and contiguity.
+// hashed_dropout.py, cpu_attention.py) check dtypes, shapes and contiguity.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -12,12 +12,14 @@
 #include <string>
 #include <tuple>
 
+#include "attention_softmax.h"
 #include "decode_attention.h"
 #include "decode_layer.h"
 #include "dropout.h"
 #include "gemv.h"
 #include "loader.h"
 #include "rms_norm.h"
+#include "score_matmul.h"
 #include "swiglu.h"
 
 namespace py = pybind11;
@@ -205,4 +207,39 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
      py::arg("scale"), py::arg("accumulate"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "dropout with a hashed mask on raw pointers: use cancerllm.hashed_dropout");
+  m.def("score_matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t heads, int64_t M, int64_t N, int64_t K,
+                           int64_t causal_group, int threads) {
+    if (heads < 0 || M < 0 || N < 0 || K < 2 || K % 2 || causal_group < 0 || threads < 1)
+      throw std::invalid_argument("score_matmul: bad sizes (K must be even and >= 2)");
+    if (!has_avx512_bf16()) throw std::runtime_error("score_matmul: this CPU lacks AVX512-BF16");
+    score_matmul({reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b),
+                  reinterpret_cast<float*>(c), heads, M, N, K, causal_group}, threads);
+  }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("heads"), py::arg("M"), py::arg("N"), py::arg("K"),
+     py::arg("causal_group"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "bf16 score matmuls with fp32 output on raw pointers: use cancerllm.cpu_attention");
+  m.def("attention_softmax_forward", [](uintptr_t scores, uintptr_t probs, uintptr_t lse, int type, int64_t rows,
+                                        int64_t L, int64_t group, int64_t window, float scale, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("attention_softmax_forward: unknown element type");
+    if (rows < 0 || L < 1 || group < 1 || window < 0 || threads < 1)
+      throw std::invalid_argument("attention_softmax_forward: bad sizes");
+    attention_softmax_forward({rows, L, group, window, scale}, reinterpret_cast<const float*>(scores),
+                              reinterpret_cast<void*>(probs), static_cast<Float>(type),
+                              reinterpret_cast<float*>(lse), threads);
+  }, py::arg("scores"), py::arg("probs"), py::arg("lse"), py::arg("type"), py::arg("rows"), py::arg("L"),
+     py::arg("group"), py::arg("window"), py::arg("scale"), py::arg("threads"),
+     py::call_guard<py::gil_scoped_release>(), "causal attention softmax on raw pointers: use cancerllm.cpu_attention");
+  m.def("attention_softmax_backward", [](uintptr_t scores, uintptr_t lse, uintptr_t grad_probs, uintptr_t delta,
+                                         uintptr_t probs, uintptr_t grad_scores, int type, int64_t rows, int64_t L,
+                                         int64_t group, int64_t window, float scale, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("attention_softmax_backward: unknown element type");
+    if (rows < 0 || L < 1 || group < 1 || window < 0 || threads < 1)
+      throw std::invalid_argument("attention_softmax_backward: bad sizes");
+    attention_softmax_backward({rows, L, group, window, scale}, reinterpret_cast<const float*>(scores),
+                               reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(grad_probs),
+                               reinterpret_cast<const float*>(delta), reinterpret_cast<void*>(probs),
+                               reinterpret_cast<void*>(grad_scores), static_cast<Float>(type), threads);
+  }, py::arg("scores"), py::arg("lse"), py::arg("grad_probs"), py::arg("delta"), py::arg("probs"),
+     py::arg("grad_scores"), py::arg("type"), py::arg("rows"), py::arg("L"), py::arg("group"), py::arg("window"),
+     py::arg("scale"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "causal attention softmax backward on raw pointers: use cancerllm.cpu_attention");
 }

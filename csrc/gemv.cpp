@@ -61,7 +61,6 @@ void portable_rows(const MatmulArgs& a, const float* x, float* w_row, int64_t n0
 // ------------------------------------------------------------------------------------------ AVX512-BF16 kernel
 
 #ifdef CANCERLLM_X86
-#define CANCERLLM_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
 
 // 32 weights of one row from `offset` on (zero past the mask, when Masked) as bf16: int8 widened exactly
 // (|q| <= 127 fits bf16's 8 significant bits), in order, so that pairs (k, k+1) meet x's pairs in the dot product.

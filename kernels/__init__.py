@@ -80,8 +80,14 @@ def attention(q, k, v, *, window=None, cu_seqlens=None, lse=False, backend="auto
         return xformers_attention(q, k, v, window=window, cu_seqlens=cu_seqlens)
     if backend != "auto":
         raise ValueError(f"attention: backend must be 'auto' or 'xformers', got {backend!r}")
-    impl = triton_attention if use_triton(q) else reference.attention
-    return impl(q, k, v, window=window, cu_seqlens=cu_seqlens, lse=lse)
+    if use_triton(q):
+        return triton_attention(q, k, v, window=window, cu_seqlens=cu_seqlens, lse=lse)
+    from cancerllm import cpu_attention   # here: cancerllm imports this package (also importable as `kernels`) first
+    # On CPU each document's softmax runs in C++ between matmuls at the machine's rate (torch's CPU flash kernel is
+    # several times slower); compiled, the reference's SDPA is traced instead of a call on data pointers.
+    if not lse and cpu_attention.usable(q, 0) and not torch.compiler.is_compiling():
+        return cpu_attention.by_document(q, k, v, window=window, cu_seqlens=cu_seqlens)
+    return reference.attention(q, k, v, window=window, cu_seqlens=cu_seqlens, lse=lse)
 
 
 def xformers_attention(q, k, v, *, window=None, cu_seqlens=None):

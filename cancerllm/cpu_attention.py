@@ -1,0 +1,129 @@
+"""Causal grouped-query attention of packed documents for training on CPU: five matmuls at the machine's matmul rate
+around a softmax done in one C++ pass each way (csrc/score_matmul.cpp, csrc/attention_softmax.cpp).
+
+    out = attention(q, k, v, window)                 # q [L, Hq, D], k and v [L, Hkv, D]: one document
+    out = by_document(q, k, v, window, cu_seqlens)   # [B, T, H, D] batches: kernels.attention's CPU path
+
+Forward, per key/value head and its G query heads at once: the scores S = Q K^T in fp32 (bf16 products summed in
+fp32 by our score matmul, causal tiles only; fp32 inputs through torch's fp32 matmul), P = softmax(S / sqrt(D))
+under the causal (and sliding-window) mask, rounded to q's dtype, O = P V (torch's matmul). Saves q, k, v, O and the
+log-sum-exp: no [L, L] tensor is kept. Backward recomputes S, takes dP = dO V^T in fp32, and in one pass gets P and
+dS = P (dP - rowsum(dO O)) / sqrt(D), rounded to q's dtype for dV = P^T dO, dQ = dS K and dK = dS^T Q: the roundings
+of P and dS before their matmuls are those flash attention makes on a GPU. torch's CPU flash kernel, which the
+reference runs in fp32, takes several times as long (docs/experiments.md, 2026-11-30).
+
+A document's scores are [Hq * L, L] fp32 while one call runs (9 heads at L = 1,024: 38 MB); past MAX_SCORE_BYTES a
+document goes to the reference's SDPA instead (`usable`). The score and probability buffers are kept between calls
+(`scratch`): a fresh multi-MB tensor costs a page fault per 4 KB each time, which took as long as the matmuls.
+"""
+import math
+
+import torch
+
+from . import gemv
+from .extension import FLOATS, check_cpu_tensor, native
+from .kernels import reference
+
+OP = "attention_softmax_forward"
+MAX_SCORE_BYTES = 128 * 2**20
+_scratch = {}   # (name, dtype) -> a flat buffer that `scratch` hands out views of, grown when too small
+
+
+def scratch(name: str, shape, dtype) -> torch.Tensor:
+    """A [shape] tensor of `dtype` whose memory is reused by the next call with the same name: for buffers that die
+    before their call returns (at most 2 x MAX_SCORE_BYTES fp32 and as much again in q's dtype stay allocated)."""
+    n = math.prod(shape)
+    buffer = _scratch.get((name, dtype))
+    if buffer is None or buffer.numel() < n:
+        buffer = _scratch[(name, dtype)] = torch.empty(n, dtype=dtype)
+    return buffer[:n].view(shape)
+
+
+def usable(q: torch.Tensor, length: int) -> bool:
+    """Whether a document of `length` tokens with queries like q ([..., Hq, D]) runs here: CPU, fp32 or bf16, an even
+    head width, kernels built, its fp32 scores within MAX_SCORE_BYTES."""
+    return (q.device.type == "cpu" and q.dtype in FLOATS and q.shape[-1] % 2 == 0 and native(OP) is not None
+            and native("score_matmul") is not None and q.shape[-2] * length * length * 4 <= MAX_SCORE_BYTES)
+
+
+def scores(rows: torch.Tensor, keys: torch.Tensor, group: int, name: str) -> torch.Tensor:
+    """rows [H, R, D] @ keys[H, L, D]^T per head -> [H, R, L] fp32, in the scratch buffer `name`. Row r is the query
+    at position r // group: entries past it may be left unwritten (the softmax never reads them)."""
+    check_cpu_tensor("attention scores", "rows", rows, dtypes=tuple(FLOATS))
+    check_cpu_tensor("attention scores", "keys", keys, dtypes=(rows.dtype,))
+    if rows.dtype != torch.bfloat16 or not gemv.fast_kernel():
+        return torch.bmm(rows.float(), keys.float().transpose(1, 2))
+    H, R, D = rows.shape
+    out = scratch(name, (H, R, keys.shape[1]), torch.float32)
+    native("score_matmul").score_matmul(rows.data_ptr(), keys.data_ptr(), out.data_ptr(), H, R, keys.shape[1], D,
+                                        group, torch.get_num_threads())
+    return out
+
+
+def by_kv_head(t: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[L, Hkv * G, D] -> [Hkv, L * G, D], contiguous: row t * G + g is position t's query head kv * G + g."""
+    L, H, D = t.shape
+    return t.view(L, n_kv, H // n_kv, D).transpose(0, 1).reshape(n_kv, L * (H // n_kv), D).contiguous()
+
+
+def from_kv_heads(t: torch.Tensor, length: int) -> torch.Tensor:
+    """The inverse of by_kv_head: [Hkv, L * G, D] -> [L, Hkv * G, D]."""
+    n_kv, rows, D = t.shape
+    return t.view(n_kv, length, rows // length, D).transpose(0, 1).reshape(length, -1, D)
+
+
+class CPUAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, window):
+        L, Hq, D = q.shape
+        n_kv = k.shape[1]
+        rows, keys, values = by_kv_head(q, n_kv), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
+        shape = dict(rows=rows.shape[0] * rows.shape[1], L=L, group=Hq // n_kv, window=window or 0, scale=D ** -0.5,
+                     threads=torch.get_num_threads())
+        probs = scratch("probs", (n_kv, rows.shape[1], L), q.dtype)
+        lse = torch.empty(n_kv, rows.shape[1], dtype=torch.float32)
+        raw = scores(rows, keys, shape["group"], "scores")
+        native(OP).attention_softmax_forward(raw.data_ptr(), probs.data_ptr(), lse.data_ptr(), FLOATS[q.dtype],
+                                             **shape)
+        out = torch.bmm(probs, values)
+        ctx.save_for_backward(rows, keys, values, out, lse)
+        ctx.shape = shape
+        return from_kv_heads(out, L)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        rows, keys, values, out, lse = ctx.saved_tensors
+        n_kv, L = keys.shape[:2]
+        grad_rows = by_kv_head(grad_out.to(rows.dtype), n_kv)
+        delta = (grad_rows.float() * out.float()).sum(-1)
+        raw = scores(rows, keys, ctx.shape["group"], "scores")
+        grad_probs = scores(grad_rows, values, ctx.shape["group"], "grad_probs")
+        probs = scratch("probs", (n_kv, rows.shape[1], L), rows.dtype)
+        grad_scores = scratch("grad_scores", (n_kv, rows.shape[1], L), rows.dtype)
+        native(OP).attention_softmax_backward(raw.data_ptr(), lse.data_ptr(), grad_probs.data_ptr(), delta.data_ptr(),
+                                              probs.data_ptr(), grad_scores.data_ptr(), FLOATS[rows.dtype],
+                                              **ctx.shape)
+        grad_v = torch.bmm(probs.transpose(1, 2), grad_rows)
+        grad_q = torch.bmm(grad_scores, keys)
+        grad_k = torch.bmm(grad_scores.transpose(1, 2), rows)
+        return from_kv_heads(grad_q, L), grad_k.transpose(0, 1), grad_v.transpose(0, 1), None
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window=None) -> torch.Tensor:
+    """Causal attention of one document: q [L, Hq, D], k and v [L, Hkv, D] (CPU, one dtype) -> [L, Hq, D]."""
+    return CPUAttention.apply(q, k, v, window)
+
+
+def by_document(q, k, v, window=None, cu_seqlens=None) -> torch.Tensor:
+    """q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D]: each packed document (each row without
+    `cu_seqlens`) through `attention`, or through the reference's SDPA when it is too long for its scores."""
+    B, T, Hq, D = q.shape
+    flat = [t.reshape(B * T, t.shape[2], D) for t in (q, k, v)]
+    outs = []
+    for start, end in reference.segments(B, T, cu_seqlens):
+        q_doc, k_doc, v_doc = (t[start:end] for t in flat)
+        if usable(q, end - start):
+            outs.append(attention(q_doc, k_doc, v_doc, window))
+        else:
+            outs.append(reference.attention(q_doc[None], k_doc[None], v_doc[None], window=window)[0])
+    return torch.cat(outs).view(B, T, Hq, D)

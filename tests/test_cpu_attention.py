@@ -1,0 +1,98 @@
+"""Training attention on CPU (cancerllm/cpu_attention.py, csrc/score_matmul.cpp, csrc/attention_softmax.cpp): one
+document's output and its three gradients against the float64 reference on fresh random inputs, at odd lengths, head
+counts and widths, with and without a sliding window and at both thread counts; the score matmul alone; packed
+batches through kernels.attention; documents too long for the score buffer taken by the reference's SDPA."""
+import pytest
+import torch
+
+from cancerllm import cpu_attention, gemv, kernels
+from cancerllm.kernels import reference
+from cancerllm.kernels.testing import assert_close, poisoned_allocations, threads_set
+
+pytestmark = pytest.mark.skipif(not cpu_attention.usable(torch.zeros(1, 2), 1),
+                                reason="cancerllm._C built without the attention kernels")
+DTYPES = [torch.float32, torch.bfloat16]
+# (L, Hq, Hkv, D, window): a few tokens, grouped and plain heads, head widths off the vector width, a window shorter
+# than the document, rows past one 256-value chunk, one 8-row tile and the threads' work threshold.
+SHAPES = [(5, 2, 1, 8, None), (6, 4, 4, 6, None), (37, 4, 2, 16, None), (37, 4, 2, 16, 5), (50, 9, 3, 64, None),
+          (300, 6, 2, 24, 100), (129, 3, 1, 130, 64)]
+
+
+def leaves(shape, dtype):
+    return torch.randn(shape).to(dtype).requires_grad_()
+
+
+def float64_grads(q, k, v, grad, window, cu_seqlens=None):
+    """The reference attention in float64 on [B, T, H, D] inputs: output and the gradients of q, k, v."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = reference.attention(q64, k64, v64, window=window, cu_seqlens=cu_seqlens)
+    out.backward(grad.double())
+    return out, q64.grad, k64.grad, v64.grad
+
+
+@pytest.mark.skipif(not gemv.fast_kernel(), reason="this CPU lacks AVX512-BF16: bf16 scores go through torch")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 0), (3, 20, 9, 6, 0), (2, 45, 15, 64, 3), (1, 33, 33, 130, 1)])
+def test_score_matmul_is_fp32_exact_where_the_softmax_reads(shape, threads):
+    heads, M, N, K, group = shape
+    a, b = torch.randn(heads, M, K).bfloat16(), torch.randn(heads, N, K).bfloat16()
+    with threads_set(threads), poisoned_allocations():
+        out = cpu_attention.scores(a, b, group, "test")
+    ref = a.double() @ b.double().transpose(1, 2)
+    visible = torch.ones(M, N, dtype=torch.bool)
+    if group:
+        visible = torch.arange(N)[None, :] <= torch.arange(M)[:, None] // group
+    torch.testing.assert_close(out[:, visible].double(), ref[:, visible], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "L{}-Hq{}-Hkv{}-D{}-w{}".format(*s))
+def test_one_document_matches_float64(shape, dtype, threads):
+    L, Hq, Hkv, D, window = shape
+    q, k, v = leaves((L, Hq, D), dtype), leaves((L, Hkv, D), dtype), leaves((L, Hkv, D), dtype)
+    grad = torch.randn(L, Hq, D).to(dtype)
+    with threads_set(threads), poisoned_allocations():
+        out = cpu_attention.attention(q, k, v, window)
+        out.backward(grad)
+    ref = float64_grads(q[None], k[None], v[None], grad[None], window)
+    for name, actual, expected in zip(("out", "grad q", "grad k", "grad v"), (out, q.grad, k.grad, v.grad), ref):
+        assert actual.dtype == dtype
+        assert_close(name, actual, expected[0], dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [None, 6])
+def test_packed_batches_take_this_path_through_kernels_attention(dtype, window, monkeypatch):
+    B, T, Hq, Hkv, D = 2, 24, 6, 3, 16
+    q, k, v = leaves((B, T, Hq, D), dtype), leaves((B, T, Hkv, D), dtype), leaves((B, T, Hkv, D), dtype)
+    cu_seqlens = torch.tensor([0, 5, 17, 24, 31, 48], dtype=torch.int32)
+    grad = torch.randn(B, T, Hq, D).to(dtype)
+    lengths, real = [], cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: lengths.append(a[0].shape[0]) or real(*a))
+    out = kernels.attention(q, k, v, window=window, cu_seqlens=cu_seqlens)
+    assert lengths == [5, 12, 7, 7, 17]                 # every document, cut at the row end
+    out.backward(grad)
+    ref = float64_grads(q, k, v, grad, window, cu_seqlens)
+    for name, actual, expected in zip(("out", "grad q", "grad k", "grad v"), (out, q.grad, k.grad, v.grad), ref):
+        assert_close(name, actual, expected, dtype)
+
+
+def test_a_document_too_long_for_the_score_buffer_goes_to_sdpa(monkeypatch):
+    B, T, Hq, Hkv, D = 1, 40, 4, 2, 8
+    q, k, v = (leaves((B, T, H, D), torch.float32) for H in (Hq, Hkv, Hkv))
+    cu_seqlens = torch.tensor([0, 8, 40], dtype=torch.int32)
+    monkeypatch.setattr(cpu_attention, "MAX_SCORE_BYTES", Hq * 10 * 10 * 4)   # the 8-token document fits, not 32
+    lengths, real = [], cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: lengths.append(a[0].shape[0]) or real(*a))
+    out = cpu_attention.by_document(q, k, v, cu_seqlens=cu_seqlens)
+    assert lengths == [8]
+    assert_close("out", out, float64_grads(q, k, v, torch.zeros_like(out), None, cu_seqlens)[0], torch.float32)
+
+
+def test_other_dtypes_odd_widths_and_lse_take_the_reference():
+    assert not cpu_attention.usable(torch.zeros(5, 2, 4, dtype=torch.float64), 5)
+    assert not cpu_attention.usable(torch.zeros(5, 2, 5), 5)
+    q = torch.randn(1, 5, 2, 4)
+    out, lse = kernels.attention(q, q[:, :, :1], q[:, :, :1], lse=True)
+    assert lse.shape == (1, 2, 5)
