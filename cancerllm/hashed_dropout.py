@@ -4,8 +4,7 @@ it, and one pass applies it. torch's CPU dropout draws every value from mt19937,
 and the dropped input for backward (docs/experiments.md, 2026-11-30: what that cost a LoRA step).
 
     seed = draw_seed()                      # from torch's CPU generator: torch.manual_seed reproduces a run
-    y = dropout(x, p, seed)                 # x * keep / (1 - p)
-    dropout(v, p, seed, into=out)           # out += v * keep / (1 - p): the same mask, e.g. a backward's
+    y = dropout(x, p, seed)                 # x * keep / (1 - p); the same seed, the same mask (a backward's)
 
 `keep_mask` computes the same mask in plain torch integer ops: the test oracle.
 """
@@ -33,20 +32,13 @@ def threshold(p: float) -> int:
     return round(p * 2**24)
 
 
-def dropout(x: torch.Tensor, p: float, seed: int, *, into: torch.Tensor = None) -> torch.Tensor:
-    """x * keep / (1 - p) on CPU fp32/bf16 tensors, fp32 arithmetic rounded once; `into` (x's shape and dtype,
-    contiguous): added into it in place, and returned."""
+def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x * keep / (1 - p) on CPU fp32/bf16 tensors, fp32 arithmetic rounded once."""
     x = x.contiguous()
     check_cpu_tensor(OP, "x", x, dtypes=tuple(FLOATS))
-    if into is None:
-        out = torch.empty_like(x)
-    else:
-        check_cpu_tensor(OP, "into", into, dtypes=(x.dtype,))
-        if into.shape != x.shape:
-            raise ValueError(f"{OP}: into must have x's shape {tuple(x.shape)}, got {tuple(into.shape)}")
-        out = into
+    out = torch.empty_like(x)
     native(OP).hashed_dropout(x.data_ptr(), out.data_ptr(), FLOATS[x.dtype], x.numel(), seed % 2**64, threshold(p),
-                              1.0 / (1.0 - p), into is not None, torch.get_num_threads())
+                              1.0 / (1.0 - p), torch.get_num_threads())
     return out
 
 

@@ -1,6 +1,6 @@
 // cancerllm._C: the shard reader and the packed loader for Python, the CPU decoding kernels (small-M matmuls,
-// single-token cached attention, RMSNorm, and a whole block of a decode step made of them) and two elementwise
-// training kernels (SwiGLU forward and backward, hashed dropout, attention's score matmuls and softmax). Batches
+// single-token cached attention, RMSNorm, and a whole block of a decode step made of them) and the CPU training
+// kernels (SwiGLU forward and backward, hashed dropout, attention's score matmuls and softmax). Batches
 // reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
 // last array goes away. The decoding kernels take torch tensors as data pointers (no torch headers here): their
 // Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py, decode_layer.py, cpu_swiglu.py,
@@ -199,13 +199,13 @@ PYBIND11_MODULE(_C, m) {
      py::arg("n"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "SwiGLU backward on raw pointers: use cancerllm.cpu_swiglu");
   m.def("hashed_dropout", [](uintptr_t x, uintptr_t out, int type, int64_t n, uint64_t seed, uint32_t threshold,
-                             float scale, bool accumulate, int threads) {
+                             float scale, int threads) {
     if (type < 0 || type > 1) throw std::invalid_argument("hashed_dropout: unknown element type");
     if (n < 0 || threads < 1 || threshold > (1u << 24)) throw std::invalid_argument("hashed_dropout: bad sizes");
     hashed_dropout(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), static_cast<Float>(type), n, seed,
-                   threshold, scale, accumulate, threads);
+                   threshold, scale, threads);
   }, py::arg("x"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
-     py::arg("scale"), py::arg("accumulate"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     py::arg("scale"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "dropout with a hashed mask on raw pointers: use cancerllm.hashed_dropout");
   m.def("score_matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t heads, int64_t M, int64_t N, int64_t K,
                            int64_t causal_group, int threads) {

@@ -1,4 +1,4 @@
-// Elementwise training kernels (swiglu.cpp, dropout.cpp) go through fp32 buffers of kChunk values: a loop that
+// The training kernels' elementwise loops (swiglu.cpp, dropout.cpp, attention_softmax.cpp) go through fp32 buffers of kChunk values: a loop that
 // widens or narrows bf16 and also computes does not vectorize (GCC 12), each of these simple ones does.
 #pragma once
 

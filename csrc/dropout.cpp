@@ -17,27 +17,18 @@ CANCERLLM_SIMD_CLONES void mask_chunk(float* v, int64_t first, int64_t n, uint64
   for (int64_t i = 0; i < n; ++i) v[i] = hashed_keep(seed, first + i, threshold) ? v[i] * scale : 0.0f;
 }
 
-CANCERLLM_SIMD_CLONES void add_chunk(const float* a, float* b, int64_t n) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) b[i] += a[i];
-}
-
-template <typename T, bool kAccumulate>
+template <typename T>
 void dropout_block(const T* x, T* out, int64_t first, int64_t n, uint64_t seed, uint32_t threshold, float scale) {
-  float v[kChunk], o[kChunk];
+  float v[kChunk];
   for (int64_t at = 0; at < n; at += kChunk) {
     const int64_t count = std::min(kChunk, n - at);
     widen_chunk(x + at, v, count);
     mask_chunk(v, first + at, count, seed, threshold, scale);
-    if constexpr (kAccumulate) {
-      widen_chunk(out + at, o, count);
-      add_chunk(o, v, count);
-    }
     narrow_chunk(v, out + at, count);
   }
 }
 
-template <typename T, bool kAccumulate>
+template <typename T>
 void dropout_typed(const void* x, void* out, int64_t n, uint64_t seed, uint32_t threshold, float scale,
                    int threads) {
   const T* in = static_cast<const T*>(x);
@@ -46,23 +37,16 @@ void dropout_typed(const void* x, void* out, int64_t n, uint64_t seed, uint32_t 
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && n >= kParallelValues)
   for (int64_t b = 0; b < blocks; ++b) {
     const int64_t at = b * kBlock;
-    dropout_block<T, kAccumulate>(in + at, o + at, at, std::min(kBlock, n - at), seed, threshold, scale);
+    dropout_block<T>(in + at, o + at, at, std::min(kBlock, n - at), seed, threshold, scale);
   }
-}
-
-template <typename T>
-void dispatch_accumulate(const void* x, void* out, int64_t n, uint64_t seed, uint32_t threshold, float scale,
-                         bool accumulate, int threads) {
-  if (accumulate) dropout_typed<T, true>(x, out, n, seed, threshold, scale, threads);
-  else dropout_typed<T, false>(x, out, n, seed, threshold, scale, threads);
 }
 
 }  // namespace
 
 void hashed_dropout(const void* x, void* out, Float type, int64_t n, uint64_t seed, uint32_t threshold, float scale,
-                    bool accumulate, int threads) {
-  if (type == Float::BF16) dispatch_accumulate<uint16_t>(x, out, n, seed, threshold, scale, accumulate, threads);
-  else dispatch_accumulate<float>(x, out, n, seed, threshold, scale, accumulate, threads);
+                    int threads) {
+  if (type == Float::BF16) dropout_typed<uint16_t>(x, out, n, seed, threshold, scale, threads);
+  else dropout_typed<float>(x, out, n, seed, threshold, scale, threads);
 }
 
 }  // namespace cancerllm

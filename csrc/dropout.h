@@ -20,9 +20,9 @@ inline bool hashed_keep(uint64_t seed, int64_t i, uint32_t threshold) {
   return static_cast<uint32_t>(z >> 40) >= threshold;
 }
 
-// out[i] = (accumulate ? out[i] : 0) + (kept(i) ? x[i] * scale : 0), in fp32, rounded once to `type`; x and out
-// hold n values of `type` (out may be x when not accumulating).
+// out[i] = kept(i) ? x[i] * scale : 0, in fp32, rounded once to `type`; x and out hold n values of `type` (out may
+// be x).
 void hashed_dropout(const void* x, void* out, Float type, int64_t n, uint64_t seed, uint32_t threshold, float scale,
-                    bool accumulate, int threads);
+                    int threads);
 
 }  // namespace cancerllm
