@@ -16,8 +16,9 @@ def write_jsonl(path, rows):
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def example(pid, task, tag="plain"):
-    return {"patient_id": pid, "task": task, "prompt": f"{task} {pid} {tag}", "completion": tag}
+def example(pid, task, tag="plain", gleason=None):
+    return {"patient_id": pid, "task": task, "prompt": f"{task} {pid} {tag}", "completion": tag,
+            "fields": {"cancer_type": "c", "gleason": gleason}}
 
 
 @pytest.fixture
@@ -77,3 +78,21 @@ def test_cli_reads_the_section_and_refuses_bad_specs(tasks_dir, tmp_path, capsys
         MixtureSpec(json_passes=2, counterfactual_copies=3)
     with pytest.raises(ValueError, match="holds 2 per report"):
         json_passes(tasks_dir, MixtureSpec(json_passes=4, counterfactual_copies=3))
+
+
+def test_rare_field_passes_repeat_the_examples_that_state_a_rare_field(tasks_dir):
+    """Gleason stated in 1 of 5 examples: rare at a share of 0.2, not at 0.1; cancer_type (5 of 5) never."""
+    examples = [example(p, "json", gleason="7" if p == "X2" else None) for p in ("C1", "C2", "X1", "X2", "X3")]
+    write_jsonl(tasks_dir / "phenotype-json/train.jsonl", examples)
+    assert mixture.rare_fields(examples, 0.2) == ["gleason"] and mixture.rare_fields(examples, 0.1) == []
+    plain = Counter(r["patient_id"] for r in json_passes(tasks_dir, DEMO))
+    spec = MixtureSpec(**{**vars(DEMO), "rare_field_passes": 3, "rare_field_share": 0.2})
+    boosted = Counter(r["patient_id"] for r in json_passes(tasks_dir, spec))
+    assert boosted - plain == {"X2": 3}
+    spec = MixtureSpec(**{**vars(DEMO), "rare_field_passes": 3, "rare_field_share": 0.1})
+    assert Counter(r["patient_id"] for r in json_passes(tasks_dir, spec)) == plain
+    for share in (0, 1, 1.5, "0.1", True):
+        with pytest.raises(ValueError, match=f"rare_field_share={share!r}"):
+            MixtureSpec(rare_field_share=share)
+    with pytest.raises(ValueError, match="rare_field_passes=-1"):
+        MixtureSpec(rare_field_passes=-1)

@@ -8,8 +8,11 @@ reads the [sft_mixture] section of a TOML file (the SFT run config that trains o
 `json_passes` phenotype-JSON examples, `counterfactual_copies` of them the edited copies tasks.build
 --counterfactual-copies wrote (the value changed in the text and in the answer, so only reading gets it right; the
 plain example where the report states no editable value); per extra training patient (tasks.build
---extra-train-reports): `extra_json_passes` plain ones. Then every diagnosis example `diagnosis_passes` times and a
-seeded sample of `qa_examples` question-answering examples ("all": every one).
+--extra-train-reports): `extra_json_passes` plain ones. Then `rare_field_passes` more plain phenotype-JSON examples
+of every training patient whose answer states a rare field (one that at most `rare_field_share` of the phenotype-JSON
+examples state: the receptors of breast cancers, the Gleason score of prostate cancers), so that a short SFT stage
+sees enough of them to learn when to fill those fields instead of answering null. Then every diagnosis example
+`diagnosis_passes` times and a seeded sample of `qa_examples` question-answering examples ("all": every one).
 """
 import argparse
 import dataclasses
@@ -17,6 +20,7 @@ import json
 import random
 import sys
 import tomllib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,10 +36,13 @@ class MixtureSpec:
     extra_json_passes: int = 1
     diagnosis_passes: int = 1
     qa_examples: int | str = 1500
+    rare_field_passes: int = 0
+    rare_field_share: float = 0.1
     seed: int = 0
 
     def __post_init__(self):
-        counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "qa_examples"}
+        counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("qa_examples", "rare_field_share")}
         bad = [f"{k}={v!r}" for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
         if bad:
             raise ValueError(f"[{SECTION}] {', '.join(bad)}: counts must be ints >= 0")
@@ -45,6 +52,9 @@ class MixtureSpec:
         qa = self.qa_examples
         if qa != "all" and (not isinstance(qa, int) or isinstance(qa, bool) or qa < 0):
             raise ValueError(f"[{SECTION}] qa_examples={qa!r}: an int >= 0 or \"all\"")
+        share = self.rare_field_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
+            raise ValueError(f"[{SECTION}] rare_field_share={share!r}: a fraction of the examples, > 0 and < 1")
 
 
 def read_spec(path) -> MixtureSpec:
@@ -64,9 +74,16 @@ def read_spec(path) -> MixtureSpec:
         raise ValueError(f"{path}: {e}") from None
 
 
+def rare_fields(examples: list, share: float) -> list:
+    """The fields that some, but at most `share`, of the phenotype-JSON examples state (their "fields" record)."""
+    stated = Counter(name for r in examples for name, value in r["fields"].items() if value is not None)
+    return sorted(name for name, n in stated.items() if n <= share * len(examples))
+
+
 def json_passes(tasks_dir: Path, spec: MixtureSpec) -> list:
     """The phenotype-JSON part: spec.json_passes examples per training report of the main reports (the last
-    counterfactual_copies of them edited where the report allows), extra_json_passes per extra report."""
+    counterfactual_copies of them edited where the report allows), extra_json_passes per extra report, and
+    rare_field_passes more of every example that states a rare field."""
     manifest = json.loads((tasks_dir / "manifest.json").read_text())
     built_copies = manifest["counterfactual_train"]["copies"]
     if spec.counterfactual_copies > built_copies:
@@ -85,7 +102,10 @@ def json_passes(tasks_dir: Path, spec: MixtureSpec) -> list:
             edited.setdefault(r["patient_id"], []).append(r)
     copies = [edited.get(r["patient_id"], [r] * spec.counterfactual_copies)[k]
               for k in range(spec.counterfactual_copies) for r in train]
-    return train * (spec.json_passes - spec.counterfactual_copies) + copies + extra * spec.extra_json_passes
+    rare = rare_fields(examples, spec.rare_field_share) if spec.rare_field_passes else []
+    stating_rare = [r for r in examples if any(r["fields"][name] is not None for name in rare)]
+    return (train * (spec.json_passes - spec.counterfactual_copies) + copies + extra * spec.extra_json_passes
+            + stating_rare * spec.rare_field_passes)
 
 
 def write_sft_mixture(tasks_dir, out, spec: MixtureSpec) -> dict:
