@@ -257,12 +257,15 @@ def pretrained_recipe(args, timings: dict):
 def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) -> str:
     json_result = results["phenotype-json"]
     systems, comparisons = json_result["systems"], json_result["comparisons"]
+    mixture = read_spec(PRETRAINED_SFT_CONFIG)
     lines = ["# cancerllm demo: the CancerLLM recipe on a real pretrained model", "",
              f"{info['model']} ({info['parameters']:,} parameters), continued-pretrained (LoRA) on "
              f"{info['cpt_reports']} training patients' TCGA reports, then instruction-tuned on a mixture of "
              + ", ".join(f"{n} {t}" for t, n in info["sft_examples"].items())
              + " examples (the training split, topped up with the OCR reports of "
-             f"{info['extra_train_patients']} other patients); the same SFT from the general model is the \"SFT only\" "
+             f"{info['extra_train_patients']} other patients; the phenotype-JSON examples that state a field at most "
+             f"{mixture.rare_field_share:.0%} of them state, such as the receptors or Gleason, "
+             f"{mixture.rare_field_passes} more times); the same SFT from the general model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
              f"schema-constrained decoding; training in {info['nproc']} process(es) on the machine's cores.", "",
              "| system | phenotype-JSON micro F1 | the recipe's model minus this system [95% interval], share of "
