@@ -11,8 +11,8 @@ namespace {
 constexpr int64_t kBlock = 4096;
 constexpr int64_t kParallelValues = int64_t{1} << 15;
 
-CANCERLLM_SIMD_CLONES void mask_chunk(float* v, int64_t first, int64_t n, uint64_t seed, uint32_t threshold,
-                                      float scale) {
+CANCERLLM_SIMD_CLONES_INT64 void mask_chunk(float* v, int64_t first, int64_t n, uint64_t seed, uint32_t threshold,
+                                            float scale) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) v[i] = hashed_keep(seed, first + i, threshold) ? v[i] * scale : 0.0f;
 }
