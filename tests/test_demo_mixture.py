@@ -1,5 +1,6 @@
 """The SFT mixture (cancerllm.tasks.mixture, the demo's [sft_mixture] in configs/cpu-small-sft.toml): how
 many times each training report's examples appear."""
+import dataclasses
 import json
 from collections import Counter
 
@@ -86,10 +87,10 @@ def test_rare_field_passes_repeat_the_examples_that_state_a_rare_field(tasks_dir
     write_jsonl(tasks_dir / "phenotype-json/train.jsonl", examples)
     assert mixture.rare_fields(examples, 0.2) == ["gleason"] and mixture.rare_fields(examples, 0.1) == []
     plain = Counter(r["patient_id"] for r in json_passes(tasks_dir, DEMO))
-    spec = MixtureSpec(**{**vars(DEMO), "rare_field_passes": 3, "rare_field_share": 0.2})
+    spec = dataclasses.replace(DEMO, rare_field_passes=3, rare_field_share=0.2)
     boosted = Counter(r["patient_id"] for r in json_passes(tasks_dir, spec))
     assert boosted - plain == {"X2": 3}
-    spec = MixtureSpec(**{**vars(DEMO), "rare_field_passes": 3, "rare_field_share": 0.1})
+    spec = dataclasses.replace(DEMO, rare_field_passes=3, rare_field_share=0.1)
     assert Counter(r["patient_id"] for r in json_passes(tasks_dir, spec)) == plain
     for share in (0, 1, 1.5, "0.1", True):
         with pytest.raises(ValueError, match=f"rare_field_share={share!r}"):
