@@ -254,6 +254,12 @@ def pretrained_recipe(args, timings: dict):
     return info, results
 
 
+def field_passes_note(mixture) -> str:
+    """', those that state the grade 2 more times' for the mixture's field_passes."""
+    return "".join(f", those that state the {name} {n} more times"
+                   for name, n in mixture.field_passes.items())
+
+
 def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) -> str:
     json_result = results["phenotype-json"]
     systems, comparisons = json_result["systems"], json_result["comparisons"]
@@ -265,7 +271,8 @@ def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) 
              + " examples (the training split, topped up with the OCR reports of "
              f"{info['extra_train_patients']} other patients; the phenotype-JSON examples that state a field at most "
              f"{mixture.rare_field_share:.0%} of them state, such as the receptors or Gleason, "
-             f"{mixture.rare_field_passes} more times); the same SFT from the general model is the \"SFT only\" "
+             f"{mixture.rare_field_passes} more times{field_passes_note(mixture)}); the same SFT from the general "
+             "model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
              f"schema-constrained decoding; training in {info['nproc']} process(es) on the machine's cores.", "",
              "| system | phenotype-JSON micro F1 | the recipe's model minus this system [95% interval], share of "

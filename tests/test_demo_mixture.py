@@ -97,3 +97,36 @@ def test_rare_field_passes_repeat_the_examples_that_state_a_rare_field(tasks_dir
             MixtureSpec(rare_field_share=share)
     with pytest.raises(ValueError, match="rare_field_passes=-1"):
         MixtureSpec(rare_field_passes=-1)
+
+
+def test_field_passes_repeat_the_examples_that_state_the_named_field(tasks_dir):
+    """Gleason stated in 2 of 5 examples: field_passes = {gleason = 2} adds two more of each; other fields' passes
+    add those that state them; unknown fields and bad counts are refused naming the key."""
+    examples = [example(p, "json", gleason="7" if p in ("C1", "X2") else None) for p in ("C1", "C2", "X1", "X2", "X3")]
+    write_jsonl(tasks_dir / "phenotype-json/train.jsonl", examples)
+    plain = Counter(r["patient_id"] for r in json_passes(tasks_dir, DEMO))
+    boosted = Counter(r["patient_id"] for r in json_passes(tasks_dir, dataclasses.replace(DEMO,
+                                                                                          field_passes={"gleason": 2})))
+    assert boosted - plain == {"C1": 2, "X2": 2}
+    both = Counter(r["patient_id"] for r in json_passes(tasks_dir, dataclasses.replace(
+        DEMO, field_passes={"gleason": 1, "cancer_type": 1})))
+    assert both - plain == {"C1": 2, "C2": 1, "X1": 1, "X2": 2, "X3": 1}
+    with pytest.raises(ValueError, match="unknown field.*Grade"):
+        MixtureSpec(field_passes={"Grade": 1})
+    with pytest.raises(ValueError, match=r"field_passes.grade=-1"):
+        MixtureSpec(field_passes={"grade": -1})
+    with pytest.raises(ValueError, match="field_passes=2: a table"):
+        MixtureSpec(field_passes=2)
+
+
+def test_cli_reads_field_passes_as_a_table(tmp_path):
+    config = tmp_path / "mix.toml"
+    config.write_text("[sft_mixture]\nfield_passes = { grade = 1 }\n")
+    assert read_spec(config).field_passes == {"grade": 1}
+
+
+def test_demo_summary_names_the_field_passes():
+    from cancerllm.demo import field_passes_note
+    assert field_passes_note(MixtureSpec(field_passes={"grade": 2, "pM": 1})) == (
+        ", those that state the grade 2 more times, those that state the pM 1 more times")
+    assert field_passes_note(MixtureSpec()) == ""

@@ -11,7 +11,10 @@ plain example where the report states no editable value); per extra training pat
 --extra-train-reports): `extra_json_passes` plain ones. Then `rare_field_passes` more plain phenotype-JSON examples
 of every training patient whose answer states a rare field (one that at most `rare_field_share` of the phenotype-JSON
 examples state: the receptors of breast cancers, the Gleason score of prostate cancers), so that a short SFT stage
-sees enough of them to learn when to fill those fields instead of answering null. Then every diagnosis example
+sees enough of them to learn when to fill those fields instead of answering null; and `field_passes` ({field:
+passes}) more of every example whose answer states that field, for a field the registry records for some cancer
+types only (grade: the reports of the others state one, the answer is null), whose stated answers would otherwise be
+outnumbered by null ones and unlearned. Then every diagnosis example
 `diagnosis_passes` times and a seeded sample of `qa_examples` question-answering examples ("all": every one).
 """
 import argparse
@@ -25,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .build import read_jsonl
+from .fields import FIELDS
 
 SECTION = "sft_mixture"
 
@@ -38,11 +42,15 @@ class MixtureSpec:
     qa_examples: int | str = 1500
     rare_field_passes: int = 0
     rare_field_share: float = 0.1
+    field_passes: dict = dataclasses.field(default_factory=dict)
     seed: int = 0
 
     def __post_init__(self):
+        if not isinstance(self.field_passes, dict):
+            raise ValueError(f"[{SECTION}] field_passes={self.field_passes!r}: a table of field = passes")
         counts = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                  if f.name not in ("qa_examples", "rare_field_share")}
+                  if f.name not in ("qa_examples", "rare_field_share", "field_passes")}
+        counts.update({f"field_passes.{k}": v for k, v in self.field_passes.items()})
         bad = [f"{k}={v!r}" for k, v in counts.items() if not isinstance(v, int) or isinstance(v, bool) or v < 0]
         if bad:
             raise ValueError(f"[{SECTION}] {', '.join(bad)}: counts must be ints >= 0")
@@ -55,6 +63,10 @@ class MixtureSpec:
         share = self.rare_field_share
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share < 1:
             raise ValueError(f"[{SECTION}] rare_field_share={share!r}: a fraction of the examples, > 0 and < 1")
+        unknown = sorted(set(self.field_passes) - set(FIELDS))
+        if unknown:
+            raise ValueError(f"[{SECTION}] field_passes: unknown field(s) {', '.join(unknown)}; fields: "
+                             f"{', '.join(FIELDS)}")
 
 
 def read_spec(path) -> MixtureSpec:
@@ -82,8 +94,9 @@ def rare_fields(examples: list, share: float) -> list:
 
 def json_passes(tasks_dir: Path, spec: MixtureSpec) -> list:
     """The phenotype-JSON part: spec.json_passes examples per training report of the main reports (the last
-    counterfactual_copies of them edited where the report allows), extra_json_passes per extra report, and
-    rare_field_passes more of every example that states a rare field."""
+    counterfactual_copies of them edited where the report allows), extra_json_passes per extra report,
+    rare_field_passes more of every example that states a rare field and field_passes[f] more of every one that
+    states field f."""
     manifest = json.loads((tasks_dir / "manifest.json").read_text())
     built_copies = manifest["counterfactual_train"]["copies"]
     if spec.counterfactual_copies > built_copies:
@@ -104,8 +117,10 @@ def json_passes(tasks_dir: Path, spec: MixtureSpec) -> list:
               for k in range(spec.counterfactual_copies) for r in train]
     rare = rare_fields(examples, spec.rare_field_share) if spec.rare_field_passes else []
     stating_rare = [r for r in examples if any(r["fields"][name] is not None for name in rare)]
+    stating_named = [r for name, passes in spec.field_passes.items()
+                     for r in examples if r["fields"][name] is not None for _ in range(passes)]
     return (train * (spec.json_passes - spec.counterfactual_copies) + copies + extra * spec.extra_json_passes
-            + stating_rare * spec.rare_field_passes)
+            + stating_rare * spec.rare_field_passes + stating_named)
 
 
 def write_sft_mixture(tasks_dir, out, spec: MixtureSpec) -> dict:
