@@ -197,7 +197,7 @@ def main(argv=None):
 def pretrained_recipe(args, timings: dict):
     from .checkpoint import read_config
     from .convert import convert_gguf, smollm2_gguf_path
-    from .tasks.prompts import PromptSettings, chat_settings, load_templates
+    from .tasks.prompts import PromptSettings, chat_settings, load_prompt_settings, load_templates
     nproc = args.nproc or 1
     base, tasks_dir = RUN / "base", RUN / "tasks"
 
@@ -213,6 +213,10 @@ def pretrained_recipe(args, timings: dict):
                      counterfactual_copies=mixture.counterfactual_copies, extra_train_reports=EXTRA_REPORTS_CSV,
                      extra_train_floor=EXTRA_TRAIN_FLOOR, verbose=False)
     print_summary(manifest, tasks_dir)
+    # The answer schema per cancer type comes from the training split's registry: every model is asked, and the
+    # fine-tunes export, the same one (prepare copies the base's settings into the SFT shards).
+    settings = dataclasses.replace(settings, recorded_fields=load_prompt_settings(tasks_dir).recorded_fields)
+    settings.save(base)
     timings["datasets"] = time.perf_counter() - t
 
     t = step(f"3. continued pretraining on the training patients' reports: torchrun train.py --config {CPT_CONFIG}")

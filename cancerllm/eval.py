@@ -13,7 +13,9 @@ the clean examples and compared with the model; the perturbations run the model 
 - diagnosis: token F1 and ROUGE-L against the reference statement, the set F1 over its "; "-separated parts, and
   the per-field F1 of the fields the statement states (read back with the regex extractor).
 Phenotype answers are decoded constrained (the JSON schema; a categorical question's values or "not mentioned")
-unless --unconstrained. Answers that do not parse (JSON task) count as all-null predictions and are reported.
+unless --unconstrained; the JSON schema is the one per cancer type the datasets record (the fields the training
+split's registry records for each type: fields.recorded_by_cancer_type) unless --open-schema. Answers that do not
+parse (JSON task) count as all-null predictions and are reported.
 For the phenotype tasks a paired bootstrap over the reports says how sure each of the model's wins is: per field
 and micro, the F1 difference to each other system, its 95% interval, and the share of 1,000 draws the model wins.
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
@@ -96,22 +98,24 @@ class ModelSystem:
 
     guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
     (api.guided), which weighs what the report says against what the model answers without one.
-    decoding: Generator.from_pretrained's options (dtype, quantize)."""
+    decoding: Generator.from_pretrained's options (dtype, quantize). recorded_fields: the JSON schema per cancer
+    type (PromptSettings.recorded_fields, the datasets'), None for the open schema."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
-                 guidance_scale=1.0, decoding=None):
+                 guidance_scale=1.0, decoding=None, recorded_fields=None):
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint, **(decoding or {}))
         self.settings = self.generator.prompt_settings
         self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
+        self.recorded_fields = recorded_fields
         self.tokens, self.seconds = 0, 0.0
 
     def processor(self, record):
         if not self.constrained:
             return None
         if self.task == "phenotype-json":
-            return processors(self.generator).json()
+            return processors(self.generator).json(self.recorded_fields)
         if self.task == "phenotype-qa":
             return processors(self.generator).answer(record["field"], self.templates["not_mentioned"])
         return None
@@ -357,13 +361,15 @@ def markdown(result: dict) -> str:
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
              ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None, dtype=None,
-             quantize=None) -> dict:
+             quantize=None, open_schema=False) -> dict:
     """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
     `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
     peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
     baseline_checkpoint=DIR adds the peer "zero-shot {DIR's name}". dtype and quantize: how every checkpoint is
     decoded (Generator.from_pretrained's; default: each checkpoint's own dtype, unquantized), so that a faster
-    decoding can be checked against the task metrics."""
+    decoding can be checked against the task metrics. JSON answers follow the datasets' schema per cancer type
+    (their prompt_settings.json's recorded_fields) for every checkpoint alike; open_schema=True, or datasets
+    that record none, leaves every field open."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
@@ -401,12 +407,13 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     majority = majority_values([r["fields"] for r in read_jsonl(data / "phenotype-json" / "train.jsonl")])
     budget = MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
     decoding = {"dtype": dtype, "quantize": quantize}
+    recorded = None if open_schema else settings.recorded_fields
     systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale,
-                           decoding),
+                           decoding, recorded),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
     peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale,
-                                decoding) for name, peer in peers.items()]
+                                decoding, recorded) for name, peer in peers.items()]
 
     clean = {s.name: s.answers(records) for s in systems + peer_systems}
     predictions = prediction_rows(records, clean)
@@ -414,6 +421,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "n_examples": len(records),
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
               "constrained": constrained and task != "diagnosis",
+              "schema_per_cancer_type": bool(constrained and task == "phenotype-json" and recorded),
               "guidance_scale": guidance_scale,
               "decoding": {"dtype": None if dtype is None else str(dtype).removeprefix("torch."),
                            "quantize": quantize},
@@ -511,6 +519,9 @@ def main(argv=None):
     p.add_argument("--ocr-rate", type=float, default=0.05)
     p.add_argument("--unconstrained", action="store_true",
                    help="decode JSON answers without the schema, and questions without their field's values")
+    p.add_argument("--open-schema", action="store_true",
+                   help="JSON answers under the one schema for every cancer type, not the fields the datasets' "
+                        "registry records per type")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
     p.add_argument("--dtype", default=None, help="decode in float32, bfloat16 or float16 (default: each checkpoint's)")
@@ -522,7 +533,7 @@ def main(argv=None):
                  baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
                  constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer),
-                 dtype=a.dtype, quantize=a.quantize)
+                 dtype=a.dtype, quantize=a.quantize, open_schema=a.open_schema)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from cancerllm.tasks.build import build, split_patients, top_up
-from cancerllm.tasks.fields import CANCER_TYPES, FIELDS, normalize_value
+from cancerllm.tasks.fields import CANCER_TYPES, FIELDS, normalize_value, recorded_by_cancer_type
 from cancerllm.tasks.mentions import find_mentions
 from cancerllm.tasks.prompts import TASKS, find_diagnosis_section, load_templates, truncate_report
 
@@ -295,3 +295,12 @@ def test_token_counts_are_stamped_apart_from_the_datasets(tmp_path):
     assert stamped == {**unstamped, **stamped}
     assert json.loads((tmp_path / "out" / "manifest.json").read_text()) == stamped
     assert before == {t: read(tmp_path / "out" / t / "train.jsonl") for t in TASKS}
+
+
+def test_settings_record_the_fields_each_cancer_type_has_in_the_training_split(built):
+    out, _ = built
+    recorded = json.loads((out / "prompt_settings.json").read_text())["recorded_fields"]
+    train = [r["fields"] for r in read(out / "phenotype-json" / "train.jsonl")]
+    assert recorded == recorded_by_cancer_type(train)
+    assert set(recorded) == {f["cancer_type"] for f in train}
+    assert "gleason" in recorded["Prostate adenocarcinoma"] and "gleason" not in recorded["Breast invasive carcinoma"]

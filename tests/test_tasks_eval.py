@@ -9,7 +9,7 @@ from cancerllm.generate import Generator
 from cancerllm.tasks.build import task_examples
 from cancerllm.tasks.prompts import load_templates, task_prompt
 from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
-from cancerllm.tasks.fields import ALLOWED, FIELDS
+from cancerllm.tasks.fields import ALLOWED, FIELDS, json_schema
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from cancerllm.tokenizer import train as train_tokenizer
 from cancerllm import eval as cancer_eval
@@ -49,6 +49,23 @@ def test_constrained_output_always_parses_with_exactly_the_keys(checkpoint):
     unconstrained = gen.generate(["x"], max_new_tokens=40, temperature=1.0, seed=0)[0].text
     with pytest.raises(json.JSONDecodeError):
         json.loads(unconstrained)
+
+
+def test_json_answers_hold_the_fields_recorded_for_the_type_they_name(checkpoint):
+    gen = Generator.from_pretrained(checkpoint)
+    recorded = {t: {"pT": "required", "ER": "optional"} for t in ALLOWED["cancer_type"]}
+    proc = JsonSchemaProcessor(gen.tokenizer, json_schema(recorded), vocab_size=gen.args.vocab_size)
+    named = 0
+    for seed in range(2):
+        for r in gen.generate(["Report: left breast, pT2 N0.", "x", "Diagnosis:"], max_new_tokens=800,
+                              temperature=1.0, seed=seed, logits_processor=proc):
+            obj = json.loads(r.text)
+            if obj["cancer_type"] is None:           # no type named: the open schema
+                continue
+            named += 1
+            assert obj["pT"] in ALLOWED["pT"], r.text
+            assert all(v is None for f, v in obj.items() if f not in ("cancer_type", "pT", "ER")), r.text
+    assert named
 
 
 def test_choice_processor_allows_exactly_one_choice(checkpoint):
@@ -115,6 +132,7 @@ def test_eval_cli_end_to_end(task, checkpoint, data, tmp_path):
                       "--guidance-scale", "1.5"])
     result = json.loads((tmp_path / f"eval_{task}_test.json").read_text())
     assert result["guidance_scale"] == 1.5
+    assert result["schema_per_cancer_type"] == (task == "phenotype-json")     # the datasets record the fields
     table = (tmp_path / f"eval_{task}_test.md").read_text()
     assert set(result["systems"]) == {"model", "majority", "regex"}
     assert result["n_reports"] == 2
@@ -244,3 +262,9 @@ def test_eval_decodes_every_checkpoint_as_asked_and_says_so(checkpoint, data, tm
     with pytest.raises(SystemExit):
         cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data),
                           "--quantize", "int4"])
+
+
+def test_eval_open_schema_leaves_every_field_open(checkpoint, data, tmp_path):
+    cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data), "--out",
+                      str(tmp_path), "--limit", "1", "--max-new-tokens", "4", "--open-schema"])
+    assert json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())["schema_per_cancer_type"] is False

@@ -46,8 +46,11 @@ class Recorder:
     def __init__(self, directory):
         self.tokenizer = SimpleNamespace(path=directory / "tokenizer.model")
         self.prompt_settings = load_prompt_settings(directory)      # as Generator.from_pretrained reads them
-        self.task_processors = SimpleNamespace(json=lambda: None)     # no grammar to compile for a recorder
-        self.prompts = []
+        self.task_processors = SimpleNamespace(json=self.schema)      # no grammar to compile for a recorder
+        self.prompts, self.schemas = [], []
+
+    def schema(self, recorded_fields=None):
+        self.schemas.append(recorded_fields)
 
     def generate(self, prompts, **options):
         self.prompts += prompts
@@ -101,6 +104,22 @@ def test_settings_round_trip_and_change_what_the_helpers_render(tmp_path):
     assert report in saved.prompts[-1]
     extract_phenotypes(saved, report, prompt_settings=PromptSettings(load_templates(), 900))
     assert "List the phenotypes" not in saved.prompts[-1]
+    assert saved.schemas == [None] * 3
+
+
+def test_settings_carry_the_recorded_fields_to_the_answer_schema(tmp_path):
+    recorded = {"Prostate adenocarcinoma": {"gleason": "required", "pT": "optional"}}
+    settings = PromptSettings(load_templates(), 900, recorded_fields=recorded)
+    settings.save(tmp_path)
+    assert load_prompt_settings(tmp_path) == settings and settings.same_prompts(PromptSettings(load_templates(), 900))
+    saved = Recorder(tmp_path)
+    extract_phenotypes(saved, "Prostate, radical prostatectomy: adenocarcinoma, Gleason 3+4=7.")
+    assert saved.schemas == [recorded]
+    raw = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**raw, "recorded_fields": {"Prostate adenocarcinoma":
+                                                                                 {"gleason": "sometimes"}}}))
+    with pytest.raises(ValueError, match=f"{SETTINGS_FILE}: recorded_fields.*'sometimes'"):
+        load_prompt_settings(tmp_path)
 
 
 def test_bad_settings_name_the_file(tmp_path):

@@ -6,7 +6,9 @@ Three tasks, each written as prompt/completion JSONL per split (train/val/test),
 - diagnosis: the report with its final-diagnosis section cut out (rule: `find_diagnosis_section`), the answer a
   one-line statement built from the registry fields (`diagnosis_statement`).
 Splits are by patient and seeded. Prompts come from templates.json, rendered by prompts.py (as for inference), and
-prompt_settings.json beside the datasets records the templates and the report cut. Every record also carries
+prompt_settings.json beside the datasets records the templates, the report cut and the fields the registry records
+for each cancer type in the training split (`fields.recorded_by_cancer_type`: the JSON answer's schema per cancer
+type, which decoding then follows). Every record also carries
 `task`, `patient_id`, the (possibly truncated) `report` and the gold `fields`, which evaluation and perturbation
 use. `python -m cancerllm.tasks.mixture` makes the SFT mixture of these files.
 
@@ -33,10 +35,11 @@ import random
 import statistics
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from ..data.records import CsvReader, MalformedRow, json_object, open_csv
-from .fields import CANCER_TYPES, FIELDS, check_value, json_schema
+from .fields import CANCER_TYPES, FIELDS, check_value, json_schema, recorded_by_cancer_type
 from .perturb import counterfactual_all
 from .prompts import (DEFAULT_MAX_REPORT_CHARS, DIAGNOSIS_HEADING, PHENOTYPE_TASKS, TASKS, TEMPLATES_PATH,
                       PromptSettings, diagnosis_statement, find_diagnosis_section, json_answer, load_templates,
@@ -213,7 +216,8 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
           verbose=True) -> dict:
     """Write {out}/{task}/{split}.jsonl (and {task}/train-counterfactual.jsonl for the phenotype tasks when
     counterfactual_copies > 0), {out}/prompt_settings.json (the templates and the report cut the prompts were made
-    with) and {out}/manifest.json; return the manifest (counts, failures, rules).
+    with, the fields recorded per cancer type in the training split) and {out}/manifest.json; return the manifest
+    (counts, failures, rules).
 
     `tokenizer` ("mistral": Mistral's v1, a tokenizer file or a checkpoint directory) adds its token counts to the
     manifest (`stamp_tokenizer`); None leaves that to a later stamp_tokenizer call, e.g. with a tokenizer trained on the
@@ -249,6 +253,8 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         extra = top_up(extra, [registry[pid]["cancer_type"] for pid, s in split_of.items() if s == "train"],
                        extra_train_floor, registry, seed)
     split_of.update({r["patient_id"]: "train" for r in extra})
+    settings = replace(settings, recorded_fields=recorded_by_cancer_type(
+        registry[pid] for pid, split in split_of.items() if split == "train"))
 
     records = {(t, s): [] for t in TASKS for s in SPLITS}
     for r in kept + extra:

@@ -11,8 +11,10 @@ pinned torch (it needs torch>=1.10 and transformers, both present) and is mainta
 The grammar is fields.json_schema() with no free whitespace, so keys come in FIELDS order with json.dumps's
 separators: exactly the form the SFT completions were written in (prompts.json_answer), plus one optional leading
 space, because sentencepiece encodes a completion with its dummy prefix ('▁{"'), the token a trained model
-expects to emit first. A question about a categorical field is answered the same way, from a grammar whose
-root is the choice between the field's allowed values and the not-mentioned answer.
+expects to emit first. With the fields the registry records per cancer type (PromptSettings.recorded_fields) the
+schema is one object per type, told apart by the cancer type the answer names first. A question about a categorical
+field is answered the same way, from a grammar whose root is the choice between the field's allowed values and the
+not-mentioned answer.
 """
 import json
 
@@ -111,11 +113,13 @@ class TaskProcessors:
     def __init__(self, tokenizer, vocab_size: int = None):
         self.tokenizer, self.vocab_size, self.compiled = tokenizer, vocab_size, {}
 
-    def json(self) -> JsonSchemaProcessor:
-        """The phenotype object under the schema."""
-        if "json" not in self.compiled:
-            self.compiled["json"] = JsonSchemaProcessor(self.tokenizer, vocab_size=self.vocab_size)
-        return self.compiled["json"]
+    def json(self, recorded_fields: dict = None) -> JsonSchemaProcessor:
+        """The phenotype object under the schema; with `recorded_fields` (PromptSettings.recorded_fields), under
+        the schema of the fields the registry records for the cancer type the answer names first."""
+        key = ("json", json.dumps(recorded_fields, sort_keys=True))
+        if key not in self.compiled:
+            self.compiled[key] = JsonSchemaProcessor(self.tokenizer, json_schema(recorded_fields), self.vocab_size)
+        return self.compiled[key]
 
     def answer(self, field: str, not_mentioned: str):
         """For a question about a categorical field: its allowed values or the not-mentioned answer, and nothing

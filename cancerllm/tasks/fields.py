@@ -11,6 +11,7 @@ edits all compare.
 import functools
 import re
 import string
+from collections import Counter, defaultdict
 
 FIELDS = ("cancer_type", "primary_site", "histology", "laterality", "grade", "pT", "pN", "pM", "stage",
           "ER", "PR", "HER2", "gleason")
@@ -60,17 +61,77 @@ def check_value(field: str, value: str, where: str):
         raise ValueError(f"{where}: {field} value longer than {FREE_TEXT_MAX_CHARS} characters")
 
 
-def json_schema() -> dict:
-    """JSON schema of the phenotype object: every field required, in FIELDS order, null or an allowed value."""
-    def value_schema(field):
-        if field in ALLOWED:
-            return {"anyOf": [{"type": "null"}, {"enum": ALLOWED[field]}]}
-        # A pattern rather than minLength/maxLength: xgrammar compiles a length-bounded string to a character
-        # class that admits raw control characters, which JSON forbids in strings (the answer would not parse).
-        text = r'^[^"\\\x00-\x1f]{1,%d}$' % FREE_TEXT_MAX_CHARS      # no quote, backslash or control character
-        return {"anyOf": [{"type": "null"}, {"type": "string", "pattern": text}]}
-    return {"type": "object", "properties": {f: value_schema(f) for f in FIELDS}, "required": list(FIELDS),
-            "additionalProperties": False}
+def value_schema(field: str) -> dict:
+    """A stated value of `field`: one of its allowed values, or a free-text string."""
+    if field in ALLOWED:
+        return {"enum": ALLOWED[field]}
+    # A pattern rather than minLength/maxLength: xgrammar compiles a length-bounded string to a character class
+    # that admits raw control characters, which JSON forbids in strings (the answer would not parse).
+    text = r'^[^"\\\x00-\x1f]{1,%d}$' % FREE_TEXT_MAX_CHARS      # no quote, backslash or control character
+    return {"type": "string", "pattern": text}
+
+
+def object_schema(field_schemas: dict) -> dict:
+    return {"type": "object", "properties": field_schemas, "required": list(FIELDS), "additionalProperties": False}
+
+
+def json_schema(recorded_fields: dict = None) -> dict:
+    """JSON schema of the phenotype object: every field required, in FIELDS order, null or an allowed value.
+
+    recorded_fields ({cancer type: {field: "required" | "optional"}}, `recorded_by_cancer_type`): the object of a
+    listed cancer type holds a value for its required fields, null or a value for its optional ones and null for
+    the rest, as the registry records them; a cancer type not listed, or none, leaves every field open."""
+    open_fields = {f: {"anyOf": [{"type": "null"}, value_schema(f)]} for f in FIELDS}
+    if not recorded_fields:
+        return object_schema(open_fields)
+    check_recorded_fields(recorded_fields)
+    nulls = {f: {"type": "null"} for f in FIELDS}
+    by_type = [object_schema({**nulls, **{f: value_schema(f) if how == "required" else open_fields[f]
+                                          for f, how in recorded.items()}, "cancer_type": {"const": cancer_type}})
+               for cancer_type, recorded in recorded_fields.items()]
+    unlisted = [t for t in ALLOWED["cancer_type"] if t not in recorded_fields]
+    rest = {"anyOf": [{"type": "null"}, *([{"enum": unlisted}] if unlisted else [])]}
+    return {"anyOf": [*by_type, object_schema({**open_fields, "cancer_type": rest})]}
+
+
+RECORDED = ("required", "optional")
+
+
+def recorded_by_cancer_type(labels, required_share: float = 0.95) -> dict:
+    """{cancer type: {field: "required" | "optional"}} from registry labels ({field: value or None} per patient,
+    the training split's): the fields the registry records for each cancer type, "required" where at least
+    `required_share` of that type's patients have a value. Registries record a field for some cancer types only
+    (receptors for breast, Gleason for prostate, grade for neither), so a field never recorded for a type is null
+    in every answer of that type. Patients without a cancer type are left out."""
+    if isinstance(required_share, bool) or not isinstance(required_share, (int, float)) or not 0 < required_share <= 1:
+        raise ValueError(f"required_share={required_share!r}: a share of a cancer type's patients, > 0 and <= 1")
+    patients, stated = Counter(), defaultdict(Counter)
+    for fields in labels:
+        cancer_type = fields.get("cancer_type")
+        if cancer_type is None:
+            continue
+        patients[cancer_type] += 1
+        stated[cancer_type].update(f for f in FIELDS if f != "cancer_type" and fields.get(f) is not None)
+    return {t: {f: "required" if stated[t][f] >= required_share * n else "optional"
+                for f in FIELDS if stated[t][f]}
+            for t, n in sorted(patients.items())}
+
+
+def check_recorded_fields(recorded_fields, where: str = "recorded_fields"):
+    """Raise unless `recorded_fields` maps allowed cancer types to {field: "required" | "optional"}."""
+    if not isinstance(recorded_fields, dict):
+        raise ValueError(f"{where}: expected an object {{cancer type: {{field: required|optional}}}}, got "
+                         f"{type(recorded_fields).__name__}")
+    for cancer_type, recorded in recorded_fields.items():
+        if cancer_type not in ALLOWED["cancer_type"]:
+            raise ValueError(f"{where}: unknown cancer type {cancer_type!r}")
+        if not isinstance(recorded, dict):
+            raise ValueError(f"{where}[{cancer_type!r}]: expected an object {{field: required|optional}}")
+        for field, how in recorded.items():
+            if field not in FIELDS or field == "cancer_type":
+                raise ValueError(f"{where}[{cancer_type!r}]: unknown field {field!r}")
+            if how not in RECORDED:
+                raise ValueError(f"{where}[{cancer_type!r}][{field!r}]: {how!r}, expected one of {RECORDED}")
 
 
 # ---------------------------------------------------------------------------------------------- normalisation

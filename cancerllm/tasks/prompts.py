@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .fields import FIELDS
+from .fields import FIELDS, check_recorded_fields
 from .mentions import find_mentions
 
 TEMPLATES_PATH = Path(__file__).with_name("templates.json")
@@ -189,11 +189,13 @@ class PromptSettings:
     """How prompts are made: the templates themselves (not a path: an export must not depend on the installed
     package's templates.json), the report cut (characters; None keeps reports whole), the chat format and, for
     "chat_template", the model's Jinja chat template (tokenizer_config.json's chat_template: a copy, for the same
-    reason)."""
+    reason) and, when the datasets recorded them, the fields the registry records per cancer type
+    (fields.recorded_by_cancer_type: the JSON answer's schema once it has named the cancer type)."""
     templates: dict
     max_report_chars: int | None = DEFAULT_MAX_REPORT_CHARS
     chat_format: str = "plain"
     chat_template: str | None = None
+    recorded_fields: dict | None = None
 
     def __post_init__(self):
         check_settings(self)
@@ -224,8 +226,9 @@ class PromptSettings:
 
     def to_json(self) -> dict:
         fields = {"templates": self.templates, "max_report_chars": self.max_report_chars,
-                  "chat_format": self.chat_format}
-        return fields if self.chat_template is None else {**fields, "chat_template": self.chat_template}
+                  "chat_format": self.chat_format, "chat_template": self.chat_template,
+                  "recorded_fields": self.recorded_fields}
+        return {k: v for k, v in fields.items() if v is not None or k == "max_report_chars"}
 
     def save(self, directory) -> Path:
         path = Path(directory) / SETTINGS_FILE
@@ -274,16 +277,18 @@ def check_settings(settings: PromptSettings):
         except Exception as e:      # the template is code from a checkpoint: any failure means it cannot be used
             raise ValueError(f"chat_template does not render a user message ({type(e).__name__}: {e})") from None
     check_templates(settings.templates, "templates")
+    if settings.recorded_fields is not None:
+        check_recorded_fields(settings.recorded_fields)
 
 
-SETTINGS_KEYS = ("templates", "max_report_chars", "chat_format", "chat_template")
+SETTINGS_KEYS = ("templates", "max_report_chars", "chat_format", "chat_template", "recorded_fields")
 
 
 def settings_from_json(raw: dict) -> PromptSettings:
     """PromptSettings from a prompt_settings.json object (a file, or a shards manifest's copy); the keys a file
     written before they existed lacks take their old meaning (the default cut, plain)."""
     return PromptSettings(raw["templates"], raw.get("max_report_chars", DEFAULT_MAX_REPORT_CHARS),
-                          raw.get("chat_format", "plain"), raw.get("chat_template"))
+                          raw.get("chat_format", "plain"), raw.get("chat_template"), raw.get("recorded_fields"))
 
 
 def chat_settings(settings: PromptSettings, checkpoint) -> PromptSettings:
