@@ -27,7 +27,8 @@ class BlockStep:
 
     def __init__(self, block):
         linears = block.linears()
-        self.rows = min(linear.gemv_rows for linear in linears)   # batches up to this size run here
+        # Batches up to this size run here: any, where every matmul sends decode steps to our kernel.
+        self.rows = math.inf if all(l.decode_steps for l in linears) else min(l.gemv_rows for l in linears)
         self.weights = [(*linear.rows_matmul.weight_args, linear.rows_matmul.N, linear.rows_matmul.K)
                         for linear in linears]
         self.keep = [linear.rows_matmul for linear in linears]   # the kernel reads their memory
@@ -39,7 +40,7 @@ class BlockStep:
     @staticmethod
     def possible(block) -> bool:
         """Whether `block` (a FusedBlock) can run its decode steps here."""
-        return (available() and all(linear.gemv_rows for linear in block.linears())
+        return (available() and all(linear.gemv_rows or linear.decode_steps for linear in block.linears())
                 and block.input_layernorm.row_norm is not None and block.post_attention_layernorm.row_norm is not None
                 and block.input_layernorm.eps == block.post_attention_layernorm.eps)
 

@@ -15,6 +15,9 @@ How a call runs
   a stop string, `max_new_tokens`, or the model's max_seq_len (the length of its rotary table, which bounds
   positions even when a sliding window keeps the cache itself at W slots). Finished rows are compacted out of
   the batch and the cache, so they cost nothing afterwards.
+- Batch invariance (on CPU, the default where the kernels run; Generator's `batch_invariant`): every decode step,
+  whatever its batch size, runs on our row kernels, whose per-row sums do not depend on the other rows, so a prompt's
+  logits and greedy tokens are the same bits alone or in any batch (prefill already runs each prompt on its own).
 - Host synchronisation: one per decode step, copying the n new token ids to the host, where EOS, budgets and
   stop strings are checked (and text is streamed). Sampling itself never syncs: a categorical draw is the argmax
   of probs / Exponential(1) noise, drawn from the call's own torch.Generator.
@@ -85,7 +88,7 @@ import torch
 
 from .cache import KVCache
 from .checkpoint import parse_dtype
-from .model import QUANTIZE, Transformer, fuse_for_decoding, pack_weights
+from .model import QUANTIZE, Transformer, batch_invariance_blocker, fuse_for_decoding, pack_weights
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import TokenizerBase, open_tokenizer
 
@@ -314,6 +317,12 @@ class Generator:
     quantize: None (weights in the model's dtype) or "int8": weight-only int8 with a bf16 scale per output row,
         multiplied with the activations rounded to bf16 (fp32 sums); norms, attention and the KV cache stay in the
         model's dtype (CPU; every matmul's input width must be a multiple of 16, else ValueError).
+    batch_invariant: whether a prompt's logits, and so its greedy tokens, are the same bits whatever other prompts
+        share its call (a helper answering one report gives the answer a batched eval gave): every decode step on
+        our row kernels, whose per-row sums do not depend on the batch, instead of the kernel each batch size ran
+        fastest (decode_paths.py; the costs are in bench/generate.py). None (the default): on where those kernels
+        run (CPU, fp32 or bf16 or int8 weights, cancerllm._C built), else off; True: on, ValueError where they
+        cannot run; False: off. `self.batch_invariant` says which holds. Sampled draws still depend on the batch.
 
     Weights: the Generator decodes with each model's decoding form (fuse_for_decoding in model.py), a snapshot of its
     weights that leaves the model itself untouched, so a model still being trained can be sampled from. Before each
@@ -323,13 +332,15 @@ class Generator:
     """
 
     def __init__(self, model, tokenizer: TokenizerBase, *, prefill_chunk: int = 512, onednn: Optional[bool] = None,
-                 quantize: Optional[str] = None):
+                 quantize: Optional[str] = None, batch_invariant: Optional[bool] = None):
         if not isinstance(prefill_chunk, int) or prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be an int >= 1, got {prefill_chunk!r}")
         if onednn not in (None, True, False):
             raise ValueError(f"onednn must be None (measure), True or False, got {onednn!r}")
         if quantize not in QUANTIZE:
             raise ValueError(f"quantize must be one of {', '.join(map(repr, QUANTIZE))}, got {quantize!r}")
+        if batch_invariant not in (None, True, False):
+            raise ValueError(f"batch_invariant must be None (where possible), True or False, got {batch_invariant!r}")
         self.models = check_members(model)
         tokenizer.check_fits(self.models[0].args.vocab_size)
         self.model = self.models[0]
@@ -337,7 +348,7 @@ class Generator:
         self.args = self.model.args
         self.max_seq_len = min(m.args.max_seq_len for m in self.models)
         self.prefill_chunk = prefill_chunk
-        self.onednn, self.quantize = onednn, quantize
+        self.onednn, self.quantize, self.batch_invariant_option = onednn, quantize, batch_invariant
         self.lock = threading.Lock()
         self.holder = None   # (thread id, call) while a call holds the lock; see claim()
         # How the checkpoint's training data was prompted (tasks.prompts.PromptSettings), read by the task helpers;
@@ -350,7 +361,11 @@ class Generator:
         weight = self.model.lm_head.weight
         self.device, self.dtype = weight.device, weight.dtype
         self.versions = [tensor_versions(m) for m in self.models]
-        self.decode_models = [fuse_for_decoding(m, onednn=self.onednn, quantize=self.quantize) for m in self.models]
+        self.batch_invariant = self.batch_invariant_option is True or (
+            self.batch_invariant_option is None and not any(batch_invariance_blocker(m, self.quantize)
+                                                            for m in self.models))
+        self.decode_models = [fuse_for_decoding(m, onednn=self.onednn, quantize=self.quantize,
+                                                batch_invariant=self.batch_invariant) for m in self.models]
 
     def refresh_if_changed(self) -> None:
         """refresh() when a model's weights changed since the decoding forms were made."""

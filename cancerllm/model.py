@@ -376,7 +376,9 @@ PACK_BATCH = 8   # the batch size oneDNN lays the weights out for; measured best
 #             and running a bf16 GEMM, the scales applied to its bf16 result: for prefill-sized inputs, where that
 #             ran 1.6-2.9x faster than _weight_int8pack_mm here (one more rounding to bf16: ~3e-3 relative)
 # In front of any of them, for inputs of at most `gemv_rows` rows (decoding's batches; 0: never), our small-M
-# kernel (cancerllm/gemv.py) on the same weight in its [out, in] layout (fp32, bf16 or int8), where it runs faster.
+# kernel (cancerllm/gemv.py) on the same weight in its [out, in] layout (fp32, bf16 or int8), where it runs faster;
+# with `decode_steps`, also for every input of one position per row (a decode step's, whatever its batch), which
+# batch-invariant decoding needs: a row's sums in that kernel do not depend on how many rows share the call.
 PATHS = ("onednn", "aten", "int8", "int8-bf16")
 INT8_PATHS = ("int8", "int8-bf16")
 QUANTIZE = (None, "int8")
@@ -431,16 +433,18 @@ class DecodeLinear(nn.Module):
     post-op; "aten" keeps the weight given (no copy) and runs the epilogue as a second op; "int8" keeps an int8
     copy and its scales. With `gemv_rows`, inputs of that many rows or fewer go to our small-M kernel on the weight
     in its [out, in] layout (the int8 copy, or the weight as given: for "onednn" a reference kept beside its
-    copy), the epilogue as a second op."""
+    copy), the epilogue as a second op; with `decode_steps`, so do inputs [B, 1, in] of any B (decode steps)."""
 
-    def __init__(self, weight: torch.Tensor, path: str, gemv_rows: int = 0):
+    def __init__(self, weight: torch.Tensor, path: str, gemv_rows: int = 0, decode_steps: bool = False):
         super().__init__()
         if path not in PATHS:
             raise ValueError(f"DecodeLinear path must be one of {', '.join(PATHS)}, got {path!r}")
-        if gemv_rows and not gemv_usable(weight, "int8" if path in INT8_PATHS else None):
-            raise ValueError(f"DecodeLinear gemv_rows={gemv_rows} needs a CPU weight (fp32 or bf16 unless quantized) "
-                             f"and cancerllm._C built with its kernels, got {weight.dtype} on {weight.device}")
-        self.path, self.scales, self.gemv_rows = path, None, gemv_rows
+        rows_kernel = bool(gemv_rows or decode_steps)
+        if rows_kernel and not gemv_usable(weight, "int8" if path in INT8_PATHS else None):
+            raise ValueError(f"DecodeLinear gemv_rows={gemv_rows}, decode_steps={decode_steps} needs a CPU weight "
+                             "(fp32 or bf16 unless quantized) and cancerllm._C built with its kernels, got "
+                             f"{weight.dtype} on {weight.device}")
+        self.path, self.scales, self.gemv_rows, self.decode_steps = path, None, gemv_rows, decode_steps
         weight = weight.detach()
         if path == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_BATCH)
@@ -450,8 +454,8 @@ class DecodeLinear(nn.Module):
             self.weight = weight
         # Our kernel reads the weight in its [out, in] layout: the int8 copy, or the weight as given (beside
         # oneDNN's copy for "onednn"), held only where the kernel runs.
-        self.rows_weight = (self.weight if path in INT8_PATHS else weight) if gemv_rows else None
-        self.rows_matmul = gemv.Multiplier(self.rows_weight, self.scales) if gemv_rows else None
+        self.rows_weight = (self.weight if path in INT8_PATHS else weight) if rows_kernel else None
+        self.rows_matmul = gemv.Multiplier(self.rows_weight, self.scales) if rows_kernel else None
 
     def streamed(self) -> list:
         """The tensors a decode step reads from memory for this matmul in their plain layout: the int8 weight and
@@ -460,7 +464,7 @@ class DecodeLinear(nn.Module):
             return [self.weight, self.scales]
         if self.path == "aten":
             return [self.weight]
-        return [self.rows_weight] if self.gemv_rows else []
+        return [self.rows_weight] if self.rows_matmul is not None else []
 
     def adopt(self, tensors: list) -> None:
         """Read copies of the streamed() tensors (equal values, in the same order) from now on."""
@@ -468,13 +472,13 @@ class DecodeLinear(nn.Module):
             self.weight, self.scales = tensors
         elif self.path == "aten":
             (self.weight,) = tensors
-        if self.gemv_rows:
+        if self.rows_matmul is not None:
             self.rows_weight = tensors[0]
             self.rows_matmul = gemv.Multiplier(self.rows_weight, self.scales)
 
     def small(self, x) -> bool:
         """Whether `x` goes to our small-M kernel."""
-        return x.numel() <= self.gemv_rows * x.shape[-1]
+        return x.numel() <= self.gemv_rows * x.shape[-1] or (self.decode_steps and x.dim() == 3 and x.shape[1] == 1)
 
     def forward(self, x):
         if self.small(x):
@@ -588,8 +592,21 @@ class FusedBlock(nn.Module):
         return self.down_proj.plus(self.up_proj.times(normed, self.gate_proj.silu(normed)), residual=h)
 
 
+def batch_invariance_blocker(model: Transformer, quantize=None) -> Optional[str]:
+    """Why the model's decode steps cannot all run on kernels whose per-row results do not depend on the batch
+    (our row kernels: gemv, the decode-step block and its attention and norms, on CPU), or None when they can."""
+    from . import decode_attention, decode_layer
+    weight = model.lm_head.weight
+    if not gemv_usable(weight, quantize) or not decode_attention.usable(weight):
+        return (f"its {weight.dtype} weights on {weight.device} (the row kernels run fp32 or bf16 weights, or int8 "
+                "ones, on CPU, with cancerllm._C built)")
+    if not (decode_layer.available() and decode_rms_norm.usable(weight)):
+        return "cancerllm._C lacks the decode-step kernels (rebuild it: csrc/README.md)"
+    return None
+
+
 @torch.no_grad()
-def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Transformer:
+def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None, batch_invariant=False) -> Transformer:
     """The model in decoding form, made once per set of weights: a Transformer of the same args and forward (which
     needs a cache) whose embedding and rotary tables are the model's own and whose blocks, norms and output head
     run on weights laid out for generation (FusedBlock, DecodeRMSNorm, DecodeLinear). Each matmul's path (PATHS,
@@ -599,14 +616,21 @@ def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None) -> Tran
     batches where it runs faster (fp32, bf16 and int8 weights), and then each block of a decode step in one C++ call
     (BlockStep). On CPU the weights a step streams lie in one allocation in reading order (pack_streamed: the
     model's own when pack_weights packed it, else copies). A snapshot: the model's weights replaced or changed later
-    are not seen; the Generator rebuilds it when they change."""
+    are not seen; the Generator rebuilds it when they change.
+
+    batch_invariant: every decode step, of any batch size, on our row kernels (whichever path measured faster at
+    that size), so that a row's logits do not depend on the rows decoded beside it; prefill keeps its paths (each
+    prompt is prefilled on its own). ValueError where those kernels cannot run (batch_invariance_blocker)."""
+    blocker = batch_invariant and batch_invariance_blocker(model, quantize)
+    if blocker:
+        raise ValueError(f"batch-invariant decoding cannot run this model: {blocker}")
     paths = {}   # weight shape -> (path, gemv_rows): equal shapes run alike, each checked or measured once
 
     def linear(weight, name):
         shape = tuple(weight.shape)
         if shape not in paths:
             paths[shape] = linear_path(weight, name, onednn, quantize)
-        return DecodeLinear(weight, *paths[shape])
+        return DecodeLinear(weight, *paths[shape], decode_steps=batch_invariant)
 
     with torch.device("meta"):
         fused = Transformer(model.args)

@@ -14,14 +14,6 @@
 
 namespace cancerllm {
 
-// The sum of v's 16 lanes.
-CANCERLLM_AVX512 inline float sum_lanes(__m512 v) {
-  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps(v, 1));
-  __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
-  quarter = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));
-  return _mm_cvtss_f32(_mm_add_ss(quarter, _mm_movehdup_ps(quarter)));
-}
-
 // The lane sums of a, b, c and d, as 4 floats: one transposing reduction instead of four (at short K the
 // reductions are a good part of a tile's work).
 CANCERLLM_AVX512 inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d) {
@@ -32,6 +24,11 @@ CANCERLLM_AVX512 inline __m128 sum_lanes4(__m512 a, __m512 b, __m512 c, __m512 d
   const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm512_extractf32x8_ps(abcd, 1));
   return _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
 }
+
+// The sum of v's 16 lanes, added in sum_lanes4's order: a dot product comes to the same bits whichever of the two
+// reduces it, so a kernel that reduces four at a time where it can and one at a time for the rest (gemv.cpp,
+// decode_attention.cpp) gives a row the same result however many rows share the call (batch-invariant decoding).
+CANCERLLM_AVX512 inline float sum_lanes(__m512 v) { return _mm_cvtss_f32(sum_lanes4(v, v, v, v)); }
 
 }  // namespace cancerllm
 #endif  // x86

@@ -118,3 +118,36 @@ def test_the_decoding_norm_matches_the_models(dtype):
         exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 0.3) * norm.weight.double()
         model_error = float((expected.double() - exact).abs().max())
         assert float((ours.double() - exact).abs().max()) <= max(2 * model_error, 1e-6), shape
+
+
+def logits_per_row(generator, prompts: list) -> list:
+    """Every decode step's logits of each prompt, decoded together in one call."""
+    recorder = Recorder()
+    generator.generate(prompts, max_new_tokens=5, ignore_eos=True, logits_processor=recorder)
+    return recorder.logits
+
+
+@pytest.mark.parametrize("dtype, quantize", [(torch.bfloat16, None), (torch.float32, None), (torch.bfloat16, "int8")])
+def test_a_prompt_decodes_to_the_same_bits_in_any_batch(tokenizer, dtype, quantize):
+    """Batch invariance: each prompt's logits, step by step, decoded alone and among 18 others (past the 8-row tiles
+    of the row kernel and past the 16 rows up to which it is measured against the library) are equal bit for bit."""
+    model = random_model(5, sliding_window=None).to(dtype)
+    generator = Generator(model, tokenizer, quantize=quantize)
+    assert generator.batch_invariant
+    prompts = [torch.randint(3, 32000, (n,)).tolist() for n in torch.randint(2, 40, (19,)).tolist()]
+    together = logits_per_row(generator, prompts)
+    for i, prompt in enumerate(prompts):
+        (alone,) = logits_per_row(generator, [prompt])
+        assert all(torch.equal(a, b) for a, b in zip(alone, together[i], strict=True)), f"prompt {i}"
+
+
+def test_batch_invariance_is_on_where_its_kernels_run_and_refused_by_name_elsewhere(tokenizer, monkeypatch):
+    from cancerllm import decode_layer
+    model = random_model(6)
+    assert not Generator(model, tokenizer, batch_invariant=False).batch_invariant
+    with pytest.raises(ValueError, match="batch_invariant must be None"):
+        Generator(model, tokenizer, batch_invariant="yes")
+    monkeypatch.setattr(decode_layer, "available", lambda: False)
+    assert not Generator(model, tokenizer).batch_invariant
+    with pytest.raises(ValueError, match="batch-invariant decoding cannot run this model: .*decode-step kernels"):
+        Generator(model, tokenizer, batch_invariant=True)

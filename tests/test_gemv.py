@@ -96,6 +96,20 @@ def test_threads_split_rows_without_changing_results(portable):
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
+
+@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("weights", ["bf16", "int8", "f32"])
+def test_a_row_gets_the_same_bits_however_many_rows_share_the_call(weights, portable):
+    """Batch-invariant decoding rests on this: the kernel tiles rows of x and of W differently for each M (and
+    reduces four sums at a time where it can), yet each output is the same sum in the same order. N and K are odd:
+    tiles of W's rows end in a remainder, K in a masked step."""
+    x, (w, scales), _ = operands(21, 1000, 577, weights)
+    multiply = gemv.Multiplier(w, scales)
+    alone = torch.cat([multiply(x[i:i + 1], portable=portable) for i in range(len(x))])
+    for M in range(2, len(x) + 1):
+        together = multiply(x[:M], portable=portable)
+        assert torch.equal(together, alone[:M]), f"M={M}: {(together != alone[:M]).sum()} outputs differ"
+
 @pytest.mark.parametrize("make, error, message", [
     (lambda: (torch.randn(2, 8).half(), torch.randn(4, 8).bfloat16(), None), TypeError, "x must be float32 or bf"),
     (lambda: (torch.randn(2, 8), torch.randn(4, 8).double(), None), TypeError, "weight must be bfloat16, int8 or"),
