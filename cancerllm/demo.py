@@ -213,9 +213,11 @@ def pretrained_recipe(args, timings: dict):
                      counterfactual_copies=mixture.counterfactual_copies, extra_train_reports=EXTRA_REPORTS_CSV,
                      extra_train_floor=EXTRA_TRAIN_FLOOR, verbose=False)
     print_summary(manifest, tasks_dir)
-    # The answer schema per cancer type comes from the training split's registry: every model is asked, and the
-    # fine-tunes export, the same one (prepare copies the base's settings into the SFT shards).
-    settings = dataclasses.replace(settings, recorded_fields=load_prompt_settings(tasks_dir).recorded_fields)
+    # The answer schema per cancer type and the stage groups come from the training split's registry: every model is
+    # asked, and the fine-tunes export, the same ones (prepare copies the base's settings into the SFT shards).
+    registry = load_prompt_settings(tasks_dir)
+    settings = dataclasses.replace(settings, recorded_fields=registry.recorded_fields,
+                                   stage_groups=registry.stage_groups)
     settings.save(base)
     timings["datasets"] = time.perf_counter() - t
 

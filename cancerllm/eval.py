@@ -14,8 +14,9 @@ the clean examples and compared with the model; the perturbations run the model 
   the per-field F1 of the fields the statement states (read back with the regex extractor).
 Phenotype answers are decoded constrained (the JSON schema; a categorical question's values or "not mentioned")
 unless --unconstrained; the JSON schema is the one per cancer type the datasets record (the fields the training
-split's registry records for each type: fields.recorded_by_cancer_type) unless --open-schema. Answers that do not
-parse (JSON task) count as all-null predictions and are reported.
+split's registry records for each type: fields.recorded_by_cancer_type) unless --open-schema, and a JSON answer's
+stage is the training registry's for its cancer type, T, N and M (fields.derive_stage, as the task helpers answer)
+unless --model-stage. Answers that do not parse (JSON task) count as all-null predictions and are reported.
 For the phenotype tasks a paired bootstrap over the reports says how sure each of the model's wins is: per field
 and micro, the F1 difference to each other system, its 95% interval, and the share of 1,000 draws the model wins.
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
@@ -38,7 +39,7 @@ from .tasks import perturb as P
 from .tasks.api import guided, parse_phenotypes, processors
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, read_jsonl, task_examples
-from .tasks.fields import FIELDS, normalize_value
+from .tasks.fields import FIELDS, derive_stage, normalize_value
 from .tasks.mentions import find_mentions
 from .tasks.metrics import field_counts, field_scores, instance_f1, paired_bootstrap, text_scores
 from .tasks.prompts import (SETTINGS_FILE, TASKS, PromptSettings, diagnosis_statement, load_prompt_settings,
@@ -99,16 +100,18 @@ class ModelSystem:
     guidance_scale != 1: classifier-free guidance against the same prompt with an empty report
     (api.guided), which weighs what the report says against what the model answers without one.
     decoding: Generator.from_pretrained's options (dtype, quantize). recorded_fields: the JSON schema per cancer
-    type (PromptSettings.recorded_fields, the datasets'), None for the open schema."""
+    type (PromptSettings.recorded_fields, the datasets'), None for the open schema. stage_groups: where given, a
+    JSON answer's stage is the training registry's for its cancer type, T, N and M (fields.derive_stage), as
+    Generator.extract_phenotypes answers; None keeps the model's."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
-                 guidance_scale=1.0, decoding=None, recorded_fields=None):
+                 guidance_scale=1.0, decoding=None, recorded_fields=None, stage_groups=None):
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint, **(decoding or {}))
         self.settings = self.generator.prompt_settings
         self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
-        self.recorded_fields = recorded_fields
+        self.recorded_fields, self.stage_groups = recorded_fields, stage_groups
         self.tokens, self.seconds = 0, 0.0
 
     def processor(self, record):
@@ -140,8 +143,16 @@ class ModelSystem:
             self.seconds += time.perf_counter() - start
             self.tokens += sum(len(r.token_ids) for r in results)
             for i, r in zip(idx, results):
-                out[i] = r.text.strip()
+                out[i] = self.finish(r.text.strip())
         return out
+
+    def finish(self, answer: str) -> str:
+        """The answer as the task helpers give it: a JSON answer with its stage looked up (stage_groups)."""
+        fields = parse_phenotypes(answer) if self.task == "phenotype-json" and self.stage_groups else None
+        if fields is None:
+            return answer
+        derived = derive_stage(fields, self.stage_groups)
+        return answer if derived == fields else json.dumps(derived)
 
 
 class RuleSystem:
@@ -333,6 +344,9 @@ def markdown(result: dict) -> str:
         lines += ["", f"The input states {share:.0%} of the gold values ({stated['all']['stated']} of "
                   f"{stated['all']['n_gold']}): a system that answers exactly the values counted as stated, and "
                   f"nothing else, scores micro F1 {2 * share / (1 + share):.3f}."]
+    if result.get("stage_from_tnm"):
+        lines += ["", "The models' stage is the training registry's most frequent for the answer's cancer type, T, N "
+                  "and M (fields.derive_stage; where the registry has no such patient, the model's own)."]
     if result["comparisons"]:
         lines += ["", "The model against each system: F1 difference, its 95% interval and the share of draws the model "
                   f"wins (paired bootstrap over the reports, {BOOTSTRAP_SAMPLES:,} draws)", "",
@@ -361,7 +375,7 @@ def markdown(result: dict) -> str:
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
              ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None, dtype=None,
-             quantize=None, open_schema=False) -> dict:
+             quantize=None, open_schema=False, model_stage=False) -> dict:
     """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
     `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
     peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
@@ -369,7 +383,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     decoded (Generator.from_pretrained's; default: each checkpoint's own dtype, unquantized), so that a faster
     decoding can be checked against the task metrics. JSON answers follow the datasets' schema per cancer type
     (their prompt_settings.json's recorded_fields) for every checkpoint alike; open_schema=True, or datasets
-    that record none, leaves every field open."""
+    that record none, leaves every field open. Their stage is looked up in the datasets' stage groups (as
+    Generator.extract_phenotypes does) for every checkpoint alike; model_stage=True keeps each model's own."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
@@ -408,12 +423,13 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     budget = MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
     decoding = {"dtype": dtype, "quantize": quantize}
     recorded = None if open_schema else settings.recorded_fields
+    groups = None if model_stage else settings.stage_groups
     systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale,
-                           decoding, recorded),
+                           decoding, recorded, groups),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
     peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale,
-                                decoding, recorded) for name, peer in peers.items()]
+                                decoding, recorded, groups) for name, peer in peers.items()]
 
     clean = {s.name: s.answers(records) for s in systems + peer_systems}
     predictions = prediction_rows(records, clean)
@@ -422,6 +438,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "n_reports": len({r["patient_id"] for r in records}), "max_new_tokens": budget,
               "constrained": constrained and task != "diagnosis",
               "schema_per_cancer_type": bool(constrained and task == "phenotype-json" and recorded),
+              "stage_from_tnm": bool(task == "phenotype-json" and groups),
               "guidance_scale": guidance_scale,
               "decoding": {"dtype": None if dtype is None else str(dtype).removeprefix("torch."),
                            "quantize": quantize},
@@ -522,6 +539,9 @@ def main(argv=None):
     p.add_argument("--open-schema", action="store_true",
                    help="JSON answers under the one schema for every cancer type, not the fields the datasets' "
                         "registry records per type")
+    p.add_argument("--model-stage", action="store_true",
+                   help="keep each model's own stage in JSON answers, not the training registry's for the answer's "
+                        "cancer type, T, N and M")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
     p.add_argument("--dtype", default=None, help="decode in float32, bfloat16 or float16 (default: each checkpoint's)")
@@ -533,7 +553,7 @@ def main(argv=None):
                  baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
                  constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer),
-                 dtype=a.dtype, quantize=a.quantize, open_schema=a.open_schema)
+                 dtype=a.dtype, quantize=a.quantize, open_schema=a.open_schema, model_stage=a.model_stage)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from cancerllm.tasks.build import build, split_patients, top_up
-from cancerllm.tasks.fields import CANCER_TYPES, FIELDS, normalize_value, recorded_by_cancer_type
+from cancerllm.tasks.fields import CANCER_TYPES, FIELDS, normalize_value, recorded_by_cancer_type, stage_groups
 from cancerllm.tasks.mentions import find_mentions
 from cancerllm.tasks.prompts import TASKS, find_diagnosis_section, load_templates, truncate_report
 
@@ -304,3 +304,12 @@ def test_settings_record_the_fields_each_cancer_type_has_in_the_training_split(b
     assert recorded == recorded_by_cancer_type(train)
     assert set(recorded) == {f["cancer_type"] for f in train}
     assert "gleason" in recorded["Prostate adenocarcinoma"] and "gleason" not in recorded["Breast invasive carcinoma"]
+
+
+def test_settings_record_the_training_splits_stage_groups(built):
+    out, _ = built
+    groups = json.loads((out / "prompt_settings.json").read_text())["stage_groups"]
+    train = [r["fields"] for r in read(out / "phenotype-json" / "train.jsonl")]
+    assert groups == stage_groups(train) and set(groups) == {f["cancer_type"] for f in train}
+    test = [r["fields"] for r in read(out / "phenotype-json" / "test.jsonl")]
+    assert stage_groups(train + test) != groups       # the held-out patients' stages are not in it

@@ -1,13 +1,14 @@
 """Constrained decoding and the eval CLI end to end, on a tiny random model with Mistral's real tokenizer."""
 import json
+import shutil
 
 import pytest
 import torch
 
 from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
-from cancerllm.tasks.build import task_examples
-from cancerllm.tasks.prompts import load_templates, task_prompt
+from cancerllm.tasks.build import read_reports, task_examples
+from cancerllm.tasks.prompts import load_prompt_settings, load_templates, task_prompt
 from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS, json_schema
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
@@ -268,3 +269,35 @@ def test_eval_open_schema_leaves_every_field_open(checkpoint, data, tmp_path):
     cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data), "--out",
                       str(tmp_path), "--limit", "1", "--max-new-tokens", "4", "--open-schema"])
     assert json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())["schema_per_cancer_type"] is False
+
+
+def test_the_helper_answers_each_report_alone_as_the_batched_eval_did(checkpoint, data, tmp_path):
+    """The held-out check's promise: Generator.extract_phenotypes on an export that carries its datasets' prompt
+    settings (schema per cancer type, stage groups) gives the eval's answer, though the eval decoded the reports
+    in one batch (batch-invariant decoding) and looked their stage up as the helper does."""
+    export = tmp_path / "export"
+    shutil.copytree(checkpoint, export)
+    load_prompt_settings(data).save(export)
+    result = cancer_eval.evaluate(export, "phenotype-json", data=data, out=tmp_path, batch_size=8,
+                                  max_new_tokens=800, verbose=False)
+    assert result["stage_from_tnm"] and result["schema_per_cancer_type"]
+    rows = [json.loads(line) for line in (tmp_path / "eval_phenotype-json_test_predictions.jsonl").open()]
+    records = cancer_eval.read_jsonl(data / "phenotype-json" / "test.jsonl")
+    whole = {r["patient_id"]: r["text"] for r in read_reports("data/tcga/reports.csv")}   # the helper cuts them
+    gen = Generator.from_pretrained(export)
+    assert gen.batch_invariant and len(records) > 1
+    for record, row in zip(records, [r for r in rows if r["system"] == "model"], strict=True):
+        answer = gen.extract_phenotypes(whole[record["patient_id"]], max_new_tokens=800)
+        assert answer == json.loads(row["answer"]), record["patient_id"]
+
+
+def test_eval_model_stage_keeps_each_models_own_stage(checkpoint, data, tmp_path):
+    system = cancer_eval.ModelSystem("model", checkpoint, "phenotype-json", 8, 4, load_templates(),
+                                     stage_groups={"Lung adenocarcinoma": {"t1b|n0|": ["Stage IA"]}})
+    answer = {**dict.fromkeys(FIELDS), "cancer_type": "Lung adenocarcinoma", "pT": "T1b", "pN": "N0"}
+    assert json.loads(system.finish(json.dumps(answer)))["stage"] == "Stage IA"
+    assert system.finish(json.dumps({**answer, "pT": "T2"})) == json.dumps({**answer, "pT": "T2"})
+    assert system.finish('{"cancer_type": "Lung') == '{"cancer_type": "Lung'    # cut short: left as it is
+    cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data), "--out",
+                      str(tmp_path), "--limit", "1", "--max-new-tokens", "4", "--model-stage"])
+    assert json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())["stage_from_tnm"] is False

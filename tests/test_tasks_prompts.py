@@ -41,20 +41,22 @@ def test_no_layer_imports_a_later_one():
 
 
 class Recorder:
-    """A stand-in Generator loaded from `directory`: records its prompts, answers an all-null object."""
+    """A stand-in Generator loaded from `directory`: records its prompts, answers an all-null object (but for the
+    cancer type, when given)."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, cancer_type=None):
         self.tokenizer = SimpleNamespace(path=directory / "tokenizer.model")
         self.prompt_settings = load_prompt_settings(directory)      # as Generator.from_pretrained reads them
         self.task_processors = SimpleNamespace(json=self.schema)      # no grammar to compile for a recorder
-        self.prompts, self.schemas = [], []
+        self.prompts, self.schemas, self.cancer_type = [], [], cancer_type
 
     def schema(self, recorded_fields=None):
         self.schemas.append(recorded_fields)
 
     def generate(self, prompts, **options):
         self.prompts += prompts
-        return [SimpleNamespace(text=json.dumps(dict.fromkeys(FIELDS))) for _ in prompts]
+        answer = {**dict.fromkeys(FIELDS), "cancer_type": self.cancer_type}
+        return [SimpleNamespace(text=json.dumps(answer)) for _ in prompts]
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +121,21 @@ def test_settings_carry_the_recorded_fields_to_the_answer_schema(tmp_path):
     (tmp_path / SETTINGS_FILE).write_text(json.dumps({**raw, "recorded_fields": {"Prostate adenocarcinoma":
                                                                                  {"gleason": "sometimes"}}}))
     with pytest.raises(ValueError, match=f"{SETTINGS_FILE}: recorded_fields.*'sometimes'"):
+        load_prompt_settings(tmp_path)
+
+
+def test_settings_carry_the_stage_groups_to_the_answers_stage(tmp_path):
+    groups = {"Breast invasive carcinoma": {"||": ["Stage IIA"]}}   # the Recorder answers null T, N and M
+    settings = PromptSettings(load_templates(), 900, stage_groups=groups)
+    settings.save(tmp_path)
+    assert load_prompt_settings(tmp_path) == settings and settings.same_prompts(PromptSettings(load_templates(), 900))
+    saved = Recorder(tmp_path, cancer_type="Breast invasive carcinoma")
+    assert extract_phenotypes(saved, "Left breast: invasive ductal carcinoma.")["stage"] == "Stage IIA"
+    assert extract_phenotypes(saved, "Left breast: invasive ductal carcinoma.", stage_from_tnm=False)["stage"] is None
+    raw = json.loads((tmp_path / SETTINGS_FILE).read_text())
+    (tmp_path / SETTINGS_FILE).write_text(json.dumps({**raw, "stage_groups": {"Breast invasive carcinoma":
+                                                                              {"||": ["Stage 2A"]}}}))
+    with pytest.raises(ValueError, match=f"{SETTINGS_FILE}: stage_groups.*'Stage 2A'"):
         load_prompt_settings(tmp_path)
 
 

@@ -7,7 +7,7 @@ answer always parses unless `max_new_tokens` cuts it short.
 """
 import json
 
-from .fields import FIELDS
+from .fields import FIELDS, derive_stage
 from .prompts import PromptSettings, load_prompt_settings, no_report_prompt
 
 # max_report_chars's default: the cut of the prompt settings in use.
@@ -58,9 +58,12 @@ def settings_for(generator, max_report_chars, prompt_settings) -> PromptSettings
 
 
 def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=FROM_SETTINGS,
-                       guidance_scale: float = 1.0, prompt_settings: PromptSettings = None) -> dict:
+                       guidance_scale: float = 1.0, prompt_settings: PromptSettings = None,
+                       stage_from_tnm: bool = True) -> dict:
     """{field: value or None} for every phenotype field, decoded under the schema (per cancer type when the
-    settings record the fields the registry records per type: PromptSettings.recorded_fields).
+    settings record the fields the registry records per type: PromptSettings.recorded_fields). The stage is the
+    training registry's for the answer's cancer type, T, N and M where the settings record those groups
+    (PromptSettings.stage_groups, fields.derive_stage); stage_from_tnm=False keeps the model's own.
 
     prompt_settings: how to prompt (default: the checkpoint's prompt_settings.json, else the packaged templates and
     a 2,000-character report cut); max_report_chars overrides its cut (None: the whole report)."""
@@ -73,7 +76,7 @@ def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max
     fields = parse_phenotypes(result.text)
     if fields is None:
         raise ValueError(f"the answer did not complete within max_new_tokens={max_new_tokens}: {result.text!r}")
-    return fields
+    return derive_stage(fields, settings.stage_groups) if stage_from_tnm and settings.stage_groups else fields
 
 
 def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=FROM_SETTINGS,

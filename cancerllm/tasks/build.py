@@ -8,7 +8,8 @@ Three tasks, each written as prompt/completion JSONL per split (train/val/test),
 Splits are by patient and seeded. Prompts come from templates.json, rendered by prompts.py (as for inference), and
 prompt_settings.json beside the datasets records the templates, the report cut and the fields the registry records
 for each cancer type in the training split (`fields.recorded_by_cancer_type`: the JSON answer's schema per cancer
-type, which decoding then follows). Every record also carries
+type, which decoding then follows) and the training registry's stages per cancer type, T, N and M
+(`fields.stage_groups`, which the JSON answer's stage is looked up in). Every record also carries
 `task`, `patient_id`, the (possibly truncated) `report` and the gold `fields`, which evaluation and perturbation
 use. `python -m cancerllm.tasks.mixture` makes the SFT mixture of these files.
 
@@ -39,7 +40,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..data.records import CsvReader, MalformedRow, json_object, open_csv
-from .fields import CANCER_TYPES, FIELDS, check_value, json_schema, recorded_by_cancer_type
+from .fields import CANCER_TYPES, FIELDS, check_value, json_schema, recorded_by_cancer_type, stage_groups
 from .perturb import counterfactual_all
 from .prompts import (DEFAULT_MAX_REPORT_CHARS, DIAGNOSIS_HEADING, PHENOTYPE_TASKS, TASKS, TEMPLATES_PATH,
                       PromptSettings, diagnosis_statement, find_diagnosis_section, json_answer, load_templates,
@@ -253,8 +254,9 @@ def build(reports="data/tcga/reports.csv", labels="data/tcga/patient_labels.csv"
         extra = top_up(extra, [registry[pid]["cancer_type"] for pid, s in split_of.items() if s == "train"],
                        extra_train_floor, registry, seed)
     split_of.update({r["patient_id"]: "train" for r in extra})
-    settings = replace(settings, recorded_fields=recorded_by_cancer_type(
-        registry[pid] for pid, split in split_of.items() if split == "train"))
+    train_labels = [registry[pid] for pid, split in split_of.items() if split == "train"]
+    settings = replace(settings, recorded_fields=recorded_by_cancer_type(train_labels),
+                       stage_groups=stage_groups(train_labels))
 
     records = {(t, s): [] for t in TASKS for s in SPLITS}
     for r in kept + extra:

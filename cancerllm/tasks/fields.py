@@ -134,6 +134,73 @@ def check_recorded_fields(recorded_fields, where: str = "recorded_fields"):
                 raise ValueError(f"{where}[{cancer_type!r}][{field!r}]: {how!r}, expected one of {RECORDED}")
 
 
+STAGE_FROM = ("pT", "pN", "pM")   # what a stage group is keyed by, after the cancer type
+
+
+def stage_key(fields: dict) -> str:
+    """'t2|n0|m0' (normalised, so that 'pT2', 'N0 (i-)' and 'N0' meet; empty where null): the T, N and M a stage
+    group is keyed by."""
+    return "|".join(normalize_value(f, fields.get(f)) or "" for f in STAGE_FROM)
+
+
+def stage_order(stage):
+    return (stage is None, ALLOWED["stage"].index(stage) if stage is not None else 0)
+
+
+def stage_groups(labels) -> dict:
+    """{cancer type: {stage_key: [stages]}} from registry labels (the training split's): for each cancer type and
+    combination of pathologic T, N and M (nulls included) the stages its patients have most often (every one of a
+    tie, in stage order; null counts as a stage: types whose registry leaves it empty). A registry derives the stage
+    from T, N and M by the AJCC tables of the cancer type and edition; a model that has seen a few hundred answers
+    reads T, N and M from a report far better than it learns those tables, so the answer's stage is looked up from
+    its own T, N and M (derive_stage). Patients without a cancer type are left out."""
+    counts = defaultdict(Counter)
+    for fields in labels:
+        if fields.get("cancer_type") is not None:
+            counts[fields["cancer_type"], stage_key(fields)][fields.get("stage")] += 1
+    groups = defaultdict(dict)
+    for (cancer_type, key), stages in sorted(counts.items()):
+        top = max(stages.values())
+        groups[cancer_type][key] = sorted((s for s, n in stages.items() if n == top), key=stage_order)
+    return dict(groups)
+
+
+def check_stage_groups(groups, where: str = "stage_groups"):
+    """Raise unless `groups` maps allowed cancer types to {stage_key of allowed values: [stages or null]}."""
+    if not isinstance(groups, dict):
+        raise ValueError(f"{where}: expected an object {{cancer type: {{'t|n|m': [stages]}}}}, got "
+                         f"{type(groups).__name__}")
+    for cancer_type, by_key in groups.items():
+        if cancer_type not in ALLOWED["cancer_type"]:
+            raise ValueError(f"{where}: unknown cancer type {cancer_type!r}")
+        if not isinstance(by_key, dict):
+            raise ValueError(f"{where}[{cancer_type!r}]: expected an object {{'t|n|m': [stages]}}")
+        for key, stages in by_key.items():
+            parts = key.split("|") if isinstance(key, str) else []
+            if len(parts) != len(STAGE_FROM) or any(v and v not in normalized_allowed(f)
+                                                    for f, v in zip(STAGE_FROM, parts)):
+                raise ValueError(f"{where}[{cancer_type!r}]: {key!r} is not 't|n|m' of allowed values, normalised "
+                                 "(or empty)")
+            if (not isinstance(stages, list) or not stages
+                    or any(s is not None and s not in ALLOWED["stage"] for s in stages)):
+                raise ValueError(f"{where}[{cancer_type!r}][{key!r}]: expected a non-empty list of allowed stages "
+                                 f"or null, got {stages!r}")
+
+
+@functools.cache
+def normalized_allowed(field: str) -> frozenset:
+    return frozenset(normalize_value(field, v) for v in ALLOWED[field])
+
+
+def derive_stage(fields: dict, groups: dict) -> dict:
+    """The answer with its stage looked up from its cancer type, T, N and M (stage_groups): kept where it is one of
+    the group's stages or the registry has no patient in that group, else the group's first stage."""
+    stages = groups.get(fields.get("cancer_type"), {}).get(stage_key(fields))
+    if not stages or normalize_value("stage", fields.get("stage")) in {normalize_value("stage", s) for s in stages}:
+        return fields
+    return {**fields, "stage": stages[0]}
+
+
 # ---------------------------------------------------------------------------------------------- normalisation
 
 NULL_ANSWERS = {"", "not mentioned", "null", "none"}

@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .fields import FIELDS, check_recorded_fields
+from .fields import FIELDS, check_recorded_fields, check_stage_groups
 from .mentions import find_mentions
 
 TEMPLATES_PATH = Path(__file__).with_name("templates.json")
@@ -190,12 +190,14 @@ class PromptSettings:
     package's templates.json), the report cut (characters; None keeps reports whole), the chat format and, for
     "chat_template", the model's Jinja chat template (tokenizer_config.json's chat_template: a copy, for the same
     reason) and, when the datasets recorded them, the fields the registry records per cancer type
-    (fields.recorded_by_cancer_type: the JSON answer's schema once it has named the cancer type)."""
+    (fields.recorded_by_cancer_type: the JSON answer's schema once it has named the cancer type) and the registry's
+    stages per cancer type, T, N and M (fields.stage_groups: the JSON answer's stage, fields.derive_stage)."""
     templates: dict
     max_report_chars: int | None = DEFAULT_MAX_REPORT_CHARS
     chat_format: str = "plain"
     chat_template: str | None = None
     recorded_fields: dict | None = None
+    stage_groups: dict | None = None
 
     def __post_init__(self):
         check_settings(self)
@@ -227,7 +229,7 @@ class PromptSettings:
     def to_json(self) -> dict:
         fields = {"templates": self.templates, "max_report_chars": self.max_report_chars,
                   "chat_format": self.chat_format, "chat_template": self.chat_template,
-                  "recorded_fields": self.recorded_fields}
+                  "recorded_fields": self.recorded_fields, "stage_groups": self.stage_groups}
         return {k: v for k, v in fields.items() if v is not None or k == "max_report_chars"}
 
     def save(self, directory) -> Path:
@@ -279,16 +281,19 @@ def check_settings(settings: PromptSettings):
     check_templates(settings.templates, "templates")
     if settings.recorded_fields is not None:
         check_recorded_fields(settings.recorded_fields)
+    if settings.stage_groups is not None:
+        check_stage_groups(settings.stage_groups)
 
 
-SETTINGS_KEYS = ("templates", "max_report_chars", "chat_format", "chat_template", "recorded_fields")
+SETTINGS_KEYS = ("templates", "max_report_chars", "chat_format", "chat_template", "recorded_fields", "stage_groups")
 
 
 def settings_from_json(raw: dict) -> PromptSettings:
     """PromptSettings from a prompt_settings.json object (a file, or a shards manifest's copy); the keys a file
     written before they existed lacks take their old meaning (the default cut, plain)."""
     return PromptSettings(raw["templates"], raw.get("max_report_chars", DEFAULT_MAX_REPORT_CHARS),
-                          raw.get("chat_format", "plain"), raw.get("chat_template"), raw.get("recorded_fields"))
+                          raw.get("chat_format", "plain"), raw.get("chat_template"), raw.get("recorded_fields"),
+                          raw.get("stage_groups"))
 
 
 def chat_settings(settings: PromptSettings, checkpoint) -> PromptSettings:
