@@ -618,9 +618,10 @@ def fuse_for_decoding(model: Transformer, *, onednn=True, quantize=None, batch_i
     model's own when pack_weights packed it, else copies). A snapshot: the model's weights replaced or changed later
     are not seen; the Generator rebuilds it when they change.
 
-    batch_invariant: every decode step, of any batch size, on our row kernels (whichever path measured faster at
-    that size), so that a row's logits do not depend on the rows decoded beside it; prefill keeps its paths (each
-    prompt is prefilled on its own). ValueError where those kernels cannot run (batch_invariance_blocker)."""
+    batch_invariant: every decode step, of any batch size, on our row kernels (not on whichever path measured
+    faster at that size), so that a row's logits do not depend on the rows decoded beside it; prefill keeps its
+    paths (each prompt is prefilled on its own). ValueError where those kernels cannot run
+    (batch_invariance_blocker)."""
     blocker = batch_invariant and batch_invariance_blocker(model, quantize)
     if blocker:
         raise ValueError(f"batch-invariant decoding cannot run this model: {blocker}")
