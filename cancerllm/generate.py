@@ -320,7 +320,8 @@ class Generator:
     batch_invariant: whether a prompt's logits, and so its greedy tokens, are the same bits whatever other prompts
         share its call (a helper answering one report gives the answer a batched eval gave): every decode step on
         our row kernels, whose per-row sums do not depend on the batch, instead of the kernel each batch size ran
-        fastest (decode_paths.py; its cost was within the noise: docs/experiments.md). None (the default): on
+        fastest (decode_paths.py; in bf16 within the noise, in fp32 ~20% of decoding speed at batch 16 where the
+        library beat our fp32 kernel: docs/experiments.md). None (the default): on
         where those kernels run (CPU, fp32 or bf16 or int8 weights, cancerllm._C built), else off; True: on,
         ValueError where they cannot run; False: off. `self.batch_invariant` says which holds. Sampled draws still
         depend on the batch.
