@@ -117,16 +117,22 @@ def recorded_by_cancer_type(labels, required_share: float = 0.95) -> dict:
             for t, n in sorted(patients.items())}
 
 
-def check_recorded_fields(recorded_fields, where: str = "recorded_fields"):
-    """Raise unless `recorded_fields` maps allowed cancer types to {field: "required" | "optional"}."""
-    if not isinstance(recorded_fields, dict):
-        raise ValueError(f"{where}: expected an object {{cancer type: {{field: required|optional}}}}, got "
-                         f"{type(recorded_fields).__name__}")
-    for cancer_type, recorded in recorded_fields.items():
+def per_cancer_type(mapping, where: str, inner: str):
+    """(cancer type, its object) of a {cancer type: {...}} mapping, each checked: a JSON object keyed by allowed
+    cancer types whose values are objects (`inner` describes them in the error)."""
+    if not isinstance(mapping, dict):
+        raise ValueError(f"{where}: expected an object {{cancer type: {inner}}}, got {type(mapping).__name__}")
+    for cancer_type, by_type in mapping.items():
         if cancer_type not in ALLOWED["cancer_type"]:
             raise ValueError(f"{where}: unknown cancer type {cancer_type!r}")
-        if not isinstance(recorded, dict):
-            raise ValueError(f"{where}[{cancer_type!r}]: expected an object {{field: required|optional}}")
+        if not isinstance(by_type, dict):
+            raise ValueError(f"{where}[{cancer_type!r}]: expected an object {inner}")
+        yield cancer_type, by_type
+
+
+def check_recorded_fields(recorded_fields, where: str = "recorded_fields"):
+    """Raise unless `recorded_fields` maps allowed cancer types to {field: "required" | "optional"}."""
+    for cancer_type, recorded in per_cancer_type(recorded_fields, where, "{field: required|optional}"):
         for field, how in recorded.items():
             if field not in FIELDS or field == "cancer_type":
                 raise ValueError(f"{where}[{cancer_type!r}]: unknown field {field!r}")
@@ -167,14 +173,7 @@ def stage_groups(labels) -> dict:
 
 def check_stage_groups(groups, where: str = "stage_groups"):
     """Raise unless `groups` maps allowed cancer types to {stage_key of allowed values: [stages or null]}."""
-    if not isinstance(groups, dict):
-        raise ValueError(f"{where}: expected an object {{cancer type: {{'t|n|m': [stages]}}}}, got "
-                         f"{type(groups).__name__}")
-    for cancer_type, by_key in groups.items():
-        if cancer_type not in ALLOWED["cancer_type"]:
-            raise ValueError(f"{where}: unknown cancer type {cancer_type!r}")
-        if not isinstance(by_key, dict):
-            raise ValueError(f"{where}[{cancer_type!r}]: expected an object {{'t|n|m': [stages]}}")
+    for cancer_type, by_key in per_cancer_type(groups, where, "{'t|n|m': [stages]}"):
         for key, stages in by_key.items():
             parts = key.split("|") if isinstance(key, str) else []
             if len(parts) != len(STAGE_FROM) or any(v and v not in normalized_allowed(f)
