@@ -132,11 +132,19 @@ class KVCache:
         v_cache[rows, :, self.write_slots] = v.transpose(1, 2)
 
     def keep_rows(self, keep: torch.Tensor) -> None:
-        """Move the batch rows `keep` (indices, in order) to the front: finished sequences stop costing work."""
-        n = len(keep)
-        self.k[:, :n] = self.k[:, keep]
-        self.v[:, :n] = self.v[:, keep]
-        self.slot_pos[:n] = self.slot_pos[keep]
+        """Make row i a copy of row keep[i], for i < len(keep): finished sequences leave the batch and stop costing
+        work; a beam search's beams take their parents' rows (an index may repeat)."""
+        rows = torch.arange(len(keep), device=keep.device)
+        moved = (keep != rows).nonzero()[:, 0]
+        if len(moved) == 0:
+            return
+        # Only rows that change, and only over the slots the moved rows hold: the whole cache is the largest
+        # tensor of a decode step, and copying it at every beam step cost more than the step's forward pass.
+        dest, src = rows[moved], keep[moved]
+        used = used_slots(self.slot_pos[src])
+        self.k[:, dest, :, :used] = self.k[:, src, :, :used]
+        self.v[:, dest, :, :used] = self.v[:, src, :, :used]
+        self.slot_pos[dest] = self.slot_pos[src]
 
 
 def used_slots(slot_pos: torch.Tensor) -> int:

@@ -105,13 +105,14 @@ class ModelSystem:
     Generator.extract_phenotypes answers; None keeps the model's."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
-                 guidance_scale=1.0, decoding=None, recorded_fields=None, stage_groups=None):
+                 guidance_scale=1.0, decoding=None, recorded_fields=None, stage_groups=None, beams=None):
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint, **(decoding or {}))
         self.settings = self.generator.prompt_settings
         self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
         self.recorded_fields, self.stage_groups = recorded_fields, stage_groups
+        self.beams = beams or {}
         self.tokens, self.seconds = 0, 0.0
 
     def processor(self, record):
@@ -139,7 +140,8 @@ class ModelSystem:
             results = self.generator.generate([self.settings.render(r["prompt"]) for r in batch],
                                               max_new_tokens=self.max_new_tokens,
                                               temperature=0.0, stop=self.templates["stop"],
-                                              logits_processor=self.processor(batch[0]), **guidance)
+                                              logits_processor=self.processor(batch[0]), **guidance,
+                                              **self.beams)
             self.seconds += time.perf_counter() - start
             self.tokens += sum(len(r.token_ids) for r in results)
             for i, r in zip(idx, results):
@@ -322,6 +324,8 @@ def markdown(result: dict) -> str:
     decoding = {k: v for k, v in result.get("decoding", {}).items() if v}
     if decoding:
         lines += ["decoded with " + ", ".join(f"{k} {v}" for k, v in decoding.items()), ""]
+    if result.get("num_beams", 1) > 1:
+        lines += [f"beam search: {result['num_beams']} beams, length penalty {result['length_penalty']}", ""]
     if task == "diagnosis":
         cols = ["token F1", "ROUGE-L", "set F1 exact", "set F1 ROUGE-1", "stated-field micro F1"]
         row = lambda s: [s["token_f1"], s["rouge_l"], s["set_exact"]["f1"], s["set_rouge1"]["f1"], s["micro"]["f1"]]
@@ -375,7 +379,7 @@ def markdown(result: dict) -> str:
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
              ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None, dtype=None,
-             quantize=None, open_schema=False, model_stage=False) -> dict:
+             quantize=None, open_schema=False, model_stage=False, num_beams=1, length_penalty=1.0) -> dict:
     """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
     `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
     peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
@@ -424,12 +428,13 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     decoding = {"dtype": dtype, "quantize": quantize}
     recorded = None if open_schema else settings.recorded_fields
     groups = None if model_stage else settings.stage_groups
+    beams = {"num_beams": num_beams, "length_penalty": length_penalty}
     systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale,
-                           decoding, recorded, groups),
+                           decoding, recorded, groups, beams),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
     peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale,
-                                decoding, recorded, groups) for name, peer in peers.items()]
+                                decoding, recorded, groups, beams) for name, peer in peers.items()]
 
     clean = {s.name: s.answers(records) for s in systems + peer_systems}
     predictions = prediction_rows(records, clean)
@@ -439,7 +444,7 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "constrained": constrained and task != "diagnosis",
               "schema_per_cancer_type": bool(constrained and task == "phenotype-json" and recorded),
               "stage_from_tnm": bool(task == "phenotype-json" and groups),
-              "guidance_scale": guidance_scale,
+              "guidance_scale": guidance_scale, **beams,
               "decoding": {"dtype": None if dtype is None else str(dtype).removeprefix("torch."),
                            "quantize": quantize},
               "headline_metric": "token F1" if task == "diagnosis" else "micro F1",
@@ -544,6 +549,9 @@ def main(argv=None):
                         "cancer type, T, N and M")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
+    p.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (1: greedy)")
+    p.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam search: an answer scores its log-probability / its length ** this")
     p.add_argument("--dtype", default=None, help="decode in float32, bfloat16 or float16 (default: each checkpoint's)")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 matmuls, a scale per output row (CPU; Generator's quantize)")
@@ -553,7 +561,8 @@ def main(argv=None):
                  baseline_checkpoint=a.baseline_checkpoint, limit=a.limit, batch_size=a.batch_size,
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
                  constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer),
-                 dtype=a.dtype, quantize=a.quantize, open_schema=a.open_schema, model_stage=a.model_stage)
+                 dtype=a.dtype, quantize=a.quantize, open_schema=a.open_schema, model_stage=a.model_stage,
+                 num_beams=a.num_beams, length_penalty=a.length_penalty)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

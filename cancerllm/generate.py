@@ -31,8 +31,9 @@ How a call runs
   choice bought is measured in bench/generate.py and bench/README.md.
 
 Decoding options: one SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-ignore_eos, guidance_scale, logits_processor), checked when it is made; generate() and stream() take one, or its
-fields as keywords (`generate(prompts, max_new_tokens=64)`), or both (the keywords replace the object's fields).
+ignore_eos, guidance_scale, logits_processor, num_beams, length_penalty), checked when it is made; generate() and
+stream() take one, or its fields as keywords (`generate(prompts, max_new_tokens=64)`), or both (the keywords replace
+the object's fields). num_beams > 1 decodes by beam search (generate() only; cancerllm/beam.py).
 
 Sampling: logits are processed in fp32, in this order: classifier-free guidance when `guidance_scale` != 1,
 repetition penalty (Hugging Face's: a seen token's positive logit is divided by the penalty, a negative one
@@ -49,7 +50,8 @@ Logits processors (schema-constrained decoding) are objects with three methods:
                             token allowed per row.
     advance(row, token_id)  after every step, for each row that was masked, in the same order, with the token
                             chosen for prompt `row` (both ints).
-Under greedy decoding the argmax sees exactly the logits the processor left.
+Under greedy decoding the argmax sees exactly the logits the processor left. Beam search (num_beams > 1) calls
+them per beam rather than per prompt, and needs a fourth method, reorder (cancerllm/beam.py).
 
 Classifier-free guidance (Sanchez et al. 2023, "Stay on topic with classifier-free guidance"; transformers'
 `guidance_scale` / `negative_prompt_ids`): each prompt gets a second, unconditional row in the batch, its negative
@@ -116,7 +118,10 @@ class SamplingParams:
     max_new_tokens: new tokens per prompt at most (also capped by the model's max_seq_len); stop: a string or a
     list of strings that end a row (kept as a tuple); seed: the call's sampling generator (None: a fresh random
     one); ignore_eos: generate through EOS (benchmarks); guidance_scale: classifier-free guidance (1: off; the
-    negative prompts are arguments of generate and stream); logits_processor: see the module docstring."""
+    negative prompts are arguments of generate and stream); logits_processor: see the module docstring;
+    num_beams: beam search's beams per prompt (1: off; generate() only, at temperature 0, without guidance or
+    repetition penalty; cancerllm/beam.py); length_penalty: a beam search hypothesis scores its summed
+    log-probability / its length ** length_penalty (Hugging Face's default 1.0; 0: the sequence's probability)."""
     max_new_tokens: int
     temperature: float = 0.0
     top_k: Optional[int] = None
@@ -127,6 +132,8 @@ class SamplingParams:
     ignore_eos: bool = False
     guidance_scale: float = 1.0
     logits_processor: object = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -151,6 +158,25 @@ class SamplingParams:
                                              for m in ("reset", "mask", "advance")):
             raise ValueError("logits_processor must have reset(batch_size), mask(logits, rows) and "
                              f"advance(row, token_id) methods, got {type(processor).__name__}")
+        self.check_beams()
+
+    def check_beams(self):
+        if not is_int(self.num_beams) or self.num_beams < 1:
+            raise ValueError(f"num_beams must be an int >= 1, got {self.num_beams!r}")
+        if not is_number(self.length_penalty) or not math.isfinite(self.length_penalty):
+            raise ValueError(f"length_penalty must be a finite number, got {self.length_penalty!r}")
+        if self.num_beams == 1:
+            return
+        # Beam search keeps the most probable sequences: a sampled, guided or penalised step has no such score.
+        for name, value, off in (("temperature", self.temperature, 0.0), ("guidance_scale", self.guidance_scale, 1.0),
+                                 ("repetition_penalty", self.repetition_penalty, 1.0)):
+            if value != off:
+                raise ValueError(f"num_beams={self.num_beams} decodes by beam search, which needs {name}={off} "
+                                 f"(got {value!r})")
+        if self.logits_processor is not None and not callable(getattr(self.logits_processor, "reorder", None)):
+            raise ValueError(f"num_beams={self.num_beams}: the logits_processor needs a reorder(rows, sources) method "
+                             f"to copy a beam's state to its children (cancerllm/beam.py), "
+                             f"{type(self.logits_processor).__name__} has none")
 
     @property
     def greedy(self) -> bool:
@@ -216,6 +242,12 @@ def sample(logits, sampling: SamplingParams, rng: torch.Generator):
 
 # ---------------------------------------------------------------------------------------------- text
 
+def first_stop(text: str, stop: tuple) -> Optional[int]:
+    """Where the first of the stop strings found in `text` begins, or None."""
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return min(hits) if hits else None
+
+
 class IncrementalText:
     """The text of a growing token sequence, cut at the first stop string, handed out piece by piece.
 
@@ -236,9 +268,9 @@ class IncrementalText:
         """Append a token; True when the text now contains a stop string (the text is then cut before it)."""
         self.ids.append(token)
         self.text = self.tokenizer.decode(self.ids)
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.text = self.text[:min(hits)]
+        cut = first_stop(self.text, self.stop)
+        if cut is not None:
+            self.text = self.text[:cut]
             self.stopped = True
         return self.stopped
 
@@ -410,6 +442,8 @@ class Generator:
         params = sampling_params(sampling, options)
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"prompts must be a non-empty list of prompts, got {prompts!r:.80}")
+        if params.num_beams > 1:
+            return self.beam_search(prompts, params, negative_prompts)
         with self.claim("generate()"):
             rows, steps = self.start(prompts, params, negative_prompts, track_text=False)
             collections.deque(steps, maxlen=0)   # run every decode step; generate() needs no per-step text
@@ -420,6 +454,9 @@ class Generator:
         """Yield the text of one prompt's continuation piece by piece, as generate() would return it whole. The
         stream holds the Generator from its first piece until exhausted or closed (`close()`)."""
         params = sampling_params(sampling, options)
+        if params.num_beams > 1:
+            raise ValueError(f"num_beams={params.num_beams}: stream() hands out one sequence as it grows, and beam "
+                             "search knows its answer only at the end; use generate()")
         with self.claim("stream()"):
             rows, steps = self.start([prompt], params, None if negative_prompt is None else [negative_prompt],
                                      track_text=True)
@@ -440,6 +477,15 @@ class Generator:
         return generate_diagnosis(self, report, **options)
 
     # ------------------------------------------------------------------------------------------ internals
+
+    def beam_search(self, prompts, params: SamplingParams, negative_prompts) -> list:
+        from .beam import BeamSearch
+        if negative_prompts is not None:
+            raise ValueError("negative_prompts belong to classifier-free guidance, which beam search does not do")
+        with self.claim("generate()"):
+            self.refresh_if_changed()
+            prompt_ids = [self.prompt_ids(prompt, f"prompts[{i}]") for i, prompt in enumerate(prompts)]
+            return BeamSearch(self, prompt_ids, params).run()
 
     @contextlib.contextmanager
     def claim(self, call: str):
@@ -664,6 +710,9 @@ def main(argv=None):
     parser.add_argument("--stop", action="append", help="a stop string; repeatable")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--guidance-scale", type=float, default=1.0, help="classifier-free guidance (1: off)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
+    parser.add_argument("--length-penalty", type=float, default=1.0,
+                        help="beam search: a hypothesis scores log-probability / length ** this")
     parser.add_argument("--negative-prompt", action="append",
                         help="the unconditional prompt for guidance; one per prompt (default: its last token)")
     parser.add_argument("--device", default="cpu")
@@ -679,7 +728,8 @@ def main(argv=None):
     try:
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
-                                  seed=args.seed, guidance_scale=args.guidance_scale)
+                                  seed=args.seed, guidance_scale=args.guidance_scale, num_beams=args.num_beams,
+                                  length_penalty=args.length_penalty)
     except ValueError as e:   # the message names the option; its flag is --the-same-name
         parser.error(str(e))
     gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype,

@@ -265,29 +265,42 @@ def test_eval_decodes_every_checkpoint_as_asked_and_says_so(checkpoint, data, tm
                           "--quantize", "int4"])
 
 
+def test_eval_decodes_by_beam_search_when_asked(checkpoint, data, tmp_path):
+    cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-qa", "--data", str(data), "--out",
+                      str(tmp_path), "--limit", "1", "--num-beams", "3", "--length-penalty", "0"])
+    result = json.loads((tmp_path / "eval_phenotype-qa_test.json").read_text())
+    assert (result["num_beams"], result["length_penalty"]) == (3, 0.0)
+    assert "beam search: 3 beams, length penalty 0.0" in (tmp_path / "eval_phenotype-qa_test.md").read_text()
+    with pytest.raises(SystemExit):
+        cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-qa", "--data", str(data),
+                          "--num-beams", "0"])
+
+
 def test_eval_open_schema_leaves_every_field_open(checkpoint, data, tmp_path):
     cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data), "--out",
                       str(tmp_path), "--limit", "1", "--max-new-tokens", "4", "--open-schema"])
     assert json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())["schema_per_cancer_type"] is False
 
 
-def test_the_helper_answers_each_report_alone_as_the_batched_eval_did(checkpoint, data, tmp_path):
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_the_helper_answers_each_report_alone_as_the_batched_eval_did(checkpoint, data, tmp_path, num_beams):
     """The held-out check's promise: Generator.extract_phenotypes on an export that carries its datasets' prompt
     settings (schema per cancer type, stage groups) gives the eval's answer, though the eval decoded the reports
-    in one batch (batch-invariant decoding) and looked their stage up as the helper does."""
+    in one batch (batch-invariant decoding) and looked their stage up as the helper does; greedy or beam search
+    alike."""
     export = tmp_path / "export"
     shutil.copytree(checkpoint, export)
     load_prompt_settings(data).save(export)
     result = cancer_eval.evaluate(export, "phenotype-json", data=data, out=tmp_path, batch_size=8,
-                                  max_new_tokens=800, verbose=False)
-    assert result["stage_from_tnm"] and result["schema_per_cancer_type"]
+                                  max_new_tokens=800, verbose=False, num_beams=num_beams)
+    assert result["stage_from_tnm"] and result["schema_per_cancer_type"] and result["num_beams"] == num_beams
     rows = [json.loads(line) for line in (tmp_path / "eval_phenotype-json_test_predictions.jsonl").open()]
     records = cancer_eval.read_jsonl(data / "phenotype-json" / "test.jsonl")
     whole = {r["patient_id"]: r["text"] for r in read_reports("data/tcga/reports.csv")}   # the helper cuts them
     gen = Generator.from_pretrained(export)
     assert gen.batch_invariant and len(records) > 1
     for record, row in zip(records, [r for r in rows if r["system"] == "model"], strict=True):
-        answer = gen.extract_phenotypes(whole[record["patient_id"]], max_new_tokens=800)
+        answer = gen.extract_phenotypes(whole[record["patient_id"]], max_new_tokens=800, num_beams=num_beams)
         assert answer == json.loads(row["answer"]), record["patient_id"]
 
 

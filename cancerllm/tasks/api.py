@@ -59,19 +59,21 @@ def settings_for(generator, max_report_chars, prompt_settings) -> PromptSettings
 
 def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=FROM_SETTINGS,
                        guidance_scale: float = 1.0, prompt_settings: PromptSettings = None,
-                       stage_from_tnm: bool = True) -> dict:
+                       stage_from_tnm: bool = True, num_beams: int = 1, length_penalty: float = 1.0) -> dict:
     """{field: value or None} for every phenotype field, decoded under the schema (per cancer type when the
     settings record the fields the registry records per type: PromptSettings.recorded_fields). The stage is the
     training registry's for the answer's cancer type, T, N and M where the settings record those groups
     (PromptSettings.stage_groups, fields.derive_stage); stage_from_tnm=False keeps the model's own.
 
     prompt_settings: how to prompt (default: the checkpoint's prompt_settings.json, else the packaged templates and
-    a 2,000-character report cut); max_report_chars overrides its cut (None: the whole report)."""
+    a 2,000-character report cut); max_report_chars overrides its cut (None: the whole report). num_beams,
+    length_penalty: beam search (Generator.generate's; 1: greedy, as the demo's evaluation decodes)."""
     settings = settings_for(generator, max_report_chars, prompt_settings)
     templates = settings.templates
     result = generator.generate([settings.prompt("phenotype-json", report)], max_new_tokens=max_new_tokens,
                                 temperature=0.0, stop=templates["stop"],
                                 logits_processor=processors(generator).json(settings.recorded_fields),
+                                num_beams=num_beams, length_penalty=length_penalty,
                                 **guided(guidance_scale, settings, [("phenotype-json", None)]))[0]
     fields = parse_phenotypes(result.text)
     if fields is None:

@@ -54,8 +54,9 @@ def spelling(tokenizer) -> tuple:
 
 
 class GrammarProcessor:
-    """reset(batch_size) / mask(logits, rows) / advance(row, token_id), the Generator's logits-processor protocol:
-    every row's output is kept a prefix of a sentence of `grammar` (then only the stop token is allowed).
+    """reset(batch_size) / mask(logits, rows) / advance(row, token_id), the Generator's logits-processor protocol,
+    and reorder(rows, sources) for beam search: every row's output is kept a prefix of a sentence of `grammar`
+    (then only the stop token is allowed).
 
     tokenizer: cancerllm.Tokenizer; vocab_size: the model's logits width (>= the tokenizer's pieces)."""
 
@@ -81,6 +82,15 @@ class GrammarProcessor:
         for i, row in enumerate(rows):
             self.matchers[row].fill_next_token_bitmask(self.bitmask, i)
         xgr.apply_token_bitmask_inplace(logits, self.bitmask[:len(rows)].to(logits.device))
+
+    def reorder(self, rows, sources) -> None:
+        """Beam search: row rows[i] continues from the state row sources[i] has now."""
+        taken, matchers = set(), list(self.matchers)
+        for row, source in zip(rows, sources):
+            # The first child takes its parent's matcher, every further child a copy of it.
+            matchers[row] = self.matchers[source].fork() if source in taken else self.matchers[source]
+            taken.add(source)
+        self.matchers = matchers
 
     def advance(self, row: int, token_id: int) -> None:
         matcher = self.matchers[row]
