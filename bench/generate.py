@@ -11,6 +11,11 @@ and values), so the bound is B * bandwidth / bytes per step, with the bandwidth 
 caches (bytes read plus written) measured in this run.
 
     .venv/bin/python bench/generate.py [--batches 1 8] [--reps 3] [--device cuda --dtype bfloat16] [--tokenizer F]
+                                       [--num-beams K]
+
+--num-beams K runs beam search in both engines (transformers' num_beams=K, early_stopping=False, EOS held off to
+the last token as ours ignores it): B prompts then decode B * K rows per step, and decode tokens/s counts each
+prompt's one new token per step.
 
 The prompts are random token ids: the benchmark measures speed, not text, so the tokenizer (--tokenizer, else
 Mistral's from mistral-common) only decodes; without one, token ids stand in for text (TokenIds).
@@ -116,6 +121,9 @@ class StepClock:
     def advance(self, row, token_id):
         """The clock keeps no per-row state."""
 
+    def reorder(self, rows, sources):
+        """Nor per-beam state."""
+
     def __call__(self, input_ids, scores):
         self.mask(scores, None)
         return scores
@@ -125,24 +133,26 @@ class StepClock:
         return gaps[len(gaps) // 2]
 
 
-def ours(gen: Generator, prompts, clock):
+def ours(gen: Generator, prompts, clock, num_beams=1):
     """A function of max_new_tokens returning the new token ids of every row."""
     def run(n):
         clock.reset(len(prompts))
-        results = gen.generate(prompts, max_new_tokens=n, ignore_eos=True, logits_processor=clock)
+        results = gen.generate(prompts, max_new_tokens=n, ignore_eos=True, logits_processor=clock,
+                               num_beams=num_beams)
         return [r.token_ids for r in results]
     return run
 
 
-def theirs(hf, prompts, device, clock):
+def theirs(hf, prompts, device, clock, num_beams=1):
     from transformers import LogitsProcessorList
     ids = torch.tensor(prompts, device=device)
+    beams = {"num_beams": num_beams, "early_stopping": False} if num_beams > 1 else {}
 
     def run(n):
         clock.reset(len(prompts))
         with torch.inference_mode():
             out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                              do_sample=False, logits_processor=LogitsProcessorList([clock]))
+                              do_sample=False, logits_processor=LogitsProcessorList([clock]), **beams)
         return out[:, ids.shape[1]:].tolist()
     return run
 
@@ -169,10 +179,11 @@ def measure(runs: dict, clocks: dict, new_tokens: int, reps: int, device):
 
 
 def decode_benchmark(preset: str, batches, prompt_len: int, new_tokens: int, reps: int, device, dtype,
-                     tokenizer_path=None, peers: bool = True, bandwidth_gbps=None) -> tuple[list, dict]:
+                     tokenizer_path=None, peers: bool = True, bandwidth_gbps=None,
+                     num_beams: int = 1) -> tuple[list, dict]:
     """Rows (one per batch size and engine) and the facts they rest on: prefill and decode tokens/s, ratios to
-    transformers (with `peers`) and to the bandwidth bound (`bandwidth_gbps`: measured here when None),
-    whether the engines' tokens agree."""
+    transformers (with `peers`) and to the bandwidth bound (`bandwidth_gbps`: measured here when None; of
+    batch * num_beams rows), whether the engines' tokens agree."""
     torch.manual_seed(0)
     args = ModelArgs.preset(preset)
     model = Transformer(args).to(device=device, dtype=dtype).eval()
@@ -192,11 +203,11 @@ def decode_benchmark(preset: str, batches, prompt_len: int, new_tokens: int, rep
     for batch in batches:
         prompts = torch.randint(3, args.vocab_size, (batch, prompt_len)).tolist()
         clocks = {name: StepClock(device) for name in [*gens, "transformers"]}
-        runs = {name: ours(gen, prompts, clocks[name]) for name, gen in gens.items()}
+        runs = {name: ours(gen, prompts, clocks[name], num_beams) for name, gen in gens.items()}
         if hf is not None:
-            runs["transformers"] = theirs(hf, prompts, device, clocks["transformers"])
+            runs["transformers"] = theirs(hf, prompts, device, clocks["transformers"], num_beams)
         prefill_s, step_s, outputs, peak_mib = measure(runs, clocks, new_tokens, reps, device)
-        step_bytes = weight_bytes + batch * mean_context * cache_bpt
+        step_bytes = weight_bytes + batch * num_beams * mean_context * cache_bpt
         bound = batch * bandwidth * 1e9 / step_bytes
         for name in runs:
             decode = batch / step_s[name]
@@ -226,15 +237,17 @@ def main():
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--tokenizer", help="a sentencepiece tokenizer.model (default: Mistral's, if installed)")
+    parser.add_argument("--num-beams", type=int, default=1, help="beam search in both engines (1: greedy)")
     opts = parser.parse_args()
     device, dtype = torch.device(opts.device), parse_dtype(opts.dtype)
     rows, facts = decode_benchmark(opts.preset, opts.batches, opts.prompt_len, opts.new_tokens, opts.reps, device,
-                                   dtype, opts.tokenizer)
+                                   dtype, opts.tokenizer, num_beams=opts.num_beams)
     peak_rss_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     info = machine()
     cache_bpt, window = facts["kv_cache_bytes_per_token"], facts["sliding_window"]
     print(f"generate bench: preset {opts.preset} {opts.dtype} on {opts.device}, prompt {opts.prompt_len}, "
-          f"{opts.new_tokens} new tokens, greedy; {info['cpu']} x{info['cores']}, torch {info['torch']}")
+          f"{opts.new_tokens} new tokens, " + (f"{opts.num_beams} beams" if opts.num_beams > 1 else "greedy")
+          + f"; {info['cpu']} x{info['cores']}, torch {info['torch']}")
     print(f"copy bandwidth {facts['read_bandwidth_gbps']:.1f} GB/s; weights read per decode step "
           f"{facts['weight_bytes'] / 1e6:.1f} MB; KV cache {cache_bpt} B/token "
           f"({cache_bpt * min(window or 1 << 62, 640) / 2 ** 20:.2f} MiB per row at 640 tokens, flat past the "
@@ -243,7 +256,8 @@ def main():
                "prefill_vs_transformers", "decode_vs_bound", "outputs_equal"]
     print_table(rows, columns + (["peak_gpu_mib"] if device.type == "cuda" else []))
     path = write_results("generate", rows, preset=opts.preset, dtype=opts.dtype, device=opts.device,
-                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, peak_rss_mib=peak_rss_mib, **facts)
+                         prompt_len=opts.prompt_len, new_tokens=opts.new_tokens, num_beams=opts.num_beams,
+                         peak_rss_mib=peak_rss_mib, **facts)
     print(f"wrote {path}")
 
 

@@ -5,7 +5,9 @@ Why: greedy decoding commits to a token by its probability alone, which under a 
 continuations the processor then forbids. Asked for a cancer type, a model that wants to write "Tongue" puts most of
 its mass on "T"; the schema forbids "ong", and greedy must go on with "T" + "esticular" (log-probability -7.3)
 although it preferred "Head and neck ..." (-1.1) to anything the schema allows. A beam keeps "Head" alive until
-"T"'s allowed continuations have shown how improbable they are.
+"T"'s allowed continuations have shown how improbable they are. Whether that pays is the task's to measure: on the
+demo's phenotype JSON it did not (docs/experiments.md, 2026-12-01), because a beam weighs the whole answer, and
+there the fields a cancer type's schema forces to null also vote on the type.
 
 How a call runs (Hugging Face's beam search, `early_stopping=False`, with the Generator's cache and kernels):
 - Each prompt is prefilled once; its cache row is then copied to its num_beams rows (KVCache.keep_rows).
