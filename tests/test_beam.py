@@ -45,7 +45,7 @@ class AllowOnly:
         self.reorders = 0
 
     def reset(self, batch_size):
-        pass
+        """No state to reset."""
 
     def mask(self, logits, rows):
         keep = logits[:, self.tokens].clone()
@@ -222,13 +222,15 @@ def test_stop_strings_end_hypotheses(tokenizer):
     _, model = tiny_model(window=None, seed=5)
     allowed = [tokenizer.encode(w, bos=False)[-1] for w in ("a", "b", "c", "x")]
     processor = AllowOnly(allowed)
-    result = Generator(model, tokenizer).generate(random_prompts(6), max_new_tokens=12, num_beams=3, stop="x",
-                                                  logits_processor=processor)[0]
-    text = tokenizer.decode(result.token_ids)
-    if result.finish_reason == "stop":
-        assert "x" in text and result.text == text[:text.index("x")]
-    else:
-        assert result.finish_reason == "length" and "x" not in text
+    results = Generator(model, tokenizer).generate(random_prompts(6, 3, 9, 12), max_new_tokens=12, num_beams=3,
+                                                   stop="x", logits_processor=processor)
+    for result in results:
+        text = tokenizer.decode(result.token_ids)
+        if result.finish_reason == "stop":
+            assert "x" in text and result.text == text[:text.index("x")]
+        else:
+            assert result.finish_reason == "length" and "x" not in text
+    assert any(r.finish_reason == "stop" for r in results)   # else the test would not have seen a stop
 
 
 def test_zero_new_tokens_and_a_full_context(tokenizer):
@@ -274,15 +276,13 @@ def test_bad_beam_options_are_refused(tokenizer, options, message):
 
 
 def test_beams_need_a_processor_that_can_reorder_and_generate(tokenizer):
-    class NoReorder:
-        def reset(self, batch_size): pass
-        def mask(self, logits, rows): pass
-        def advance(self, row, token_id): pass
+    class NoReorder(AllowOnly):
+        reorder = None
 
     _, model = tiny_model()
     gen = Generator(model, tokenizer)
     with pytest.raises(ValueError, match="reorder"):
-        gen.generate(random_prompts(4), max_new_tokens=2, num_beams=2, logits_processor=NoReorder())
+        gen.generate(random_prompts(4), max_new_tokens=2, num_beams=2, logits_processor=NoReorder([5, 6]))
     with pytest.raises(ValueError, match="use generate"):
         next(gen.stream(random_prompts(4)[0], max_new_tokens=2, num_beams=2))
     with pytest.raises(ValueError, match="negative_prompts"):
