@@ -44,6 +44,7 @@ class Hypothesis:
     score: float        # sum of the new tokens' log-probabilities
     tokens: list
     finish_reason: str  # "eos", "stop" or "length"
+    logprobs: list      # each new token's log-probability
 
 
 class PromptBeams:
@@ -52,6 +53,7 @@ class PromptBeams:
     def __init__(self, prompt: list, budget: int, num_beams: int, length_penalty: float):
         self.prompt, self.budget, self.k, self.length_penalty = prompt, budget, num_beams, length_penalty
         self.tokens, self.scores = [[]], [0.0]   # live beams; one until the first step branches
+        self.logprobs = [[]]                     # each live beam's per-token log-probabilities
         self.hypotheses = []                     # (normalised score, Hypothesis), best first, at most k
         self.done = budget == 0
         self.finished_at = 0.0
@@ -65,27 +67,29 @@ class PromptBeams:
         del self.hypotheses[self.k:]
 
     def best(self) -> Hypothesis:
-        return self.hypotheses[0][1] if self.hypotheses else Hypothesis(0.0, [], "length")
+        return self.hypotheses[0][1] if self.hypotheses else Hypothesis(0.0, [], "length", [])
 
     def advance(self, candidates, ends) -> list:
         """Take one step from `candidates`, this prompt's (score, beam, token) best first; `ends(tokens)` is a
         sequence's finish reason ("eos", "stop") or None. Returns the k new beams' (parent beam, token), [] when
         the prompt is done."""
-        tokens, scores, parents = [], [], []
+        tokens, scores, logprobs, parents = [], [], [], []
         for rank, (score, beam, token) in enumerate(candidates):
             if score == -math.inf or len(tokens) == self.k:
                 break
             sequence = self.tokens[beam] + [token]
+            sequence_logprobs = self.logprobs[beam] + [score - self.scores[beam]]
             reason = ends(sequence)
             if reason is None:
                 tokens.append(sequence)
                 scores.append(score)
+                logprobs.append(sequence_logprobs)
                 parents.append((beam, token))
             elif rank < self.k:   # an end outranked by k continuations is not among the k best
-                self.add(Hypothesis(score, sequence, reason))
+                self.add(Hypothesis(score, sequence, reason, sequence_logprobs))
         if tokens and len(tokens[0]) >= self.budget:
-            for sequence, score in zip(tokens, scores):
-                self.add(Hypothesis(score, sequence, "length"))
+            for sequence, score, sequence_logprobs in zip(tokens, scores, logprobs):
+                self.add(Hypothesis(score, sequence, "length", sequence_logprobs))
             tokens = []
         self.done = not tokens or (len(self.hypotheses) == self.k and
                                    self.normalised(max(scores), len(tokens[0])) <= self.hypotheses[-1][0])
@@ -96,6 +100,7 @@ class PromptBeams:
         # so that it is never chosen, and the prompt keeps its k rows.
         missing = self.k - len(tokens)
         self.tokens, self.scores = tokens + [tokens[-1]] * missing, scores + [-math.inf] * missing
+        self.logprobs = logprobs + [logprobs[-1]] * missing
         return parents + [parents[-1]] * missing
 
 
@@ -178,4 +183,5 @@ class BeamSearch:
         if best.finish_reason == "stop":
             text = text[:first_stop(text, self.params.stop)]
         decode_s = max(search.finished_at - prefill_end, 0.0) if best.tokens else 0.0
-        return GenerationResult(text, best.tokens, best.finish_reason, len(search.prompt), prefill_s, decode_s)
+        return GenerationResult(text, best.tokens, best.finish_reason, len(search.prompt), prefill_s, decode_s,
+                                best.logprobs if self.params.logprobs else None)

@@ -31,7 +31,7 @@ How a call runs
   choice bought is measured in bench/generate.py and bench/README.md.
 
 Decoding options: one SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-ignore_eos, guidance_scale, logits_processor, num_beams, length_penalty), checked when it is made; generate() and
+ignore_eos, guidance_scale, logits_processor, num_beams, length_penalty, logprobs), checked when it is made; generate() and
 stream() take one, or its fields as keywords (`generate(prompts, max_new_tokens=64)`), or both (the keywords replace
 the object's fields). num_beams > 1 decodes by beam search (generate() only; cancerllm/beam.py).
 
@@ -41,6 +41,13 @@ multiplied; "seen" is the prompt plus what was generated), the logits processor,
 temperature is below GREEDY_BELOW (0 included), otherwise temperature, top-k, top-p and the draw. A `seed` makes
 sampling reproducible: the same prompts, options and seed give the same tokens (a row's draws depend on the batch
 it is in, since all rows share the call's generator).
+
+Log-probabilities (`logprobs=True`; vLLM's `logprobs`, transformers' `output_scores`): each new token's
+log-probability under the model's own distribution at its step, the log-softmax of the logits (of the guided scores
+with guidance, of the ensemble's averaged probabilities), before repetition penalty, the logits processor's mask,
+temperature, top-k and top-p. A processor's forbidden tokens keep their mass in the denominator: a token the schema
+forced where the model wanted another has a low log-probability, which is what tells a forced answer from a
+confident one. Beam search reports the same quantity (its scores are their sums).
 
 Logits processors (schema-constrained decoding) are objects with three methods:
     reset(batch_size)       once per call, before the first token; batch_size = number of prompts.
@@ -103,6 +110,7 @@ class GenerationResult:
     prompt_tokens: int
     prefill_s: float          # the whole batch's prefill, which produced this row's first token
     decode_s: float           # from the end of the prefill until this row finished
+    logprobs: Optional[list] = None   # with SamplingParams.logprobs: each new token's log-probability (module doc)
 
 
 # Temperatures below this sample as greedy argmax. Dividing fp32 logits by a tiny temperature overflows to inf
@@ -121,7 +129,8 @@ class SamplingParams:
     negative prompts are arguments of generate and stream); logits_processor: see the module docstring;
     num_beams: beam search's beams per prompt (1: off; generate() only, at temperature 0, without guidance or
     repetition penalty; cancerllm/beam.py); length_penalty: a beam search hypothesis scores its summed
-    log-probability / its length ** length_penalty (Hugging Face's default 1.0; 0: the sequence's probability)."""
+    log-probability / its length ** length_penalty (Hugging Face's default 1.0; 0: the sequence's probability);
+    logprobs: return each new token's log-probability in GenerationResult.logprobs (module docstring)."""
     max_new_tokens: int
     temperature: float = 0.0
     top_k: Optional[int] = None
@@ -134,6 +143,7 @@ class SamplingParams:
     logits_processor: object = None
     num_beams: int = 1
     length_penalty: float = 1.0
+    logprobs: bool = False
 
     def __post_init__(self):
         if not is_int(self.max_new_tokens) or self.max_new_tokens < 0:
@@ -149,8 +159,9 @@ class SamplingParams:
         object.__setattr__(self, "stop", check_stop(self.stop))
         if self.seed is not None and not is_int(self.seed):
             raise ValueError(f"seed must be None or an int, got {self.seed!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        for name in ("ignore_eos", "logprobs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not is_number(self.guidance_scale) or not math.isfinite(self.guidance_scale):
             raise ValueError(f"guidance_scale must be a finite number, got {self.guidance_scale!r}")
         processor = self.logits_processor
@@ -295,12 +306,15 @@ class Row:
     budget: int                               # new tokens allowed: max_new_tokens, capped by max_seq_len
     text: Optional[IncrementalText] = None    # kept up to date when stop strings or streaming need it
     tokens: list = field(default_factory=list)
+    logprobs: Optional[list] = None   # each new token's log-probability, when SamplingParams.logprobs asks for them
     finish_reason: Optional[str] = None
     prefill_end: float = 0.0
     finished_at: float = 0.0
 
-    def push(self, token: int, eos_id: Optional[int]) -> None:
+    def push(self, token: int, eos_id: Optional[int], logprob: Optional[float] = None) -> None:
         self.tokens.append(token)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
         if token == eos_id:
             self.finish_reason = "eos"
         elif self.text is not None and self.text.push(token):
@@ -513,7 +527,7 @@ class Generator:
             longest = max(len(ids), len(negatives[i]) if negatives else 0)
             budget = min(params.max_new_tokens, self.max_seq_len - longest)
             text = IncrementalText(self.tokenizer, params.stop) if params.stop or track_text else None
-            rows.append(Row(ids, budget, text))
+            rows.append(Row(ids, budget, text, logprobs=[] if params.logprobs else None))
         guidance = Guidance(float(params.guidance_scale), negatives) if negatives else None
         return rows, DecodeSteps(self, rows, params, guidance)
 
@@ -577,7 +591,7 @@ class Generator:
         text = row.text.text if row.text is not None else self.tokenizer.decode(spoken)
         decode_s = max(row.finished_at - row.prefill_end, 0.0) if row.tokens else 0.0
         return GenerationResult(text, row.tokens, row.finish_reason or "length", len(row.prompt), prefill_s,
-                                decode_s)
+                                decode_s, row.logprobs)
 
 
 @dataclass(frozen=True)
@@ -630,9 +644,12 @@ class DecodeSteps:
             row.prefill_end = start + self.prefill_s
         while True:
             with torch.inference_mode():
-                tokens = self.pick(logits, active, seen)
-            for index, token in zip(active, tokens.tolist()):   # the step's one host sync
-                rows[index].push(token, self.eos_id)
+                tokens, logprobs = self.pick(logits, active, seen)
+                picked = torch.stack([tokens.double(), logprobs]).tolist() if logprobs is not None else \
+                    [tokens.tolist(), [None] * len(active)]   # the step's one host sync
+            for index, token, logprob in zip(active, *picked):
+                token = int(token)
+                rows[index].push(token, self.eos_id, logprob)
                 if self.processor is not None:
                     self.processor.advance(index, token)
             yield
@@ -653,9 +670,11 @@ class DecodeSteps:
                 positions += 1
 
     def pick(self, logits, active: list, seen):
-        """The next token of each active row [n]; `seen` learns them."""
+        """The next token of each active row [n] and, when asked for, its log-probability [n] (fp64, else None);
+        `seen` learns the tokens."""
         if self.guidance is not None:
             logits = self.guidance.combine(logits)
+        logprobs = logits.log_softmax(dim=-1) if self.sampling.logprobs else None   # before anything edits logits
         if seen is not None:
             penalize_repeats(logits, seen, self.sampling.repetition_penalty)
         if self.processor is not None:
@@ -663,7 +682,9 @@ class DecodeSteps:
         tokens = sample(logits, self.sampling, self.rng)
         if seen is not None:
             seen.scatter_(1, tokens[:, None], True)
-        return tokens
+        if logprobs is not None:
+            logprobs = logprobs.gather(1, tokens[:, None])[:, 0].double()
+        return tokens, logprobs
 
     def seen_tokens(self):
         seen = torch.zeros(len(self.rows), self.gen.args.vocab_size, dtype=torch.bool, device=self.gen.device)
@@ -713,6 +734,8 @@ def main(argv=None):
     parser.add_argument("--num-beams", type=int, default=1, help="beam search with this many beams (1: off)")
     parser.add_argument("--length-penalty", type=float, default=1.0,
                         help="beam search: a hypothesis scores log-probability / length ** this")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="--jsonl: add each new token's log-probability (the model's, before any processing)")
     parser.add_argument("--negative-prompt", action="append",
                         help="the unconditional prompt for guidance; one per prompt (default: its last token)")
     parser.add_argument("--device", default="cpu")
@@ -729,7 +752,7 @@ def main(argv=None):
         sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                                   top_p=args.top_p, repetition_penalty=args.repetition_penalty, stop=args.stop,
                                   seed=args.seed, guidance_scale=args.guidance_scale, num_beams=args.num_beams,
-                                  length_penalty=args.length_penalty)
+                                  length_penalty=args.length_penalty, logprobs=args.logprobs)
     except ValueError as e:   # the message names the option; its flag is --the-same-name
         parser.error(str(e))
     gen = Generator.from_pretrained(args.model, device=args.device, dtype=args.dtype,
@@ -738,7 +761,8 @@ def main(argv=None):
     results = gen.generate(prompts, sampling, negative_prompts=args.negative_prompt)
     for i, r in enumerate(results):
         if args.jsonl:
-            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason}))
+            print(json.dumps({"text": r.text, "token_ids": r.token_ids, "finish_reason": r.finish_reason,
+                              **({"logprobs": r.logprobs} if args.logprobs else {})}))
         else:
             print(("---\n" if i else "") + r.text)
     print_speed(results)
