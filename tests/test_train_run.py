@@ -139,7 +139,11 @@ def test_accumulated_micro_batches_under_fsdp_equal_one_batch_with_sharded_gradi
         for param, initial in out["initial"].items():
             initial = torch.tensor(initial)
             whole, accumulated = torch.tensor(out["whole"]["weights"][param]), torch.tensor(out[name]["weights"][param])
-            assert torch.linalg.norm(accumulated - whole) <= 1e-5 * torch.linalg.norm(whole - initial), (name, param)
+            # 1e-5 of the update, plus the weights' own fp32 rounding: a norm weight near 1 moved by ~1e-4 can land
+            # one ulp (1.2e-7) apart when its update is summed in another order.
+            rounding = 2 * torch.finfo(torch.float32).eps * torch.linalg.norm(whole)
+            assert torch.linalg.norm(accumulated - whole) <= 1e-5 * torch.linalg.norm(whole - initial) + rounding, \
+                (name, param)
             assert (accumulated - whole).abs().max() < 1e-6, (name, param)
 
 
