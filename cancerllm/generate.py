@@ -31,9 +31,9 @@ How a call runs
   choice bought is measured in bench/generate.py and bench/README.md.
 
 Decoding options: one SamplingParams (max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-ignore_eos, guidance_scale, logits_processor, num_beams, length_penalty, logprobs), checked when it is made; generate() and
-stream() take one, or its fields as keywords (`generate(prompts, max_new_tokens=64)`), or both (the keywords replace
-the object's fields). num_beams > 1 decodes by beam search (generate() only; cancerllm/beam.py).
+ignore_eos, guidance_scale, logits_processor, num_beams, length_penalty, logprobs), checked when it is made;
+generate() and stream() take one, or its fields as keywords (`generate(prompts, max_new_tokens=64)`), or both (the
+keywords replace the object's fields). num_beams > 1 decodes by beam search (generate() only; cancerllm/beam.py).
 
 Sampling: logits are processed in fp32, in this order: classifier-free guidance when `guidance_scale` != 1,
 repetition penalty (Hugging Face's: a seen token's positive logit is divided by the penalty, a negative one
