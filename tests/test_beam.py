@@ -11,11 +11,10 @@ from cancerllm import Generator
 from cancerllm.cache import KVCache
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from hf_util import hf_model, our_name, tiny_args
+from generation_util import VOCAB, AllowOnly, random_prompts
 from cancerllm import Transformer
 
 pytest.importorskip("transformers")
-
-VOCAB = 32000
 
 
 @pytest.fixture(scope="module")
@@ -30,33 +29,6 @@ def tiny_model(window=8, seed=0):
     ours = Transformer(args)
     ours.load_state_dict({our_name(name): p for name, p in hf.state_dict().items()})
     return hf, ours
-
-
-def random_prompts(*lengths):
-    return [torch.randint(3, VOCAB, (n,)).tolist() for n in lengths]
-
-
-class AllowOnly:
-    """A logits processor allowing `tokens` at every step (a small vocabulary makes ends and ties of rank
-    common); it has no state, so reorder only records that it was called."""
-
-    def __init__(self, tokens):
-        self.tokens = torch.tensor(tokens)
-        self.reorders = 0
-
-    def reset(self, batch_size):
-        """No state to reset."""
-
-    def mask(self, logits, rows):
-        keep = logits[:, self.tokens].clone()
-        logits.fill_(-math.inf)
-        logits[:, self.tokens] = keep
-
-    def advance(self, row, token_id):
-        assert token_id in self.tokens.tolist()
-
-    def reorder(self, rows, sources):
-        self.reorders += 1
 
 
 def reference_beam_search(model, prompt, k, max_new_tokens, eos_id, allowed=None, length_penalty=1.0):

@@ -17,10 +17,9 @@ from cancerllm.generate import IncrementalText, SamplingParams, main, sample
 from cancerllm.tasks.prompts import PromptSettings, load_templates
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path, train
 from hf_util import hf_model, our_name, tiny_args
+from generation_util import VOCAB, random_prompts
 
 pytest.importorskip("transformers")
-
-VOCAB = 32000   # Mistral's tokenizer, so that text tests and model tests share one vocabulary
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +36,6 @@ def hf_and_ours(window, max_seq_len=256):
     ours = Transformer(args)
     ours.load_state_dict({our_name(name): p for name, p in hf.state_dict().items()})
     return hf, ours
-
-
-def random_prompts(*lengths):
-    return [torch.randint(3, VOCAB, (n,)).tolist() for n in lengths]
 
 
 def hf_greedy(hf, prompts, max_new_tokens, **options):

@@ -10,10 +10,10 @@ from cancerllm import Generator, Transformer
 from cancerllm.generate import SamplingParams, main
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from hf_util import hf_model, our_name, tiny_args
+from generation_util import VOCAB, AllowOnly, random_prompts
 
 pytest.importorskip("transformers")
 
-VOCAB = 32000
 TOLERANCE = 1e-4   # fp32 cached decoding against one fp32 forward pass over the whole sequence
 
 
@@ -32,10 +32,6 @@ def models():
     return hf, ours
 
 
-def random_prompts(*lengths):
-    return [torch.randint(3, VOCAB, (n,)).tolist() for n in lengths]
-
-
 def reference_logprobs(hf, prompt, tokens):
     """log-softmax of transformers' logits over prompt + tokens, at each new token: [len(tokens), V]."""
     with torch.no_grad():
@@ -51,27 +47,6 @@ def assert_close(got, want):
     got = torch.tensor(got, dtype=torch.float64)
     assert got.shape == want.shape
     assert (got - want).abs().max() <= TOLERANCE, (got, want)
-
-
-class AllowOnly:
-    """A logits processor allowing a few tokens, which the model itself finds improbable."""
-
-    def __init__(self, tokens):
-        self.tokens = torch.tensor(tokens)
-
-    def reset(self, batch_size):
-        """Stateless."""
-
-    def mask(self, logits, rows):
-        keep = logits[:, self.tokens].clone()
-        logits.fill_(-math.inf)
-        logits[:, self.tokens] = keep
-
-    def advance(self, row, token_id):
-        assert token_id in self.tokens.tolist()
-
-    def reorder(self, rows, sources):
-        """Stateless."""
 
 
 def test_greedy_logprobs_are_the_models_and_its_maximum(models, tokenizer):
