@@ -4,8 +4,9 @@
     python -m cancerllm.convert to-gguf IN_DIR OUT.gguf --type f32|f16|bf16|q8_0
 
 OUT_DIR gets config.json (transformers' Llama naming, or Mistral's when the file states a sliding window),
-model.safetensors (fp32), tokenizer.json (byte-level BPE, built with `tokenizers`) and tokenizer_config.json (special
-tokens and the chat template). Every tensor is dequantized by llama.cpp's own `gguf` package and the row order that
+model.safetensors (fp32), tokenizer.json (built with `tokenizers`: byte-level BPE such as SmolLM2's, or
+sentencepiece's BPE such as Mistral's and Llama 2's) and tokenizer_config.json (special tokens and the chat
+template). Every tensor is dequantized by llama.cpp's own `gguf` package and the row order that
 llama.cpp's converter gives the query and key weights is undone, so transformers' LlamaForCausalLM computes what
 llama.cpp computes from the file.
 
@@ -44,8 +45,10 @@ LAYER_TENSORS = {
     "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj", "ffn_down": "mlp.down_proj",
 }
 GLOBAL_TENSORS = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
-# GGUF token types (llama.cpp's llama_token_type).
-CONTROL, USER_DEFINED = 3, 4
+# GGUF token types (llama.cpp's llama_token_type, sentencepiece's piece types).
+UNKNOWN, CONTROL, USER_DEFINED = 2, 3, 4
+# tokenizer.ggml.model values the import builds: byte-level BPE, and sentencepiece's BPE with byte fallback.
+TOKENIZER_KINDS = ("gpt2", "llama")
 # What `tokenizer.ggml.pre` means: how llama.cpp's BPE tokenizer splits text before merging (pre_tokenizer below).
 LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                 r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -279,16 +282,30 @@ def write_safetensors(file: Path, plan: list[Planned]):
 # ---------------------------------------------------------------------------------------------- tokenizer
 
 def build_tokenizer(meta: Metadata, vocab_size: int):
-    """A `tokenizers` byte-level BPE with the file's vocabulary, merges and pre-tokenizer; control tokens become
-    special added tokens and user-defined ones plain added tokens, both matched whole as llama.cpp matches them."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
-    path = meta.path
+    """A `tokenizers` tokenizer of the file's vocabulary, built as transformers' GGUF loading builds it: a
+    byte-level BPE (`gpt2`: SmolLM2, Llama 3) with the file's merges and pre-tokenizer, or sentencepiece's BPE
+    (`llama`: Llama 2, Mistral, TinyLlama; sentencepiece_bpe). Control tokens (and the unknown piece) become special
+    added tokens and user-defined ones plain added tokens, both matched whole in text as llama.cpp matches them."""
+    from tokenizers import AddedToken, processors
     kind = meta.get("tokenizer.ggml.model", str, required=True)
-    if kind != "gpt2":
-        meta.refuse("tokenizer.ggml.model", "only byte-level BPE vocabularies ('gpt2') can be imported")
-    pre = meta.get("tokenizer.ggml.pre", str, "gpt2")
-    if pre not in PRE_TOKENIZERS:
-        meta.refuse("tokenizer.ggml.pre", f"known pre-tokenizers: {', '.join(PRE_TOKENIZERS)}")
+    if kind not in TOKENIZER_KINDS:
+        meta.refuse("tokenizer.ggml.model", "only byte-level BPE ('gpt2') and sentencepiece BPE ('llama') "
+                    "vocabularies can be imported")
+    tokens, types, vocab = read_vocabulary(meta, vocab_size)
+    tok = byte_level_bpe(meta, vocab) if kind == "gpt2" else sentencepiece_bpe(meta, tokens, vocab)
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, token_type in zip(tokens, types) if token_type in (UNKNOWN, CONTROL)])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False)
+                    for t, token_type in zip(tokens, types) if token_type == USER_DEFINED])
+    template = bos_eos_template(meta, tokens)
+    if template:
+        tok.post_processor = processors.TemplateProcessing(**template)
+    return tok
+
+
+def read_vocabulary(meta: Metadata, vocab_size: int) -> tuple[list, list, dict]:
+    """The file's tokens, their types and the token -> id map, checked against the model's vocabulary size."""
+    path = meta.path
     tokens = meta.get("tokenizer.ggml.tokens", list, required=True)
     types = meta.get("tokenizer.ggml.token_type", list, [1] * len(tokens))
     if len(tokens) != vocab_size or len(types) != vocab_size:
@@ -298,25 +315,81 @@ def build_tokenizer(meta: Metadata, vocab_size: int):
     for i, token in enumerate(tokens):
         if vocab.setdefault(token, i) != i:     # a BPE vocabulary maps each string to one id
             raise GGUFError(f"{path}: tokenizer.ggml.tokens[{i}] {token!r} repeats entry {vocab[token]}")
-    merges = [tuple(m.split(" ")) for m in meta.get("tokenizer.ggml.merges", list, required=True)]
-    for i, merge in enumerate(merges):
-        if len(merge) != 2:     # byte-level tokens spell a space as "Ġ": a merge is exactly two tokens
-            raise GGUFError(f"{path}: tokenizer.ggml.merges[{i}] {' '.join(merge)!r} is not two tokens")
+    return tokens, types, vocab
+
+
+def file_merges(meta: Metadata) -> list[tuple[str, str]] | None:
+    """tokenizer.ggml.merges as pairs, or None when the file has none."""
+    merges = meta.get("tokenizer.ggml.merges", list)
+    if merges is None:
+        return None
+    pairs = [tuple(m.split(" ")) for m in merges]
+    for i, merge in enumerate(pairs):
+        if len(merge) != 2:     # byte-level tokens spell a space as "Ġ", sentencepiece's as "▁": one space each
+            raise GGUFError(f"{meta.path}: tokenizer.ggml.merges[{i}] {' '.join(merge)!r} is not two tokens")
+    return pairs
+
+
+def bpe_model(meta: Metadata, vocab: dict, merges: list, **options):
+    from tokenizers import Tokenizer, models
     try:
-        tok = Tokenizer(models.BPE(vocab, merges, ignore_merges=False))
+        return Tokenizer(models.BPE(vocab, merges, **options))
     except Exception as e:      # tokenizers raises a bare Exception, e.g. for a merge of tokens not in the vocabulary
-        raise GGUFError(f"{path}: the tokenizers library rejects tokenizer.ggml.tokens / tokenizer.ggml.merges: "
+        raise GGUFError(f"{meta.path}: the tokenizers library rejects tokenizer.ggml.tokens / tokenizer.ggml.merges: "
                         f"{e}") from None
+
+
+def byte_level_bpe(meta: Metadata, vocab: dict):
+    from tokenizers import decoders
+    pre = meta.get("tokenizer.ggml.pre", str, "gpt2")
+    if pre not in PRE_TOKENIZERS:
+        meta.refuse("tokenizer.ggml.pre", f"known pre-tokenizers: {', '.join(PRE_TOKENIZERS)}")
+    merges = file_merges(meta)
+    if merges is None:
+        raise GGUFError(f"{meta.path}: metadata tokenizer.ggml.merges is missing (a byte-level BPE needs them)")
+    tok = bpe_model(meta, vocab, merges, ignore_merges=False)
     tok.pre_tokenizer = pre_tokenizer(PRE_TOKENIZERS[pre])
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, token_type in zip(tokens, types) if token_type == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, token_type in zip(tokens, types) if token_type == USER_DEFINED])
-    template = bos_eos_template(meta, tokens)
-    if template:
-        tok.post_processor = processors.TemplateProcessing(**template)
     return tok
+
+
+def sentencepiece_bpe(meta: Metadata, tokens: list, vocab: dict):
+    """sentencepiece's BPE as a `tokenizers` BPE, set up as Mistral's and Llama 2's own tokenizer.json: spaces
+    spelled "▁", one "▁" before each run of text when the file asks for it (tokenizer.ggml.add_space_prefix, on
+    unless it says false), characters outside the vocabulary as their UTF-8 bytes (the <0x..> pieces), and the
+    merges the pieces' scores imply when the file lists none (llama.cpp's converter writes none). The "▁" comes
+    from the normalizer, which runs on each run of text between special tokens, so the ids are sentencepiece's (a
+    text that starts with a space gets "▁▁") and llama.cpp's (which prefixes the text after a special token too).
+    transformers' GGUF loading prefixes through its pre-tokenizer instead, and differs on exactly those two."""
+    from tokenizers import decoders, normalizers
+    merges = file_merges(meta)
+    if merges is None:
+        merges = merges_from_scores(meta, tokens, vocab)
+    tok = bpe_model(meta, vocab, merges, fuse_unk=True, byte_fallback=True)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", bool, True)
+    tok.normalizer = normalizers.Sequence(([normalizers.Prepend("▁")] if prefix else [])
+                                          + [normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+                                    + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tok
+
+
+def merges_from_scores(meta: Metadata, tokens: list, vocab: dict) -> list[tuple[str, str]]:
+    """sentencepiece's BPE joins the adjacent pair whose union is the highest-scoring piece; as ranked merges that
+    is every split of every piece into two pieces, ranked by the whole piece's score (best first; ties: the longer
+    left part, then the longer right part first; the same score and lengths keep the vocabulary's order, splits of
+    one piece by their parts' ids), the order transformers derives for these files."""
+    scores = meta.get("tokenizer.ggml.scores", list, required=True)
+    if len(scores) != len(tokens):
+        raise GGUFError(f"{meta.path}: tokenizer.ggml.scores has {len(scores)} entries, tokenizer.ggml.tokens "
+                        f"{len(tokens)}")
+    ranked = []
+    for piece, score in zip(tokens, scores):
+        splits = sorted((vocab[piece[:i]], vocab[piece[i:]], i) for i in range(1, len(piece))
+                        if piece[:i] in vocab and piece[i:] in vocab)
+        ranked += [(score, i, len(piece) - i, piece[:i], piece[i:]) for _, _, i in splits]
+    ranked.sort(key=lambda merge: merge[:3], reverse=True)     # stable: equal keys keep their order
+    return [(left, right) for *_, left, right in ranked]
 
 
 def pre_tokenizer(split):
@@ -335,10 +408,11 @@ def bos_eos_template(meta: Metadata, tokens: list) -> dict | None:
     """The post-processor's arguments when the file asks for BOS and/or EOS around every text."""
     ends = {}
     for end in ("bos", "eos"):
-        if meta.get(f"tokenizer.ggml.add_{end}_token", bool, False):
+        if adds(meta, end):
             token_id = special_id(meta, end, len(tokens))
             if token_id is None:
-                meta.refuse(f"tokenizer.ggml.add_{end}_token", f"tokenizer.ggml.{end}_token_id is not set")
+                raise GGUFError(f"{meta.path}: metadata tokenizer.ggml.{end}_token_id is missing, but "
+                                f"tokenizer.ggml.add_{end}_token asks for it around every text")
             ends[end] = (tokens[token_id], token_id)
     if not ends:
         return None
@@ -348,12 +422,18 @@ def bos_eos_template(meta: Metadata, tokens: list) -> dict | None:
                 special_tokens=list(ends.values()))
 
 
+def adds(meta: Metadata, end: str) -> bool:
+    """Whether every text gets a BOS / EOS: the file's flag; without one, llama.cpp and transformers give a
+    sentencepiece vocabulary a BOS."""
+    default = end == "bos" and meta.get("tokenizer.ggml.model", str) == "llama"
+    return meta.get(f"tokenizer.ggml.add_{end}_token", bool, default)
+
+
 def tokenizer_config(meta: Metadata, max_length: int) -> dict:
     tokens = meta.get("tokenizer.ggml.tokens", list, required=True)
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
               "clean_up_tokenization_spaces": False,
-              "add_bos_token": meta.get("tokenizer.ggml.add_bos_token", bool, False),
-              "add_eos_token": meta.get("tokenizer.ggml.add_eos_token", bool, False)}
+              "add_bos_token": adds(meta, "bos"), "add_eos_token": adds(meta, "eos")}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         token_id = special_id(meta, key, len(tokens))
         if token_id is not None:
@@ -561,7 +641,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m cancerllm.convert",
                                      description="Import other formats as Hugging Face directories.")
     commands = parser.add_subparsers(dest="command", required=True)
-    gguf_cmd = commands.add_parser("gguf", help="a llama.cpp GGUF file (Llama architecture, byte-level BPE)")
+    gguf_cmd = commands.add_parser("gguf", help="a llama.cpp GGUF file (Llama architecture; byte-level or sentencepiece BPE)")
     gguf_cmd.add_argument("input", help="the .gguf file")
     gguf_cmd.add_argument("out_dir", help="the Hugging Face directory to write (must not exist, or be empty)")
     export_cmd = commands.add_parser("to-gguf", help="write a Hugging Face directory as a llama.cpp GGUF file")

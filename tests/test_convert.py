@@ -48,11 +48,12 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
                  "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
 
-def hf_weights(rng, *, tied: bool, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim) -> dict:
+def hf_weights(rng, *, tied: bool, dim, n_layers, n_heads, n_kv_heads, head_dim, hidden_dim,
+               vocab_size=len(TOKENS)) -> dict:
     """A random Llama in Hugging Face's names and layout (norms around 1, like trained ones)."""
-    shapes = {"model.embed_tokens.weight": (len(TOKENS), dim), "model.norm.weight": (dim,)}
+    shapes = {"model.embed_tokens.weight": (vocab_size, dim), "model.norm.weight": (dim,)}
     if not tied:
-        shapes["lm_head.weight"] = (len(TOKENS), dim)
+        shapes["lm_head.weight"] = (vocab_size, dim)
     for i in range(n_layers):
         layer = {"input_layernorm": (dim,), "self_attn.q_proj": (n_heads * head_dim, dim),
                  "self_attn.k_proj": (n_kv_heads * head_dim, dim), "self_attn.v_proj": (n_kv_heads * head_dim, dim),
@@ -250,6 +251,93 @@ def test_other_pre_tokenizers_match_transformers_gguf_loading(tmp_path, fresh_se
         assert ours(text)["input_ids"] == reference(text)["input_ids"], text
 
 
+# Mistral's instruction format as its GGUF files carry it: the BOS and EOS tokens written by the template.
+MISTRAL_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                    "[/INST]{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def mistral_vocabulary():
+    """Mistral's v1 sentencepiece vocabulary as llama.cpp's converter writes it into a GGUF: pieces, scores and
+    piece types (sentencepiece's numbering, which GGUF's token types share)."""
+    import sentencepiece as spm
+    from cancerllm.tokenizer import mistral_tokenizer_path
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_tokenizer_path()))
+
+    def piece_type(i):
+        checks = [(sp.IsUnknown, 2), (sp.IsControl, 3), (sp.IsUnused, 5), (sp.IsByte, 6)]
+        return next((kind for check, kind in checks if check(i)), 1)
+    n = sp.GetPieceSize()
+    return dict(sp=sp, tokens=[sp.IdToPiece(i) for i in range(n)], scores=[sp.GetScore(i) for i in range(n)],
+                types=[piece_type(i) for i in range(n)])
+
+
+def write_sentencepiece_gguf(path, vocabulary: dict, seed: int, meta=None):
+    """A tiny Llama with Mistral's vocabulary, its tokenizer fields as llama.cpp writes a sentencepiece model's (no
+    merges, no pre-tokenizer, no add_bos_token flag: BOS by default)."""
+    weights = hf_weights(np.random.default_rng(seed), tied=False, vocab_size=len(vocabulary["tokens"]), **TINY)
+    fields = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.pre": None, "tokenizer.ggml.add_bos_token": None,
+              "tokenizer.ggml.token_type": vocabulary["types"], "tokenizer.ggml.scores": vocabulary["scores"],
+              "tokenizer.ggml.unknown_token_id": 0, "tokenizer.chat_template": MISTRAL_TEMPLATE, **(meta or {})}
+    return write_gguf(path, weights, tokens=vocabulary["tokens"], merges=None, meta=fields)
+
+
+EDGE_TEXTS = ["", " ", "a", "  two leading spaces", "tabs\tand\nnew\n\nlines  ", "ünïcödé 中文 🙂 𝔘 \u00a0nbsp",
+              "pT2 N1a (3/12) 4.5 x 3.0 cm, 1234567", "<s>[INST] literal control tokens </s> <unk>", "x" * 300]
+
+
+def test_sentencepiece_vocabulary_gives_sentencepiece_ids(tmp_path, mistral_vocabulary, fresh_seed):
+    """A `llama` (sentencepiece) vocabulary imports as a tokenizer.json whose ids are sentencepiece's own on every
+    bundled report and on edge cases; a control token in text is one id, and the text after it is prefixed as
+    llama.cpp prefixes it. transformers' GGUF loading gives the same ids except where it prefixes no "▁": before
+    a text that starts with a space, and after a special token."""
+    from transformers import AutoTokenizer
+    from cancerllm.tokenizer import open_tokenizer
+    path = write_sentencepiece_gguf(tmp_path / "m.gguf", mistral_vocabulary, fresh_seed)
+    out = convert_gguf(path, tmp_path / "hf")
+    ours, sp = open_tokenizer(out), mistral_vocabulary["sp"]
+    reference = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert (ours.bos_id, ours.eos_id, ours.vocab_size) == (1, 2, 32000)
+    for text in reports(10_000) + EDGE_TEXTS:
+        ids = ours.encode(text)
+        if "<" not in text:         # sentencepiece reads control tokens in text as characters
+            assert ids == [1] + sp.EncodeAsIds(text), text[:200]
+            assert ours.decode(ids[1:]) == sp.DecodeIds(ids[1:]), text[:200]
+            if not text[:1].isspace():
+                assert ids == reference(text)["input_ids"], text[:200]
+    assert ours.encode("a</s>b [INST]", bos=False) == sp.EncodeAsIds("a") + [2] + sp.EncodeAsIds("b [INST]")
+    assert reference("a</s>b", add_special_tokens=False)["input_ids"] == sp.EncodeAsIds("a") + [2, 28726]   # "b"
+    assert json.loads((out / "tokenizer_config.json").read_text())["add_bos_token"] is True
+
+
+def test_sentencepiece_vocabulary_without_a_space_prefix(tmp_path, mistral_vocabulary, fresh_seed):
+    from cancerllm.tokenizer import open_tokenizer
+    meta = {"tokenizer.ggml.add_space_prefix": False, "tokenizer.ggml.add_bos_token": False}
+    path = write_sentencepiece_gguf(tmp_path / "m.gguf", mistral_vocabulary, fresh_seed, meta)
+    ours = open_tokenizer(convert_gguf(path, tmp_path / "hf"))
+    ids = ours.encode("tumor size", bos=True)
+    assert ours.bos_id is None and "".join(ours.id_to_piece(i) for i in ids) == "tumor▁size"
+    assert ours.decode(ids) == "tumor size"
+
+
+def test_a_sentencepiece_gguf_generates_as_transformers_does(tmp_path, mistral_vocabulary, fresh_seed):
+    """The whole path on a Mistral-vocabulary file: our Generator on the imported directory (its tokenizer, BOS and
+    chat template) greedily decodes the tokens transformers decodes from the GGUF itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from cancerllm.generate import Generator
+    from cancerllm.tasks.prompts import render_chat
+    path = write_sentencepiece_gguf(tmp_path / "m.gguf", mistral_vocabulary, fresh_seed)
+    out = convert_gguf(path, tmp_path / "hf")
+    template = json.loads((out / "tokenizer_config.json").read_text())["chat_template"]
+    prompt = render_chat(template, reports(1)[0][:300])
+    ours = Generator.from_pretrained(out, dtype=torch.float32).generate([prompt], max_new_tokens=8)[0]
+    tok = AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32).eval()
+    ids = torch.tensor([tok(prompt)["input_ids"]])
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert ours.token_ids == expected
+
+
 def test_a_missing_wheel_is_named(monkeypatch):
     import importlib.util
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
@@ -266,7 +354,13 @@ def assert_nothing_written(out: Path):
 
 @pytest.mark.parametrize("change, message", [
     (dict(arch="gpt2"), "general.architecture='gpt2' is not supported"),
-    (dict(meta={"tokenizer.ggml.model": "llama"}), "tokenizer.ggml.model='llama' is not supported"),
+    (dict(meta={"tokenizer.ggml.model": "bert"}), "tokenizer.ggml.model='bert' is not supported"),
+    (dict(merges=None), "metadata tokenizer.ggml.merges is missing (a byte-level BPE needs them)"),
+    (dict(merges=None, meta={"tokenizer.ggml.model": "llama"}), "metadata tokenizer.ggml.scores is missing"),
+    (dict(merges=None, meta={"tokenizer.ggml.model": "llama", "tokenizer.ggml.scores": [0.0] * 3}),
+     "tokenizer.ggml.scores has 3 entries, tokenizer.ggml.tokens 267"),
+    (dict(meta={"tokenizer.ggml.bos_token_id": None, "tokenizer.ggml.add_bos_token": True}),
+     "metadata tokenizer.ggml.bos_token_id is missing, but tokenizer.ggml.add_bos_token asks for it"),
     (dict(meta={"tokenizer.ggml.pre": "qwen2"}), "tokenizer.ggml.pre='qwen2' is not supported"),
     (dict(meta={"llama.rope.scaling.type": "yarn"}), "llama.rope.scaling.type='yarn' is not supported"),
     (dict(meta={"llama.block_count": None}), "metadata llama.block_count is missing"),
