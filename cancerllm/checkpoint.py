@@ -79,8 +79,7 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
     if cfg.get("hidden_act", "silu") != "silu":
         refuse("hidden_act", "the feed-forward is SwiGLU (silu)")
     rope = get("rope_parameters", dict) or {}
-    if cfg.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-        refuse("rope_scaling" if cfg.get("rope_scaling") else "rope_parameters", "only unscaled rotary embeddings")
+    scaling_key, scaling = rope_scaling_of(cfg, get("rope_scaling", dict), rope)
     for key in ("attention_bias", "mlp_bias"):
         if cfg.get(key):
             refuse(key, "the projections have no bias")
@@ -100,9 +99,9 @@ def read_config(path) -> tuple[ModelArgs, torch.dtype]:
             sliding_window=get("sliding_window", int, None) if family == "mistral" else None,
             rope_theta=float(rope_theta), norm_eps=float(get("rms_norm_eps", NUMBER, 1e-6)),
             max_seq_len=get("max_position_embeddings", int, DEFAULT_MAX_POSITIONS[family]),
-            tie_word_embeddings=get("tie_word_embeddings", bool, False), family=family)
-    except (ValueError, TypeError) as e:      # ModelArgs' own checks: name the file whose value it refused
-        raise ValueError(f"{path}: {e}") from None
+            tie_word_embeddings=get("tie_word_embeddings", bool, False), family=family, rope_scaling=scaling)
+    except (ValueError, TypeError) as e:      # ModelArgs' own checks: name the file (and key) whose value it refused
+        raise ValueError(f"{path}: {e}".replace("ModelArgs.rope_scaling", scaling_key)) from None
     dtype_name = cfg.get("dtype") or cfg.get("torch_dtype") or "float32"
     if not isinstance(dtype_name, str) or dtype_name not in DTYPES:
         raise ValueError(f"{path}: dtype {dtype_name!r} is not one of {', '.join(DTYPES)}")
@@ -120,6 +119,19 @@ def kind_name(kind) -> str:
     return kind.__name__ if isinstance(kind, type) else "a number"
 
 
+def rope_scaling_of(cfg: dict, v4: dict | None, v5: dict) -> tuple[str, dict | None]:
+    """(the key it came from, ModelArgs.rope_scaling) from transformers v4's rope_scaling or v5's rope_parameters
+    (which holds rope_theta too). Llama 3.1's llama3 scaling may leave original_max_position_embeddings to the
+    config's max_position_embeddings, as transformers reads it."""
+    key, scaling = ("rope_scaling", dict(v4)) if v4 else ("rope_parameters", dict(v5))
+    scaling.pop("rope_theta", None)
+    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+        return key, None
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
+    return key, scaling
+
+
 REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
@@ -134,7 +146,8 @@ def config_dict(args: ModelArgs, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict
         "num_key_value_heads": args.n_kv_heads, "head_dim": args.head_dim, "intermediate_size": args.hidden_dim,
         "vocab_size": args.vocab_size, **window,
         "max_position_embeddings": args.max_seq_len, "rms_norm_eps": args.norm_eps,
-        "rope_theta": args.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": args.rope_theta},
+        "rope_theta": args.rope_theta, "rope_scaling": args.rope_scaling,
+        "rope_parameters": {**(args.rope_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
         "hidden_act": "silu", "tie_word_embeddings": args.tie_word_embeddings, "attention_dropout": 0.0,
         "initializer_range": 0.02, "bos_token_id": bos_id, "eos_token_id": eos_id, "use_cache": True,
         "torch_dtype": dtype_name, "dtype": dtype_name,

@@ -134,8 +134,7 @@ def read_shape(meta: Metadata) -> Shape:
     a = ARCHITECTURE
     if meta.get(f"{a}.expert_count", int, 0):
         meta.refuse(f"{a}.expert_count", "mixture-of-experts layers are not part of the architecture")
-    if meta.get(f"{a}.rope.scaling.type", str, "none") != "none":
-        meta.refuse(f"{a}.rope.scaling.type", "only unscaled rotary embeddings")
+    rope_scaling(meta)
     dim, n_heads = meta.positive(f"{a}.embedding_length"), meta.positive(f"{a}.attention.head_count")
     head_dim = meta.get(f"{a}.attention.key_length", int, dim // n_heads)
     if head_dim <= 0 or head_dim % 2:
@@ -160,6 +159,7 @@ def hf_config(meta: Metadata, shape: Shape, tied: bool) -> dict:
     a = ARCHITECTURE
     window = meta.get(f"{a}.attention.sliding_window", int)
     rope_theta = meta.decimal(f"{a}.rope.freq_base", 10000.0)
+    scaling = rope_scaling(meta)
     config = {
         "architectures": ["MistralForCausalLM" if window else "LlamaForCausalLM"],
         "model_type": "mistral" if window else "llama",
@@ -167,7 +167,8 @@ def hf_config(meta: Metadata, shape: Shape, tied: bool) -> dict:
         "num_key_value_heads": shape.n_kv_heads, "head_dim": shape.head_dim, "intermediate_size": shape.hidden_dim,
         "vocab_size": shape.vocab_size, "max_position_embeddings": meta.positive(f"{a}.context_length"),
         "rms_norm_eps": meta.decimal(f"{a}.attention.layer_norm_rms_epsilon"),
-        "rope_theta": rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta},
+        "rope_theta": rope_theta, "rope_scaling": scaling,
+        "rope_parameters": {**(scaling or {"rope_type": "default"}), "rope_theta": rope_theta},
         "hidden_act": "silu", "tie_word_embeddings": tied, "attention_bias": False, "mlp_bias": False,
         "attention_dropout": 0.0, "initializer_range": 0.02, "use_cache": True,
         "torch_dtype": "float32", "dtype": "float32",
@@ -179,6 +180,21 @@ def hf_config(meta: Metadata, shape: Shape, tied: bool) -> dict:
         if token_id is not None:
             config[f"{'pad' if name == 'padding' else name}_token_id"] = token_id
     return config
+
+
+def rope_scaling(meta: Metadata) -> dict | None:
+    """The rotary scaling the file states, in config.json's rope_scaling form: none, or linear (positions divided
+    by llama.rope.scaling.factor, as llama.cpp applies it)."""
+    key = f"{ARCHITECTURE}.rope.scaling.type"
+    kind = meta.get(key, str, "none")
+    if kind == "none":
+        return None
+    if kind != "linear":
+        meta.refuse(key, "only unscaled or linearly scaled rotary embeddings")
+    factor = meta.decimal(f"{ARCHITECTURE}.rope.scaling.factor")
+    if not factor > 0:
+        meta.refuse(f"{ARCHITECTURE}.rope.scaling.factor", "the factor must be positive")
+    return {"rope_type": "linear", "factor": factor}
 
 
 def special_id(meta: Metadata, name: str, vocab_size: int):
@@ -207,6 +223,9 @@ def plan_tensors(reader, path: Path, shape: Shape) -> list[Planned]:
     if "output.weight" not in found:
         del expected["output.weight"]           # no output head in the file: it reuses the embedding (tied)
     unknown = sorted(set(found) - set(expected))
+    if "rope_freqs.weight" in unknown:
+        raise GGUFError(f"{path}: tensor rope_freqs.weight (Llama 3.1's per-frequency rotary scaling, which the "
+                        "file does not state as parameters) is not supported; import its Hugging Face directory")
     if unknown:
         raise GGUFError(f"{path}: tensor {unknown[0]} is not part of a Llama model "
                         f"({len(unknown)} unknown tensor(s): {', '.join(unknown[:5])})")
@@ -517,6 +536,9 @@ def to_gguf(in_dir, out_file, type_name: str = "f32") -> Path:
         raise GGUFError(f"{in_dir}: {EXPORT_TYPES[type_name]} stores rows in blocks of {block} weights, but the model's "
                         f"widths are dim={args.dim}, hidden_dim={args.hidden_dim}, "
                         f"n_heads*head_dim={args.n_heads * args.head_dim}")
+    if args.rope_scaling is not None and args.rope_scaling["rope_type"] != "linear":
+        raise GGUFError(f"{in_dir}: config.json's {args.rope_scaling['rope_type']} rotary scaling has no GGUF writer "
+                        "here (llama.cpp takes it as a rope_freqs tensor); linear scaling and none are written")
     tokens = vocabulary(in_dir, args.vocab_size)
     staging = out_file.with_name(f".{out_file.name}.{uuid.uuid4().hex[:8]}.tmp")
     writer = gguf.GGUFWriter(str(staging), ARCHITECTURE)
@@ -607,6 +629,9 @@ def write_metadata(writer, in_dir: Path, args, tokens: dict, file_type: int) -> 
         writer.add_uint32(f"{a}.{key}", value)
     if args.sliding_window is not None:
         writer.add_uint32(f"{a}.attention.sliding_window", args.sliding_window)
+    if args.rope_scaling is not None:
+        writer.add_string(f"{a}.rope.scaling.type", "linear")
+        writer.add_float32(f"{a}.rope.scaling.factor", args.rope_scaling["factor"])
     writer.add_float32(f"{a}.rope.freq_base", args.rope_theta)
     writer.add_float32(f"{a}.attention.layer_norm_rms_epsilon", args.norm_eps)
     writer.add_string("tokenizer.ggml.model", "gpt2")

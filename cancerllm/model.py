@@ -25,7 +25,14 @@ from .kernels.validate import check_cu_seqlens, check_cu_seqlens_values
 # The rotary tables are precomputed for max_seq_len positions; 1 GiB holds 2M positions at head_dim 128 (Mistral
 # Nemo's 1,024,000 included) and refuses a config.json whose max_position_embeddings is a sentinel like 2**31 - 1.
 MAX_ROPE_TABLE_BYTES = 2**30
-FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), Optional[int]: (int, type(None))}
+FIELD_TYPES = {int: (int,), float: (int, float), str: (str,), bool: (bool,), Optional[int]: (int, type(None)),
+               Optional[dict]: (dict, type(None))}
+# Rotary scalings (Hugging Face's rope_type names) and the fields each takes; each rescales the rotary frequencies
+# once (rope_frequencies), so every forward and decode path sees them through the model's cos/sin tables. "dynamic",
+# "yarn" and "longrope" change with the sequence length or scale the attention: not represented.
+ROPE_SCALING_FIELDS = {"linear": {"factor": float},
+                       "llama3": {"factor": float, "low_freq_factor": float, "high_freq_factor": float,
+                                  "original_max_position_embeddings": int}}
 # The Hugging Face architecture a model is saved as (config.json's model_type); Llama is Mistral without the window.
 FAMILIES = ("mistral", "llama")
 
@@ -46,6 +53,7 @@ class ModelArgs:
     attn_backend: str = "auto"                # "auto" (kernels' dispatch) or "xformers" on CUDA
     tie_word_embeddings: bool = False         # the output head's weight is the embedding's (one tensor)
     family: str = "mistral"                   # "mistral" or "llama": what save_pretrained writes as model_type
+    rope_scaling: Optional[dict] = None       # None, {"rope_type": "linear", "factor"} or Llama 3.1's "llama3"
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelArgs":
@@ -78,6 +86,8 @@ class ModelArgs:
         for name in ("rope_theta", "norm_eps"):
             if not 0 < getattr(self, name) < math.inf:
                 raise ValueError(f"ModelArgs.{name} must be a positive finite number, got {getattr(self, name)}")
+        if self.rope_scaling is not None:
+            self.rope_scaling = checked_rope_scaling(self.rope_scaling)
         table_bytes = 2 * self.max_seq_len * self.head_dim // 2 * 4          # cos and sin, fp32
         if table_bytes > MAX_ROPE_TABLE_BYTES:
             raise ValueError(f"ModelArgs.max_seq_len={self.max_seq_len}: its rotary tables would take "
@@ -123,10 +133,54 @@ PRESETS = {
 
 # ---------------------------------------------------------------------------------------------- rotary
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
-    """cos and sin of position * inv_freq, [max_seq_len, head_dim / 2] in fp32, indexed by position so that
-    packed documents can restart at 0."""
+def checked_rope_scaling(scaling: dict) -> dict:
+    """ModelArgs.rope_scaling with exactly its type's fields, numbers as floats ("type" is transformers v4's older
+    name of "rope_type"); a ValueError names the field at fault."""
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ROPE_SCALING_FIELDS:
+        raise ValueError(f"ModelArgs.rope_scaling: rope_type {kind!r} is not supported (supported: "
+                         f"{', '.join(ROPE_SCALING_FIELDS)}; without scaling, None)")
+    extra = set(scaling) - set(ROPE_SCALING_FIELDS[kind]) - {"rope_type", "type"}
+    if extra:
+        raise ValueError(f"ModelArgs.rope_scaling: {', '.join(sorted(extra))} is not a field of {kind!r} scaling")
+    checked = {"rope_type": kind}
+    for name, kind_of in ROPE_SCALING_FIELDS[kind].items():
+        value = scaling.get(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind_of is float else int) \
+                or not 0 < value < math.inf:
+            raise ValueError(f"ModelArgs.rope_scaling: {kind} scaling needs {name}, a positive "
+                             f"{'number' if kind_of is float else 'integer'}; got {value!r}")
+        checked[name] = kind_of(value)
+    if kind == "llama3" and checked["high_freq_factor"] <= checked["low_freq_factor"]:
+        raise ValueError(f"ModelArgs.rope_scaling: high_freq_factor={checked['high_freq_factor']} must exceed "
+                         f"low_freq_factor={checked['low_freq_factor']}")
+    return checked
+
+
+def rope_frequencies(head_dim: int, theta: float, scaling: dict = None, device=None) -> torch.Tensor:
+    """The rotary inverse frequencies, [head_dim / 2] fp32, rescaled as `scaling` says. linear: every frequency
+    divided by the factor (positions compressed). llama3 (Llama 3.1): frequencies whose wavelength exceeds the
+    original context / low_freq_factor divided by the factor, those shorter than original context /
+    high_freq_factor kept, those between blended linearly in original context / wavelength."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.int64).float() / head_dim)
+    if scaling is None:
+        return inv_freq
+    factor = scaling["factor"]
+    if scaling["rope_type"] == "linear":
+        return inv_freq / factor
+    context, low, high = (scaling[k] for k in ("original_max_position_embeddings", "low_freq_factor",
+                                                "high_freq_factor"))
+    wavelength = 2 * math.pi / inv_freq
+    blend = (context / wavelength - low) / (high - low)      # 0 at the long end of the band, 1 at the short end
+    return torch.where(wavelength > context / low, inv_freq / factor,
+                       torch.where(wavelength < context / high, inv_freq,
+                                   (1 - blend) * inv_freq / factor + blend * inv_freq))
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None, scaling: dict = None):
+    """cos and sin of position * inv_freq, [max_seq_len, head_dim / 2] in fp32, indexed by position so that
+    packed documents can restart at 0; `scaling`: ModelArgs.rope_scaling."""
+    inv_freq = rope_frequencies(head_dim, theta, scaling, device)
     angles = torch.arange(max_seq_len, device=device, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
     return angles.cos(), angles.sin()
 
@@ -259,7 +313,7 @@ class Transformer(nn.Module):
         device = self.embed_tokens.weight.device
         device = None if device.type == "meta" else device
         self.rope_cos, self.rope_sin = rope_tables(self.args.head_dim, self.args.max_seq_len, self.args.rope_theta,
-                                                   device=device)
+                                                   device=device, scaling=self.args.rope_scaling)
 
     def tie_weights(self):
         """Tied embeddings: make the output head's weight the embedding's own Parameter, so that parameters(), the

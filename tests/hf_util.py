@@ -25,7 +25,8 @@ def hf_model(args: ModelArgs, dtype=torch.float32):
         hidden_size=args.dim, num_hidden_layers=args.n_layers, num_attention_heads=args.n_heads,
         num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim, intermediate_size=args.hidden_dim,
         vocab_size=args.vocab_size, max_position_embeddings=args.max_seq_len, rms_norm_eps=args.norm_eps,
-        rope_theta=args.rope_theta, tie_word_embeddings=args.tie_word_embeddings, attn_implementation="eager")
+        rope_parameters={**(args.rope_scaling or {"rope_type": "default"}), "rope_theta": args.rope_theta},
+        tie_word_embeddings=args.tie_word_embeddings, attn_implementation="eager")
     if args.family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**shape))
     else:

@@ -73,7 +73,8 @@ def test_corrupt_config_names_the_line(saved):
     (dict(hidden_size="64"), "hidden_size must be int"),
     (dict(num_hidden_layers=2.0), "num_hidden_layers must be int"),
     (dict(model_type="gpt2"), "model_type"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope_scaling"),
+    (dict(rope_scaling={"type": "dynamic", "factor": 2.0}), "rope_scaling: rope_type 'dynamic' is not supported"),
+    (dict(rope_scaling={"type": "linear", "factor": -2.0}), "rope_scaling: linear scaling needs factor, a positive"),
     (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0}), "rope_parameters"),
     (dict(tie_word_embeddings=True), "lm_head.weight differs .* tie_word_embeddings=true"),   # two tensors
     (dict(dtype="int8", torch_dtype="int8"), "dtype"),

@@ -89,9 +89,10 @@ def as_stored(hf_name: str, w: np.ndarray, shape: dict) -> np.ndarray:
 
 
 def write_gguf(path, weights: dict, quant=Q.F32, *, arch="llama", meta=None, tokens=TOKENS, merges=MERGES,
-               raw=None, **shape):
+               raw=None, extra=None, **shape):
     """A GGUF file as llama.cpp writes a Llama: 1-D norms in F32, matrices in `quant`, `meta` overriding or (None)
-    removing metadata. `raw` maps GGUF names to (array, type) written as they are (type None: the array's own)."""
+    removing metadata. `raw` maps GGUF names to (array, type) written as they are (type None: the array's own);
+    `extra` maps GGUF names of tensors a Llama does not have to arrays written beside the weights."""
     shape = {**TINY, **shape}
     a = arch
     kv = {f"{a}.block_count": shape["n_layers"], f"{a}.context_length": 256, f"{a}.embedding_length": shape["dim"],
@@ -123,6 +124,8 @@ def write_gguf(path, weights: dict, quant=Q.F32, *, arch="llama", meta=None, tok
             writer.add_tensor(name, data, raw_dtype=qtype)
         else:
             write_tensor(writer, name, as_stored(hf_name, w, shape), Q.F32 if w.ndim == 1 else quant)
+    for name, w in (extra or {}).items():
+        writer.add_tensor(name, w)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -207,6 +210,24 @@ def test_config_tied_untied_and_windowed(tmp_path, fresh_seed):
                             tmp_path / "windowed")
     config = json.loads((windowed / "config.json").read_text())
     assert (config["model_type"], config["sliding_window"], config["tie_word_embeddings"]) == ("mistral", 32, False)
+
+
+def test_linear_rope_scaling_imports_and_exports(tmp_path, fresh_seed):
+    """llama.rope.scaling.type = linear becomes config.json's linear rope scaling (which our model applies, tested
+    against transformers in test_llama.py) and is written back; Llama 3.1's scaling has no GGUF form here."""
+    from cancerllm.checkpoint import read_config
+    weights = hf_weights(np.random.default_rng(fresh_seed), tied=True, **TINY)
+    scaled = {"llama.rope.scaling.type": "linear", "llama.rope.scaling.factor": np.float32(4.0)}
+    source = convert_gguf(write_gguf(tmp_path / "in.gguf", weights, meta=scaled), tmp_path / "hf")
+    assert read_config(source / "config.json")[0].rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    back = convert_gguf(to_gguf(source, tmp_path / "out.gguf"), tmp_path / "back")
+    assert json.loads((back / "config.json").read_text()) == json.loads((source / "config.json").read_text())
+    config = json.loads((source / "config.json").read_text())
+    config["rope_scaling"] = config["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1,
+                                                          "high_freq_factor": 4, "original_max_position_embeddings": 64}
+    (source / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GGUFError, match="config.json's llama3 rotary scaling has no GGUF writer here"):
+        to_gguf(source, tmp_path / "llama3.gguf")
 
 
 def test_transformers_computes_the_same_from_our_directory_and_from_the_gguf(tmp_path, fresh_seed):
@@ -363,6 +384,8 @@ def assert_nothing_written(out: Path):
      "metadata tokenizer.ggml.bos_token_id is missing, but tokenizer.ggml.add_bos_token asks for it"),
     (dict(meta={"tokenizer.ggml.pre": "qwen2"}), "tokenizer.ggml.pre='qwen2' is not supported"),
     (dict(meta={"llama.rope.scaling.type": "yarn"}), "llama.rope.scaling.type='yarn' is not supported"),
+    (dict(meta={"llama.rope.scaling.type": "linear"}), "metadata llama.rope.scaling.factor is missing"),
+    (dict(extra={"rope_freqs.weight": np.ones(8, np.float32)}), "tensor rope_freqs.weight (Llama 3.1's"),
     (dict(meta={"llama.block_count": None}), "metadata llama.block_count is missing"),
     (dict(meta={"llama.embedding_length": "wide"}), "metadata llama.embedding_length must be an integer"),
     (dict(meta={"llama.feed_forward_length": 128}), "tensor blk.0.ffn_gate.weight has shape [64, 64], but the "

@@ -14,10 +14,16 @@ from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 from hf_util import assert_logits_and_gradients_match, hf_model, tiny_args, tiny_llama_args
 from test_decode_form import BASE, Recorder, full_logits
 
+# Llama 3.1's rotary scaling with an original context of 32 positions: at head_dim 12 and rope_theta 500 the six
+# wavelengths (6 to 1,106 positions) fall in all three of its bands (kept below 8, blended, divided above 32).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32}
 FAMILIES = {
     "llama tied": tiny_llama_args(tie_word_embeddings=True),
     "llama untied": tiny_llama_args(),
     "mistral tied": tiny_args(tie_word_embeddings=True),     # a windowed model may tie too (GGUF imports do)
+    "llama3 rope scaling": tiny_llama_args(tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE),
+    "linear rope scaling": tiny_args(rope_scaling={"rope_type": "linear", "factor": 2.5}),
 }
 
 
@@ -86,12 +92,13 @@ def test_the_fused_loss_trains_the_tied_tensor_through_both_uses():
     assert fused[unused].abs().max() > 0
 
 
-def test_the_generator_decodes_a_tied_model_like_full_recomputation():
+@pytest.mark.parametrize("rope_scaling", [None, {**LLAMA3_ROPE, "original_max_position_embeddings": 8}])
+def test_the_generator_decodes_a_tied_model_like_full_recomputation(rope_scaling):
     """Greedy decoding on the decoding form (fuse_for_decoding, oneDNN on and off) against the model recomputing
-    the whole sequence, every step's logits."""
+    the whole sequence, every step's logits; with a rotary scaling too, which decoding must take from the model."""
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**{**BASE, "sliding_window": None, "tie_word_embeddings": True, "family": "llama",
-                                     "rope_theta": 100000.0})).eval()
+                                     "rope_theta": 100000.0, "rope_scaling": rope_scaling})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0, 0.1) if name.endswith("norm.weight") else p.normal_(0.0, 0.05)
@@ -156,8 +163,13 @@ def edit_config(directory, **changes):
 @pytest.mark.parametrize("changes, match", [
     (dict(attention_bias=True), "attention_bias=True is not supported: the projections have no bias"),
     (dict(mlp_bias=True), "mlp_bias=True is not supported"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling=.* is not supported"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500.0}), "rope_parameters=.* is not supported"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}),
+     "rope_scaling: llama3 scaling needs low_freq_factor, a positive number; got None"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 500.0}), "rope_parameters: llama3 scaling needs factor"),
+    (dict(rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 500.0}),
+     "rope_parameters: rope_type 'yarn' is not supported"),
+    (dict(rope_scaling={"type": "linear", "factor": 2.0, "finetuned": True}),
+     "rope_scaling: finetuned is not a field of 'linear' scaling"),
     (dict(tie_word_embeddings="yes"), "tie_word_embeddings must be bool, got 'yes'"),
     (dict(model_type="gemma"), "model_type='gemma' is not supported: only 'mistral' and 'llama'"),
 ])
@@ -187,6 +199,23 @@ SMOLLM2_CONFIG = {     # SmolLM2-135M-Instruct's config.json as published (writt
     "num_hidden_layers": 30, "num_key_value_heads": 3, "pad_token_id": 2, "pretraining_tp": 1, "rms_norm_eps": 1e-05,
     "rope_interleaved": False, "rope_scaling": None, "rope_theta": 100000, "tie_word_embeddings": True,
     "torch_dtype": "bfloat16", "transformers_version": "4.42.3", "use_cache": True, "vocab_size": 49152}
+
+
+def test_rope_scaling_reads_from_either_transformers_naming(tied_dir):
+    """v4's rope_scaling (its older "type" key too) and v5's rope_parameters give the same ModelArgs; llama3 without
+    original_max_position_embeddings takes max_position_embeddings, as transformers does."""
+    from cancerllm.checkpoint import read_config
+    path = tied_dir / "config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in ("rope_parameters", "rope_scaling")}
+    read = []
+    for naming in ({"rope_scaling": {"type": "linear", "factor": 4}},
+                   {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 500.0}}):
+        path.write_text(json.dumps({**config, "rope_theta": 500.0, **naming}))
+        read.append(read_config(path)[0])
+    assert read[0] == read[1] and read[0].rope_scaling == {"rope_type": "linear", "factor": 4.0}
+    llama3 = {k: v for k, v in LLAMA3_ROPE.items() if k != "original_max_position_embeddings"}
+    path.write_text(json.dumps({**config, "max_position_embeddings": 96, "rope_scaling": llama3}))
+    assert read_config(path)[0].rope_scaling["original_max_position_embeddings"] == 96
 
 
 def test_smollm2s_config_reads_as_the_preset(tmp_path):
