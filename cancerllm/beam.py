@@ -111,12 +111,12 @@ class BeamSearch:
     def __init__(self, gen, prompt_ids: list, params):
         self.gen, self.params, self.k = gen, params, params.num_beams
         self.processor = params.logits_processor
-        self.eos_id = None if params.ignore_eos else gen.tokenizer.eos_id
+        self.stop_ids = () if params.ignore_eos else gen.tokenizer.stop_ids
         self.searches = [PromptBeams(ids, min(params.max_new_tokens, gen.max_seq_len - len(ids)), self.k,
                                      params.length_penalty) for ids in prompt_ids]
 
     def ends(self, tokens: list):
-        if tokens[-1] == self.eos_id:
+        if tokens[-1] in self.stop_ids:
             return "eos"
         if self.params.stop and first_stop(self.gen.tokenizer.decode(tokens), self.params.stop) is not None:
             return "stop"

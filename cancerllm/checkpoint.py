@@ -136,7 +136,8 @@ REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermed
 
 
 def config_dict(args: ModelArgs, dtype: torch.dtype, bos_id=1, eos_id=2) -> dict:
-    """A config.json of the model's family that transformers v4 and v5 both read."""
+    """A config.json of the model's family that transformers v4 and v5 both read; `eos_id` an id or a list of the
+    ids generation stops on (the first the EOS)."""
     dtype_name = next(k for k, v in DTYPES.items() if v == dtype)
     window = {"sliding_window": args.sliding_window} if args.family == "mistral" else \
              {"attention_bias": False, "mlp_bias": False}
@@ -389,7 +390,8 @@ def write_layout(directory: Path, state: dict, args: ModelArgs, dtype: torch.dty
     ids = {}
     if tok is not None:
         copy_tokenizer(tok, directory)
-        ids = dict(bos_id=tok.bos_id, eos_id=tok.eos_id)
+        stops = tok.stop_ids       # every id generation stops on, so that a reload stops on each (JsonTokenizer)
+        ids = dict(bos_id=tok.bos_id, eos_id=stops[0] if len(stops) == 1 else list(stops))
     (directory / CONFIG).write_text(json.dumps(config_dict(args, dtype, **ids), indent=2))
 
 

@@ -640,8 +640,10 @@ def write_metadata(writer, in_dir: Path, args, tokens: dict, file_type: int) -> 
     writer.add_array("tokenizer.ggml.token_type", tokens["types"])
     writer.add_array("tokenizer.ggml.merges", tokens["merges"])
     for name, key in (("bos", "bos_token_id"), ("eos", "eos_token_id"), ("padding", "pad_token_id")):
-        if isinstance(config.get(key), int):
-            writer.add_uint32(f"tokenizer.ggml.{name}_token_id", config[key])
+        token_id = config.get(key)
+        token_id = token_id[0] if isinstance(token_id, list) and token_id else token_id   # a list: the EOS first
+        if isinstance(token_id, int):
+            writer.add_uint32(f"tokenizer.ggml.{name}_token_id", token_id)
     for end in ("bos", "eos"):
         writer.add_bool(f"tokenizer.ggml.add_{end}_token", bool(tok_config.get(f"add_{end}_token", False)))
     if isinstance(tok_config.get("chat_template"), str):

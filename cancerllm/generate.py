@@ -311,11 +311,11 @@ class Row:
     prefill_end: float = 0.0
     finished_at: float = 0.0
 
-    def push(self, token: int, eos_id: Optional[int], logprob: Optional[float] = None) -> None:
+    def push(self, token: int, stop_ids: tuple, logprob: Optional[float] = None) -> None:
         self.tokens.append(token)
         if self.logprobs is not None:
             self.logprobs.append(logprob)
-        if token == eos_id:
+        if token in stop_ids:
             self.finish_reason = "eos"
         elif self.text is not None and self.text.push(token):
             self.finish_reason = "stop"
@@ -617,7 +617,7 @@ class DecodeSteps:
     def __init__(self, gen: Generator, rows: list, sampling: SamplingParams, guidance: Optional[Guidance] = None):
         self.gen, self.rows, self.sampling, self.guidance = gen, rows, sampling, guidance
         self.processor = sampling.logits_processor
-        self.eos_id = None if sampling.ignore_eos else gen.tokenizer.eos_id
+        self.stop_ids = () if sampling.ignore_eos else gen.tokenizer.stop_ids
         seed = secrets.randbits(63) if sampling.seed is None else sampling.seed
         self.rng = torch.Generator(gen.device).manual_seed(seed)
         self.prefill_s = 0.0
@@ -649,7 +649,7 @@ class DecodeSteps:
                     [tokens.tolist(), [None] * len(active)]   # the step's one host sync
             for index, token, logprob in zip(active, *picked):
                 token = int(token)
-                rows[index].push(token, self.eos_id, logprob)
+                rows[index].push(token, self.stop_ids, logprob)
                 if self.processor is not None:
                     self.processor.advance(index, token)
             yield

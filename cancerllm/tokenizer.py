@@ -1,4 +1,4 @@
-"""Tokenizers of two kinds, one interface (`encode`, `decode`, `bos_id`, `eos_id`, `pad_id`, `vocab_size`,
+"""Tokenizers of two kinds, one interface (`encode`, `decode`, `bos_id`, `eos_id`, `stop_ids`, `pad_id`, `vocab_size`,
 `id_to_piece`, `fingerprint`, `check_fits`, `path`):
 
 - `Tokenizer`: sentencepiece, a `tokenizer.model` (Mistral's v1, or a domain vocabulary trained with `train`);
@@ -35,6 +35,12 @@ def open_tokenizer(path):
 
 class TokenizerBase:
     """What both kinds share; a subclass sets `path`, `bos_id`, `eos_id` and provides `text_ids`."""
+
+    @property
+    def stop_ids(self) -> tuple:
+        """The tokens that end a generation: the EOS (a JsonTokenizer adds every eos_token_id its checkpoint's
+        generation_config.json lists, as transformers' generate stops on each)."""
+        return (self.eos_id,)
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
@@ -114,6 +120,8 @@ class JsonTokenizer(TokenizerBase):
       adds nothing. An EOS is appended only when asked (`eos=True`), whatever the post-processor would append;
     - `eos_id`: tokenizer_config.json's eos_token, else generation_config.json's eos_token_id (the first of a list),
       else config.json's: the token that ends a completion, appended to SFT examples and stopping generation;
+    - `stop_ids`: the EOS and every eos_token_id generation_config.json lists (else config.json's), on each of
+      which the generator stops, as transformers' generate does;
     - `pad_id`: tokenizer_config.json's pad_token, None when it names none (sentencepiece says -1);
     - `decode` keeps special tokens (transformers' default) and never cleans up spaces, so decode(encode(text,
       bos=False)) == text. Decoding a byte-level sequence that ends inside a multi-byte character ends in U+FFFD
@@ -135,13 +143,19 @@ class JsonTokenizer(TokenizerBase):
         self.backend.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                                          for t in self.named_special_tokens(config) if t not in added])
         self.bos_id = self.prepended_bos()
+        config_eos = self.config_eos_ids(folder)
         self.eos_id = self.special_id(config, "eos_token")
-        if self.eos_id is None:
-            self.eos_id = self.config_eos_id(folder)
+        if self.eos_id is None and config_eos:
+            self.eos_id = config_eos[0]
         if self.eos_id is None:
             raise ValueError(f"{self.path}: no EOS token: neither tokenizer_config.json (eos_token) nor "
                              f"generation_config.json or config.json (eos_token_id) in {folder} names one")
+        self.generation_eos_ids = config_eos
         self.pad_id = self.special_id(config, "pad_token")
+
+    @property
+    def stop_ids(self) -> tuple:
+        return tuple(dict.fromkeys([self.eos_id, *self.generation_eos_ids]))
 
     def prepended_bos(self):
         probe = self.backend.encode("a", add_special_tokens=True)
@@ -169,19 +183,19 @@ class JsonTokenizer(TokenizerBase):
             raise ValueError(f"{self.config_path}: {key} {token!r} is not a token (a string)")
         return token
 
-    def config_eos_id(self, folder: Path):
-        """generation_config.json's eos_token_id (the first of a list: the generator stops on one), else
-        config.json's; None when neither names one."""
+    def config_eos_ids(self, folder: Path) -> list[int]:
+        """generation_config.json's eos_token_id (an id or a list: Llama 3's instruct models end a turn with one
+        token and a text with another), else config.json's; [] when neither names one."""
         for path in (folder / "generation_config.json", folder / "config.json"):
             eos = read_json(path).get("eos_token_id")
-            if isinstance(eos, list):
-                eos = eos[0] if eos else None
-            if eos is None:
-                continue
-            if not isinstance(eos, int) or not 0 <= eos < self.vocab_size:
-                raise ValueError(f"{path}: eos_token_id {eos!r} is not a token id of {self.path}")
-            return eos
-        return None
+            ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+            for token_id in ids:
+                if isinstance(token_id, bool) or not isinstance(token_id, int) or \
+                        not 0 <= token_id < self.vocab_size:
+                    raise ValueError(f"{path}: eos_token_id {eos!r} is not a token id of {self.path}")
+            if ids:
+                return ids
+        return []
 
     @property
     def vocab_size(self) -> int:

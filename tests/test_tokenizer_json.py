@@ -276,3 +276,28 @@ def test_save_pretrained_carries_a_tokenizer_json_checkpoints_files(checkpoint, 
     assert gen.tokenizer.fingerprint() == tok.fingerprint() and gen.tokenizer.eos_id == tok.eos_id
     with pytest.raises(ValueError, match="tokenizer.json is from an earlier save"):
         model.save_pretrained(tmp_path / "out")
+
+
+def test_generation_stops_on_every_eos_id_the_checkpoint_lists(trained_bpe, tmp_path):
+    """generation_config.json's eos_token_id list (Llama 3's instruct models: end of turn and end of text): the
+    Generator stops on each, beams too, and a save keeps the list in config.json, so the reload stops on each."""
+    from cancerllm import Generator, ModelArgs, Transformer
+    from generation_util import AllowOnly
+    smollm_like(tmp_path, trained_bpe)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 2]}))
+    tok = open_tokenizer(tmp_path)
+    assert (tok.eos_id, tok.stop_ids) == (2, (2, 1))        # <|im_end|> first: tokenizer_config.json's eos_token
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=tok.vocab_size)).eval()
+    gen = Generator(model, tok)
+    result = gen.generate(["pT2 N0"], max_new_tokens=3, logits_processor=AllowOnly([1]))[0]
+    assert (result.token_ids, result.finish_reason) == ([1], "eos")
+    result = gen.generate(["pT2 N0"], max_new_tokens=3, logits_processor=AllowOnly([1]), ignore_eos=True)[0]
+    assert (result.token_ids, result.finish_reason) == ([1, 1, 1], "length")
+    beams = gen.generate(["pT2 N0", "grade 3"], max_new_tokens=4, num_beams=2, logits_processor=AllowOnly([1, 7]))
+    for result in beams:
+        ends = [i for i, t in enumerate(result.token_ids) if t == 1]
+        assert ends == ([len(result.token_ids) - 1] if ends else []), result.token_ids
+        assert result.finish_reason == ("eos" if ends else "length")
+    model.save_pretrained(tmp_path / "out", tokenizer=tmp_path)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["eos_token_id"] == [2, 1]
+    assert Generator.from_pretrained(tmp_path / "out").tokenizer.stop_ids == (2, 1)
