@@ -125,9 +125,10 @@ def rope_scaling_of(cfg: dict, v4: dict | None, v5: dict) -> tuple[str, dict | N
     config's max_position_embeddings, as transformers reads it."""
     key, scaling = ("rope_scaling", dict(v4)) if v4 else ("rope_parameters", dict(v5))
     scaling.pop("rope_theta", None)
-    if scaling.get("rope_type", scaling.get("type", "default")) == "default":
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind == "default":
         return key, None
-    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+    if kind == "llama3":
         scaling.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings"))
     return key, scaling
 
