@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import arena, decode_rms_norm, gemv, kernels
+from . import arena, cpu_rope, decode_rms_norm, gemv, kernels
 from .decode_layer import BlockStep
 from .decode_rms_norm import RowNorm
 from .kernels.reference import IGNORE_INDEX, compute_dtype
@@ -202,7 +202,14 @@ class Rotary(torch.autograd.Function):
 
 def rotate(x, cos, sin, sign: float):
     """Rotate the halves (x1, x2) of each head by sign * angle: (x1 cos - sign x2 sin, x2 cos + sign x1 sin),
-    in fp32 (float64 stays float64)."""
+    in fp32 (float64 stays float64); on CPU in one C++ pass (cancerllm/cpu_rope.py) when the extension has it."""
+    if not torch.compiler.is_compiling() and cpu_rope.usable(x, cos):
+        return cpu_rope.rotate(x, cos, sin, sign)
+    return reference_rotate(x, cos, sin, sign)
+
+
+def reference_rotate(x, cos, sin, sign: float):
+    """rotate() in PyTorch ops: the path on GPU and under torch.compile, and what the C++ kernel is tested against."""
     dt = compute_dtype(x.dtype)
     x1, x2 = x.to(dt).chunk(2, dim=-1)
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
@@ -592,7 +599,7 @@ def linear_path(weight: torch.Tensor, name: str, onednn, quantize) -> tuple:
 class DecodeRMSNorm(nn.Module):
     """An RMSNorm's weight and eps for decoding, the maths of kernels.rms_norm in fewer ops (at decode sizes per-op
     overhead dominates): on CPU in fp32 or bf16 our one-call kernel (decode_rms_norm.py), elsewhere torch's
-    F.rms_norm (bit for bit kernels.rms_norm's; tests/test_decode_form.py compares both)."""
+    F.rms_norm (bit for bit kernels.reference.rms_norm's; tests/test_decode_form.py compares them)."""
 
     def __init__(self, norm: RMSNorm):
         super().__init__()

@@ -1,10 +1,11 @@
 // cancerllm._C: the shard reader and the packed loader for Python, the CPU decoding kernels (small-M matmuls,
 // single-token cached attention, RMSNorm, and a whole block of a decode step made of them) and the CPU training
-// kernels (SwiGLU forward and backward, hashed dropout, attention's score matmuls and softmax). Batches
-// reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the loader's pool when the
-// last array goes away. The decoding kernels take torch tensors as data pointers (no torch headers here): their
-// Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py, decode_layer.py, cpu_swiglu.py,
-// hashed_dropout.py, cpu_attention.py) check dtypes, shapes and contiguity.
+// kernels (RMSNorm, rotary embedding and SwiGLU forward and backward, hashed dropout, attention's score matmuls and
+// softmax). Batches reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the
+// loader's pool when the last array goes away. The decoding kernels take torch tensors as data pointers (no torch
+// headers here): their Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py,
+// decode_layer.py, cpu_swiglu.py, cpu_rms_norm.py, cpu_rope.py, hashed_dropout.py, cpu_attention.py) check dtypes,
+// shapes and contiguity.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -19,6 +20,7 @@
 #include "gemv.h"
 #include "loader.h"
 #include "rms_norm.h"
+#include "rope.h"
 #include "score_matmul.h"
 #include "swiglu.h"
 
@@ -181,6 +183,43 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("weight"), py::arg("eps"), py::arg("y"), py::arg("type"), py::arg("rows"),
      py::arg("dim"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "RMSNorm of rows on raw pointers: use cancerllm.decode_rms_norm");
+  m.def("rms_norm_forward", [](uintptr_t x, uintptr_t residual, uintptr_t weight, float eps, uintptr_t y, uintptr_t h,
+                               uintptr_t rstd, int type, int64_t rows, int64_t dim, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("rms_norm_forward: unknown element type");
+    if (rows < 0 || dim < 1 || threads < 1) throw std::invalid_argument("rms_norm_forward: bad sizes");
+    if ((residual == 0) != (h == 0)) throw std::invalid_argument("rms_norm_forward: residual and h go together");
+    rms_norm_forward(reinterpret_cast<const void*>(x), reinterpret_cast<const void*>(residual),
+                     reinterpret_cast<const float*>(weight), eps, reinterpret_cast<void*>(y),
+                     reinterpret_cast<void*>(h), reinterpret_cast<float*>(rstd), static_cast<Float>(type), rows, dim,
+                     threads);
+  }, py::arg("x"), py::arg("residual"), py::arg("weight"), py::arg("eps"), py::arg("y"), py::arg("h"), py::arg("rstd"),
+     py::arg("type"), py::arg("rows"), py::arg("dim"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "RMSNorm forward for training on raw pointers (residual, h: 0 for none): use cancerllm.cpu_rms_norm");
+  m.def("rms_norm_backward", [](uintptr_t grad_y, uintptr_t grad_h, uintptr_t h, uintptr_t weight, uintptr_t rstd,
+                                uintptr_t grad_in, uintptr_t grad_weight, int type, int64_t rows, int64_t dim,
+                                int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("rms_norm_backward: unknown element type");
+    if (rows < 0 || dim < 1 || threads < 1) throw std::invalid_argument("rms_norm_backward: bad sizes");
+    rms_norm_backward(reinterpret_cast<const void*>(grad_y), reinterpret_cast<const void*>(grad_h),
+                      reinterpret_cast<const void*>(h), reinterpret_cast<const float*>(weight),
+                      reinterpret_cast<const float*>(rstd), reinterpret_cast<void*>(grad_in),
+                      reinterpret_cast<float*>(grad_weight), static_cast<Float>(type), rows, dim, threads);
+  }, py::arg("grad_y"), py::arg("grad_h"), py::arg("h"), py::arg("weight"), py::arg("rstd"), py::arg("grad_in"),
+     py::arg("grad_weight"), py::arg("type"), py::arg("rows"), py::arg("dim"), py::arg("threads"),
+     py::call_guard<py::gil_scoped_release>(),
+     "RMSNorm backward for training on raw pointers (grad_h, grad_weight: 0 for none): use cancerllm.cpu_rms_norm");
+  m.def("rope_rotate", [](uintptr_t x, uintptr_t cos, uintptr_t sin, uintptr_t out, float sign, int type,
+                          int64_t tokens, int64_t heads, int64_t dim, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("rope_rotate: unknown element type");
+    if (tokens < 0 || heads < 1 || dim < 2 || dim % 2 || threads < 1) {
+      throw std::invalid_argument("rope_rotate: bad sizes");
+    }
+    rope_rotate(reinterpret_cast<const void*>(x), reinterpret_cast<const float*>(cos),
+                reinterpret_cast<const float*>(sin), reinterpret_cast<void*>(out), sign, static_cast<Float>(type),
+                tokens, heads, dim, threads);
+  }, py::arg("x"), py::arg("cos"), py::arg("sin"), py::arg("out"), py::arg("sign"), py::arg("type"), py::arg("tokens"),
+     py::arg("heads"), py::arg("dim"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "rotary embedding for training on raw pointers: use cancerllm.cpu_rope");
   m.def("swiglu_forward", [](uintptr_t gate, uintptr_t up, uintptr_t out, int type, int64_t n, int threads) {
     if (type < 0 || type > 1) throw std::invalid_argument("swiglu_forward: unknown element type");
     if (n < 0 || threads < 1) throw std::invalid_argument("swiglu_forward: bad sizes");

@@ -119,9 +119,17 @@ def xformers_attention(q, k, v, *, window=None, cu_seqlens=None):
 
 
 def rms_norm(x, weight, eps=1e-5, residual=None):
-    """y = x / rms(x) * weight over the last axis; with `residual`, (norm(x + residual), x + residual)."""
+    """y = x / rms(x) * weight over the last axis; with `residual`, (norm(x + residual), x + residual).
+    Triton on CUDA; on CPU one C++ pass each way (cancerllm/cpu_rms_norm.py) when the extension is built, the
+    plain PyTorch reference otherwise (and under torch.compile, which fuses the reference's ops itself)."""
     check_rms_norm(x, weight, eps, residual)
-    impl = triton_rms_norm if use_triton(x) else reference.rms_norm
+    from cancerllm import cpu_rms_norm   # here: cancerllm imports this package first
+    if use_triton(x):
+        impl = triton_rms_norm
+    elif not torch.compiler.is_compiling() and cpu_rms_norm.usable(x, weight):
+        impl = cpu_rms_norm.rms_norm
+    else:
+        impl = reference.rms_norm
     return impl(x, weight, eps, residual=residual)
 
 
@@ -134,7 +142,7 @@ def swiglu(gate, up):
                          f"and {tuple(up.shape)} {up.dtype}")
     from cancerllm import cpu_swiglu   # here: cancerllm imports this package (also importable as `kernels`) first
     # Compiled, the reference's ops fuse into one loop anyway, and a call on data pointers would break the graph.
-    if cpu_swiglu.usable(gate) and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and cpu_swiglu.usable(gate):
         return cpu_swiglu.swiglu(gate, up)
     return reference.swiglu(gate, up)
 

@@ -5,6 +5,7 @@ import torch
 
 from cancerllm import Generator, ModelArgs, Transformer
 from cancerllm.cache import KVCache
+from cancerllm.kernels import reference
 from cancerllm.model import DecodeRMSNorm, RMSNorm, fuse_for_decoding
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
 
@@ -102,8 +103,9 @@ def test_the_fused_form_is_a_snapshot_that_leaves_the_model_alone():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_the_decoding_norm_matches_the_models(dtype):
     """The Generator's logits move only by rounding when the norm changes kernel: torch's route (off CPU, or without
-    the extension) equals the model's norm bit for bit; our CPU kernel sums in another order, so it is held to the
-    model's error against float64 (both fp32 sums of the same values, rounded once to the dtype)."""
+    the extension) equals the model's norm off CPU (the reference) bit for bit; our CPU kernels (the decoding one,
+    and the training one the model's norm takes on CPU) sum in other orders, so each is held to the reference's
+    error against float64 (fp32 sums of the same values, rounded once to the dtype)."""
     torch.manual_seed(0)
     for shape in [(1, 1, 64), (3, 5, 40), (8, 1, 384)]:
         norm = RMSNorm(shape[-1], eps=0.3).to(dtype)
@@ -111,13 +113,14 @@ def test_the_decoding_norm_matches_the_models(dtype):
             norm.weight.normal_(1.0, 0.1)
         x = torch.randn(shape).to(dtype)
         with torch.inference_mode():
-            decode_norm, expected = DecodeRMSNorm(norm), norm(x)
-            ours = decode_norm(x)
+            decode_norm, expected = DecodeRMSNorm(norm), reference.rms_norm(x, norm.weight, 0.3)
+            ours, model = decode_norm(x), norm(x)
             decode_norm.row_norm = None   # torch's route
             assert torch.equal(decode_norm(x), expected), shape
         exact = x.double() * torch.rsqrt(x.double().pow(2).mean(-1, keepdim=True) + 0.3) * norm.weight.double()
-        model_error = float((expected.double() - exact).abs().max())
-        assert float((ours.double() - exact).abs().max()) <= max(2 * model_error, 1e-6), shape
+        reference_error = float((expected.double() - exact).abs().max())
+        for kernel in (ours, model):
+            assert float((kernel.double() - exact).abs().max()) <= max(2 * reference_error, 1e-6), shape
 
 
 def logits_per_row(generator, prompts: list) -> list:
