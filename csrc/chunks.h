@@ -1,5 +1,6 @@
-// The training kernels' elementwise loops (swiglu.cpp, dropout.cpp, attention_softmax.cpp) go through fp32 buffers of kChunk values: a loop that
-// widens or narrows bf16 and also computes does not vectorize (GCC 12), each of these simple ones does.
+// The training kernels' elementwise loops (swiglu.cpp, dropout.cpp, attention_softmax.cpp, rms_norm.cpp, rope.cpp)
+// go through fp32 buffers (of kChunk values, or of one row): a loop that widens or narrows bf16 and also computes
+// does not vectorize (GCC 12), each of these simple ones does.
 #pragma once
 
 #include <cstdint>
