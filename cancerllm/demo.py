@@ -9,10 +9,12 @@ The CancerLLM study's comparison on a real pretrained general model (--recipe pr
 3. continued pretraining (LoRA, configs/smollm2-cpt.toml) on the training patients' reports;
 4. the same instruction tuning (configs/smollm2-sft.toml) twice: from the general model ("SFT only") and from the
    continued-pretraining export (the CancerLLM recipe), the latter last, so the newest export is the recipe's;
-5. evaluation on the test patients: the recipe's model beside SFT only, the general model zero-shot and the
+5. abstention thresholds for both fine-tunes from their JSON answers on the validation patients
+   (cancerllm.tasks.abstention: abstention.json beside each export's weights, read by its task helpers);
+6. evaluation on the test patients: the recipe's model beside SFT only, the general model zero-shot and the
    majority and regular-expression baselines (phenotype JSON, with perturbed reports and counterfactual edits for
    the recipe's model), and the recipe's model on diagnosis and question answering (cancerllm.eval);
-6. reports/demo.md, reports/demo.json and reports/loss_curve.png.
+7. reports/demo.md, reports/demo.json and reports/loss_curve.png.
 
 --recipe scratch keeps the first demo: a domain tokenizer and a 7M-parameter Mistral pretrained from scratch, then
 fine-tuned twice and decoded as an ensemble (configs/cpu-small.toml, configs/cpu-small-sft.toml).
@@ -200,6 +202,7 @@ def main(argv=None):
 def pretrained_recipe(args, timings: dict):
     from .checkpoint import read_config
     from .convert import convert_gguf, smollm2_gguf_path
+    from .tasks.abstention import calibrate_checkpoint
     from .tasks.prompts import PromptSettings, chat_settings, load_prompt_settings, load_templates
     nproc = args.nproc or 1
     base, tasks_dir = RUN / "base", RUN / "tasks"
@@ -244,7 +247,12 @@ def pretrained_recipe(args, timings: dict):
         torchrun(PRETRAINED_SFT_CONFIG, args.train_seed, nproc, run_dir, init_from=start)
     timings["instruction tuning (2 runs)"] = time.perf_counter() - t
 
-    t = step("5. evaluation on the test patients: the recipe's model, SFT only, zero-shot and the baselines")
+    t = step("5. abstention: each fine-tune's per-field thresholds from its answers on the validation patients")
+    for export in (sft_only / "export", recipe / "export"):     # the recipe's export is still written last
+        calibrate_checkpoint(export, tasks_dir, "val", batch_size=PRETRAINED_EVAL_BATCH, dtype=PRETRAINED_EVAL_DTYPE)
+    timings["abstention thresholds (2 models)"] = time.perf_counter() - t
+
+    t = step("6. evaluation on the test patients: the recipe's model, SFT only, zero-shot and the baselines")
     peers = {"SFT only": sft_only / "export", "zero-shot": base}
     results = {task: evaluate(recipe / "export", task, "test", data=tasks_dir, out=args.reports, perturb=perturb,
                               limit=limit, seed=args.seed, batch_size=PRETRAINED_EVAL_BATCH,
@@ -283,7 +291,8 @@ def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) 
              f"{mixture.rare_field_passes} more times{field_passes_note(mixture)}); the same SFT from the general "
              "model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
-             f"schema-constrained decoding in {PRETRAINED_EVAL_DTYPE}; training in {info['nproc']} process(es) on the machine's cores.", "",
+             f"schema-constrained decoding in {PRETRAINED_EVAL_DTYPE}, each fine-tune withholding the JSON values it "
+             "is less sure of than its per-field thresholds from the validation patients (abstention.json); training in {info['nproc']} process(es) on the machine's cores.", "",
              "| system | phenotype-JSON micro F1 | the recipe's model minus this system [95% interval], share of "
              "bootstrap draws the recipe's model wins |", "|---|---|---|"]
     for name, scores in systems.items():

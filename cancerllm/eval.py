@@ -16,7 +16,9 @@ Phenotype answers are decoded constrained (the JSON schema; a categorical questi
 unless --unconstrained; the JSON schema is the one per cancer type the datasets record (the fields the training
 split's registry records for each type: fields.recorded_by_cancer_type) unless --open-schema, and a JSON answer's
 stage is the training registry's for its cancer type, T, N and M (fields.derive_stage, as the task helpers answer)
-unless --model-stage. Answers that do not parse (JSON task) count as all-null predictions and are reported.
+unless --model-stage. A checkpoint whose abstention.json holds calibrated thresholds (python -m
+cancerllm.tasks.abstention) withholds the JSON values it is less sure of than those, as its helpers do, unless
+--no-abstain. Answers that do not parse (JSON task) count as all-null predictions and are reported.
 For the phenotype tasks a paired bootstrap over the reports says how sure each of the model's wins is: per field
 and micro, the F1 difference to each other system, its 95% interval, and the share of 1,000 draws the model wins.
 Each perturbation reruns the same examples with perturbed reports; its table gives the headline F1 on those
@@ -36,10 +38,11 @@ from tqdm import tqdm
 
 from .tasks import extra  # noqa: F401  (first: fails naming the `tasks` extra when it is missing)
 from .tasks import perturb as P
+from .tasks.abstention import finish_answer, value_logprobs
 from .tasks.api import guided, parse_phenotypes, processors
 from .tasks.baselines import REGEX_FIELDS, majority_values, regex_extract
 from .tasks.build import SPLITS, read_jsonl, task_examples
-from .tasks.fields import FIELDS, derive_stage, normalize_value
+from .tasks.fields import FIELDS, normalize_value
 from .tasks.mentions import find_mentions
 from .tasks.metrics import field_counts, field_scores, instance_f1, paired_bootstrap, text_scores
 from .tasks.prompts import (SETTINGS_FILE, TASKS, PromptSettings, diagnosis_statement, load_prompt_settings,
@@ -81,6 +84,21 @@ def check_prompt_settings(checkpoint: Path, settings: PromptSettings, data: Path
                          "report cut")
 
 
+def checked_datasets(data: Path, checkpoints: list) -> PromptSettings:
+    """The prompt settings of the datasets in `data`, once each fine-tuned checkpoint is checked against them."""
+    manifest_path = data / "manifest.json"
+    if not manifest_path.is_file():
+        raise FileNotFoundError(f"{manifest_path}: not found (build the datasets: python -m cancerllm.tasks.build)")
+    manifest = json.loads(manifest_path.read_text())
+    settings = dataset_settings(data, manifest)
+    # The datasets are text; the tokenizer they record is the one the fine-tuned model was trained with. A zero-shot
+    # baseline brings its own tokenizer and reads the same prompts through it, so it is not held to that one.
+    for c in checkpoints:
+        check_tokenizer(c, manifest, manifest_path)
+        check_prompt_settings(c, settings, data)
+    return settings
+
+
 def limit_patients(records: list, limit) -> list:
     """The records of the first `limit` patients (all of a patient's QA questions stay together)."""
     if limit is None:
@@ -102,16 +120,19 @@ class ModelSystem:
     decoding: Generator.from_pretrained's options (dtype, quantize). recorded_fields: the JSON schema per cancer
     type (PromptSettings.recorded_fields, the datasets'), None for the open schema. stage_groups: where given, a
     JSON answer's stage is the training registry's for its cancer type, T, N and M (fields.derive_stage), as
-    Generator.extract_phenotypes answers; None keeps the model's."""
+    Generator.extract_phenotypes answers; None keeps the model's. abstain: a JSON answer withholds the values below
+    the checkpoint's calibrated thresholds (its abstention.json: tasks/abstention.py), as the helpers do."""
 
     def __init__(self, name, checkpoint, task, batch_size, max_new_tokens, templates, constrained=True,
-                 guidance_scale=1.0, decoding=None, recorded_fields=None, stage_groups=None, beams=None):
+                 guidance_scale=1.0, decoding=None, recorded_fields=None, stage_groups=None, beams=None,
+                 abstain=True):
         from .generate import Generator
         self.name, self.task, self.batch_size, self.templates = name, task, batch_size, templates
         self.generator = Generator.from_pretrained(checkpoint, **(decoding or {}))
         self.settings = self.generator.prompt_settings
         self.max_new_tokens, self.guidance_scale, self.constrained = max_new_tokens, guidance_scale, constrained
         self.recorded_fields, self.stage_groups = recorded_fields, stage_groups
+        self.abstention = self.generator.abstention if abstain and task == "phenotype-json" else None
         self.beams = beams or {}
         self.tokens, self.seconds = 0, 0.0
 
@@ -131,7 +152,8 @@ class ModelSystem:
             groups.setdefault(r.get("field"), []).append(i)
         return [idx[i:i + self.batch_size] for idx in groups.values() for i in range(0, len(idx), self.batch_size)]
 
-    def answers(self, records) -> list[str]:
+    def decode(self, records, logprobs: bool = False) -> list:
+        """Each record's GenerationResult, in order."""
         out = [None] * len(records)
         for idx in tqdm(self.batches(records), desc=self.name, unit="batch", leave=False):
             batch = [records[i] for i in idx]
@@ -140,21 +162,37 @@ class ModelSystem:
             results = self.generator.generate([self.settings.render(r["prompt"]) for r in batch],
                                               max_new_tokens=self.max_new_tokens,
                                               temperature=0.0, stop=self.templates["stop"],
-                                              logits_processor=self.processor(batch[0]), **guidance,
-                                              **self.beams)
+                                              logits_processor=self.processor(batch[0]), logprobs=logprobs,
+                                              **guidance, **self.beams)
             self.seconds += time.perf_counter() - start
             self.tokens += sum(len(r.token_ids) for r in results)
             for i, r in zip(idx, results):
-                out[i] = self.finish(r.text.strip())
+                out[i] = r
         return out
 
-    def finish(self, answer: str) -> str:
-        """The answer as the task helpers give it: a JSON answer with its stage looked up (stage_groups)."""
-        fields = parse_phenotypes(answer) if self.task == "phenotype-json" and self.stage_groups else None
+    def answers(self, records) -> list[str]:
+        if self.abstention is None:
+            return [self.finish(r.text.strip()) for r in self.decode(records)]
+        return [self.finish(r.text.strip(), self.confidences(r)) for r in self.decode(records, logprobs=True)]
+
+    def confidences(self, result) -> dict:
+        return value_logprobs(self.generator.tokenizer, result.token_ids, result.logprobs)
+
+    def answers_with_confidence(self, records) -> tuple[list, list]:
+        """JSON answers as parsed fields ({} where one does not parse), before abstention and the stage lookup,
+        and each one's value_logprobs: what abstention is calibrated on."""
+        results = self.decode(records, logprobs=True)
+        return [parse_phenotypes(r.text.strip()) or {} for r in results], [self.confidences(r) for r in results]
+
+    def finish(self, answer: str, confidences: dict = None) -> str:
+        """The answer as the task helpers give it: a JSON answer with the values below its thresholds withheld
+        (given its confidences) and its stage looked up (stage_groups)."""
+        wanted = self.task == "phenotype-json" and (self.stage_groups or confidences is not None)
+        fields = parse_phenotypes(answer) if wanted else None
         if fields is None:
             return answer
-        derived = derive_stage(fields, self.stage_groups)
-        return answer if derived == fields else json.dumps(derived)
+        finished = finish_answer(fields, confidences, self.abstention, self.stage_groups)
+        return answer if finished == fields else json.dumps(finished)
 
 
 class RuleSystem:
@@ -348,6 +386,11 @@ def markdown(result: dict) -> str:
         lines += ["", f"The input states {share:.0%} of the gold values ({stated['all']['stated']} of "
                   f"{stated['all']['n_gold']}): a system that answers exactly the values counted as stated, and "
                   f"nothing else, scores micro F1 {2 * share / (1 + share):.3f}."]
+    if result.get("abstention"):
+        lines += ["", "Abstention: a value whose log-probability is below its field's threshold (abstention.json, "
+                  "calibrated on the validation patients) is withheld: "
+                  + "; ".join(f"{name}: " + ", ".join(f"{f} < {t:.2f}" for f, t in thresholds.items())
+                              for name, thresholds in result["abstention"].items()) + "."]
     if result.get("stage_from_tnm"):
         lines += ["", "The models' stage is the training registry's most frequent for the answer's cancer type, T, N "
                   "and M (fields.derive_stage; where the registry has no such patient, the model's own)."]
@@ -379,7 +422,8 @@ def markdown(result: dict) -> str:
 def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports", perturb=(),
              baseline_checkpoint=None, limit=None, batch_size=8, max_new_tokens=None, seed=0, misspell_rate=0.1,
              ocr_rate=0.05, constrained=True, guidance_scale=1.0, verbose=True, peers=None, dtype=None,
-             quantize=None, open_schema=False, model_stage=False, num_beams=1, length_penalty=1.0) -> dict:
+             quantize=None, open_schema=False, model_stage=False, num_beams=1, length_penalty=1.0,
+             abstain=True) -> dict:
     """Score the checkpoint (a directory, or a list of them decoded as an ensemble) and the baselines on
     `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
     peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
@@ -388,7 +432,9 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     decoding can be checked against the task metrics. JSON answers follow the datasets' schema per cancer type
     (their prompt_settings.json's recorded_fields) for every checkpoint alike; open_schema=True, or datasets
     that record none, leaves every field open. Their stage is looked up in the datasets' stage groups (as
-    Generator.extract_phenotypes does) for every checkpoint alike; model_stage=True keeps each model's own."""
+    Generator.extract_phenotypes does) for every checkpoint alike; model_stage=True keeps each model's own. A
+    checkpoint with calibrated abstention thresholds (abstention.json, tasks/abstention.py) withholds its JSON
+    values below them, as its helpers do; abstain=False scores every value."""
     if task not in TASKS:
         raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     if split not in SPLITS:
@@ -401,17 +447,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
             raise ValueError(f"evaluate: {name} must be a positive int or None, got {value!r}")
     data = Path(data)
     checkpoints = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
-    manifest_path = data / "manifest.json"
-    if not manifest_path.is_file():
-        raise FileNotFoundError(f"{manifest_path}: not found (build the datasets: python -m cancerllm.tasks.build)")
-    manifest = json.loads(manifest_path.read_text())
-    settings = dataset_settings(data, manifest)
+    settings = checked_datasets(data, checkpoints)
     templates = settings.templates
-    # The datasets are text; the tokenizer they record is the one the fine-tuned model was trained with. A zero-shot
-    # baseline brings its own tokenizer and reads the same prompts through it, so it is not held to that one.
-    for c in checkpoints:
-        check_tokenizer(c, manifest, manifest_path)
-        check_prompt_settings(c, settings, data)
     peers = dict(peers or {})
     if baseline_checkpoint:
         peers[f"zero-shot {Path(baseline_checkpoint).name}"] = baseline_checkpoint
@@ -430,11 +467,11 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     groups = None if model_stage else settings.stage_groups
     beams = {"num_beams": num_beams, "length_penalty": length_penalty}
     systems = [ModelSystem("model", checkpoints, task, batch_size, budget, templates, constrained, guidance_scale,
-                           decoding, recorded, groups, beams),
+                           decoding, recorded, groups, beams, abstain),
                RuleSystem("majority", lambda report: majority, templates),
                RuleSystem("regex", regex_extract, templates)]
     peer_systems = [ModelSystem(name, peer, task, batch_size, budget, templates, constrained, guidance_scale,
-                                decoding, recorded, groups, beams) for name, peer in peers.items()]
+                                decoding, recorded, groups, beams, abstain) for name, peer in peers.items()]
 
     clean = {s.name: s.answers(records) for s in systems + peer_systems}
     predictions = prediction_rows(records, clean)
@@ -444,6 +481,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
               "constrained": constrained and task != "diagnosis",
               "schema_per_cancer_type": bool(constrained and task == "phenotype-json" and recorded),
               "stage_from_tnm": bool(task == "phenotype-json" and groups),
+              "abstention": {s.name: s.abstention for s in systems + peer_systems
+                             if isinstance(s, ModelSystem) and s.abstention},
               "guidance_scale": guidance_scale, **beams,
               "decoding": {"dtype": None if dtype is None else str(dtype).removeprefix("torch."),
                            "quantize": quantize},
@@ -547,6 +586,9 @@ def main(argv=None):
     p.add_argument("--model-stage", action="store_true",
                    help="keep each model's own stage in JSON answers, not the training registry's for the answer's "
                         "cancer type, T, N and M")
+    p.add_argument("--no-abstain", action="store_true",
+                   help="score every JSON value, not withholding those below a checkpoint's abstention.json "
+                        "thresholds")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance against the prompt without its report (1: off)")
     p.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (1: greedy)")
@@ -562,7 +604,7 @@ def main(argv=None):
                  max_new_tokens=a.max_new_tokens, seed=a.seed, misspell_rate=a.misspell_rate, ocr_rate=a.ocr_rate,
                  constrained=not a.unconstrained, guidance_scale=a.guidance_scale, peers=parse_peers(a.peer),
                  dtype=a.dtype, quantize=a.quantize, open_schema=a.open_schema, model_stage=a.model_stage,
-                 num_beams=a.num_beams, length_penalty=a.length_penalty)
+                 num_beams=a.num_beams, length_penalty=a.length_penalty, abstain=not a.no_abstain)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"cancerllm.eval: {e}")
 

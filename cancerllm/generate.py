@@ -98,6 +98,7 @@ import torch
 from .cache import KVCache
 from .checkpoint import parse_dtype
 from .model import QUANTIZE, Transformer, batch_invariance_blocker, fuse_for_decoding, pack_weights
+from .tasks.abstention import load_abstention
 from .tasks.prompts import SETTINGS_FILE, load_prompt_settings
 from .tokenizer import TokenizerBase, open_tokenizer
 
@@ -402,6 +403,9 @@ class Generator:
         # How the checkpoint's training data was prompted (tasks.prompts.PromptSettings), read by the task helpers;
         # from_pretrained sets it from the checkpoint, a Generator built from a model in memory has none.
         self.prompt_settings = None
+        # The checkpoint's calibrated abstention thresholds (tasks/abstention.py), read by extract_phenotypes; set by
+        # from_pretrained from a single checkpoint's abstention.json (an ensemble's scores are not its members').
+        self.abstention = None
         self.refresh()
 
     def refresh(self) -> None:
@@ -445,6 +449,7 @@ class Generator:
                                  "members must share their prompt settings")
         generator = cls(models if len(models) > 1 else models[0], tokenizer, **options)
         generator.prompt_settings = settings[0]
+        generator.abstention = load_abstention(paths[0]) if len(paths) == 1 else None
         return generator
 
     def generate(self, prompts, sampling: Optional[SamplingParams] = None, *, negative_prompts=None,

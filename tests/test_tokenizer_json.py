@@ -43,6 +43,10 @@ def bundled_reports(n=None):
 
 @pytest.fixture(scope="module")
 def trained_bpe():
+    return train_bpe()
+
+
+def train_bpe():
     """A byte-level BPE of a few hundred merges, as tokenizer.json text."""
     tok = tokenizers.Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),

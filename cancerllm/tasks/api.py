@@ -7,7 +7,8 @@ answer always parses unless `max_new_tokens` cuts it short.
 """
 import json
 
-from .fields import FIELDS, derive_stage
+from .abstention import finish_answer, value_logprobs
+from .fields import FIELDS
 from .prompts import PromptSettings, load_prompt_settings, no_report_prompt
 
 # max_report_chars's default: the cut of the prompt settings in use.
@@ -59,9 +60,12 @@ def settings_for(generator, max_report_chars, prompt_settings) -> PromptSettings
 
 def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max_report_chars=FROM_SETTINGS,
                        guidance_scale: float = 1.0, prompt_settings: PromptSettings = None,
-                       stage_from_tnm: bool = True, num_beams: int = 1, length_penalty: float = 1.0) -> dict:
+                       stage_from_tnm: bool = True, num_beams: int = 1, length_penalty: float = 1.0,
+                       abstain: bool = True) -> dict:
     """{field: value or None} for every phenotype field, decoded under the schema (per cancer type when the
-    settings record the fields the registry records per type: PromptSettings.recorded_fields). The stage is the
+    settings record the fields the registry records per type: PromptSettings.recorded_fields). A value whose
+    log-probability is below its field's threshold in the checkpoint's abstention.json (calibrated on validation
+    patients: tasks/abstention.py) is withheld (None); abstain=False gives every value. The stage is then the
     training registry's for the answer's cancer type, T, N and M where the settings record those groups
     (PromptSettings.stage_groups, fields.derive_stage); stage_from_tnm=False keeps the model's own.
 
@@ -70,15 +74,17 @@ def extract_phenotypes(generator, report: str, *, max_new_tokens: int = 256, max
     length_penalty: beam search (Generator.generate's; 1: greedy, as the demo's evaluation decodes)."""
     settings = settings_for(generator, max_report_chars, prompt_settings)
     templates = settings.templates
+    thresholds = getattr(generator, "abstention", None) if abstain else None
     result = generator.generate([settings.prompt("phenotype-json", report)], max_new_tokens=max_new_tokens,
                                 temperature=0.0, stop=templates["stop"],
                                 logits_processor=processors(generator).json(settings.recorded_fields),
-                                num_beams=num_beams, length_penalty=length_penalty,
+                                num_beams=num_beams, length_penalty=length_penalty, logprobs=bool(thresholds),
                                 **guided(guidance_scale, settings, [("phenotype-json", None)]))[0]
     fields = parse_phenotypes(result.text)
     if fields is None:
         raise ValueError(f"the answer did not complete within max_new_tokens={max_new_tokens}: {result.text!r}")
-    return derive_stage(fields, settings.stage_groups) if stage_from_tnm and settings.stage_groups else fields
+    confidences = value_logprobs(generator.tokenizer, result.token_ids, result.logprobs) if thresholds else None
+    return finish_answer(fields, confidences, thresholds, settings.stage_groups if stage_from_tnm else None)
 
 
 def generate_diagnosis(generator, report: str, *, max_new_tokens: int = 96, max_report_chars=FROM_SETTINGS,
