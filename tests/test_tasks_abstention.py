@@ -185,5 +185,5 @@ def test_calibrate_checkpoint_writes_thresholds_the_generator_reads(export, tmp_
     assert saved["micro_f1"]["abstaining"] >= saved["micro_f1"]["answering_all"]
     assert Generator.from_pretrained(ckpt).abstention == saved["abstain_below"]
     assert str(ckpt / A.ABSTENTION_FILE) in capsys.readouterr().out
-    with pytest.raises(ValueError, match="no examples to calibrate on"):
-        A.calibrate_checkpoint(ckpt, data, "nonexistent", verbose=False)
+    with pytest.raises(SystemExit, match="nonexistent.jsonl: no examples to calibrate on"):
+        A.main([str(ckpt), "--data", str(data), "--split", "nonexistent"])

@@ -22,6 +22,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from .fields import FIELDS, derive_stage, normalize_value
@@ -204,8 +205,13 @@ def main(argv=None):
     p.add_argument("--min-answers", type=int, default=MIN_ANSWERS,
                    help=f"fewest answered values a field needs for a threshold (default {MIN_ANSWERS})")
     a = p.parse_args(argv)
-    calibrate_checkpoint(a.checkpoint, a.data, a.split, batch_size=a.batch_size, dtype=a.dtype,
-                         min_answers=a.min_answers)
+    if a.batch_size < 1 or a.min_answers < 1:
+        p.error("--batch-size and --min-answers must be at least 1")
+    try:
+        calibrate_checkpoint(a.checkpoint, a.data, a.split, batch_size=a.batch_size, dtype=a.dtype,
+                             min_answers=a.min_answers)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"cancerllm.tasks.abstention: {e}")
 
 
 if __name__ == "__main__":
