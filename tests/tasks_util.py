@@ -1,7 +1,21 @@
-"""Test support for the task datasets: datasets built from the first few bundled reports."""
+"""Test support for the task datasets: datasets built from the first few bundled reports, and a tiny model to
+answer them."""
 import csv
 
+import torch
+
+from cancerllm import ModelArgs, Transformer
 from cancerllm.tasks.build import build
+from cancerllm.tokenizer import mistral_tokenizer_path
+
+
+def tiny_checkpoint(path):
+    """A tiny random Mistral (seed 0) with Mistral's tokenizer, saved as a Hugging Face directory at `path`."""
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs.preset("tiny", vocab_size=32000, max_seq_len=1024))
+    model.init_weights()
+    model.save_pretrained(path, tokenizer=mistral_tokenizer_path())
+    return path
 
 
 def first_reports_datasets(folder, n: int, **build_options) -> dict:

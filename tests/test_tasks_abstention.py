@@ -6,9 +6,7 @@ import random
 import shutil
 
 import pytest
-import torch
 
-from cancerllm import ModelArgs, Transformer
 from cancerllm import eval as cancer_eval
 from cancerllm.generate import Generator
 from cancerllm.tasks import abstention as A
@@ -16,7 +14,7 @@ from cancerllm.tasks.build import read_reports
 from cancerllm.tasks.fields import FIELDS
 from cancerllm.tasks.prompts import load_prompt_settings
 from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path, open_tokenizer
-from tasks_util import first_reports_datasets
+from tasks_util import first_reports_datasets, tiny_checkpoint
 from test_tokenizer_json import smollm_like, train_bpe
 
 ANSWER = {**dict.fromkeys(FIELDS), "cancer_type": "Lung adenocarcinoma", "primary_site": "Lung", "pT": "T1a",
@@ -131,13 +129,9 @@ def test_abstention_file_round_trip_and_bad_files_named(tmp_path):
 @pytest.fixture(scope="module")
 def export(tmp_path_factory):
     """A tiny random model exported with the datasets' prompt settings, and those datasets."""
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.preset("tiny", vocab_size=32000, max_seq_len=1024))
-    model.init_weights()
     tmp = tmp_path_factory.mktemp("abstention")
     first_reports_datasets(tmp, 30)
-    path = tmp / "export"
-    model.save_pretrained(path, tokenizer=mistral_tokenizer_path())
+    path = tiny_checkpoint(tmp / "export")
     load_prompt_settings(tmp / "tasks").save(path)
     return path, tmp / "tasks"
 

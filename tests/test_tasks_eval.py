@@ -3,28 +3,21 @@ import json
 import shutil
 
 import pytest
-import torch
 
-from cancerllm import ModelArgs, Transformer
 from cancerllm.generate import Generator
 from cancerllm.tasks.build import read_reports, task_examples
 from cancerllm.tasks.prompts import load_prompt_settings, load_templates, task_prompt
 from cancerllm.tasks.constrained import ChoiceProcessor, JsonSchemaProcessor
 from cancerllm.tasks.fields import ALLOWED, FIELDS, json_schema
-from cancerllm.tokenizer import Tokenizer, mistral_tokenizer_path
+from cancerllm.tokenizer import Tokenizer
 from cancerllm.tokenizer import train as train_tokenizer
 from cancerllm import eval as cancer_eval
-from tasks_util import first_reports_datasets
+from tasks_util import first_reports_datasets, tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    torch.manual_seed(0)
-    model = Transformer(ModelArgs.preset("tiny", vocab_size=32000, max_seq_len=1024))
-    model.init_weights()
-    path = tmp_path_factory.mktemp("ckpt")
-    model.save_pretrained(path, tokenizer=mistral_tokenizer_path())
-    return path
+    return tiny_checkpoint(tmp_path_factory.mktemp("ckpt"))
 
 
 @pytest.fixture(scope="module")

@@ -81,14 +81,10 @@ def finish_answer(fields: dict, confidences, thresholds, stage_groups) -> dict:
 # ---------------------------------------------------------------------------------------------- calibration
 
 def micro_f1(golds: list, answers: list) -> float:
-    tp = fp = fn = 0
-    for gold, answer in zip(golds, answers):
-        for f in FIELDS:
-            g, a = normalize_value(f, gold.get(f)), normalize_value(f, answer.get(f))
-            tp += a is not None and a == g
-            fp += a is not None and a != g
-            fn += g is not None and a != g
-    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
+    """Micro F1 over FIELDS, scored as the eval scores (tasks.metrics)."""
+    # Imported here: metrics needs the `tasks` extra, and the generator imports this module for load_abstention.
+    from .metrics import f1_of_counts, field_counts
+    return float(f1_of_counts(field_counts(answers, golds).sum((0, 1))))
 
 
 def finished_answers(answers: list, confidences: list, thresholds: dict, stage_groups) -> list:
@@ -106,21 +102,17 @@ def calibrate(golds: list, answers: list, confidences: list, stage_groups: dict 
         raise ValueError(f"calibrate: {len(golds)} gold records, {len(answers)} answers, "
                          f"{len(confidences)} confidences")
 
-    def finished(thresholds):
-        return finished_answers(answers, confidences, thresholds, stage_groups)
-
     thresholds = {}
-    best = micro_f1(golds, finished(thresholds))
+    best = micro_f1(golds, finished_answers(answers, confidences, thresholds, stage_groups))
     for f in FIELDS:
-        given = sorted(c[f] for a, c in zip(answers, confidences)
-                       if f in c and normalize_value(f, a.get(f)) is not None)
+        given = [c[f] for a, c in zip(answers, confidences) if f in c and normalize_value(f, a.get(f)) is not None]
         if len(given) < min_answers:
             continue
         # Between consecutive distinct confidences, lowest first: each candidate withholds one more group.
         levels = sorted(set(given))
         for low, high in zip(levels, levels[1:]):
             trial = {**thresholds, f: (low + high) / 2}
-            score = micro_f1(golds, finished(trial))
+            score = micro_f1(golds, finished_answers(answers, confidences, trial, stage_groups))
             if score > best:
                 thresholds, best = trial, score
     return thresholds
