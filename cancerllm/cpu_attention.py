@@ -14,29 +14,16 @@ reference runs in fp32, takes several times as long (docs/experiments.md, 2026-1
 
 A document's scores are [Hq * L, L] fp32 while one call runs (9 heads at L = 1,024: 38 MB); past MAX_SCORE_BYTES a
 document goes to the reference's SDPA instead (`usable`). The score and probability buffers are kept between calls
-(`scratch`): a fresh multi-MB tensor costs a page fault per 4 KB each time, which took as long as the matmuls.
+(extension.scratch).
 """
-import math
-
 import torch
 
 from . import gemv
-from .extension import FLOATS, check_cpu_tensor, native
+from .extension import FLOATS, check_cpu_tensor, native, scratch
 from .kernels import reference
 
 OP = "attention_softmax_forward"
-MAX_SCORE_BYTES = 128 * 2**20
-_scratch = {}   # (name, dtype) -> a flat buffer that `scratch` hands out views of, grown when too small
-
-
-def scratch(name: str, shape, dtype) -> torch.Tensor:
-    """A [shape] tensor of `dtype` whose memory is reused by the next call with the same name: for buffers that die
-    before their call returns (at most 2 x MAX_SCORE_BYTES fp32 and as much again in q's dtype stay allocated)."""
-    n = math.prod(shape)
-    buffer = _scratch.get((name, dtype))
-    if buffer is None or buffer.numel() < n:
-        buffer = _scratch[(name, dtype)] = torch.empty(n, dtype=dtype)
-    return buffer[:n].view(shape)
+MAX_SCORE_BYTES = 128 * 2**20   # at most 2 x this in fp32 and as much again in q's dtype stay allocated as scratch
 
 
 def usable(q: torch.Tensor, length: int) -> bool:

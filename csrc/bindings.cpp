@@ -1,11 +1,11 @@
 // cancerllm._C: the shard reader and the packed loader for Python, the CPU decoding kernels (small-M matmuls,
 // single-token cached attention, RMSNorm, and a whole block of a decode step made of them) and the CPU training
 // kernels (RMSNorm, rotary embedding and SwiGLU forward and backward, hashed dropout, attention's score matmuls and
-// softmax). Batches reach NumPy without a copy: the arrays are views of the C++ buffers, which go back to the
-// loader's pool when the last array goes away. The decoding kernels take torch tensors as data pointers (no torch
-// headers here): their Python wrappers (cancerllm/gemv.py, decode_attention.py, decode_rms_norm.py,
-// decode_layer.py, cpu_swiglu.py, cpu_rms_norm.py, cpu_rope.py, hashed_dropout.py, cpu_attention.py) check dtypes,
-// shapes and contiguity.
+// softmax, cross-entropy rows). Batches reach NumPy without a copy: the arrays are views of the C++ buffers, which
+// go back to the loader's pool when the last array goes away. The decoding kernels take torch tensors as data
+// pointers (no torch headers here): their Python wrappers (cancerllm/gemv.py, decode_attention.py,
+// decode_rms_norm.py, decode_layer.py, cpu_swiglu.py, cpu_rms_norm.py, cpu_rope.py, hashed_dropout.py,
+// cpu_attention.py, cpu_linear_cross_entropy.py) check dtypes, shapes and contiguity.
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -14,6 +14,7 @@
 #include <tuple>
 
 #include "attention_softmax.h"
+#include "cross_entropy.h"
 #include "decode_attention.h"
 #include "decode_layer.h"
 #include "dropout.h"
@@ -281,4 +282,14 @@ PYBIND11_MODULE(_C, m) {
      py::arg("grad_scores"), py::arg("type"), py::arg("rows"), py::arg("L"), py::arg("group"), py::arg("window"),
      py::arg("scale"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "causal attention softmax backward on raw pointers: use cancerllm.cpu_attention");
+  m.def("cross_entropy_rows", [](uintptr_t logits, int type, uintptr_t target, uintptr_t row_scale, uintptr_t loss,
+                                 int64_t rows, int64_t V, int threads) {
+    if (type < 0 || type > 1) throw std::invalid_argument("cross_entropy_rows: unknown element type");
+    if (rows < 0 || V < 1 || threads < 1) throw std::invalid_argument("cross_entropy_rows: bad sizes");
+    cross_entropy_rows(reinterpret_cast<void*>(logits), static_cast<Float>(type),
+                       reinterpret_cast<const int64_t*>(target), reinterpret_cast<const float*>(row_scale),
+                       reinterpret_cast<float*>(loss), rows, V, threads);
+  }, py::arg("logits"), py::arg("type"), py::arg("target"), py::arg("row_scale"), py::arg("loss"), py::arg("rows"),
+     py::arg("V"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     "cross-entropy loss and gradient of logits rows in place on raw pointers: use cancerllm.cpu_linear_cross_entropy");
 }

@@ -171,13 +171,20 @@ def linear_cross_entropy(hidden, weight, targets, *, ignore_index=IGNORE_INDEX, 
     512 tokens: a 64 MB fp32 chunk at a 32k vocabulary; 1024 made the `small` CPU step's peak ~0.15 GiB higher
     for a few percent of speed.
     Rows whose target is ignored are dropped before the matmul: in SFT the prompt tokens carry no loss, and their
-    logits would be most of the output head's work."""
+    logits would be most of the output head's work. Triton on CUDA; on CPU (fp32 or bf16) the head's matmuls in the
+    inputs' dtype around one C++ softmax pass (cancerllm/cpu_linear_cross_entropy.py), else the reference."""
     check_linear_cross_entropy(hidden, weight, targets, ignore_index, reduction, chunk_size, token_weights)
     rows = (targets != ignore_index).nonzero().squeeze(1)     # the wrapper's one host sync: nonzero's size
     if rows.numel() < targets.numel():
         hidden, targets = hidden.index_select(0, rows), targets.index_select(0, rows)
         if token_weights is not None:
             token_weights = token_weights.index_select(0, rows)
-    impl = triton_linear_cross_entropy if use_triton(hidden) else reference.linear_cross_entropy
+    from cancerllm import cpu_linear_cross_entropy   # here: cancerllm imports this package first
+    if use_triton(hidden):
+        impl = triton_linear_cross_entropy
+    elif not torch.compiler.is_compiling() and cpu_linear_cross_entropy.usable(hidden, weight):
+        impl = cpu_linear_cross_entropy.linear_cross_entropy
+    else:
+        impl = reference.linear_cross_entropy
     return impl(hidden, weight, targets, ignore_index=ignore_index, reduction=reduction, chunk_size=chunk_size,
                 token_weights=token_weights)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from cancerllm import kernels
+from cancerllm import cpu_linear_cross_entropy, kernels
 from cancerllm.kernels import reference
 from cancerllm.kernels.cross_entropy import cross_entropy as triton_cross_entropy
 from cancerllm.kernels.linear_cross_entropy import linear_cross_entropy as triton_linear_cross_entropy
@@ -334,12 +334,13 @@ def test_linear_cross_entropy_unit_weights_and_zero_weights(kernel_backend, back
 
 
 def test_linear_cross_entropy_dispatch_passes_only_loss_rows(monkeypatch, kernel_backend):
+    """Whichever CPU path runs (the C++ one when the extension is built, else the reference) sees the 2 loss rows."""
     seen = []
-    real = reference.linear_cross_entropy
-    def recording(hidden, *args, **kwargs):
-        seen.append(hidden.shape[0])
-        return real(hidden, *args, **kwargs)
-    monkeypatch.setattr(reference, "linear_cross_entropy", recording)
+    for module in (reference, cpu_linear_cross_entropy):
+        def recording(hidden, *args, real=module.linear_cross_entropy, **kwargs):
+            seen.append(hidden.shape[0])
+            return real(hidden, *args, **kwargs)
+        monkeypatch.setattr(module, "linear_cross_entropy", recording)
     kernel_backend("torch")
     targets = torch.tensor([-100, 3, -100, -100, 7, -100])
     kernels.linear_cross_entropy(torch.randn(6, 8), torch.randn(10, 8), targets)
