@@ -247,15 +247,17 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
      py::arg("scale"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "dropout with a hashed mask on raw pointers: use cancerllm.hashed_dropout");
+  m.def("has_amx", &has_amx, "Whether score_matmul may use this CPU's AMX tiles");
   m.def("score_matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t heads, int64_t M, int64_t N, int64_t K,
-                           int64_t causal_group, int threads) {
+                           int64_t causal_group, int threads, bool allow_amx) {
     if (heads < 0 || M < 0 || N < 0 || K < 2 || K % 2 || causal_group < 0 || threads < 1)
       throw std::invalid_argument("score_matmul: bad sizes (K must be even and >= 2)");
     if (!has_avx512_bf16()) throw std::runtime_error("score_matmul: this CPU lacks AVX512-BF16");
     score_matmul({reinterpret_cast<const uint16_t*>(a), reinterpret_cast<const uint16_t*>(b),
-                  reinterpret_cast<float*>(c), heads, M, N, K, causal_group}, threads);
+                  reinterpret_cast<float*>(c), heads, M, N, K, causal_group, allow_amx}, threads);
   }, py::arg("a"), py::arg("b"), py::arg("c"), py::arg("heads"), py::arg("M"), py::arg("N"), py::arg("K"),
-     py::arg("causal_group"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+     py::arg("causal_group"), py::arg("threads"), py::arg("allow_amx") = true,
+     py::call_guard<py::gil_scoped_release>(),
      "bf16 score matmuls with fp32 output on raw pointers: use cancerllm.cpu_attention");
   m.def("attention_softmax_forward", [](uintptr_t scores, uintptr_t probs, uintptr_t lse, int type, int64_t rows,
                                         int64_t L, int64_t group, int64_t window, float scale, int threads) {

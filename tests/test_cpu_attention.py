@@ -30,14 +30,25 @@ def float64_grads(q, k, v, grad, window, cu_seqlens=None):
     return out, q64.grad, k64.grad, v64.grad
 
 
+def amx_or_not(amx: bool):
+    """The score matmul's AMX tiles (where this CPU and Linux allow them) or its AVX512-BF16 ones."""
+    usable = cpu_attention.native("score_matmul") is not None and cpu_attention.native("score_matmul").has_amx()
+    return pytest.param(amx, id="amx" if amx else "avx512", marks=pytest.mark.skipif(amx and not usable,
+                                                                                    reason="no AMX here"))
+
+
 @pytest.mark.skipif(not gemv.fast_kernel(), reason="this CPU lacks AVX512-BF16: bf16 scores go through torch")
+@pytest.mark.parametrize("amx", [amx_or_not(True), amx_or_not(False)])
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 0), (3, 20, 9, 6, 0), (2, 45, 15, 64, 3), (1, 33, 33, 130, 1)])
-def test_score_matmul_is_fp32_exact_where_the_softmax_reads(shape, threads):
+# K of 2, 6 and 130 leave AMX's 32-wide slices of K a remainder; M past one and two 16-row blocks, N past 32.
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 0), (3, 20, 9, 6, 0), (2, 45, 15, 64, 3), (1, 33, 33, 130, 1),
+                                   (2, 70, 70, 96, 1)])
+def test_score_matmul_is_fp32_exact_where_the_softmax_reads(shape, threads, amx):
     heads, M, N, K, group = shape
     a, b = torch.randn(heads, M, K).bfloat16(), torch.randn(heads, N, K).bfloat16()
-    with threads_set(threads), poisoned_allocations():
-        out = cpu_attention.scores(a, b, group, "test")
+    out = torch.full((heads, M, N), float("nan"))
+    cpu_attention.native("score_matmul").score_matmul(a.data_ptr(), b.data_ptr(), out.data_ptr(), heads, M, N, K,
+                                                      group, threads, allow_amx=amx)
     ref = a.double() @ b.double().transpose(1, 2)
     visible = torch.ones(M, N, dtype=torch.bool)
     if group:
