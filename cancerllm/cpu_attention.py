@@ -1,16 +1,23 @@
-"""Causal grouped-query attention of packed documents for training on CPU: five matmuls at the machine's matmul rate
-around a softmax done in one C++ pass each way (csrc/score_matmul.cpp, csrc/attention_softmax.cpp).
+"""Causal grouped-query attention of packed documents for training on CPU: torch's flash forward where it is the
+faster, else ours, and always our backward: matmuls at the machine's matmul rate around a softmax in one C++ pass
+(csrc/score_matmul.cpp, csrc/attention_softmax.cpp).
 
     out = attention(q, k, v, window)                 # q [L, Hq, D], k and v [L, Hkv, D]: one document
     out = by_document(q, k, v, window, cu_seqlens)   # [B, T, H, D] batches: kernels.attention's CPU path
 
-Forward, per key/value head and its G query heads at once: the scores S = Q K^T in fp32 (bf16 products summed in
-fp32 by our score matmul, causal tiles only; fp32 inputs through torch's fp32 matmul), P = softmax(S / sqrt(D))
-under the causal (and sliding-window) mask, rounded to q's dtype, O = P V (torch's matmul). Saves q, k, v, O and the
-log-sum-exp: no [L, L] tensor is kept. Backward recomputes S, takes dP = dO V^T in fp32, and in one pass gets P and
-dS = P (dP - rowsum(dO O)) / sqrt(D), rounded to q's dtype for dV = P^T dO, dQ = dS K and dK = dS^T Q: the roundings
-of P and dS before their matmuls are those flash attention makes on a GPU. torch's CPU flash kernel, which the
-reference runs in fp32, takes several times as long (docs/experiments.md, 2026-11-30).
+Forward, in bf16 without a window shorter than the document (torch's causal mask has none): torch's CPU flash
+attention (oneDNN brgemm; bf16 products summed in fp32), which returns the log-sum-exp too. On an AMX Xeon with 2
+threads it took 1.3 - 1.4x less time than ours at 64 tokens, ~2x less at 512 and ~2.5x at 1,024 (forward and
+backward together up to 1.2x less). In fp32 it won only past ~512 tokens there, a tie below: fp32 keeps ours, as do
+windows. Ours, per key/value head and its G query heads at once: the scores S = Q K^T in fp32 (bf16 products summed
+in fp32 by our score matmul on AMX or AVX512-BF16 tiles, causal tiles only; fp32 inputs through torch's fp32
+matmul), P = softmax(S / sqrt(D)) under the causal (and
+sliding-window) mask, rounded to q's dtype, O = P V (torch's matmul). Either saves q, k, v, O and the log-sum-exp:
+no [L, L] tensor is kept. Backward recomputes S, takes dP = dO V^T in fp32, and in one pass gets P and dS = P (dP -
+rowsum(dO O)) / sqrt(D), rounded to q's dtype for dV = P^T dO, dQ = dS K and dK = dS^T Q: the roundings of P and dS
+before their matmuls are those flash attention makes on a GPU. In bf16 torch's flash backward took 1.1 - 1.4x as
+long as this one at 512 tokens and ~2x at 200; at 1,024 tokens and in fp32 it was mostly the faster (a choice not
+yet measured cleanly: the AMX Xeon's 2 cores were shared).
 
 A document's scores are [Hq * L, L] fp32 while one call runs (9 heads at L = 1,024: 38 MB); past MAX_SCORE_BYTES a
 document goes to the reference's SDPA instead (`usable`). The score and probability buffers are kept between calls
@@ -59,6 +66,32 @@ def from_kv_heads(t: torch.Tensor, length: int) -> torch.Tensor:
     return t.view(n_kv, length, rows // length, D).transpose(0, 1).reshape(length, -1, D)
 
 
+def flash_applies(q: torch.Tensor, length: int, window) -> bool:
+    """Whether torch's flash forward computes this document's attention: bf16 (where it was the faster at every
+    length), and no window shorter than the document (its causal mask has none)."""
+    return q.dtype == torch.bfloat16 and (window is None or window >= length)
+
+
+def flash_forward(q, k, v):
+    """Torch's CPU flash attention on q [L, Hq, D], k and v [L, Hkv, D] (GQA taken as it is) -> out [Hkv, L * G, D]
+    and the natural-log log-sum-exp of the scaled scores, [Hkv, L * G] fp32: the layouts `softmax_forward` gives."""
+    n_kv = k.shape[1]
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        *(t.transpose(0, 1)[None] for t in (q, k, v)), is_causal=True, scale=q.shape[-1] ** -0.5)
+    return by_kv_head(out[0].transpose(0, 1), n_kv), by_kv_head(lse[0].t()[..., None], n_kv)[..., 0]
+
+
+def softmax_forward(rows, keys, values, shape):
+    """Our score matmul, softmax and torch's P @ V on rows [Hkv, L * G, D], keys and values [Hkv, L, D] -> out
+    [Hkv, L * G, D] and the log-sum-exp [Hkv, L * G] fp32."""
+    probs = scratch("probs", (*rows.shape[:2], shape["L"]), rows.dtype)
+    lse = torch.empty(rows.shape[:2], dtype=torch.float32)
+    raw = scores(rows, keys, shape["group"], "scores")
+    native(OP).attention_softmax_forward(raw.data_ptr(), probs.data_ptr(), lse.data_ptr(), FLOATS[rows.dtype],
+                                         **shape)
+    return torch.bmm(probs, values), lse
+
+
 class CPUAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, window):
@@ -67,12 +100,10 @@ class CPUAttention(torch.autograd.Function):
         rows, keys, values = by_kv_head(q, n_kv), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
         shape = dict(rows=rows.shape[0] * rows.shape[1], L=L, group=Hq // n_kv, window=window or 0, scale=D ** -0.5,
                      threads=torch.get_num_threads())
-        probs = scratch("probs", (n_kv, rows.shape[1], L), q.dtype)
-        lse = torch.empty(n_kv, rows.shape[1], dtype=torch.float32)
-        raw = scores(rows, keys, shape["group"], "scores")
-        native(OP).attention_softmax_forward(raw.data_ptr(), probs.data_ptr(), lse.data_ptr(), FLOATS[q.dtype],
-                                             **shape)
-        out = torch.bmm(probs, values)
+        if flash_applies(q, L, window):
+            out, lse = flash_forward(q, k, v)
+        else:
+            out, lse = softmax_forward(rows, keys, values, shape)
         ctx.save_for_backward(rows, keys, values, out, lse)
         ctx.shape = shape
         return from_kv_heads(out, L)

@@ -1,7 +1,8 @@
 """Training attention on CPU (cancerllm/cpu_attention.py, csrc/score_matmul.cpp, csrc/attention_softmax.cpp): one
 document's output and its three gradients against the float64 reference on fresh random inputs, at odd lengths, head
-counts and widths, with and without a sliding window and at both thread counts; the score matmul alone; packed
-batches through kernels.attention; documents too long for the score buffer taken by the reference's SDPA."""
+counts and widths, with and without a sliding window and at both thread counts; torch's flash forward's output and
+log-sum-exp in our row order, and the gradients our backward takes from them; the score matmul alone; packed batches
+through kernels.attention; documents too long for the score buffer taken by the reference's SDPA."""
 import pytest
 import torch
 
@@ -69,6 +70,46 @@ def test_one_document_matches_float64(shape, dtype, threads):
     ref = float64_grads(q[None], k[None], v[None], grad[None], window)
     for name, actual, expected in zip(("out", "grad q", "grad k", "grad v"), (out, q.grad, k.grad, v.grad), ref):
         assert actual.dtype == dtype
+        assert_close(name, actual, expected[0], dtype)
+
+
+def in_our_row_order(t: torch.Tensor, n_kv: int) -> torch.Tensor:
+    """[Hq, L, ...] -> [Hkv, L * G, ...]: row r of key/value head h is position r // G, query head h * G + r % G."""
+    Hq, L, rest = t.shape[0], t.shape[1], t.shape[2:]
+    return t.reshape(n_kv, Hq // n_kv, L, *rest).transpose(1, 2).reshape(n_kv, L * (Hq // n_kv), *rest)
+
+
+# Max-abs error of torch's log-sum-exp (|lse| < 10 here), ~3x the worst of 450 random draws of these shapes: fp32
+# 9.5e-7, a few units in its last place; bf16 7.2e-5 from float64 on the same bf16 inputs (a coarser exp there).
+LSE_MAX_ABS = {torch.float32: 4e-6, torch.bfloat16: 2e-4}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(37, 6, 2, 16), (130, 9, 3, 64), (37, 4, 4, 8)],
+                         ids=lambda s: "L{}-Hq{}-Hkv{}-D{}".format(*s))
+def test_torch_flash_forward_gives_what_our_backward_reads(shape, dtype, monkeypatch):
+    """The flash forward's out and lse, in our row order, against float64; then the gradients our backward takes
+    from them (the flash path forced in every dtype)."""
+    L, Hq, Hkv, D = shape
+    q, k, v = leaves((L, Hq, D), dtype), leaves((L, Hkv, D), dtype), leaves((L, Hkv, D), dtype)
+    grad = torch.randn(L, Hq, D).to(dtype)
+    ref_out, ref_lse = reference.attention(*(t.detach()[None].double() for t in (q, k, v)), lse=True)
+    with torch.no_grad():
+        out, lse = cpu_attention.flash_forward(q, k, v)
+    assert_close("out", out, in_our_row_order(ref_out[0].transpose(0, 1), Hkv), dtype)
+    assert lse.dtype == torch.float32 and lse.shape == (Hkv, L * Hq // Hkv)
+    lse_error = (lse.double() - in_our_row_order(ref_lse[0].double(), Hkv)).abs().max().item()
+    assert lse_error <= LSE_MAX_ABS[dtype], f"lse: max-abs error {lse_error:.3g} ({dtype})"
+
+    calls, real = [], cpu_attention.flash_forward
+    monkeypatch.setattr(cpu_attention, "flash_applies", lambda *a: True)
+    monkeypatch.setattr(cpu_attention, "flash_forward", lambda *a: calls.append(1) or real(*a))
+    with poisoned_allocations():
+        out = cpu_attention.attention(q, k, v)
+        out.backward(grad)
+    assert calls == [1]
+    ref = float64_grads(q[None], k[None], v[None], grad[None], None)
+    for name, actual, expected in zip(("out", "grad q", "grad k", "grad v"), (out, q.grad, k.grad, v.grad), ref):
         assert_close(name, actual, expected[0], dtype)
 
 
