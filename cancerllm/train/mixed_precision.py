@@ -12,7 +12,9 @@ accumulates each copy's gradient; a hook then adds it into its parameter's gradi
 frees it: only the unit backward is in holds compute-dtype gradients. A parameter whose gradient is None (after
 zero_grad(set_to_none=True)) gets it in a buffer of its own, allocated once and reused every step, as DDP's
 gradient_as_bucket_view does: a fresh fp32 gradient for every weight each step cost a page fault per 4 KB (~20 ms
-per 100 MB here; SmolLM2's are 540 MB). So a gradient tensor kept past the next backward sees that one's values.
+per 100 MB here; SmolLM2's are 540 MB). So a gradient tensor kept past the next backward sees that one's values,
+and the buffers are held through the forward too: up to 4 bytes per trained parameter more at the forward's peak
+(~0.2 GiB of peak RSS in SmolLM2's full fine-tuning), the price of not faulting them in again every step.
 
 Why not FSDP2 here: on one CPU rank its all-gather and reduce-scatter are copies into buffers allocated every
 step, and its gathered weights and reduced gradients live beside the masters (docs/experiments.md, 2026-11-30: less
