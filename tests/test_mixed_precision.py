@@ -112,15 +112,6 @@ def test_copies_follow_the_optimizer_and_are_made_only_when_a_parameter_changed(
     assert_matches_bf16_model(model, bf16_twin(other), batch(5))
 
 
-def test_a_step_after_set_to_none_writes_its_gradients_into_the_last_steps_buffers():
-    model = cast_on_use(fp32_model(tie_word_embeddings=True), torch.bfloat16)
-    loss_and_grads(model, batch(1))
-    buffers = {n: p.grad.data_ptr() for n, p in model.named_parameters()}
-    model.zero_grad(set_to_none=True)
-    assert_matches_bf16_model(model, bf16_twin(model), batch(2))    # the new step's values, not added to the last
-    assert {n: p.grad.data_ptr() for n, p in model.named_parameters()} == buffers
-
-
 def test_lora_casts_only_the_adapters_and_keeps_the_frozen_bf16_base():
     model = fp32_model()
     apply_lora(model, LoraConfig(rank=4, alpha=8.0, dropout=0.0))

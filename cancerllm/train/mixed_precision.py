@@ -9,12 +9,7 @@ updates in place without bumping version counters), an in-place write (which bum
 new tensor under the parameter (`.data =`); a write through `.data` alone is not seen. A forward after a step
 casts each weight once; a second micro-batch or an activation-checkpointing recompute casts nothing. Autograd
 accumulates each copy's gradient; a hook then adds it into its parameter's gradient, in the parameter's dtype, and
-frees it: only the unit backward is in holds compute-dtype gradients. A parameter whose gradient is None (after
-zero_grad(set_to_none=True)) gets it in a buffer of its own, allocated once and reused every step, as DDP's
-gradient_as_bucket_view does: a fresh fp32 gradient for every weight each step cost a page fault per 4 KB (~20 ms
-per 100 MB here; SmolLM2's are 540 MB). So a gradient tensor kept past the next backward sees that one's values,
-and the buffers are held through the forward too: up to 4 bytes per trained parameter more at the forward's peak
-(~0.2 GiB of peak RSS in SmolLM2's full fine-tuning), the price of not faulting them in again every step.
+frees it: only the unit backward is in holds compute-dtype gradients.
 
 Why not FSDP2 here: on one CPU rank its all-gather and reduce-scatter are copies into buffers allocated every
 step, and its gathered weights and reduced gradients live beside the masters (docs/experiments.md, 2026-11-30: less
@@ -46,8 +41,7 @@ class CastOnUse:
     def __init__(self, slots: list[tuple[nn.Module, str]], dtype: torch.dtype):
         self.slots = slots          # (module, parameter name): resolved at each forward, so a re-materialised
         self.dtype = dtype          # parameter (to_empty, load) is picked up
-        self.copies = {}            # id(parameter) -> [parameter, its copy, the state it was copied in, the
-                                    # parameter's gradient buffer or None]
+        self.copies = {}            # id(parameter) -> [parameter, its copy, the state it was copied in]
 
     def swap_in(self, *_):
         self.masters = [module._parameters[name] for module, name in self.slots]
@@ -65,10 +59,10 @@ class CastOnUse:
         held = self.copies.get(id(master))
         if held is None or held[0] is not master or held[1].requires_grad != master.requires_grad:
             copy = nn.Parameter(torch.empty_like(master, dtype=self.dtype), requires_grad=master.requires_grad)
-            held = self.copies[id(master)] = [master, copy, None, None]
             if master.requires_grad:
-                copy.register_post_accumulate_grad_hook(partial(accumulate_into, held))
-        _, copy, copied, _ = held
+                copy.register_post_accumulate_grad_hook(partial(accumulate_into, master))
+            held = self.copies[id(master)] = [master, copy, None]
+        _, copy, copied = held
         state = (master._version, master.data_ptr(), optimizer_steps)
         if copied != state:
             with torch.no_grad():
@@ -77,17 +71,13 @@ class CastOnUse:
         return copy
 
 
-def accumulate_into(held: list, copy: nn.Parameter):
-    """Add the copy's gradient into its master's (held[0]), in the master's dtype (FSDP2's fp32 reduce_dtype), and
-    free it; a master without a gradient gets it in its reused buffer (held[3])."""
-    master, buffer = held[0], held[3]
+def accumulate_into(master: nn.Parameter, copy: nn.Parameter):
+    """Add the copy's gradient into the master's, in the master's dtype (FSDP2's fp32 reduce_dtype), and free it."""
     grad, copy.grad = copy.grad, None
-    if master.grad is not None:
+    if master.grad is None:
+        master.grad = grad.to(master.dtype)
+    else:
         master.grad.add_(grad)
-        return
-    if buffer is None or buffer.shape != master.shape or buffer.dtype != master.dtype:
-        buffer = held[3] = torch.empty_like(master)
-    master.grad = buffer.copy_(grad)
 
 
 def unit_module(layer: nn.Module) -> nn.Module:
