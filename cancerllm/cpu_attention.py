@@ -11,11 +11,11 @@ threads it took 1.3 - 1.4x less time than ours at 64 tokens, ~2x less at 512 and
 backward together up to 1.2x less). In fp32 it won only past ~512 tokens there, a tie below: fp32 keeps ours, as do
 windows. Ours, per key/value head and its G query heads at once: the scores S = Q K^T in fp32 (bf16 products summed
 in fp32 by our score matmul on AMX or AVX512-BF16 tiles, causal tiles only; fp32 inputs through torch's fp32
-matmul), P = softmax(S / sqrt(D)) under the causal (and
-sliding-window) mask, rounded to q's dtype, O = P V (torch's matmul). Either saves q, k, v, O and the log-sum-exp:
-no [L, L] tensor is kept. Backward recomputes S, takes dP = dO V^T in fp32, and in one pass gets P and dS = P (dP -
-rowsum(dO O)) / sqrt(D), rounded to q's dtype for dV = P^T dO, dQ = dS K and dK = dS^T Q: the roundings of P and dS
-before their matmuls are those flash attention makes on a GPU. In bf16 torch's flash backward took 1.1 - 1.4x as
+matmul), P = softmax(S / sqrt(D)) under the causal (and sliding-window) mask, rounded to q's dtype, O = P V
+(torch's matmul). Either saves q, k, v, O and the log-sum-exp: no [L, L] tensor is kept. Backward recomputes S,
+takes dP = dO V^T in fp32, and in one pass gets P and dS = P (dP - rowsum(dO O)) / sqrt(D), rounded to q's dtype for
+dV = P^T dO, dQ = dS K and dK = dS^T Q: the roundings of P and dS before their matmuls are those flash attention
+makes on a GPU. In bf16 torch's flash backward took 1.1 - 1.4x as
 long as this one at 512 tokens and ~2x at 200; at 1,024 tokens and in fp32 it was mostly the faster (a choice not
 yet measured cleanly: the AMX Xeon's 2 cores were shared).
 

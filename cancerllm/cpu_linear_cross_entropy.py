@@ -20,7 +20,7 @@ after another as Liger-Kernel's addmm_ does.
 import torch
 
 from .extension import FLOATS, check_cpu_tensor, native, scratch
-from .kernels.reference import IGNORE_INDEX
+from .kernels.reference import IGNORE_INDEX, loss_row_weights
 
 OP = "cross_entropy_rows"
 
@@ -44,20 +44,11 @@ def loss_rows(logits: torch.Tensor, targets: torch.Tensor, row_scale: torch.Tens
     return losses
 
 
-def row_weights(targets, ignore_index, reduction, token_weights):
-    """(each row's weight in the loss's sum: 0 on ignored rows; the reduction's scale: 1 / their sum for "mean")."""
-    valid = targets != ignore_index
-    weight = valid.float() if token_weights is None else torch.where(valid, token_weights.float(), 0.0)
-    total = weight.sum()
-    scale = 1.0 / torch.where(total > 0, total, 1.0) if reduction == "mean" else torch.ones(())
-    return weight, scale
-
-
 class CPULinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, reduction, chunk_size, token_weights):
         hidden, weight = hidden.contiguous(), weight.contiguous()
-        row_weight, scale = row_weights(targets, ignore_index, reduction, token_weights)
+        row_weight, scale = loss_row_weights(targets, ignore_index, reduction, token_weights, torch.float32)
         row_scale = (row_weight * scale).contiguous()
         safe_targets = torch.where(targets != ignore_index, targets, 0).long().contiguous()
         losses, grad_hidden, grad_weight = [], torch.empty_like(hidden), None

@@ -40,11 +40,6 @@ CANCERLLM_SIMD_CLONES float exp_shifted(const float* s, float* out, int64_t n, f
   return sum;
 }
 
-CANCERLLM_SIMD_CLONES void times(float* v, int64_t n, float factor) {
-#pragma omp simd
-  for (int64_t j = 0; j < n; ++j) v[j] *= factor;
-}
-
 // g[j] = p[j] * (dp[j] - delta) * scale.
 CANCERLLM_SIMD_CLONES void softmax_grad(const float* p, const float* dp, float* g, int64_t n, float delta,
                                         float scale) {

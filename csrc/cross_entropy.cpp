@@ -50,12 +50,7 @@ void rows_typed(T* logits, const int64_t* target, const float* row_scale, float*
       loss[r] = m + std::log(sum) - target_logit;
       // x / sum is the softmax; scaled by the row's weight in the loss, less that weight at the target.
       const float scale = row_scale[r];
-      for (int64_t at = 0; at < V; at += kChunk) {
-        const int64_t count = std::min(kChunk, V - at);
-        float* part = x + at;
-#pragma omp simd
-        for (int64_t j = 0; j < count; ++j) part[j] *= scale / sum;
-      }
+      times(x, V, scale / sum);
       x[target[r]] -= scale;
       for (int64_t at = 0; at < V; at += kChunk) narrow_chunk(x + at, row + at, std::min(kChunk, V - at));
     }

@@ -210,6 +210,17 @@ def reduce_loss(loss, valid, reduction):
     raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
 
 
+def loss_row_weights(targets, ignore_index, reduction, token_weights, dtype):
+    """(each token's weight in the loss's sum, in `dtype`: 1 or its token weight, 0 where its target is ignored;
+    the reduction's scale: 1 / their sum for "mean", 1 when that sum is 0 or for "sum")."""
+    valid = targets != ignore_index
+    row_weight = valid.to(dtype) if token_weights is None else torch.where(valid, token_weights.to(dtype), 0.0)
+    denom = row_weight.sum()
+    scale = (1.0 / torch.where(denom > 0, denom, 1.0) if reduction == "mean"
+             else torch.ones((), dtype=dtype, device=targets.device))
+    return row_weight, scale
+
+
 class ChunkedLinearCrossEntropy(torch.autograd.Function):
     """cross_entropy(hidden @ weight.T, targets) a chunk of tokens at a time: the [N, V] logits never exist,
     only [chunk, V]. Gradients are computed in the forward pass (accumulated in fp32), so backward is a scale."""
@@ -219,11 +230,7 @@ class ChunkedLinearCrossEntropy(torch.autograd.Function):
         dt = compute_dtype(hidden.dtype)
         w = weight.to(dt)
         valid = targets != ignore_index
-        # Each token's weight in the sums: 1, or its token weight; 0 when its target is ignored.
-        row_weight = valid.to(dt) if token_weights is None else torch.where(valid, token_weights.to(dt), 0.0)
-        denom = row_weight.sum()
-        scale = (1.0 / torch.where(denom > 0, denom, 1.0) if reduction == "mean"
-                 else torch.ones((), dtype=dt, device=hidden.device))
+        row_weight, scale = loss_row_weights(targets, ignore_index, reduction, token_weights, dt)
         total = torch.zeros((), dtype=dt, device=hidden.device)
         grad_hidden = torch.empty_like(hidden)
         grad_weight = torch.zeros_like(weight, dtype=dt)
