@@ -90,8 +90,9 @@ def records(n_fields_right=40, n_low=30, low_right=0.2, seed=0):
 
 def test_calibration_withholds_the_guesses_and_raises_micro_f1():
     golds, answers, confs = records(low_right=0.2)
-    thresholds = A.calibrate(golds, answers, confs)
+    thresholds, gain = A.calibrate(golds, answers, confs)
     assert list(thresholds) == ["pT"] and -2.0 < thresholds["pT"] < -0.05
+    assert gain > 0                                      # held out, too
     finished = A.finished_answers(answers, confs, thresholds, None)
     assert all((a["pT"] is None) == (c["pT"] < -1) for a, c in zip(finished, confs))
     assert A.micro_f1(golds, finished) > A.micro_f1(golds, answers)
@@ -99,12 +100,47 @@ def test_calibration_withholds_the_guesses_and_raises_micro_f1():
 
 def test_calibration_keeps_answers_right_often_enough_and_fields_with_few_answers():
     golds, answers, confs = records(low_right=0.9)       # right 90% of the time: above micro F1 / 2
-    assert A.calibrate(golds, answers, confs) == {}
+    assert A.calibrate(golds, answers, confs) == ({}, None)
     golds, answers, confs = records(n_fields_right=5, n_low=10, low_right=0.0)
-    assert A.calibrate(golds, answers, confs) == {}      # 15 answers < MIN_ANSWERS
-    assert "pT" in A.calibrate(golds, answers, confs, min_answers=10)
+    assert A.calibrate(golds, answers, confs) == ({}, None)      # 15 answers < MIN_ANSWERS
+    assert "pT" in A.calibrate(golds, answers, confs, min_answers=10)[0]
     with pytest.raises(ValueError, match="2 gold records, 1 answers"):
         A.calibrate(golds[:2], answers[:1], confs[:1])
+    with pytest.raises(ValueError, match="folds must be at least 2"):
+        A.calibrate(golds, answers, confs, folds=1)
+
+
+def noise_records(n=90, right=0.5, seed=0):
+    """pT right with the same chance whatever its log-probability: no threshold tells guesses from readings."""
+    rng = random.Random(seed)
+    golds, answers, confs = [], [], []
+    for _ in range(n):
+        gold = {**ANSWER, "pT": rng.choice(["T1a", "T2", "T3"])}
+        golds.append(gold)
+        answers.append({**gold, "pT": gold["pT"] if rng.random() < right else "T4"})
+        confs.append({**dict.fromkeys(FIELDS, -0.05), "pT": -3 * rng.random()})
+    return golds, answers, confs
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_calibration_does_not_fit_thresholds_to_noise(seed):
+    """The best threshold on the reports themselves beats answering all (by chance: the lowest few happen to be
+    wrong), and cross-validation turns it down; the old rule (best on the reports) would have kept it."""
+    golds, answers, confs = noise_records(seed=seed)
+    levels = sorted({c["pT"] for c in confs})
+    in_sample = max(A.micro_f1(golds, A.finished_answers(answers, confs, {"pT": t}, None)) for t in levels)
+    assert in_sample > A.micro_f1(golds, answers)
+    assert A.calibrate(golds, answers, confs)[0] == {}
+
+
+def test_held_out_gain_scores_the_procedure_on_folds_it_was_not_fitted_on():
+    golds, answers, confs = records(low_right=0.0)
+    assert A.held_out_gain(lambda *_: {}, golds, answers, confs, None, 5, 2, 0) == 0
+    assert A.held_out_gain(lambda *_: {"pT": -1.0}, golds, answers, confs, None, 5, 2, 0) == pytest.approx(
+        A.micro_f1(golds, A.finished_answers(answers, confs, {"pT": -1.0}, None)) - A.micro_f1(golds, answers))
+    fitted_sizes = []
+    A.held_out_gain(lambda g, a, c: fitted_sizes.append(len(g)) or {}, golds, answers, confs, None, 5, 3, 0)
+    assert len(fitted_sizes) == 15 and set(fitted_sizes) == {len(golds) * 4 // 5}
 
 
 def test_abstention_file_round_trip_and_bad_files_named(tmp_path):
@@ -177,6 +213,7 @@ def test_calibrate_checkpoint_writes_thresholds_the_generator_reads(export, tmp_
     saved = json.loads((ckpt / A.ABSTENTION_FILE).read_text())
     assert saved["split"] == "val" and saved["n_reports"] >= 1 and saved["min_answers"] == 1
     assert saved["micro_f1"]["abstaining"] >= saved["micro_f1"]["answering_all"]
+    assert saved["cross_validation"]["folds"] == A.FOLDS
     assert Generator.from_pretrained(ckpt).abstention == saved["abstain_below"]
     assert str(ckpt / A.ABSTENTION_FILE) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="nonexistent.jsonl: no examples to calibrate on"):

@@ -291,9 +291,16 @@ def normalize_laterality(value: str) -> str:
 
 def normalize_value(field: str, value):
     """A field's value in canonical form, or None for no value ("not mentioned", null, empty)."""
-    if value is None or str(value).strip().lower() in NULL_ANSWERS:
+    return None if value is None else normalize_text(field, str(value))
+
+
+@functools.lru_cache(maxsize=2**17)
+def normalize_text(field: str, value: str):
+    """normalize_value of a value's text, memoised: scoring and abstention's calibration normalise the same few
+    hundred values hundreds of thousands of times."""
+    if value.strip().lower() in NULL_ANSWERS:
         return None
-    value = str(value).strip()
+    value = value.strip()
     if field in ("pT", "pN", "pM"):
         return normalize_tnm(field, value)
     if field == "stage":
