@@ -17,7 +17,9 @@ machine the best run is the one least slowed by other work, while memory does no
 the same weights (each parameter's values follow from its name, fill_weights) and report their first step's loss,
 which should agree. FLOP/s count the matmul work our step does (flops_per_token) and are given as a fraction of
 this machine's matmul rate in the compute dtype (CPU), measured in the parent before and after the runs (the best
-of both), or of the GPU's bf16 peak.
+of both), or of the GPU's bf16 peak. Beside it, the fraction of the rate the model's own block linears reach at the
+step's rows (shape_matmul_tflops, measured the same way): an n^3 matmul is a ceiling these shapes do not reach, so
+this says how much of the gap is the step's and how much the shapes'.
 """
 import argparse
 import json
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import gpu_peaks, machine, matmul_tflops, print_table, write_results  # noqa: E402
+from bench.common import gpu_peaks, machine, matmul_tflops, print_table, time_fn, write_results  # noqa: E402
 from cancerllm.kernels import IGNORE_INDEX  # noqa: E402
 from cancerllm.train.config import LoraConfig  # noqa: E402
 
@@ -164,6 +166,25 @@ def flops_per_token(args, seq_len: int, lora: LoraConfig = None, loss_fraction: 
     return 4 * (matmul - head) + 6 * adapters + 4 * head * loss_fraction + attention
 
 
+def block_linear_shapes(args) -> list[tuple[int, int]]:
+    """(in_features, out_features) of one block's linears: q, k, v, o, gate, up, down."""
+    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
+    return [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim), (args.dim, args.hidden_dim),
+            (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
+
+
+def shape_matmul_tflops(args, rows: int, device, dtype) -> float:
+    """The rate the block linears' own matmuls reach at `rows` tokens: the forward (x W^T), grad-input (g W) and
+    grad-weight (g^T x) matmul of each, each the fastest of its timed runs; all their FLOPs over all their times."""
+    flops = seconds = 0.0
+    for k, n in block_linear_shapes(args):
+        x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((rows, k), (n, k), (rows, n)))
+        for matmul in (lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x):
+            seconds += time_fn(matmul, warmup=1, reps=10, best=True) / 1e3
+            flops += 2 * rows * k * n
+    return flops / seconds / 1e12
+
+
 def lora_setting(mode: str, rank: int):
     """LoRA as train.py's [lora] section with `rank` (alpha, dropout and targets its defaults), or None: full."""
     return LoraConfig(enabled=True, rank=rank) if mode == "lora" else None
@@ -245,13 +266,15 @@ def best_of(runs: list[dict]) -> dict:
     return row
 
 
-def compare(runs: dict, rate: float) -> list[dict]:
-    """Each side's best row with its fraction of the matmul rate, ours with the ratios to the peer."""
+def compare(runs: dict, rate: float, shape_rate: float) -> list[dict]:
+    """Each side's best row with its fractions of the n^3 matmul rate and of its shapes' rate, ours with the ratios
+    to the peer."""
     pair = [best_of(runs["ours"]), best_of(runs["transformers"])]
     for row in pair:
         if "model_tflops" in row:
-            row["matmul_tflops"] = rate
+            row["matmul_tflops"], row["shape_matmul_tflops"] = rate, shape_rate
             row["fraction_of_matmul"] = row["model_tflops"] / rate
+            row["fraction_of_shapes"] = row["model_tflops"] / shape_rate
     ours_row, theirs = pair
     if "tokens_per_s" in ours_row and "tokens_per_s" in theirs:
         ours_row["speedup"] = ours_row["tokens_per_s"] / theirs["tokens_per_s"]
@@ -296,7 +319,12 @@ def main():
         print(json.dumps({"side": a.side, "preset": presets[0], **row}))
         return
     compute_dtype = param_dtype(ParallelConfig(mixed_precision=a.mixed_precision), device)
-    rate = matmul_tflops(device, dtype=compute_dtype)
+
+    def rates():
+        return matmul_tflops(device, dtype=compute_dtype), {preset: shape_matmul_tflops(
+            ModelArgs.preset(preset), a.batch * a.seq_len, device, compute_dtype) for preset in presets}
+
+    rate, shape_rates = rates()
     settings = [(preset, mode, rank) for preset in presets for mode in a.mode
                 for rank in (a.lora_rank if mode == "lora" else a.lora_rank[:1])]
     runs = {s: {"ours": [], "transformers": []} for s in settings}
@@ -304,11 +332,14 @@ def main():
         for setting in settings:
             for side in (("ours", "transformers") if r % 2 == 0 else ("transformers", "ours")):
                 runs[setting][side].append(run_child(side, *setting, a))
-    rate = max(rate, matmul_tflops(device, dtype=compute_dtype))   # load may have slowed the first measurement
-    rows = [row for setting in settings for row in compare(runs[setting], rate)]
+    rate_after, shape_rates_after = rates()       # load may have slowed the first measurement: the best of both
+    rate = max(rate, rate_after)
+    shape_rates = {preset: max(shape_rates[preset], shape_rates_after[preset]) for preset in presets}
+    rows = [row for setting in settings for row in compare(runs[setting], rate, shape_rates[setting[0]])]
     print(json.dumps({**machine(), "threads": torch.get_num_threads(), "matmul_dtype": str(compute_dtype)}))
     columns = ["preset", "mode", "rank", "side", "seq_len", "runs", "tokens_per_s", "tokens_per_s_runs",
-               "peak_mem_gib", "train_mem_gib", "model_tflops", "matmul_tflops", "fraction_of_matmul", "mfu",
+               "peak_mem_gib", "train_mem_gib", "model_tflops", "matmul_tflops", "fraction_of_matmul",
+               "shape_matmul_tflops", "fraction_of_shapes", "mfu",
                "speedup", "memory_ratio", "train_memory_ratio", "first_loss", "error"]
     print_table(rows, columns)
     print(f"results: {write_results('train', rows, matmul_dtype=str(compute_dtype))}")

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train import flops_per_token, lora_setting, measure_training  # noqa: E402
+from bench.train import (block_linear_shapes, compare, flops_per_token, lora_setting,  # noqa: E402
+                         measure_training, shape_matmul_tflops)
 from cancerllm import ModelArgs, Transformer  # noqa: E402
 from cancerllm.train.lora import apply_lora, trainable_summary  # noqa: E402
 
@@ -44,3 +45,19 @@ def test_flops_per_token():
     attention = ARGS.flops_per_token(32) - 6 * ARGS.num_params(embedding=False)
     expected = 4 * frozen + 6 * adapters + 4 * head * 0.5 + attention
     assert flops_per_token(ARGS, 32, lora, loss_fraction=0.5) == pytest.approx(expected, rel=1e-12)
+
+
+def test_block_linear_shapes_are_the_models():
+    block = Transformer(ARGS).layers[0]
+    linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
+    assert sorted(block_linear_shapes(ARGS)) == sorted((m.in_features, m.out_features) for m in linears)
+
+
+def test_fractions_of_both_rates():
+    rate = shape_matmul_tflops(ARGS, 32, torch.device("cpu"), torch.float32)
+    assert 0 < rate < 1e3
+    runs = {side: [{"tokens_per_s": t, "model_tflops": 0.2, "peak_mem_gib": 1.0}] for side, t in
+            (("ours", 20.0), ("transformers", 10.0))}
+    ours, theirs = compare(runs, 1.0, 0.5)
+    assert (ours["fraction_of_matmul"], ours["fraction_of_shapes"], ours["speedup"]) == (0.2, 0.4, 2.0)
+    assert theirs["shape_matmul_tflops"] == 0.5
