@@ -121,17 +121,26 @@ def best_cut(totals: np.ndarray) -> int:
     return best if f1[best] > f1[0] else 0
 
 
-def cross_validated_gain(counts: np.ndarray, folds: int, repeats: int, seed: int) -> float:
-    """Mean over `repeats` shuffles of the micro F1 that choosing a cut on k-1 folds gives the held-out fold, all
-    folds pooled, minus that of withholding nothing. counts: [candidates, records, 3], candidate 0 withholds nothing."""
+def mean_held_out_gain(n: int, held_out_counts, baseline: np.ndarray, folds: int, repeats: int, seed: int) -> float:
+    """Mean over `repeats` shuffles of n records into `folds` folds of the micro F1 of the held-out folds' pooled
+    counts, minus that of `baseline` (summed (tp, fp, fn)). held_out_counts(fitted, held): the summed counts of the
+    records in the `held` mask when chosen on those in `fitted`."""
     from .metrics import f1_of_counts
-    n = counts.shape[1]
     rng, gains = np.random.default_rng(seed), []
     for _ in range(repeats):
         fold = rng.permutation(n) % folds
-        held_out = sum(counts[best_cut(counts[:, fold != k].sum(1)), fold == k].sum(0) for k in range(folds))
-        gains.append(f1_of_counts(held_out) - f1_of_counts(counts[0].sum(0)))
+        pooled = sum(held_out_counts(fold != k, fold == k) for k in range(folds))
+        gains.append(f1_of_counts(pooled) - f1_of_counts(baseline))
     return float(np.mean(gains))
+
+
+def cross_validated_gain(counts: np.ndarray, folds: int, repeats: int, seed: int) -> float:
+    """mean_held_out_gain of choosing a cut (best_cut) on k-1 folds over withholding nothing. counts:
+    [candidates, records, 3], candidate 0 withholds nothing."""
+    def held_out_counts(fitted, held):
+        return counts[best_cut(counts[:, fitted].sum(1)), held].sum(0)
+
+    return mean_held_out_gain(counts.shape[1], held_out_counts, counts[0].sum(0), folds, repeats, seed)
 
 
 def field_thresholds(golds: list, answers: list, confidences: list, stage_groups, min_answers: int, folds: int,
@@ -156,21 +165,15 @@ def field_thresholds(golds: list, answers: list, confidences: list, stage_groups
 
 def held_out_gain(fit, golds: list, answers: list, confidences: list, stage_groups, folds: int, repeats: int,
                   seed: int) -> float:
-    """Mean over `repeats` shuffles of the micro F1 that thresholds fitted (fit(golds, answers, confidences)) on
-    k-1 folds give the held-out fold, all folds pooled, minus that of answering every value."""
-    from .metrics import f1_of_counts
+    """mean_held_out_gain of thresholds fitted (fit(golds, answers, confidences)) on k-1 folds over answering every
+    value."""
+    def held_out_counts(fitted, held):
+        fitted, held = ([[x[i] for i in np.flatnonzero(side)] for x in (golds, answers, confidences)]
+                        for side in (fitted, held))
+        return record_counts(held[0], finished_answers(*held[1:], fit(*fitted), stage_groups)).sum(0)
+
     every = record_counts(golds, finished_answers(answers, confidences, {}, stage_groups)).sum(0)
-    rng, gains = np.random.default_rng(seed), []
-    for _ in range(repeats):
-        fold = rng.permutation(len(golds)) % folds
-        held_out = 0
-        for k in range(folds):
-            fitted, held = ([[x[i] for i in np.flatnonzero(side)] for x in (golds, answers, confidences)]
-                            for side in (fold != k, fold == k))
-            thresholds = fit(*fitted)
-            held_out = held_out + record_counts(held[0], finished_answers(*held[1:], thresholds, stage_groups)).sum(0)
-        gains.append(f1_of_counts(held_out) - f1_of_counts(every))
-    return float(np.mean(gains))
+    return mean_held_out_gain(len(golds), held_out_counts, every, folds, repeats, seed)
 
 
 def calibrate(golds: list, answers: list, confidences: list, stage_groups: dict = None,
