@@ -6,13 +6,14 @@ costs were the largest share of a step after the matmuls (docs/experiments.md).
 
 A FusedBlock runs its BlockStep when every matmul of the block sends decode-sized inputs to our small-M kernel
 (fp32, bf16 or int8 weights), both norms run our norm kernel, and the cache takes attend_step; otherwise, and for
-prefill, it runs op by op. `portable` runs the portable kernels (tests cover both on one machine).
+prefill, it runs op by op. `portable` runs the portable kernels, `amx=False` the AVX512 matmuls where AMX would run
+(tests cover each on one machine).
 """
 import math
 
 import torch
 
-from . import decode_attention
+from . import decode_attention, gemv
 from .extension import FLOATS, check_cpu_tensor, native
 
 OP = "decode_layer"
@@ -44,7 +45,7 @@ class BlockStep:
                 and block.input_layernorm.row_norm is not None and block.post_attention_layernorm.row_norm is not None
                 and block.input_layernorm.eps == block.post_attention_layernorm.eps)
 
-    def __call__(self, x, cos, sin, cache, *, portable: bool = False):
+    def __call__(self, x, cos, sin, cache, *, portable: bool = False, amx: bool = True):
         """x [n, 1, dim] (fp32 or bf16): the block's input at each row's new position; cos, sin [n, 1, D/2]; the
         cache prepared by begin() for these n rows (the new keys and values are stored). The block's output."""
         check_cpu_tensor(OP, "x", x, dtypes=tuple(FLOATS))
@@ -64,5 +65,5 @@ class BlockStep:
             self.input_norm.eps, self.weights, cos.data_ptr(), sin.data_ptr(), k_cache.data_ptr(),
             v_cache.data_ptr(), slot_pos.data_ptr(), cache.positions.data_ptr(), FLOATS[x.dtype],
             n, self.Hq, self.Hkv, k_cache.shape[2], self.D, cache.window or 0, 1 / math.sqrt(self.D), self.dim,
-            self.hidden, torch.get_num_threads(), portable)
+            self.hidden, torch.get_num_threads(), gemv.kernel(portable, amx))
         return out

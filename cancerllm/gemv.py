@@ -1,8 +1,9 @@
 """Our small-M CPU matmul for decoding (csrc/gemv.cpp): y = x @ W.T for a few rows of x, W in bf16, in int8 with a
 bf16 scale per output row (model.quantize_int8's format) or in fp32, read once per call in its own [N, K] layout.
 
-With bf16 or int8 weights x (fp32 or bf16) is rounded to bf16 and multiplied with fp32 sums: AVX512-BF16 dot
-products where the CPU has them (chosen at run time), a portable kernel elsewhere. With fp32 weights everything is
+With bf16 or int8 weights x (fp32 or bf16) is rounded to bf16 and multiplied with fp32 sums: for bf16 weights on
+AMX tiles where the CPU has them and Linux grants them, otherwise (and for int8 weights) AVX512-BF16 dot products
+where the CPU has them (chosen at run time), a portable kernel elsewhere. With fp32 weights everything is
 fp32 (AVX512F fused multiply-adds, or the portable kernel). y comes back in x's dtype; with int8 weights its values
 are rounded to bf16 (scale applied first), the contract of torch's _weight_int8pack_mm, which the int8 paths share.
 Every check happens here, before the C++ call takes the tensors' data pointers.
@@ -29,6 +30,11 @@ def available() -> bool:
 def fast_kernel() -> bool:
     """Whether this CPU runs the AVX512-BF16 kernel (otherwise the portable one runs)."""
     return available() and _extension().has_avx512_bf16()
+
+
+def amx_kernel() -> bool:
+    """Whether bf16 weights run on this CPU's AMX tiles (where Linux grants them; otherwise on AVX512-BF16)."""
+    return available() and _extension().has_amx()
 
 
 def build_id() -> str:
@@ -62,9 +68,10 @@ class Multiplier:
         self.N, self.K = weight.shape
         self.weight_args = (weight.data_ptr(), WEIGHTS[weight.dtype], 0 if scales is None else scales.data_ptr())
 
-    def __call__(self, x: torch.Tensor, *, portable: bool = False) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, *, portable: bool = False, amx: bool = True) -> torch.Tensor:
         """x [..., K] @ weight.T (times the scales) -> [..., N] in x's dtype, on torch's thread count. `portable`
-        runs the portable kernel on any CPU (tests cover both kernels on one machine)."""
+        runs the portable kernel on any CPU; `amx=False` the AVX512 one for bf16 weights where AMX would run (tests
+        cover every kernel on one machine)."""
         check_cpu_tensor("gemv", "x", x)
         if x.dtype not in FLOATS:
             raise TypeError(f"gemv: x must be float32 or bfloat16, got {x.dtype}")
@@ -77,10 +84,16 @@ class Multiplier:
         elif rows and self.N:
             self.extension.small_matmul(x.data_ptr(), FLOATS[x.dtype], *self.weight_args, y.data_ptr(),
                                         FLOATS[y.dtype], self.scales is not None, rows, self.N, self.K,
-                                        torch.get_num_threads(), portable)
+                                        torch.get_num_threads(), kernel(portable, amx))
         return y
 
 
-def matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor = None, *, portable: bool = False):
+def kernel(portable: bool, amx: bool) -> int:
+    """csrc/gemv.h's Kernel for the `portable` and `amx` options: 0 the best this CPU runs, 1 AVX512, 2 portable."""
+    return 2 if portable else 0 if amx else 1
+
+
+def matmul(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor = None, *, portable: bool = False,
+           amx: bool = True):
     """x [..., K] @ weight[N, K].T (times scales [N] for int8 weights) -> [..., N] in x's dtype: Multiplier once."""
-    return Multiplier(weight, scales)(x, portable=portable)
+    return Multiplier(weight, scales)(x, portable=portable, amx=amx)

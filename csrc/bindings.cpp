@@ -59,6 +59,12 @@ py::dict to_numpy(std::unique_ptr<Batch> batch, std::shared_ptr<BatchPool> pool,
   return out;
 }
 
+// gemv.h's Kernel from its number (0 best, 1 AVX512, 2 portable), refused by the function's name otherwise.
+Kernel to_kernel(const std::string& function, int kernel) {
+  if (kernel < 0 || kernel > 2) throw std::invalid_argument(function + ": unknown kernel " + std::to_string(kernel));
+  return static_cast<Kernel>(kernel);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -108,17 +114,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("has_avx512", &has_avx512, "Whether this CPU runs decode_attention's AVX512 loops");
   m.def("small_matmul", [](uintptr_t x, int x_type, uintptr_t w, int w_type, uintptr_t scales, uintptr_t y,
                            int y_type, bool round_to_bf16, int64_t M, int64_t N, int64_t K, int threads,
-                           bool portable) {
+                           int kernel) {
     if (x_type < 0 || x_type > 1 || y_type < 0 || y_type > 1 || w_type < 0 || w_type > 2)
       throw std::invalid_argument("small_matmul: unknown element type");
     if (M < 1 || N < 1 || K < 1 || threads < 1) throw std::invalid_argument("small_matmul: sizes must be >= 1");
     MatmulArgs args{reinterpret_cast<const void*>(x), static_cast<Float>(x_type), reinterpret_cast<const void*>(w),
                     static_cast<Weight>(w_type), reinterpret_cast<const uint16_t*>(scales),
                     reinterpret_cast<void*>(y), static_cast<Float>(y_type), round_to_bf16, M, N, K};
-    small_matmul(args, threads, portable);
+    small_matmul(args, threads, to_kernel("small_matmul", kernel));
   }, py::arg("x"), py::arg("x_type"), py::arg("w"), py::arg("w_type"), py::arg("scales"), py::arg("y"),
      py::arg("y_type"), py::arg("round_to_bf16"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("threads"),
-     py::arg("portable"), py::call_guard<py::gil_scoped_release>(),
+     py::arg("kernel"), py::call_guard<py::gil_scoped_release>(),
      "y[M, N] = x[M, K] @ w[N, K]^T (times scales[N]) on raw pointers: use cancerllm.gemv.matmul");
 
   m.def("decode_attention", [](uintptr_t qkv, uintptr_t cos, uintptr_t sin, uintptr_t k_cache, uintptr_t v_cache,
@@ -144,7 +150,7 @@ PYBIND11_MODULE(_C, m) {
                            const std::vector<Weights>& weights, uintptr_t cos, uintptr_t sin, uintptr_t k_cache,
                            uintptr_t v_cache, uintptr_t slot_pos, uintptr_t positions, int type, int64_t n,
                            int64_t Hq, int64_t Hkv, int64_t S, int64_t D, int64_t window, float scale, int64_t dim,
-                           int64_t hidden, int threads, bool portable) {
+                           int64_t hidden, int threads, int kernel) {
     if (type < 0 || type > 1) throw std::invalid_argument("decode_layer: unknown element type");
     if (weights.size() != 5) throw std::invalid_argument("decode_layer: needs the 5 weights qkv, o, gate, up, down");
     if (n < 1 || Hkv < 1 || Hq % Hkv || S < 1 || D < 2 || D % 2 || window < 0 || dim < 1 || hidden < 1 ||
@@ -168,12 +174,12 @@ PYBIND11_MODULE(_C, m) {
     DecodeLayerArgs args{reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out),
                          reinterpret_cast<const float*>(input_norm), reinterpret_cast<const float*>(post_norm), eps,
                          linear[0], linear[1], linear[2], linear[3], linear[4], attention, dim, hidden};
-    decode_layer(args, threads, portable);
+    decode_layer(args, threads, to_kernel("decode_layer", kernel));
   }, py::arg("x"), py::arg("out"), py::arg("input_norm"), py::arg("post_norm"), py::arg("eps"), py::arg("weights"),
      py::arg("cos"), py::arg("sin"), py::arg("k_cache"), py::arg("v_cache"), py::arg("slot_pos"),
      py::arg("positions"), py::arg("type"), py::arg("n"), py::arg("Hq"), py::arg("Hkv"), py::arg("S"), py::arg("D"),
      py::arg("window"), py::arg("scale"), py::arg("dim"), py::arg("hidden"), py::arg("threads"),
-     py::arg("portable"), py::call_guard<py::gil_scoped_release>(),
+     py::arg("kernel"), py::call_guard<py::gil_scoped_release>(),
      "a decode step's whole block on raw pointers: use cancerllm.decode_layer");
   m.def("rms_norm_rows", [](uintptr_t x, uintptr_t weight, float eps, uintptr_t y, int type, int64_t rows,
                             int64_t dim, int threads) {
@@ -247,7 +253,7 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("x"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
      py::arg("scale"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "dropout with a hashed mask on raw pointers: use cancerllm.hashed_dropout");
-  m.def("has_amx", &has_amx, "Whether score_matmul may use this CPU's AMX tiles");
+  m.def("has_amx", &has_amx, "Whether score_matmul and small_matmul may use this CPU's AMX tiles");
   m.def("score_matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t heads, int64_t M, int64_t N, int64_t K,
                            int64_t causal_group, int threads, bool allow_amx) {
     if (heads < 0 || M < 0 || N < 0 || K < 2 || K % 2 || causal_group < 0 || threads < 1)

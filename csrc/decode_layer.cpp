@@ -13,9 +13,9 @@ namespace {
 
 // y [M, w.N] = x [M, w.K] @ w^T, in the activations' type (int8 weights' results rounded to bf16, as
 // gemv.Multiplier asks for them).
-void matmul(const void* x, const LinearWeights& w, void* y, Float type, int64_t M, int threads, bool portable) {
+void matmul(const void* x, const LinearWeights& w, void* y, Float type, int64_t M, int threads, Kernel kernel) {
   MatmulArgs args{x, type, w.w, w.type, w.scales, y, type, w.scales != nullptr, M, w.N, w.K};
-  small_matmul(args, threads, portable);
+  small_matmul(args, threads, kernel);
 }
 
 // Elementwise loops over n values of one activation type, widened to fp32 and rounded back on store (bf16.h's
@@ -67,7 +67,7 @@ void swiglu(const void* gate, void* up, Float type, int64_t count) {
 
 }  // namespace
 
-void decode_layer(const DecodeLayerArgs& a, int threads, bool portable) {
+void decode_layer(const DecodeLayerArgs& a, int threads, Kernel kernel) {
   const DecodeAttentionArgs& at = a.attention;
   const Float type = at.type;
   const int64_t n = at.n, element = type == Float::BF16 ? 2 : 4;
@@ -77,19 +77,19 @@ void decode_layer(const DecodeLayerArgs& a, int threads, bool portable) {
       gate(n * a.hidden * element), up(n * a.hidden * element), projected(n * a.dim * element);
 
   rms_norm_rows(a.x, a.input_norm, a.eps, normed.data(), type, n, a.dim, threads);
-  matmul(normed.data(), a.qkv, qkv.data(), type, n, threads, portable);
+  matmul(normed.data(), a.qkv, qkv.data(), type, n, threads, kernel);
   DecodeAttentionArgs attention = at;
   attention.qkv = qkv.data();
   attention.out = attended.data();
-  decode_attention(attention, threads, portable);
-  matmul(attended.data(), a.o, projected.data(), type, n, threads, portable);
+  decode_attention(attention, threads, kernel == Kernel::Portable);
+  matmul(attended.data(), a.o, projected.data(), type, n, threads, kernel);
   add(projected.data(), a.x, a.out, type, n * a.dim);                       // h = x + o(attention)
 
   rms_norm_rows(a.out, a.post_norm, a.eps, normed.data(), type, n, a.dim, threads);
-  matmul(normed.data(), a.gate, gate.data(), type, n, threads, portable);
-  matmul(normed.data(), a.up, up.data(), type, n, threads, portable);
+  matmul(normed.data(), a.gate, gate.data(), type, n, threads, kernel);
+  matmul(normed.data(), a.up, up.data(), type, n, threads, kernel);
   swiglu(gate.data(), up.data(), type, n * a.hidden);
-  matmul(up.data(), a.down, projected.data(), type, n, threads, portable);
+  matmul(up.data(), a.down, projected.data(), type, n, threads, kernel);
   add(projected.data(), a.out, a.out, type, n * a.dim);                     // out = h + down(swiglu)
 }
 

@@ -30,6 +30,7 @@ struct DecodeLayerArgs {
   int64_t dim, hidden;
 };
 
-void decode_layer(const DecodeLayerArgs& args, int threads, bool portable);
+// `kernel` picks the matmuls' kernel (gemv.h); Portable also runs the attention's portable loops.
+void decode_layer(const DecodeLayerArgs& args, int threads, Kernel kernel);
 
 }  // namespace cancerllm

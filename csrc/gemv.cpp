@@ -6,7 +6,7 @@
 #include <cstring>
 #include <vector>
 
-#include "avx512.h"
+#include "amx.h"
 
 namespace cancerllm {
 namespace {
@@ -242,6 +242,93 @@ CANCERLLM_AVX512 void f32_rows(const MatmulArgs& a, const float* x, int64_t n0, 
     }
   }
 }
+
+// ------------------------------------------------------------------------------------------ AMX kernel (bf16 W)
+
+// A C block of 16 rows of W x 16 rows of x accumulates in a tile register over K in slices of 32: W's 16 rows of a
+// slice are the A operand, read in place (stride K); x's 16 rows are the B operand, packed by pairs of K once per
+// call (pack_by_pairs, zero past M and K). Every output's sum runs slice by slice in the tiles' order whatever M is:
+// batch-invariant, like the AVX512 kernel. One block of W at a time (16 streams of its rows): passes over 2 or 4
+// blocks (more products per load of x) streamed W slower from memory here, at every M (docs/experiments.md).
+constexpr int64_t kAmxRows = 16, kAmxSlice = 32;
+
+// Tile 0: the C block; 1: x's slice (16 pairs x 16 rows); 2: W's slice (16 rows x 32).
+CANCERLLM_AMX void configure_gemv_tiles() {
+  TileConfig config;
+  for (int t = 0; t < 3; ++t) config.bytes_per_row[t] = 64, config.rows[t] = 16;
+  _tile_loadconfig(&config);
+}
+
+// c (16 rows of W x 16 rows of x, fp32) = W's 16 rows from `w` (stride K) times x's block `x_slices` (its packed
+// slices, 16 x 32 values each). `tail`: the last, partial slice of K as 16 x 32 values, zero past K (null when K is
+// a multiple of 32). `next`: the next block's rows, fetched into L2 a `step` of bytes per slice, at the rate this
+// block consumes W (16 streams are more than the hardware prefetcher follows in time).
+CANCERLLM_AMX void amx_block(const uint16_t* w, int64_t K, const uint16_t* tail, const uint16_t* x_slices,
+                             const char* next, int64_t step, float* c) {
+  _tile_zero(0);
+  const int64_t whole = K / kAmxSlice;
+  for (int64_t s = 0; s < whole; ++s) {
+    _tile_loadd(1, x_slices + s * kAmxRows * kAmxSlice, 64);
+    _tile_loadd(2, w + s * kAmxSlice, K * 2);
+    _tile_dpbf16ps(0, 2, 1);
+    for (int64_t line = 0; next && line < step; line += 64) _mm_prefetch(next + s * step + line, _MM_HINT_T1);
+  }
+  if (tail) {
+    _tile_loadd(1, x_slices + whole * kAmxRows * kAmxSlice, 64);
+    _tile_loadd(2, tail, kAmxSlice * 2);
+    _tile_dpbf16ps(0, 2, 1);
+  }
+  _tile_stored(0, c, kAmxRows * 4);
+}
+
+// Rows [n0, n1) of y (n0 a multiple of 16) from x packed by pairs (`packed`), between configuring this thread's
+// tile registers and releasing them. W's last block, when N is not a multiple of 16, is read from a copy padded
+// with zero rows.
+CANCERLLM_AMX void amx_rows(const MatmulArgs& a, const uint16_t* packed, int64_t n0, int64_t n1) {
+  configure_gemv_tiles();
+  const int64_t K = a.K, N = a.N, whole = K / kAmxSlice * kAmxSlice, rest = K - whole;
+  const int64_t slices = (K + kAmxSlice - 1) / kAmxSlice, x_blocks = (a.M + kAmxRows - 1) / kAmxRows;
+  std::vector<uint16_t> tail(rest ? kAmxRows * kAmxSlice : 0), last_rows;
+  alignas(64) float c[kAmxRows * kAmxRows], column[kAmxRows];
+  const __m512i down_a_column = _mm512_mullo_epi32(  // c's column m, the outputs of y's row m
+      _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32(kAmxRows));
+  for (int64_t n = n0; n < n1; n += kAmxRows) {
+    const int64_t count = std::min(kAmxRows, N - n);
+    const uint16_t* w = static_cast<const uint16_t*>(a.w) + n * K;
+    if (count < kAmxRows) {
+      last_rows.assign(kAmxRows * K, 0);
+      std::memcpy(last_rows.data(), w, count * K * sizeof(uint16_t));
+      w = last_rows.data();
+    }
+    for (int64_t r = 0; rest && r < kAmxRows; ++r) std::memcpy(&tail[r * kAmxSlice], w + r * K + whole, rest * 2);
+    // The next block of this thread's rows, fetched while this one is multiplied by x's first block.
+    const char* next = n + kAmxRows < n1 ? reinterpret_cast<const char*>(w + kAmxRows * K) : nullptr;
+    const int64_t next_bytes = std::min(kAmxRows, n1 - n - kAmxRows) * K * 2;
+    const int64_t step = whole ? (next_bytes * kAmxSlice / whole + 63) / 64 * 64 : 0;
+    for (int64_t xb = 0; xb < x_blocks; ++xb) {
+      amx_block(w, K, rest ? tail.data() : nullptr, packed + xb * slices * kAmxRows * kAmxSlice,
+                xb == 0 ? next : nullptr, step, c);
+      for (int64_t m = xb * kAmxRows; m < std::min(a.M, (xb + 1) * kAmxRows); ++m) {
+        _mm512_store_ps(column, _mm512_i32gather_ps(down_a_column, c + m % kAmxRows, 4));
+        store_run(a, m, n, column, static_cast<int>(std::min<int64_t>(8, count)));
+        if (count > 8) store_run(a, m, n + 8, column + 8, static_cast<int>(count - 8));
+      }
+    }
+  }
+  _tile_release();
+}
+
+// y = x @ W^T for bf16 W on AMX: x (bf16) packed once, then blocks of W's rows split over threads.
+void amx_matmul(const MatmulArgs& a, const uint16_t* x, int threads) {
+  const int64_t slices = (a.K + kAmxSlice - 1) / kAmxSlice;
+  const std::vector<uint16_t> packed =
+      pack_by_pairs(x, a.M, a.K, slices * kAmxSlice / 2, (a.M + kAmxRows - 1) / kAmxRows);
+  const int64_t blocks = (a.N + kAmxRows - 1) / kAmxRows;
+  const int64_t per_thread = (blocks + threads - 1) / std::max(threads, 1) * kAmxRows;
+  const int count = static_cast<int>((a.N + per_thread - 1) / per_thread);
+#pragma omp parallel for num_threads(count) schedule(static, 1) if (count > 1)
+  for (int i = 0; i < count; ++i) amx_rows(a, packed.data(), i * per_thread, std::min(a.N, (i + 1) * per_thread));
+}
 #endif  // CANCERLLM_X86
 
 }  // namespace
@@ -256,9 +343,9 @@ bool has_avx512_bf16() {
 #endif
 }
 
-void small_matmul(const MatmulArgs& a, int threads, bool portable) {
+void small_matmul(const MatmulArgs& a, int threads, Kernel kernel) {
   const bool f32 = a.w_type == Weight::F32;
-  const bool fast = !portable && (f32 ? cpu_has_avx512() : has_avx512_bf16());
+  const bool fast = kernel != Kernel::Portable && (f32 ? cpu_has_avx512() : has_avx512_bf16());
   const int64_t MK = a.M * a.K;
   // x as the kernels read it: for bf16 and int8 weights bf16 (the fast kernel) or fp32 holding bf16 values (the
   // portable one); for fp32 weights fp32.
@@ -269,6 +356,9 @@ void small_matmul(const MatmulArgs& a, int threads, bool portable) {
     for (int64_t i = 0; i < MK; ++i) x_bf16[i] = float_to_bf16(static_cast<const float*>(a.x)[i]);
     x = x_bf16.data();
   }
+#ifdef CANCERLLM_X86
+  if (kernel == Kernel::Best && a.w_type == Weight::BF16 && has_amx()) return amx_matmul(a, x, threads);
+#endif
   // Whole blocks of rows per thread, as many threads as there are blocks at most.
   const int64_t blocks = (a.N + kRowBlock - 1) / kRowBlock;
   const int64_t per_thread = (blocks + threads - 1) / std::max(threads, 1) * kRowBlock;

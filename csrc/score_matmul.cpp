@@ -6,30 +6,12 @@
 #include <cstring>
 #include <vector>
 
-#include "avx512.h"
-
-#ifdef CANCERLLM_X86
-#include <cpuid.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-#define CANCERLLM_AMX __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512dq,avx512vl,avx512bf16")))
-#endif
+#include "amx.h"
 
 namespace cancerllm {
 namespace {
 
 constexpr int64_t kTileRows = 8;
-
-// B [N, K] -> for each block of 16 columns and each pair p of K, 16 x (B[n, 2p], B[n, 2p + 1]) = one register's
-// 32 bf16; zero past N, and one zero block more so that a tile's second block always exists.
-std::vector<uint16_t> pack_by_pairs(const uint16_t* b, int64_t N, int64_t K) {
-  const int64_t blocks = (N + 15) / 16 + 1, pairs = K / 2;
-  std::vector<uint16_t> packed(blocks * pairs * 32, 0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t p = 0; p < pairs; ++p)
-      std::memcpy(&packed[((n / 16 * pairs + p) * 16 + n % 16) * 2], b + n * K + 2 * p, 2 * sizeof(uint16_t));
-  return packed;
-}
 
 #ifdef CANCERLLM_X86
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16{1} << n) - 1; }
@@ -86,12 +68,6 @@ CANCERLLM_AVX512_BF16 void rows_of(const ScoreMatmulArgs& s, int64_t head, int64
 // AMX: a tile register holds 16 rows of 64 bytes. C blocks of 16 x 16 fp32 accumulate A (16 rows x 32 bf16 of K)
 // times B (16 pairs of K x 16 columns, which is one block of pack_by_pairs' layout as it stands).
 constexpr int64_t kAmxRows = 16;
-
-struct TileConfig {   // the LDTILECFG operand: palette 1, then each tile register's bytes per row and rows
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t bytes_per_row[16] = {};
-  uint8_t rows[16] = {};
-};
 
 // Tiles 0, 1: two C blocks side by side (32 columns); 2: A's 32-wide slice of K; 3, 4: the two B blocks for it;
 // 5, 6, 7: the same for K's last K % 32 (a 64- or 128-wide head has none).
@@ -165,26 +141,12 @@ CANCERLLM_AMX void amx_blocks(const ScoreMatmulArgs& s, const std::vector<std::v
 
 }  // namespace
 
-bool has_amx() {
-#ifdef CANCERLLM_X86
-  // CPUID leaf 7: EDX bit 22 AMX-BF16, bit 24 AMX-TILE; then Linux must grant this process the tiles' register
-  // state (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), once for all its threads.
-  static const bool usable = [] {
-    unsigned eax, ebx, ecx, edx;
-    if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) || !(edx & (1u << 22)) || !(edx & (1u << 24))) return false;
-    constexpr long kRequestPermission = 0x1023, kTileData = 18;
-    return syscall(SYS_arch_prctl, kRequestPermission, kTileData) == 0;
-  }();
-  return usable;
-#else
-  return false;
-#endif
-}
-
 void score_matmul(const ScoreMatmulArgs& s, int threads) {
 #ifdef CANCERLLM_X86
   std::vector<std::vector<uint16_t>> packed(s.heads);
-  for (int64_t h = 0; h < s.heads; ++h) packed[h] = pack_by_pairs(s.b + h * s.N * s.K, s.N, s.K);
+  // One zero block past N, so that a tile's second block of 16 columns always exists.
+  for (int64_t h = 0; h < s.heads; ++h)
+    packed[h] = pack_by_pairs(s.b + h * s.N * s.K, s.N, s.K, s.K / 2, (s.N + 15) / 16 + 1);
   if (s.allow_amx && has_amx()) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     amx_blocks(s, packed);

@@ -10,6 +10,8 @@
 
 #include <cstdint>
 
+#include "amx.h"   // has_amx()
+
 namespace cancerllm {
 
 struct ScoreMatmulArgs {
@@ -22,9 +24,6 @@ struct ScoreMatmulArgs {
   int64_t causal_group;
   bool allow_amx;   // false: the AVX512-BF16 tiles even where AMX runs (for tests of both)
 };
-
-// Whether this CPU has AMX-BF16 and this process may use its tiles (asked of Linux on the first call).
-bool has_amx();
 
 void score_matmul(const ScoreMatmulArgs& args, int threads);
 

@@ -223,10 +223,11 @@ def block_pair(dtype, path, window, rows=16):
     return fused, BlockStep(fused), args
 
 
-@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("kernel", [pytest.param({}, id="best"), pytest.param({"amx": False}, id="no-amx"),
+                                    pytest.param({"portable": True}, id="portable")])
 @pytest.mark.parametrize("n", [1, 3, 16])
 @pytest.mark.parametrize("case", list(BLOCK_CASES))
-def test_block_step_computes_the_block_op_by_op(case, n, portable):
+def test_block_step_computes_the_block_op_by_op(case, n, kernel):
     """BlockStep against the same FusedBlock run op by op, step after step over a rolling window cache: the same
     roundings in the same places, so the outputs agree to within a few units of the last place of a rare value
     (a rounding that flips) and the caches alike."""
@@ -248,7 +249,7 @@ def test_block_step_computes_the_block_op_by_op(case, n, portable):
                 cache.begin(slice(0, n), positions)
             fused.step = None
             expected = fused(x, cos, sin, None, caches[0])
-            got = step(x, cos, sin, caches[1], portable=portable)
+            got = step(x, cos, sin, caches[1], **kernel)
             assert got.dtype == dtype and got.shape == x.shape
             error = float((got.double() - expected.double()).norm() / expected.double().norm())
             assert error < 1e-3, f"step {t}: relative error {error:.3g}"

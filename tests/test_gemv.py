@@ -7,10 +7,15 @@ from cancerllm import decode_paths, gemv
 from cancerllm.model import DecodeLinear, dequantize_int8, quantize_int8
 
 pytestmark = pytest.mark.skipif(not gemv.available(), reason="cancerllm._C built without the gemv kernels")
-KERNELS = [pytest.param(False, id="fast" if gemv.fast_kernel() else "fast-unavailable-portable"),
-           pytest.param(True, id="portable")]
-# Odd sizes: K past whole 32-wide steps (masked tails), N past whole tiles and 24-row blocks, M past 8-row tiles.
-SHAPES = [(1, 7, 45), (3, 161, 97), (8, 50, 33), (16, 97, 576), (11, 1536, 576), (1, 576, 1536), (5, 1, 1)]
+# Every kernel this CPU runs, as the options that pick it (AMX applies to bf16 weights; where a kernel is missing,
+# the next one runs under its name, as the id says).
+KERNELS = [pytest.param({}, id="amx" if gemv.amx_kernel() else "amx-unavailable-next"),
+           pytest.param({"amx": False}, id="avx512" if gemv.fast_kernel() else "avx512-unavailable-portable"),
+           pytest.param({"portable": True}, id="portable")]
+# Odd sizes: K past whole 32-wide steps (masked tails), N past whole tiles and 16- and 24-row blocks, M past 8-row
+# tiles and a 16-row AMX block.
+SHAPES = [(1, 7, 45), (3, 161, 97), (8, 50, 33), (16, 97, 576), (11, 1536, 576), (1, 576, 1536), (5, 1, 1),
+          (18, 40, 70)]
 FP32_SUMS = 1e-6   # fp32 sums of <= 1536 products: error within this share of sum |x w| (measured: 4e-8)
 BF16_HALF_STEP = 2.0**-8   # rounding to bf16 (8 significant bits) moves a value by at most this share of it
 
@@ -40,74 +45,78 @@ def check_close(y, x, w64, rounded_to_bf16, x_rounded=True):
     assert relative < (BF16_HALF_STEP if rounded_to_bf16 else FP32_SUMS), relative   # measured: 1.7e-3, 9e-8
 
 
-@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("M, N, K", SHAPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_bf16_weights_against_fp64(M, N, K, x_dtype, portable):
+def test_bf16_weights_against_fp64(M, N, K, x_dtype, kernel):
     x, (w, _), w64 = operands(M, N, K, "bf16")
-    y = gemv.matmul(x.to(x_dtype), w, portable=portable)
+    y = gemv.matmul(x.to(x_dtype), w, **kernel)
     assert y.dtype == x_dtype and y.shape == (M, N)
     check_close(y, x, w64, rounded_to_bf16=x_dtype == torch.bfloat16)
 
 
-@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("M, N, K", SHAPES)
 @pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
-def test_int8_weights_against_fp64(M, N, K, x_dtype, portable):
+def test_int8_weights_against_fp64(M, N, K, x_dtype, kernel):
     """int8 weights: results rounded to bf16 whatever y's dtype (the contract of torch's int8 kernel)."""
     x, (q, scales), w64 = operands(M, N, K, "int8")
-    y = gemv.matmul(x.to(x_dtype), q, scales, portable=portable)
+    y = gemv.matmul(x.to(x_dtype), q, scales, **kernel)
     assert y.dtype == x_dtype and y.shape == (M, N)
     assert torch.equal(y, y.bfloat16().to(x_dtype))
     check_close(y, x, w64, rounded_to_bf16=True)
 
 
-@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("M, N, K", SHAPES)
-def test_fp32_weights_against_fp64(M, N, K, portable):
+def test_fp32_weights_against_fp64(M, N, K, kernel):
     """fp32 weights: fp32 throughout, x not rounded."""
     x, (w, _), w64 = operands(M, N, K, "f32")
-    y = gemv.matmul(x, w, portable=portable)
+    y = gemv.matmul(x, w, **kernel)
     assert y.dtype == torch.float32 and y.shape == (M, N)
     check_close(y, x, w64, rounded_to_bf16=False, x_rounded=False)
     if x.numel() > 1:
-        assert not torch.equal(y, gemv.matmul(x.bfloat16().float(), w, portable=portable))   # x was not rounded
+        assert not torch.equal(y, gemv.matmul(x.bfloat16().float(), w, **kernel))   # x was not rounded
 
 
 @pytest.mark.skipif(not gemv.fast_kernel(), reason="this CPU runs the portable kernel only")
-def test_portable_forces_the_other_kernel():
-    """The two kernels add in different orders: their fp32 results differ in the last bits somewhere, so
-    `portable=True` really runs the other code (and the tests above cover both)."""
+def test_the_options_force_the_other_kernels():
+    """The kernels add in different orders: their fp32 results differ in the last bits somewhere, so `portable=True`
+    and (where AMX runs) `amx=False` really run other code (and the tests above cover each)."""
     x, (w, _), _ = operands(8, 256, 1536, "bf16")
     assert not torch.equal(gemv.matmul(x, w), gemv.matmul(x, w, portable=True))
+    if gemv.amx_kernel():
+        assert not torch.equal(gemv.matmul(x, w), gemv.matmul(x, w, amx=False))
+        assert not torch.equal(gemv.matmul(x, w, amx=False), gemv.matmul(x, w, portable=True))
 
 
-@pytest.mark.parametrize("portable", KERNELS)
-def test_threads_split_rows_without_changing_results(portable):
-    x, (q, scales), _ = operands(8, 1000, 320, "int8")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("weights", ["bf16", "int8"])
+def test_threads_split_rows_without_changing_results(weights, kernel):
+    x, (q, scales), _ = operands(8, 1000, 320, weights)
     previous = torch.get_num_threads()
     try:
         results = []
         for threads in (1, 2, 3):
             torch.set_num_threads(threads)
-            results.append(gemv.matmul(x, q, scales, portable=portable))
+            results.append(gemv.matmul(x, q, scales, **kernel))
     finally:
         torch.set_num_threads(previous)
     assert all(torch.equal(results[0], r) for r in results[1:])
 
 
 
-@pytest.mark.parametrize("portable", KERNELS)
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("weights", ["bf16", "int8", "f32"])
-def test_a_row_gets_the_same_bits_however_many_rows_share_the_call(weights, portable):
+def test_a_row_gets_the_same_bits_however_many_rows_share_the_call(weights, kernel):
     """Batch-invariant decoding rests on this: the kernel tiles rows of x and of W differently for each M (and
     reduces four sums at a time where it can), yet each output is the same sum in the same order. N and K are odd:
     tiles of W's rows end in a remainder, K in a masked step."""
     x, (w, scales), _ = operands(21, 1000, 577, weights)
     multiply = gemv.Multiplier(w, scales)
-    alone = torch.cat([multiply(x[i:i + 1], portable=portable) for i in range(len(x))])
+    alone = torch.cat([multiply(x[i:i + 1], **kernel) for i in range(len(x))])
     for M in range(2, len(x) + 1):
-        together = multiply(x[:M], portable=portable)
+        together = multiply(x[:M], **kernel)
         assert torch.equal(together, alone[:M]), f"M={M}: {(together != alone[:M]).sum()} outputs differ"
 
 @pytest.mark.parametrize("make, error, message", [
