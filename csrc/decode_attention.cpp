@@ -118,78 +118,137 @@ CANCERLLM_AVX512 inline __mmask16 lanes_left(int64_t D, int64_t d) {
   return D - d >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (D - d)) - 1);
 }
 
-// The dot product of query q [D] with a key row, 16 values at a time, in one register of partial sums.
-template <bool Bf16>
-CANCERLLM_AVX512 inline __m512 partial_dot(const float* q, const char* row, int64_t D) {
+// Cache rows are read in slot order but from a new head every task, too briefly for the hardware prefetcher to
+// lock on: each loop fetches the row kAhead slots ahead in software (perf showed both waiting on their loads).
+constexpr int64_t kAhead = 32;
+
+CANCERLLM_AVX512 inline void fetch_row(const void* head, int64_t offset, int64_t bytes) {
+  const char* row = static_cast<const char*>(head) + offset;
+  for (int64_t line = 0; line < bytes; line += 64) _mm_prefetch(row + line, _MM_HINT_T0);
+}
+
+// A cache row of D <= 16 CH values as CH registers of fp32 (lanes past D zero); `masks`: lanes_left per register.
+template <int CH, bool Bf16>
+CANCERLLM_AVX512 inline void load_row(const char* row, const __mmask16 (&masks)[CH], __m512 (&out)[CH]) {
+  for (int c = 0; c < CH; ++c) out[c] = load16<Bf16>(row, 16 * c, masks[c]);
+}
+
+// The dot product of query q with a widened key, in one register of partial sums added chunk after chunk.
+template <int CH>
+CANCERLLM_AVX512 inline __m512 partial_dot(const float* q, const __m512 (&key)[CH], const __mmask16 (&masks)[CH]) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < D; d += 16) {
-    const __mmask16 mask = lanes_left(D, d);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(mask, q + d), load16<Bf16>(row, d, mask), acc);
-  }
+  for (int c = 0; c < CH; ++c) acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(masks[c], q + 16 * c), key[c], acc);
   return acc;
 }
 
-// scores_of with explicit AVX512: each query against four keys at a time, their partial sums reduced together
-// (one transposing reduction for four dot products), the keys loaded from memory by the first query and from L1
-// for the others. (The compiler's version of these loops spent more on setting up each short loop than on the
-// products.)
-template <bool Bf16>
+// scores_of with explicit AVX512: four keys at a time, each widened once into registers and then multiplied by
+// every query, their partial sums reduced together (one transposing reduction for four dot products). (The
+// compiler's version of these loops spent more on setting up each short loop than on the products; widening a key
+// again for each query that shares it cost as much as the products.)
+template <int CH, bool Bf16>
 CANCERLLM_AVX512 void avx512_scores(const void* keys, const std::vector<int64_t>& visible, const float* q,
                                     int64_t groups, int64_t D, float scale, float* scores) {
   const int64_t count = static_cast<int64_t>(visible.size()), row_bytes = D * (Bf16 ? 2 : 4);
   const char* base = static_cast<const char*>(keys);
+  __mmask16 masks[CH];
+  for (int c = 0; c < CH; ++c) masks[c] = lanes_left(D, 16 * c);
   int64_t j = 0;
   for (; j + 4 <= count; j += 4) {
-    const char* rows[4] = {base + visible[j] * row_bytes, base + visible[j + 1] * row_bytes,
-                           base + visible[j + 2] * row_bytes, base + visible[j + 3] * row_bytes};
+    for (int r = 0; r < 4 && j + kAhead + r < count; ++r)
+      fetch_row(keys, visible[j + kAhead + r] * row_bytes, row_bytes);
+    __m512 key[4][CH];
+    for (int r = 0; r < 4; ++r) load_row<CH, Bf16>(base + visible[j + r] * row_bytes, masks, key[r]);
     for (int64_t g = 0; g < groups; ++g) {
       const float* qg = q + g * D;
-      const __m128 sums = sum_lanes4(partial_dot<Bf16>(qg, rows[0], D), partial_dot<Bf16>(qg, rows[1], D),
-                                     partial_dot<Bf16>(qg, rows[2], D), partial_dot<Bf16>(qg, rows[3], D));
+      const __m128 sums = sum_lanes4(partial_dot<CH>(qg, key[0], masks), partial_dot<CH>(qg, key[1], masks),
+                                     partial_dot<CH>(qg, key[2], masks), partial_dot<CH>(qg, key[3], masks));
       _mm_storeu_ps(scores + g * count + j, _mm_mul_ps(sums, _mm_set1_ps(scale)));
     }
   }
-  for (; j < count; ++j)
+  for (; j < count; ++j) {
+    __m512 key[CH];
+    load_row<CH, Bf16>(base + visible[j] * row_bytes, masks, key);
     for (int64_t g = 0; g < groups; ++g)
-      scores[g * count + j] = sum_lanes(partial_dot<Bf16>(q + g * D, base + visible[j] * row_bytes, D)) * scale;
+      scores[g * count + j] = sum_lanes(partial_dot<CH>(q + g * D, key, masks)) * scale;
+  }
 }
 
-// One query's output out[D] = its weights @ the visible values, CH = ceil(D / 16) accumulators in registers.
-template <int CH, bool Bf16>
+// out[G, D] = G queries' weights (rows of `weights`, `count` apart) @ the visible values, G x CH accumulators in
+// registers: each value row widened once for the G queries, each output summed over the slots in their order.
+template <int CH, int G, bool Bf16>
 CANCERLLM_AVX512 void avx512_values_of(const void* values, const std::vector<int64_t>& visible, const float* weights,
                                        int64_t D, float* out) {
   const int64_t count = static_cast<int64_t>(visible.size()), element = Bf16 ? 2 : 4;
-  __m512 acc[CH];
-  for (int c = 0; c < CH; ++c) acc[c] = _mm512_setzero_ps();
+  __mmask16 masks[CH];
+  for (int c = 0; c < CH; ++c) masks[c] = lanes_left(D, 16 * c);
+  __m512 acc[G][CH];
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t j = 0; j < count; ++j) {
-    const char* row = static_cast<const char*>(values) + visible[j] * D * element;
-    const __m512 w = _mm512_set1_ps(weights[j]);
-    for (int c = 0; c < CH; ++c) acc[c] = _mm512_fmadd_ps(w, load16<Bf16>(row, 16 * c, lanes_left(D, 16 * c)), acc[c]);
-  }
-  for (int c = 0; c < CH; ++c) _mm512_mask_storeu_ps(out + 16 * c, lanes_left(D, 16 * c), acc[c]);
-}
-
-// weighted_values with explicit AVX512 for head widths up to 128 (false: wider, left to the portable loops).
-template <bool Bf16>
-CANCERLLM_AVX512 bool avx512_values(const void* values, const std::vector<int64_t>& visible, const float* weights,
-                                    int64_t groups, int64_t D, float* acc) {
-  const int64_t count = static_cast<int64_t>(visible.size());
-  for (int64_t g = 0; g < groups; ++g) {
-    const float* w = weights + g * count;
-    float* out = acc + g * D;
-    switch ((D + 15) / 16) {
-      case 1: avx512_values_of<1, Bf16>(values, visible, w, D, out); break;
-      case 2: avx512_values_of<2, Bf16>(values, visible, w, D, out); break;
-      case 3: avx512_values_of<3, Bf16>(values, visible, w, D, out); break;
-      case 4: avx512_values_of<4, Bf16>(values, visible, w, D, out); break;
-      case 5: avx512_values_of<5, Bf16>(values, visible, w, D, out); break;
-      case 6: avx512_values_of<6, Bf16>(values, visible, w, D, out); break;
-      case 7: avx512_values_of<7, Bf16>(values, visible, w, D, out); break;
-      case 8: avx512_values_of<8, Bf16>(values, visible, w, D, out); break;
-      default: return false;
+    if (j + kAhead < count) fetch_row(values, visible[j + kAhead] * D * element, D * element);
+    __m512 value[CH];
+    load_row<CH, Bf16>(static_cast<const char*>(values) + visible[j] * D * element, masks, value);
+    for (int g = 0; g < G; ++g) {
+      const __m512 w = _mm512_set1_ps(weights[g * count + j]);
+      for (int c = 0; c < CH; ++c) acc[g][c] = _mm512_fmadd_ps(w, value[c], acc[g][c]);
     }
   }
-  return true;
+  for (int g = 0; g < G; ++g)
+    for (int c = 0; c < CH; ++c) _mm512_mask_storeu_ps(out + g * D + 16 * c, masks[c], acc[g][c]);
+}
+
+// weighted_values with explicit AVX512: the queries in tiles of up to 4 (up to 2 past D = 64), as many as keep
+// their accumulators and a value row in the 32 registers.
+template <int CH, bool Bf16>
+CANCERLLM_AVX512 void avx512_values(const void* values, const std::vector<int64_t>& visible, const float* weights,
+                                    int64_t groups, int64_t D, float* acc) {
+  constexpr int kTile = CH <= 4 ? 4 : 2;
+  const int64_t count = static_cast<int64_t>(visible.size());
+  for (int64_t g = 0; g < groups;) {
+    const int64_t left = groups - g;
+    const float* w = weights + g * count;
+    float* out = acc + g * D;
+    if (left >= kTile) {
+      avx512_values_of<CH, kTile, Bf16>(values, visible, w, D, out);
+      g += kTile;
+    } else if (kTile == 4 && left == 3) {
+      avx512_values_of<CH, kTile - 1, Bf16>(values, visible, w, D, out);
+      g += 3;
+    } else if (left == 2) {
+      avx512_values_of<CH, 2, Bf16>(values, visible, w, D, out);
+      g += 2;
+    } else {
+      avx512_values_of<CH, 1, Bf16>(values, visible, w, D, out);
+      g += 1;
+    }
+  }
+}
+
+// One task's scores, softmax and weighted values on the AVX512 loops, for heads of up to 16 CH values.
+template <int CH, bool Bf16>
+CANCERLLM_AVX512 void avx512_attention(const void* keys, const void* values, const std::vector<int64_t>& visible,
+                                       const float* q, int64_t groups, int64_t D, float scale, float* weights,
+                                       float* acc) {
+  avx512_scores<CH, Bf16>(keys, visible, q, groups, D, scale, weights);
+  softmax_rows(weights, groups, static_cast<int64_t>(visible.size()));
+  avx512_values<CH, Bf16>(values, visible, weights, groups, D, acc);
+}
+
+template <bool Bf16>
+CANCERLLM_AVX512 bool avx512_attention_of(const void* keys, const void* values, const std::vector<int64_t>& visible,
+                                          const float* q, int64_t groups, int64_t D, float scale, float* weights,
+                                          float* acc) {
+  switch ((D + 15) / 16) {
+    case 1: avx512_attention<1, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 2: avx512_attention<2, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 3: avx512_attention<3, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 4: avx512_attention<4, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 5: avx512_attention<5, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 6: avx512_attention<6, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 7: avx512_attention<7, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    case 8: avx512_attention<8, Bf16>(keys, values, visible, q, groups, D, scale, weights, acc); return true;
+    default: return false;
+  }
 }
 #endif  // CANCERLLM_X86
 
@@ -199,20 +258,10 @@ void scores_and_values(const void* keys, const void* values, Float type, const s
                        float* weights, float* acc) {
   const int64_t count = static_cast<int64_t>(visible.size());
 #ifdef CANCERLLM_X86
-  if (fast) {
-    const bool bf16 = type == Float::BF16;
-    if (bf16) {
-      avx512_scores<true>(keys, visible, q, groups, D, scale, weights);
-    } else {
-      avx512_scores<false>(keys, visible, q, groups, D, scale, weights);
-    }
-    softmax_rows(weights, groups, count);
-    if (bf16 ? avx512_values<true>(values, visible, weights, groups, D, acc)
-             : avx512_values<false>(values, visible, weights, groups, D, acc))
-      return;
-    weighted_values(values, type, visible, weights, groups, D, buffer, acc);
+  if (fast && (type == Float::BF16 ? avx512_attention_of<true>(keys, values, visible, q, groups, D, scale, weights, acc)
+                                   : avx512_attention_of<false>(keys, values, visible, q, groups, D, scale, weights,
+                                                                acc)))
     return;
-  }
 #endif
   scores_of(keys, type, visible, q, groups, D, scale, buffer, weights);
   softmax_rows(weights, groups, count);
