@@ -1,7 +1,6 @@
 // AMX support shared by the kernels (amx.h).
 #include "amx.h"
 
-#include <cstring>
 
 #ifdef CANCERLLM_X86
 #include <cpuid.h>
