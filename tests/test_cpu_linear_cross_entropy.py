@@ -106,6 +106,32 @@ def test_all_ignored_rows_give_zero_loss_and_gradients():
     assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
 
 
+def test_a_frozen_head_gets_no_gradient_and_no_grad_mode_none_at_all(monkeypatch):
+    """A LoRA step's frozen head: hidden's gradient as with a trainable head, no [V, D] gradient made (none saved for
+    backward); under torch.no_grad neither gradient matmul runs (torch.mm computes the logits and grad_hidden)."""
+    hidden = torch.randn(10, 16, requires_grad=True)
+    weight = torch.randn(40, 16)
+    targets = torch.randint(0, 40, (10,))
+    trained = weight.clone().requires_grad_()
+    loss = cpu_linear_cross_entropy.linear_cross_entropy(hidden, trained, targets, chunk_size=4)
+    assert loss.grad_fn.saved_tensors[1].shape == weight.shape
+    loss.backward()
+    expected = hidden.grad.clone()
+    hidden.grad = None
+    loss = cpu_linear_cross_entropy.linear_cross_entropy(hidden, weight, targets, chunk_size=4)
+    assert loss.grad_fn.saved_tensors[1] is None
+    loss.backward()
+    torch.testing.assert_close(hidden.grad, expected, rtol=0, atol=0)
+    assert weight.grad is None
+    calls = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: calls.append(a[0].shape) or real_mm(*a, **k))
+    with torch.no_grad():
+        evaluated = cpu_linear_cross_entropy.linear_cross_entropy(hidden, trained, targets, chunk_size=4)
+    assert len(calls) == 3 and evaluated.grad_fn is None      # the logits of each of 3 chunks, nothing else
+    torch.testing.assert_close(evaluated, loss.detach(), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype, path", [(torch.float32, "CPULinearCrossEntropyBackward"),
                                          (torch.bfloat16, "CPULinearCrossEntropyBackward"),
                                          (torch.float16, "ChunkedLinearCrossEntropyBackward")])
