@@ -8,7 +8,8 @@ which of their paths is fast); and xformers / liger-kernel when installed ("miss
 attention (4*B*H*T*T_eff*D forward, 2.5x that backward), GB/s for the memory-bound ops, the share of the card's
 peak, peak memory, and "ours/peer" = peer time / our time (above 1: ours is faster). Sliding-window and
 packed-document rows are ours (and xformers) alone: SDPA's fast kernels cannot mask either.
-On CPU: the reference paths at CPU-sized shapes, and the peak memory of the chunked linear cross-entropy against
+On CPU: the reference paths at CPU-sized shapes (bf16 attention at SmolLM2's heads also with our backward unfused as
+its peer), and the peak memory of the chunked linear cross-entropy against
 the naive F.cross_entropy(x @ W.T) at V=32000, each measured as the peak RSS growth of its own subprocess.
 
     python bench/kernels.py [--quick]
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import machine, print_table, time_fn, write_results  # noqa: E402
 
-from cancerllm import kernels  # noqa: E402
+from cancerllm import cpu_attention, kernels  # noqa: E402
 
 MACHINE = machine()
 COLUMNS = ["op", "shape", "provider", "fwd_ms", "bwd_ms", "fwdbwd_ms", "tflops", "gbps", "pct_peak", "peak_mb",
@@ -154,16 +155,21 @@ def sdpa_peers(q, k, v):
     return peers
 
 
-def bench_attention(B, T, Hq, Hkv, D, window, dtype, device, *, cu_seqlens=None, peers=True, **run_options):
+def bench_attention(B, T, Hq, Hkv, D, window, dtype, device, *, cu_seqlens=None, peers=True, unfused_peer=False,
+                    **run_options):
     """Causal attention rows. Peers (eager SDPA, its flash and cuDNN kernels, xformers) run only on plain causal
     rows: none of SDPA's fast kernels takes a sliding window or packed documents. cu_seqlens (packed documents)
-    wants B=1."""
+    wants B=1. unfused_peer (CPU, one document per row): ours with the bf16 backward's score matmuls and softmax as
+    separate passes (cpu_attention.attention(fused_backward=False)), the fused pass's own before/after."""
     q = torch.randn(B, T, Hq, D, device=device, dtype=dtype, requires_grad=True)
     k = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
     v = torch.randn(B, T, Hkv, D, device=device, dtype=dtype, requires_grad=True)
     window = None if window is not None and window >= T else window
     providers = {"ours": lambda: kernels.attention(q, k, v, window=window, cu_seqlens=cu_seqlens)}
     plain = window is None and cu_seqlens is None
+    if unfused_peer:
+        providers["unfused-backward"] = lambda: torch.stack([
+            cpu_attention.attention(q[b], k[b], v[b], window, fused_backward=False) for b in range(B)])
     if peers and plain:
         providers["eager"] = lambda: sdpa(q, k, v)
         providers.update(sdpa_peers(q, k, v))
@@ -315,6 +321,8 @@ def main():
     else:
         dt, dev = torch.float32, "cpu"
         rows += bench_attention(1, 1024, 8, 2, 64, None, dt, dev)
+        for T in (512, 1024):   # SmolLM2's heads in bf16, the training step's path
+            rows += bench_attention(1, T, 9, 3, 64, None, torch.bfloat16, dev, unfused_peer=True)
         rows += bench_rms_norm(1024, 1024, dt, dev, False, residual=True)
         rows += bench_cross_entropy(1024, 32000, dt, dev, False)
         rows += bench_linear_cross_entropy(2048, 256, 32000, dt, dev)

@@ -15,13 +15,15 @@ matmul), P = softmax(S / sqrt(D)) under the causal (and sliding-window) mask, ro
 (torch's matmul). Either saves q, k, v, O and the log-sum-exp: no [L, L] tensor is kept. Backward recomputes S,
 takes dP = dO V^T in fp32, and in one pass gets P and dS = P (dP - rowsum(dO O)) / sqrt(D), rounded to q's dtype for
 dV = P^T dO, dQ = dS K and dK = dS^T Q: the roundings of P and dS before their matmuls are those flash attention
-makes on a GPU. In bf16 torch's flash backward took 1.1 - 1.4x as
-long as this one at 512 tokens and ~2x at 200; at 1,024 tokens and in fp32 it was mostly the faster (a choice not
-yet measured cleanly: the AMX Xeon's 2 cores were shared).
+makes on a GPU. In bf16 (on AVX512-BF16) S and dP are made 16 or 8 rows at a time into the thread's own buffers and
+turned into P and dS there, in one C++ pass: the [Hq * L, L] fp32 S and dP never go through memory (they were half
+of the backward's time outside its matmuls: docs/experiments.md, 2026-12-02). In bf16 torch's flash backward took
+1.1 - 1.4x as long as the unfused one at 512 tokens and ~2x at 200; at 1,024 tokens and in fp32 it was mostly the
+faster (a choice not yet measured cleanly: the AMX Xeon's 2 cores were shared).
 
-A document's scores are [Hq * L, L] fp32 while one call runs (9 heads at L = 1,024: 38 MB); past MAX_SCORE_BYTES a
-document goes to the reference's SDPA instead (`usable`). The score and probability buffers are kept between calls
-(extension.scratch).
+A document's scores are [Hq * L, L] fp32 while one call runs (9 heads at L = 1,024: 38 MB; the fused bf16 backward
+makes only P and dS, half that each); past MAX_SCORE_BYTES a document goes to the reference's SDPA instead
+(`usable`). The score and probability buffers are kept between calls (extension.scratch).
 """
 import torch
 
@@ -94,7 +96,7 @@ def softmax_forward(rows, keys, values, shape):
 
 class CPUAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, window):
+    def forward(ctx, q, k, v, window, fused_backward):
         L, Hq, D = q.shape
         n_kv = k.shape[1]
         rows, keys, values = by_kv_head(q, n_kv), k.transpose(0, 1).contiguous(), v.transpose(0, 1).contiguous()
@@ -105,7 +107,7 @@ class CPUAttention(torch.autograd.Function):
         else:
             out, lse = softmax_forward(rows, keys, values, shape)
         ctx.save_for_backward(rows, keys, values, out, lse)
-        ctx.shape = shape
+        ctx.shape, ctx.fused_backward = shape, fused_backward
         return from_kv_heads(out, L)
 
     @staticmethod
@@ -114,22 +116,38 @@ class CPUAttention(torch.autograd.Function):
         n_kv, L = keys.shape[:2]
         grad_rows = by_kv_head(grad_out.to(rows.dtype), n_kv)
         delta = (grad_rows.float() * out.float()).sum(-1)
-        raw = scores(rows, keys, ctx.shape["group"], "scores")
-        grad_probs = scores(grad_rows, values, ctx.shape["group"], "grad_probs")
-        probs = scratch("probs", (n_kv, rows.shape[1], L), rows.dtype)
-        grad_scores = scratch("grad_scores", (n_kv, rows.shape[1], L), rows.dtype)
-        native(OP).attention_softmax_backward(raw.data_ptr(), lse.data_ptr(), grad_probs.data_ptr(), delta.data_ptr(),
-                                              probs.data_ptr(), grad_scores.data_ptr(), FLOATS[rows.dtype],
-                                              **ctx.shape)
+        probs, grad_scores = softmax_backward(rows, keys, grad_rows, values, lse, delta, ctx.shape, ctx.fused_backward)
         grad_v = torch.bmm(probs.transpose(1, 2), grad_rows)
         grad_q = torch.bmm(grad_scores, keys)
         grad_k = torch.bmm(grad_scores.transpose(1, 2), rows)
-        return from_kv_heads(grad_q, L), grad_k.transpose(0, 1), grad_v.transpose(0, 1), None
+        return from_kv_heads(grad_q, L), grad_k.transpose(0, 1), grad_v.transpose(0, 1), None, None
 
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window=None) -> torch.Tensor:
-    """Causal attention of one document: q [L, Hq, D], k and v [L, Hkv, D] (CPU, one dtype) -> [L, Hq, D]."""
-    return CPUAttention.apply(q, k, v, window)
+def softmax_backward(rows, keys, grad_rows, values, lse, delta, shape, fused=True):
+    """P and dS = P (dP - delta) / sqrt(D) in q's dtype ([Hkv, L * G, L] scratch buffers) from the scores recomputed
+    and dP = dO V^T. bf16 on AVX512-BF16: one C++ pass over blocks of rows, whose scores and dP stay in the thread's
+    buffers (csrc/score_matmul.cpp); otherwise the two [Hkv, L * G, L] fp32 products through memory, then the
+    softmax's pass over them (also with fused=False: bench/kernels.py's peer)."""
+    n_kv, R, L = keys.shape[0], rows.shape[1], keys.shape[1]
+    probs = scratch("probs", (n_kv, R, L), rows.dtype)
+    grad_scores = scratch("grad_scores", (n_kv, R, L), rows.dtype)
+    if fused and rows.dtype == torch.bfloat16 and gemv.fast_kernel() and native("attention_backward_scores"):
+        native("attention_backward_scores").attention_backward_scores(
+            rows.data_ptr(), keys.data_ptr(), grad_rows.data_ptr(), values.data_ptr(), lse.data_ptr(),
+            delta.data_ptr(), probs.data_ptr(), grad_scores.data_ptr(), n_kv, R, L, rows.shape[2], shape["group"],
+            shape["window"], shape["scale"], shape["threads"])
+        return probs, grad_scores
+    raw = scores(rows, keys, shape["group"], "scores")
+    grad_probs = scores(grad_rows, values, shape["group"], "grad_probs")
+    native(OP).attention_softmax_backward(raw.data_ptr(), lse.data_ptr(), grad_probs.data_ptr(), delta.data_ptr(),
+                                          probs.data_ptr(), grad_scores.data_ptr(), FLOATS[rows.dtype], **shape)
+    return probs, grad_scores
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window=None, fused_backward=True) -> torch.Tensor:
+    """Causal attention of one document: q [L, Hq, D], k and v [L, Hkv, D] (CPU, one dtype) -> [L, Hq, D].
+    fused_backward=False: the bf16 backward's score matmuls and softmax as separate passes (to measure the fused)."""
+    return CPUAttention.apply(q, k, v, window, fused_backward)
 
 
 def by_document(q, k, v, window=None, cu_seqlens=None) -> torch.Tensor:

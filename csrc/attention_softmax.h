@@ -30,4 +30,10 @@ void attention_softmax_backward(const SoftmaxRows& shape, const float* scores, c
                                 const float* grad_probs, const float* delta, void* probs, void* grad_scores,
                                 Float type, int threads);
 
+// Row r of attention_softmax_backward in bf16, its scores and dP rows given on their own (rows of a tile's buffers,
+// only the visible entries read); p and g are fp32 scratch of L floats each. For attention_backward_scores.
+void attention_softmax_backward_row(const SoftmaxRows& shape, int64_t r, const float* scores_row,
+                                    const float* grad_probs_row, float lse, float delta, uint16_t* probs_row,
+                                    uint16_t* grad_row, float* p, float* g);
+
 }  // namespace cancerllm

@@ -265,6 +265,23 @@ PYBIND11_MODULE(_C, m) {
      py::arg("causal_group"), py::arg("threads"), py::arg("allow_amx") = true,
      py::call_guard<py::gil_scoped_release>(),
      "bf16 score matmuls with fp32 output on raw pointers: use cancerllm.cpu_attention");
+  m.def("attention_backward_scores", [](uintptr_t q, uintptr_t k, uintptr_t grad_out, uintptr_t v, uintptr_t lse,
+                                        uintptr_t delta, uintptr_t probs, uintptr_t grad_scores, int64_t heads,
+                                        int64_t M, int64_t N, int64_t K, int64_t group, int64_t window, float scale,
+                                        int threads, bool allow_amx) {
+    if (heads < 0 || N < 0 || K < 2 || K % 2 || group < 1 || M != N * group || window < 0 || threads < 1)
+      throw std::invalid_argument("attention_backward_scores: bad sizes (K even and >= 2, M = N * group)");
+    if (!has_avx512_bf16()) throw std::runtime_error("attention_backward_scores: this CPU lacks AVX512-BF16");
+    attention_backward_scores({reinterpret_cast<const uint16_t*>(q), reinterpret_cast<const uint16_t*>(k),
+                               reinterpret_cast<const uint16_t*>(grad_out), reinterpret_cast<const uint16_t*>(v),
+                               reinterpret_cast<const float*>(lse), reinterpret_cast<const float*>(delta),
+                               reinterpret_cast<uint16_t*>(probs), reinterpret_cast<uint16_t*>(grad_scores), heads, M,
+                               N, K, group, window, scale, allow_amx}, threads);
+  }, py::arg("q"), py::arg("k"), py::arg("grad_out"), py::arg("v"), py::arg("lse"), py::arg("delta"),
+     py::arg("probs"), py::arg("grad_scores"), py::arg("heads"), py::arg("M"), py::arg("N"), py::arg("K"),
+     py::arg("group"), py::arg("window"), py::arg("scale"), py::arg("threads"), py::arg("allow_amx") = true,
+     py::call_guard<py::gil_scoped_release>(),
+     "attention's bf16 backward from scores to their gradients in one pass, raw pointers: use cancerllm.cpu_attention");
   m.def("attention_softmax_forward", [](uintptr_t scores, uintptr_t probs, uintptr_t lse, int type, int64_t rows,
                                         int64_t L, int64_t group, int64_t window, float scale, int threads) {
     if (type < 0 || type > 1) throw std::invalid_argument("attention_softmax_forward: unknown element type");

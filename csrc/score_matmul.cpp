@@ -7,19 +7,26 @@
 #include <vector>
 
 #include "amx.h"
+#include "attention_softmax.h"
 
 namespace cancerllm {
 namespace {
 
 constexpr int64_t kTileRows = 8;
+using PackedHeads = std::vector<std::vector<uint16_t>>;   // each head's B as pack_by_pairs lays it out
+
+// The columns rows [r0, r0 + rows) need: all N, or with causal_group > 0 those up to the last row's position.
+int64_t columns_for(int64_t N, int64_t causal_group, int64_t r0, int64_t rows) {
+  return causal_group > 0 ? std::min(N, (r0 + rows - 1) / causal_group + 1) : N;
+}
 
 #ifdef CANCERLLM_X86
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16{1} << n) - 1; }
 
-// C[rows r0.., columns n0 .. n0 + 32) (stored up to n_end) for R rows of A.
+// C[0 .. R, columns n0 .. n0 + 32) (stored up to n_end) for the R rows of A at a (row stride K); C's rows ldc apart.
 template <int R>
 CANCERLLM_AVX512_BF16 void tile(const uint16_t* a, int64_t K, const uint16_t* packed, int64_t pairs, float* c,
-                                int64_t N, int64_t r0, int64_t n0, int64_t n_end) {
+                                int64_t ldc, int64_t n0, int64_t n_end) {
   __m512 acc[R][2];
   for (int i = 0; i < R; ++i) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
   const uint16_t* b0 = packed + (n0 / 16) * pairs * 32;
@@ -28,7 +35,7 @@ CANCERLLM_AVX512_BF16 void tile(const uint16_t* a, int64_t K, const uint16_t* pa
     const __m512i w0 = _mm512_loadu_si512(b0 + p * 32), w1 = _mm512_loadu_si512(b1 + p * 32);
     for (int i = 0; i < R; ++i) {
       int32_t pair;
-      std::memcpy(&pair, a + (r0 + i) * K + 2 * p, sizeof pair);
+      std::memcpy(&pair, a + i * K + 2 * p, sizeof pair);
       const __m512i x = _mm512_set1_epi32(pair);
       acc[i][0] = _mm512_dpbf16_ps(acc[i][0], reinterpret_cast<__m512bh>(w0), reinterpret_cast<__m512bh>(x));
       acc[i][1] = _mm512_dpbf16_ps(acc[i][1], reinterpret_cast<__m512bh>(w1), reinterpret_cast<__m512bh>(x));
@@ -36,32 +43,30 @@ CANCERLLM_AVX512_BF16 void tile(const uint16_t* a, int64_t K, const uint16_t* pa
   }
   const __mmask16 m0 = first_lanes(n_end - n0), m1 = first_lanes(n_end - n0 - 16);
   for (int i = 0; i < R; ++i) {
-    float* row = c + (r0 + i) * N + n0;
+    float* row = c + i * ldc + n0;
     _mm512_mask_storeu_ps(row, m0, acc[i][0]);
     _mm512_mask_storeu_ps(row + 16, m1, acc[i][1]);
   }
 }
 
 template <int R>
-CANCERLLM_AVX512_BF16 void row_tile(const uint16_t* a, int64_t K, const uint16_t* packed, int64_t pairs, float* c,
-                                    int64_t N, int64_t r0, int64_t n_end) {
-  for (int64_t n0 = 0; n0 < n_end; n0 += 32) tile<R>(a, K, packed, pairs, c, N, r0, n0, n_end);
+CANCERLLM_AVX512_BF16 void row_tile(const uint16_t* a, int64_t K, const uint16_t* packed, float* c, int64_t ldc,
+                                    int64_t n_end) {
+  for (int64_t n0 = 0; n0 < n_end; n0 += 32) tile<R>(a, K, packed, K / 2, c, ldc, n0, n_end);
 }
 
-CANCERLLM_AVX512_BF16 void rows_of(const ScoreMatmulArgs& s, int64_t head, int64_t r0, const uint16_t* packed) {
-  const int64_t rows = std::min(kTileRows, s.M - r0), pairs = s.K / 2;
-  const int64_t n_end = s.causal_group > 0 ? std::min(s.N, (r0 + rows - 1) / s.causal_group + 1) : s.N;
-  const uint16_t* a = s.a + head * s.M * s.K;
-  float* c = s.c + head * s.M * s.N;
+// C[0 .. rows, 0 .. n_end) for `rows` (at most kTileRows) rows of A at a.
+CANCERLLM_AVX512_BF16 void avx512_block(const uint16_t* a, int64_t rows, int64_t K, const uint16_t* packed,
+                                        float* c, int64_t ldc, int64_t n_end) {
   switch (rows) {
-    case 8: row_tile<8>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    case 7: row_tile<7>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    case 6: row_tile<6>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    case 5: row_tile<5>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    case 4: row_tile<4>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    case 3: row_tile<3>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    case 2: row_tile<2>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
-    default: row_tile<1>(a, s.K, packed, pairs, c, s.N, r0, n_end); break;
+    case 8: row_tile<8>(a, K, packed, c, ldc, n_end); break;
+    case 7: row_tile<7>(a, K, packed, c, ldc, n_end); break;
+    case 6: row_tile<6>(a, K, packed, c, ldc, n_end); break;
+    case 5: row_tile<5>(a, K, packed, c, ldc, n_end); break;
+    case 4: row_tile<4>(a, K, packed, c, ldc, n_end); break;
+    case 3: row_tile<3>(a, K, packed, c, ldc, n_end); break;
+    case 2: row_tile<2>(a, K, packed, c, ldc, n_end); break;
+    default: row_tile<1>(a, K, packed, c, ldc, n_end); break;
   }
 }
 
@@ -82,60 +87,122 @@ CANCERLLM_AMX void configure_tiles(int64_t K) {
   _tile_loadconfig(&config);
 }
 
-// C[r0 .. r0 + 16, 0 .. n_end) of one head. A block's rows past M come from `a_pad` (zeros), and a block that
-// reaches past M or n_end is stored to `c_pad` first, then its part in range copied out.
-CANCERLLM_AMX void amx_rows_of(const ScoreMatmulArgs& s, int64_t head, int64_t r0, const uint16_t* packed,
-                               uint16_t* a_pad, float* c_pad) {
-  const int64_t rows = std::min(kAmxRows, s.M - r0), pairs = s.K / 2, whole = s.K / 32 * 32;
-  const int64_t n_end = s.causal_group > 0 ? std::min(s.N, (r0 + rows - 1) / s.causal_group + 1) : s.N;
-  const uint16_t* a = s.a + (head * s.M + r0) * s.K;
+// C[0 .. rows, 0 .. n_end) for `rows` (at most 16) rows of A at a. A block's rows past `rows` come from `a_pad`
+// (zeros), and a block that reaches past them or n_end is stored to `c_pad` first, then its part in range copied out.
+CANCERLLM_AMX void amx_block(const uint16_t* a, int64_t rows, int64_t K, const uint16_t* packed, float* c,
+                             int64_t ldc, int64_t n_end, uint16_t* a_pad, float* c_pad) {
+  const int64_t pairs = K / 2, whole = K / 32 * 32;
   if (rows < kAmxRows) {
-    std::memcpy(a_pad, a, rows * s.K * sizeof(uint16_t));
-    std::memset(a_pad + rows * s.K, 0, (kAmxRows - rows) * s.K * sizeof(uint16_t));
+    std::memcpy(a_pad, a, rows * K * sizeof(uint16_t));
+    std::memset(a_pad + rows * K, 0, (kAmxRows - rows) * K * sizeof(uint16_t));
     a = a_pad;
   }
-  float* c = s.c + (head * s.M + r0) * s.N;
   for (int64_t n0 = 0; n0 < n_end; n0 += 32) {
     const uint16_t* b0 = packed + (n0 / 16) * pairs * 32;
     const uint16_t* b1 = b0 + pairs * 32;
     _tile_zero(0);
     _tile_zero(1);
     for (int64_t k = 0; k < whole; k += 32) {
-      _tile_loadd(2, a + k, s.K * 2);
+      _tile_loadd(2, a + k, K * 2);
       _tile_loadd(3, b0 + k * 16, 64);   // pairs k/2 .. k/2 + 15, 32 bf16 each
       _tile_loadd(4, b1 + k * 16, 64);
       _tile_dpbf16ps(0, 2, 3);
       _tile_dpbf16ps(1, 2, 4);
     }
-    if (whole < s.K) {
-      _tile_loadd(5, a + whole, s.K * 2);
+    if (whole < K) {
+      _tile_loadd(5, a + whole, K * 2);
       _tile_loadd(6, b0 + whole * 16, 64);
       _tile_loadd(7, b1 + whole * 16, 64);
       _tile_dpbf16ps(0, 5, 6);
       _tile_dpbf16ps(1, 5, 7);
     }
     if (rows == kAmxRows && n0 + 32 <= n_end) {
-      _tile_stored(0, c + n0, s.N * 4);
-      _tile_stored(1, c + n0 + 16, s.N * 4);
+      _tile_stored(0, c + n0, ldc * 4);
+      _tile_stored(1, c + n0 + 16, ldc * 4);
       continue;
     }
     _tile_stored(0, c_pad, 32 * 4);
     _tile_stored(1, c_pad + 16, 32 * 4);
     const int64_t columns = std::min<int64_t>(32, n_end - n0);
-    for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * s.N + n0, c_pad + i * 32, columns * sizeof(float));
+    for (int64_t i = 0; i < rows; ++i) std::memcpy(c + i * ldc + n0, c_pad + i * 32, columns * sizeof(float));
   }
 }
 
 // One thread's share of the row blocks, between configuring its tile registers and releasing them.
-CANCERLLM_AMX void amx_blocks(const ScoreMatmulArgs& s, const std::vector<std::vector<uint16_t>>& packed) {
+CANCERLLM_AMX void amx_blocks(const ScoreMatmulArgs& s, const PackedHeads& packed) {
   configure_tiles(s.K);
   std::vector<uint16_t> a_pad(kAmxRows * s.K);
   std::vector<float> c_pad(kAmxRows * 32);
   const int64_t blocks = (s.M + kAmxRows - 1) / kAmxRows;
 #pragma omp for schedule(dynamic, 2)
-  for (int64_t t = 0; t < s.heads * blocks; ++t)
-    amx_rows_of(s, t / blocks, t % blocks * kAmxRows, packed[t / blocks].data(), a_pad.data(), c_pad.data());
+  for (int64_t t = 0; t < s.heads * blocks; ++t) {
+    const int64_t head = t / blocks, r0 = t % blocks * kAmxRows, rows = std::min(kAmxRows, s.M - r0);
+    const int64_t at = head * s.M + r0;
+    amx_block(s.a + at * s.K, rows, s.K, packed[head].data(), s.c + at * s.N, s.N,
+              columns_for(s.N, s.causal_group, r0, rows), a_pad.data(), c_pad.data());
+  }
   _tile_release();
+}
+
+// The fused backward's rows [at, at + rows) (of all heads' rows) from their S and dP rows in the thread's buffers.
+void softmax_backward_rows(const AttentionBackwardArgs& s, int64_t at, int64_t rows, const float* scores,
+                           const float* grad_probs, float* p, float* g) {
+  const SoftmaxRows shape{s.heads * s.M, s.N, s.group, s.window, s.scale};
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = at + i;
+    attention_softmax_backward_row(shape, r, scores + i * s.N, grad_probs + i * s.N, s.lse[r], s.delta[r],
+                                   s.probs + r * s.N, s.grad_scores + r * s.N, p, g);
+  }
+}
+
+// Buffers of one thread of the fused backward: S and dP for a block of rows, the softmax's two rows.
+struct BackwardScratch {
+  std::vector<float> scores, grad_probs, p, g;
+  BackwardScratch(int64_t block_rows, int64_t N) : scores(block_rows * N), grad_probs(block_rows * N), p(N), g(N) {}
+};
+
+// One thread's share of the fused backward: blocks of `block_rows` rows, each block's S and dP made by `product`
+// (score_matmul's tiles for one block: A's rows, their count, B packed, C, its columns), then its rows' softmax.
+template <typename Product>
+void backward_blocks(const AttentionBackwardArgs& s, const PackedHeads& keys, const PackedHeads& values,
+                     int64_t block_rows, Product product) {
+  BackwardScratch b(block_rows, s.N);
+  const int64_t blocks = (s.M + block_rows - 1) / block_rows;
+  // Causal rows need more columns the further down they are: blocks are handed out a few at a time.
+#pragma omp for schedule(dynamic, 2)
+  for (int64_t t = 0; t < s.heads * blocks; ++t) {
+    const int64_t head = t / blocks, r0 = t % blocks * block_rows, rows = std::min(block_rows, s.M - r0);
+    const int64_t at = head * s.M + r0, n_end = columns_for(s.N, s.group, r0, rows);
+    product(s.q + at * s.K, rows, keys[head].data(), b.scores.data(), n_end);
+    product(s.grad_out + at * s.K, rows, values[head].data(), b.grad_probs.data(), n_end);
+    softmax_backward_rows(s, at, rows, b.scores.data(), b.grad_probs.data(), b.p.data(), b.g.data());
+  }
+}
+
+CANCERLLM_AMX void amx_backward_blocks(const AttentionBackwardArgs& s, const PackedHeads& keys,
+                                       const PackedHeads& values) {
+  configure_tiles(s.K);
+  std::vector<uint16_t> a_pad(kAmxRows * s.K);
+  std::vector<float> c_pad(kAmxRows * 32);
+  backward_blocks(s, keys, values, kAmxRows, [&](const uint16_t* a, int64_t rows, const uint16_t* packed, float* c,
+                                                 int64_t n_end) {
+    amx_block(a, rows, s.K, packed, c, s.N, n_end, a_pad.data(), c_pad.data());
+  });
+  _tile_release();
+}
+
+void avx512_backward_blocks(const AttentionBackwardArgs& s, const PackedHeads& keys, const PackedHeads& values) {
+  backward_blocks(s, keys, values, kTileRows, [&](const uint16_t* a, int64_t rows, const uint16_t* packed, float* c,
+                                                  int64_t n_end) {
+    avx512_block(a, rows, s.K, packed, c, s.N, n_end);
+  });
+}
+
+// Each head's B as the tiles read it, with one zero block past N (a tile's second block of 16 columns always exists).
+PackedHeads packed_heads(const uint16_t* b, int64_t heads, int64_t N, int64_t K) {
+  PackedHeads packed(heads);
+  for (int64_t h = 0; h < heads; ++h) packed[h] = pack_by_pairs(b + h * N * K, N, K, K / 2, (N + 15) / 16 + 1);
+  return packed;
 }
 #endif  // CANCERLLM_X86
 
@@ -143,10 +210,7 @@ CANCERLLM_AMX void amx_blocks(const ScoreMatmulArgs& s, const std::vector<std::v
 
 void score_matmul(const ScoreMatmulArgs& s, int threads) {
 #ifdef CANCERLLM_X86
-  std::vector<std::vector<uint16_t>> packed(s.heads);
-  // One zero block past N, so that a tile's second block of 16 columns always exists.
-  for (int64_t h = 0; h < s.heads; ++h)
-    packed[h] = pack_by_pairs(s.b + h * s.N * s.K, s.N, s.K, s.K / 2, (s.N + 15) / 16 + 1);
+  const auto packed = packed_heads(s.b, s.heads, s.N, s.K);
   if (s.allow_amx && has_amx()) {
 #pragma omp parallel num_threads(threads) if (threads > 1)
     amx_blocks(s, packed);
@@ -155,7 +219,26 @@ void score_matmul(const ScoreMatmulArgs& s, int threads) {
   const int64_t tiles = (s.M + kTileRows - 1) / kTileRows;
   // Causal rows need more columns the further down they are: tiles are handed out a few at a time.
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
-  for (int64_t t = 0; t < s.heads * tiles; ++t) rows_of(s, t / tiles, t % tiles * kTileRows, packed[t / tiles].data());
+  for (int64_t t = 0; t < s.heads * tiles; ++t) {
+    const int64_t head = t / tiles, r0 = t % tiles * kTileRows, rows = std::min(kTileRows, s.M - r0);
+    const int64_t at = head * s.M + r0;
+    avx512_block(s.a + at * s.K, rows, s.K, packed[head].data(), s.c + at * s.N, s.N,
+                 columns_for(s.N, s.causal_group, r0, rows));
+  }
+#else
+  (void)s;
+  (void)threads;
+#endif
+}
+
+void attention_backward_scores(const AttentionBackwardArgs& s, int threads) {
+#ifdef CANCERLLM_X86
+  const auto keys = packed_heads(s.k, s.heads, s.N, s.K), values = packed_heads(s.v, s.heads, s.N, s.K);
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  {
+    if (s.allow_amx && has_amx()) amx_backward_blocks(s, keys, values);
+    else avx512_backward_blocks(s, keys, values);
+  }
 #else
   (void)s;
   (void)threads;

@@ -27,4 +27,26 @@ struct ScoreMatmulArgs {
 
 void score_matmul(const ScoreMatmulArgs& args, int threads);
 
+// Attention's backward from the scores to their gradient in one pass over blocks of rows: for each block of 16 (AMX)
+// or 8 rows, S = Q K^T and dP = dO V^T into fp32 buffers of the thread (score_matmul's tiles, causal columns only),
+// then each row's softmax backward (attention_softmax_backward_row) writes P and dS = P (dP - delta) scale in bf16.
+// The same values as score_matmul twice and attention_softmax_backward, without the [M, N] fp32 S and dP making a
+// round trip through memory. Causal; rows position-major, `group` query heads per key/value head (M = N * group).
+struct AttentionBackwardArgs {
+  const uint16_t* q;          // [heads, M, K] bf16, score_matmul's A
+  const uint16_t* k;          // [heads, N, K] bf16
+  const uint16_t* grad_out;   // [heads, M, K] bf16, dO in q's row order
+  const uint16_t* v;          // [heads, N, K] bf16
+  const float* lse;           // [heads * M], the forward's natural-log log-sum-exp of the scaled scores
+  const float* delta;         // [heads * M], sum_d dO O
+  uint16_t* probs;            // [heads, M, N] bf16 out, 0 where not visible
+  uint16_t* grad_scores;      // [heads, M, N] bf16 out, 0 where not visible
+  int64_t heads, M, N, K;     // K even
+  int64_t group, window;      // window 0: none
+  float scale;
+  bool allow_amx;
+};
+
+void attention_backward_scores(const AttentionBackwardArgs& args, int threads);
+
 }  // namespace cancerllm

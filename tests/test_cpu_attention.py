@@ -1,8 +1,9 @@
 """Training attention on CPU (cancerllm/cpu_attention.py, csrc/score_matmul.cpp, csrc/attention_softmax.cpp): one
 document's output and its three gradients against the float64 reference on fresh random inputs, at odd lengths, head
 counts and widths, with and without a sliding window and at both thread counts; torch's flash forward's output and
-log-sum-exp in our row order, and the gradients our backward takes from them; the score matmul alone; packed batches
-through kernels.attention; documents too long for the score buffer taken by the reference's SDPA."""
+log-sum-exp in our row order, and the gradients our backward takes from them; the score matmul alone; the fused bf16
+backward pass against the score matmul and softmax backward it fuses; packed batches through kernels.attention;
+documents too long for the score buffer taken by the reference's SDPA."""
 import pytest
 import torch
 
@@ -55,6 +56,62 @@ def test_score_matmul_is_fp32_exact_where_the_softmax_reads(shape, threads, amx)
     if group:
         visible = torch.arange(N)[None, :] <= torch.arange(M)[:, None] // group
     torch.testing.assert_close(out[:, visible].double(), ref[:, visible], rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.skipif(not gemv.fast_kernel(), reason="this CPU lacks AVX512-BF16: bf16 scores go through torch")
+@pytest.mark.parametrize("amx", [amx_or_not(True), amx_or_not(False)])
+@pytest.mark.parametrize("threads", [1, 2])
+# (L, G, Hkv, D, window): one position, odd lengths past one and two row blocks, K with and without a remainder of 32.
+@pytest.mark.parametrize("shape", [(1, 1, 1, 2, 0), (7, 3, 2, 6, 0), (37, 2, 3, 64, 0), (37, 2, 3, 64, 5),
+                                   (70, 1, 1, 130, 0), (130, 3, 2, 32, 40)])
+def test_fused_backward_pass_gives_the_bits_of_its_three_kernels(shape, threads, amx):
+    """attention_backward_scores against score_matmul twice and attention_softmax_backward on the same inputs:
+    the same tiles and the same row function, so the same bits of P and dS, zeros where a key is not visible."""
+    L, G, heads, D, window = shape
+    q, grad_out = torch.randn(heads, L * G, D).bfloat16(), torch.randn(heads, L * G, D).bfloat16()
+    k, v = torch.randn(heads, L, D).bfloat16(), torch.randn(heads, L, D).bfloat16()
+    lse, delta = torch.randn(heads, L * G) + 3, torch.randn(heads, L * G)
+    ext = cpu_attention.native("attention_backward_scores")
+    expected = []
+    for a, b in ((q, k), (grad_out, v)):
+        out = torch.empty(heads, L * G, L)
+        ext.score_matmul(a.data_ptr(), b.data_ptr(), out.data_ptr(), heads, L * G, L, D, G, threads, allow_amx=amx)
+        expected.append(out)
+    probs, grad_scores = (torch.full((heads, L * G, L), float("nan")).bfloat16() for _ in range(2))
+    ext.attention_softmax_backward(expected[0].data_ptr(), lse.data_ptr(), expected[1].data_ptr(), delta.data_ptr(),
+                                   probs.data_ptr(), grad_scores.data_ptr(), 1, heads * L * G, L, G, window,
+                                   D ** -0.5, threads)
+    fused = [torch.full((heads, L * G, L), float("nan")).bfloat16() for _ in range(2)]
+    ext.attention_backward_scores(q.data_ptr(), k.data_ptr(), grad_out.data_ptr(), v.data_ptr(), lse.data_ptr(),
+                                  delta.data_ptr(), fused[0].data_ptr(), fused[1].data_ptr(), heads, L * G, L, D, G,
+                                  window, D ** -0.5, threads, allow_amx=amx)
+    assert torch.equal(fused[0], probs) and torch.equal(fused[1], grad_scores)
+    assert fused[0].abs().sum() > 0 and fused[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("shape", [(37, 4, 2, 16, None), (130, 9, 3, 64, 50)],
+                         ids=lambda s: "L{}-Hq{}-Hkv{}-D{}-w{}".format(*s))
+def test_bf16_backward_fused_or_not_gives_the_same_gradients(shape):
+    """The whole backward through the fused pass or the three kernels: the same bits (on a CPU without AVX512-BF16
+    both are the unfused path)."""
+    L, Hq, Hkv, D, window = shape
+    q, k, v = (torch.randn(L, h, D).bfloat16() for h in (Hq, Hkv, Hkv))
+    grad = torch.randn(L, Hq, D).bfloat16()
+    grads = []
+    for fused in (True, False):
+        leaves_ = [t.clone().requires_grad_() for t in (q, k, v)]
+        cpu_attention.attention(*leaves_, window, fused_backward=fused).backward(grad)
+        grads.append([t.grad for t in leaves_])
+    for name, a, b in zip("qkv", *grads):
+        assert torch.equal(a, b), name
+
+
+def test_fused_backward_pass_rejects_bad_sizes():
+    ext = cpu_attention.native("attention_backward_scores")
+    with pytest.raises(ValueError, match="M = N \\* group"):
+        ext.attention_backward_scores(0, 0, 0, 0, 0, 0, 0, 0, 1, 5, 2, 8, 2, 0, 1.0, 1)
+    with pytest.raises(ValueError, match="K even"):
+        ext.attention_backward_scores(0, 0, 0, 0, 0, 0, 0, 0, 1, 4, 2, 7, 2, 0, 1.0, 1)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
