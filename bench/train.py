@@ -151,8 +151,7 @@ def flops_per_token(args, seq_len: int, lora: LoraConfig = None, loss_fraction: 
     head runs on the loss tokens only (ours drops the others before it). Full fine-tuning with the loss on every
     token is ModelArgs.flops_per_token exactly. LoRA: the frozen base and head need no weight gradients (4 per
     weight), the adapters train (6 per weight); the first block's five input-side linears, whose input gradients
-    autograd skips too, are still counted at 4 (~1% too many at SmolLM2's shape), while the frozen head's weight
-    gradient, which the fused loss computes anyway, is not counted (bench/README.md, SmolLM2)."""
+    autograd skips too, are still counted at 4 (~1% too many at SmolLM2's shape; bench/README.md, SmolLM2)."""
     matmul = args.num_params(embedding=False)          # blocks (with their norm weights, <0.1%) and the head
     head = args.vocab_size * args.dim
     attention = args.flops_per_token(seq_len) - 6 * matmul
