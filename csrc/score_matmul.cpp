@@ -20,6 +20,18 @@ int64_t columns_for(int64_t N, int64_t causal_group, int64_t r0, int64_t rows) {
   return causal_group > 0 ? std::min(N, (r0 + rows - 1) / causal_group + 1) : N;
 }
 
+// Each head's rows in blocks of `block_rows`, shared over the calling team's threads a few at a time (causal rows
+// need more columns the further down they are): block(head, r0, rows, at), `at` = head * M + r0 among all heads' rows.
+template <typename Block>
+void each_block(int64_t heads, int64_t M, int64_t block_rows, Block block) {
+  const int64_t blocks = (M + block_rows - 1) / block_rows;
+#pragma omp for schedule(dynamic, 2)
+  for (int64_t t = 0; t < heads * blocks; ++t) {
+    const int64_t head = t / blocks, r0 = t % blocks * block_rows;
+    block(head, r0, std::min(block_rows, M - r0), head * M + r0);
+  }
+}
+
 #ifdef CANCERLLM_X86
 inline __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xFFFF : n <= 0 ? 0 : (__mmask16{1} << n) - 1; }
 
@@ -133,14 +145,10 @@ CANCERLLM_AMX void amx_blocks(const ScoreMatmulArgs& s, const PackedHeads& packe
   configure_tiles(s.K);
   std::vector<uint16_t> a_pad(kAmxRows * s.K);
   std::vector<float> c_pad(kAmxRows * 32);
-  const int64_t blocks = (s.M + kAmxRows - 1) / kAmxRows;
-#pragma omp for schedule(dynamic, 2)
-  for (int64_t t = 0; t < s.heads * blocks; ++t) {
-    const int64_t head = t / blocks, r0 = t % blocks * kAmxRows, rows = std::min(kAmxRows, s.M - r0);
-    const int64_t at = head * s.M + r0;
+  each_block(s.heads, s.M, kAmxRows, [&](int64_t head, int64_t r0, int64_t rows, int64_t at) {
     amx_block(s.a + at * s.K, rows, s.K, packed[head].data(), s.c + at * s.N, s.N,
               columns_for(s.N, s.causal_group, r0, rows), a_pad.data(), c_pad.data());
-  }
+  });
   _tile_release();
 }
 
@@ -167,16 +175,12 @@ template <typename Product>
 void backward_blocks(const AttentionBackwardArgs& s, const PackedHeads& keys, const PackedHeads& values,
                      int64_t block_rows, Product product) {
   BackwardScratch b(block_rows, s.N);
-  const int64_t blocks = (s.M + block_rows - 1) / block_rows;
-  // Causal rows need more columns the further down they are: blocks are handed out a few at a time.
-#pragma omp for schedule(dynamic, 2)
-  for (int64_t t = 0; t < s.heads * blocks; ++t) {
-    const int64_t head = t / blocks, r0 = t % blocks * block_rows, rows = std::min(block_rows, s.M - r0);
-    const int64_t at = head * s.M + r0, n_end = columns_for(s.N, s.group, r0, rows);
+  each_block(s.heads, s.M, block_rows, [&](int64_t head, int64_t r0, int64_t rows, int64_t at) {
+    const int64_t n_end = columns_for(s.N, s.group, r0, rows);
     product(s.q + at * s.K, rows, keys[head].data(), b.scores.data(), n_end);
     product(s.grad_out + at * s.K, rows, values[head].data(), b.grad_probs.data(), n_end);
     softmax_backward_rows(s, at, rows, b.scores.data(), b.grad_probs.data(), b.p.data(), b.g.data());
-  }
+  });
 }
 
 CANCERLLM_AMX void amx_backward_blocks(const AttentionBackwardArgs& s, const PackedHeads& keys,
@@ -216,15 +220,11 @@ void score_matmul(const ScoreMatmulArgs& s, int threads) {
     amx_blocks(s, packed);
     return;
   }
-  const int64_t tiles = (s.M + kTileRows - 1) / kTileRows;
-  // Causal rows need more columns the further down they are: tiles are handed out a few at a time.
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 4) if (threads > 1)
-  for (int64_t t = 0; t < s.heads * tiles; ++t) {
-    const int64_t head = t / tiles, r0 = t % tiles * kTileRows, rows = std::min(kTileRows, s.M - r0);
-    const int64_t at = head * s.M + r0;
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  each_block(s.heads, s.M, kTileRows, [&](int64_t head, int64_t r0, int64_t rows, int64_t at) {
     avx512_block(s.a + at * s.K, rows, s.K, packed[head].data(), s.c + at * s.N, s.N,
                  columns_for(s.N, s.causal_group, r0, rows));
-  }
+  });
 #else
   (void)s;
   (void)threads;
