@@ -1,11 +1,13 @@
 """Dropout with a hashed mask (csrc/dropout.cpp), for LoRA on CPU: element i of a tensor is kept under a 64-bit seed
-when a splitmix64 hash of (seed, i) clears p, so a backward regenerates the mask from the seed instead of keeping
-it, and one pass applies it. torch's CPU dropout draws every value from mt19937, one at a time, and keeps its mask
-and the dropped input for backward (docs/experiments.md, 2026-11-30: what that cost a LoRA step).
+when a 32-bit hash of (seed, i) clears p, so a backward regenerates the mask from the seed instead of keeping it,
+and one pass applies it. torch's CPU dropout draws every value from mt19937, one at a time, and keeps its mask and
+the dropped input for backward (docs/experiments.md, 2026-11-30: what that cost a LoRA step).
 
     seed = draw_seed()                      # from torch's CPU generator: torch.manual_seed reproduces a run
-    y = dropout(x, p, seed)                 # x * keep / (1 - p); the same seed, the same mask (a backward's)
+    y = drop(x, p, seed)                    # x with the dropped elements zeroed; the same seed, the same mask
 
+`drop` leaves the kept values as they are (a copy of their bits): dropout's 1 / (1 - p) is the caller's to fold into
+a scale it applies anyway (LoRA's alpha / r), which saves a rounding and keeps the pass free of arithmetic.
 `keep_mask` computes the same mask in plain torch integer ops: the test oracle.
 """
 import torch
@@ -13,7 +15,8 @@ import torch
 from .extension import FLOATS, check_cpu_tensor, native
 
 OP = "hashed_dropout"
-GOLDEN, MIX1, MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB
+KEY_MIX, GOLDEN, MIX1, MIX2 = 0x27D4EB2F, 0x9E3779B9, 0x85EBCA6B, 0xC2B2AE35
+LOW32 = 0xFFFFFFFF
 
 
 def usable(x: torch.Tensor) -> bool:
@@ -32,26 +35,24 @@ def threshold(p: float) -> int:
     return round(p * 2**24)
 
 
-def dropout(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
-    """x * keep / (1 - p) on CPU fp32/bf16 tensors, fp32 arithmetic rounded once."""
+def drop(x: torch.Tensor, p: float, seed: int, *, avx512: bool = True) -> torch.Tensor:
+    """x with the elements the mask drops set to 0 and the others unchanged (not rescaled), CPU fp32/bf16.
+    avx512=False: the kernel's portable loop, whatever the CPU (the same mask; tests compare the two)."""
     x = x.contiguous()
     check_cpu_tensor(OP, "x", x, dtypes=tuple(FLOATS))
     out = torch.empty_like(x)
-    native(OP).hashed_dropout(x.data_ptr(), out.data_ptr(), FLOATS[x.dtype], x.numel(), seed % 2**64, threshold(p),
-                              1.0 / (1.0 - p), torch.get_num_threads())
+    native(OP).hashed_dropout(x.data_ptr(), out.data_ptr(), x.element_size(), x.numel(), seed % 2**64, threshold(p),
+                              torch.get_num_threads(), avx512)
     return out
 
 
 def keep_mask(n: int, p: float, seed: int) -> torch.Tensor:
-    """The kernel's mask for n elements, in torch int64 arithmetic (wrapping like uint64; >> made logical)."""
-    def signed(v):
-        return v - 2**64 if v >= 2**63 else v
-
-    def shift_right(z, bits):
-        return (z >> bits) & ((1 << (64 - bits)) - 1)
-
-    z = signed(seed % 2**64) + torch.arange(1, n + 1, dtype=torch.int64) * signed(GOLDEN)
-    z = (z ^ shift_right(z, 30)) * signed(MIX1)
-    z = (z ^ shift_right(z, 27)) * signed(MIX2)
-    z = z ^ shift_right(z, 31)
-    return shift_right(z, 40) >= threshold(p)
+    """The kernel's mask for n elements, in torch int64 arithmetic kept to 32 bits (products wrap like uint32)."""
+    seed %= 2**64
+    index = torch.arange(n, dtype=torch.int64)
+    key = ((seed & LOW32) + ((seed >> 32) ^ (index >> 32)) * KEY_MIX) & LOW32
+    h = (((index + 1) & LOW32) * GOLDEN & LOW32) ^ key
+    h = ((h ^ (h >> 16)) * MIX1) & LOW32
+    h = ((h ^ (h >> 13)) * MIX2) & LOW32
+    h = h ^ (h >> 16)
+    return (h >> 8) >= threshold(p)

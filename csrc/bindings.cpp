@@ -244,14 +244,14 @@ PYBIND11_MODULE(_C, m) {
   }, py::arg("grad"), py::arg("gate"), py::arg("up"), py::arg("grad_gate"), py::arg("grad_up"), py::arg("type"),
      py::arg("n"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
      "SwiGLU backward on raw pointers: use cancerllm.cpu_swiglu");
-  m.def("hashed_dropout", [](uintptr_t x, uintptr_t out, int type, int64_t n, uint64_t seed, uint32_t threshold,
-                             float scale, int threads) {
-    if (type < 0 || type > 1) throw std::invalid_argument("hashed_dropout: unknown element type");
+  m.def("hashed_dropout", [](uintptr_t x, uintptr_t out, int bytes, int64_t n, uint64_t seed, uint32_t threshold,
+                             int threads, bool allow_avx512) {
+    if (bytes != 2 && bytes != 4) throw std::invalid_argument("hashed_dropout: elements must be 2 or 4 bytes");
     if (n < 0 || threads < 1 || threshold > (1u << 24)) throw std::invalid_argument("hashed_dropout: bad sizes");
-    hashed_dropout(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), static_cast<Float>(type), n, seed,
-                   threshold, scale, threads);
-  }, py::arg("x"), py::arg("out"), py::arg("type"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
-     py::arg("scale"), py::arg("threads"), py::call_guard<py::gil_scoped_release>(),
+    hashed_dropout(reinterpret_cast<const void*>(x), reinterpret_cast<void*>(out), bytes, n, seed, threshold,
+                   threads, allow_avx512);
+  }, py::arg("x"), py::arg("out"), py::arg("bytes"), py::arg("n"), py::arg("seed"), py::arg("threshold"),
+     py::arg("threads"), py::arg("allow_avx512"), py::call_guard<py::gil_scoped_release>(),
      "dropout with a hashed mask on raw pointers: use cancerllm.hashed_dropout");
   m.def("has_amx", &has_amx, "Whether score_matmul and small_matmul may use this CPU's AMX tiles");
   m.def("score_matmul", [](uintptr_t a, uintptr_t b, uintptr_t c, int64_t heads, int64_t M, int64_t N, int64_t K,

@@ -6,23 +6,30 @@
 
 #include <cstdint>
 
-#include "bf16.h"
-
 namespace cancerllm {
 
-// Whether element i is kept under `seed`: splitmix64's finalizer of seed + (i + 1) * 2^64 / golden ratio, its top
-// 24 bits compared with `threshold` (= round(p * 2^24): kept with probability 1 - threshold / 2^24).
-inline bool hashed_keep(uint64_t seed, int64_t i, uint32_t threshold) {
-  uint64_t z = seed + static_cast<uint64_t>(i + 1) * 0x9E3779B97F4A7C15ull;
-  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-  z ^= z >> 31;
-  return static_cast<uint32_t>(z >> 40) >= threshold;
+// The hash's key for elements [2^32 k, 2^32 (k + 1)): the seed's two halves and k mixed into 32 bits, so that the
+// per-element hash works on 32-bit lanes (16 to a vector, on cheap 32-bit multiplies) for any tensor size.
+inline uint32_t hashed_key(uint64_t seed, int64_t first) {
+  const uint32_t high = static_cast<uint32_t>(seed >> 32) ^ static_cast<uint32_t>(static_cast<uint64_t>(first) >> 32);
+  return static_cast<uint32_t>(seed) + high * 0x27D4EB2Fu;
 }
 
-// out[i] = kept(i) ? x[i] * scale : 0, in fp32, rounded once to `type`; x and out hold n values of `type` (out may
-// be x).
-void hashed_dropout(const void* x, void* out, Float type, int64_t n, uint64_t seed, uint32_t threshold, float scale,
-                    int threads);
+// Whether element i (its low 32 bits; the key carries the rest) is kept: murmur3's finalizer of (i + 1) * 2^32 /
+// golden ratio xor key, its top 24 bits compared with `threshold` (= round(p * 2^24): kept with probability
+// 1 - threshold / 2^24).
+inline bool hashed_keep(uint32_t key, uint32_t i, uint32_t threshold) {
+  uint32_t h = (i + 1u) * 0x9E3779B9u ^ key;
+  h = (h ^ (h >> 16)) * 0x85EBCA6Bu;
+  h = (h ^ (h >> 13)) * 0xC2B2AE35u;
+  h ^= h >> 16;
+  return (h >> 8) >= threshold;
+}
+
+// out[i] = kept(i) ? x[i] : 0 on n elements of `bytes` (2 or 4) each, copied bit for bit: the 1 / (1 - p) that
+// dropout scales the kept ones by is the caller's to fold into a product it makes anyway (out may be x).
+// allow_avx512 = false runs the portable loop on any CPU (tests compare the two).
+void hashed_dropout(const void* x, void* out, int bytes, int64_t n, uint64_t seed, uint32_t threshold, int threads,
+                    bool allow_avx512);
 
 }  // namespace cancerllm

@@ -137,37 +137,39 @@ def test_rope_forward_and_backward_match_float64(size, dtype, threads):
     assert_close("round trip", cpu_rope.rotate(out.detach(), cos, sin, -1.0), x.detach().double(), dtype)
 
 
+@pytest.mark.parametrize("avx512", [True, False], ids=["avx512-if-present", "portable"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("size", SIZES, ids=str)
-def test_hashed_dropout_is_its_mask_times_the_scale(size, dtype, threads):
+def test_hashed_drop_zeroes_its_mask_and_copies_the_rest(size, dtype, threads, avx512):
     x = torch.randn(size).to(dtype)
     p, seed = 0.3, hashed_dropout.draw_seed()
     keep = hashed_dropout.keep_mask(x.numel(), p, seed).view(size)
     with threads_set(threads), poisoned_allocations():
-        out = hashed_dropout.dropout(x, p, seed)
-    assert torch.equal(out != 0, keep & (x != 0))
-    assert_close("dropout", out, x.double() * keep / (1 - p), dtype)
+        out = hashed_dropout.drop(x, p, seed, avx512=avx512)
+    assert torch.equal(out, torch.where(keep, x, torch.zeros_like(x)))    # kept bits copied, not rescaled
 
 
 @pytest.mark.parametrize("p", [0.0, 0.05, 0.5, 0.9])
-def test_hashed_dropout_keeps_one_minus_p_of_the_values_independently_of_the_seed(p):
+def test_hashed_dropout_keeps_one_minus_p_of_the_values_independently_of_the_seed_and_the_neighbour(p):
     n = 200_000
     masks = [hashed_dropout.keep_mask(n, p, hashed_dropout.draw_seed()) for _ in range(3)]
+    independent = p * p + (1 - p) ** 2                      # how often two independent draws agree
     for mask in masks:
         assert abs(mask.double().mean() - (1 - p)) < 5 * ((p * (1 - p) / n) ** 0.5 + 1e-9)
+        if 0 < p:   # neighbours (consecutive indices: one hash's lanes) agree as often as independent draws
+            assert abs((mask[1:] == mask[:-1]).double().mean() - independent) < 5 * (0.25 / n) ** 0.5
     if 0 < p:   # two seeds' masks agree as often as independent draws would
-        agree = (masks[0] == masks[1]).double().mean()
-        assert abs(agree - (p * p + (1 - p) ** 2)) < 5 * (0.25 / n) ** 0.5
-    kernel = hashed_dropout.dropout(torch.ones(n), p, 12345) != 0
+        assert abs((masks[0] == masks[1]).double().mean() - independent) < 5 * (0.25 / n) ** 0.5
+    kernel = hashed_dropout.drop(torch.ones(n), p, 12345) != 0
     assert torch.equal(kernel, hashed_dropout.keep_mask(n, p, 12345))
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda: hashed_dropout.dropout(torch.ones(3), 1.0, 1), "p must be in"),
-    (lambda: hashed_dropout.dropout(torch.ones(3), -0.1, 1), "p must be in"),
-    (lambda: hashed_dropout.dropout(torch.ones(3, dtype=torch.float64), 0.1, 1), "x must be float32, bfloat16"),
-    (lambda: hashed_dropout.dropout(torch.ones(3, device="meta"), 0.1, 1), "x must be a CPU tensor"),
+    (lambda: hashed_dropout.drop(torch.ones(3), 1.0, 1), "p must be in"),
+    (lambda: hashed_dropout.drop(torch.ones(3), -0.1, 1), "p must be in"),
+    (lambda: hashed_dropout.drop(torch.ones(3, dtype=torch.float64), 0.1, 1), "x must be float32, bfloat16"),
+    (lambda: hashed_dropout.drop(torch.ones(3, device="meta"), 0.1, 1), "x must be a CPU tensor"),
     (lambda: cpu_swiglu.swiglu(torch.ones(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)),
      "gate must be float32, bfloat16"),
     (lambda: kernels.swiglu(torch.ones(3), torch.ones(4)), "gate and up must share shape"),

@@ -59,14 +59,15 @@ class LoRALinear(nn.Module):
 class LoRABranch(torch.autograd.Function):
     """base += scale * drop(x) A^T B^T, in place into the frozen layer's output, keeping only x (the base layer
     keeps it anyway) and the [N, rank] drop(x) A^T for backward: no [N, in] dropped input or mask is stored, the
-    hashed mask is regenerated from its seed (cancerllm/hashed_dropout.py). autograd's version of the same sum
-    keeps both for every adapted layer, draws its mask from mt19937, and adds the branch in a pass of its own."""
+    hashed mask is regenerated from its seed (cancerllm/hashed_dropout.py), and dropout's 1 / (1 - p) rides on
+    alpha / r instead of a pass of its own. autograd's version of the same sum keeps both for every adapted layer,
+    draws its mask from mt19937, and adds the branch in a pass of its own."""
 
     @staticmethod
     def forward(ctx, x, base, lora_a, lora_b, scale, p, seed):
         rows = x.reshape(-1, x.shape[-1])
-        dropped = hashed_dropout.dropout(rows, p, seed) if p else rows
-        down = dropped @ lora_a.t()
+        down = hashed_drop(rows, p, seed) @ lora_a.t()                    # the kept inputs, not yet rescaled
+        scale = scale / (1.0 - p)
         base.view(-1, base.shape[-1]).addmm_(down, lora_b.t(), alpha=scale)
         ctx.mark_dirty(base)
         ctx.save_for_backward(x, lora_a, lora_b, down)
@@ -78,17 +79,17 @@ class LoRABranch(torch.autograd.Function):
         x, lora_a, lora_b, down = ctx.saved_tensors
         rows = x.reshape(-1, x.shape[-1])
         grad_rows = grad_out.reshape(-1, grad_out.shape[-1])
-        up_grad = (grad_rows @ lora_b).mul_(ctx.scale)                    # d loss / d (drop(x) A^T), [N, rank]
+        up_grad = (grad_rows @ lora_b).mul_(ctx.scale)                    # d loss / d (kept inputs A^T), [N, rank]
         grad_b = grad_rows.t() @ down.mul(ctx.scale)
-        dropped = hashed_dropout.dropout(rows, ctx.p, ctx.seed) if ctx.p else rows
-        grad_a = up_grad.t() @ dropped
+        grad_a = up_grad.t() @ hashed_drop(rows, ctx.p, ctx.seed)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = up_grad @ lora_a
-            if ctx.p:
-                grad_x = hashed_dropout.dropout(grad_x, ctx.p, ctx.seed)
-            grad_x = grad_x.view(x.shape)
+            grad_x = hashed_drop(up_grad @ lora_a, ctx.p, ctx.seed).view(x.shape)
         return grad_x, grad_out, grad_a, grad_b, None, None, None
+
+
+def hashed_drop(x: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    return hashed_dropout.drop(x, p, seed) if p else x
 
 
 def apply_lora(model: nn.Module, cfg: LoraConfig) -> list[str]:
