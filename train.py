@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from cancerllm.train.allocator import keep_freed_memory
 from cancerllm.train.build import build_loader, build_model, resolve_tokenizer, shards_prompt_settings
 from cancerllm.train.checkpointing import CheckpointError, Checkpointer, run_settings
 from cancerllm.train.config import ConfigError, load_config, to_toml
@@ -62,6 +63,8 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     stop = StopSignal()
     d = init_distributed()
+    if d.device.type == "cpu":
+        keep_freed_memory()                             # a step's freed activations re-used, not faulted in again
     try:
         finished = train(cfg, tokenizer, d, stop)
     except CheckpointError as e:                        # a resume refused: the same on every rank

@@ -91,11 +91,14 @@ def ours(args, device, checkpoint_every: int = 0, lora: LoraConfig = None, preci
     `lora` is given) and parallelize() over a one-rank mesh (a plain module when nothing is cast, else FSDP2 for
     the cast to `precision`), fused AdamW; `checkpoint_every`: activation checkpointing of every k-th block."""
     import torch.distributed as dist
+    from cancerllm.train.allocator import keep_freed_memory
     from cancerllm.train.build import build_model
     from cancerllm.train.config import Config, ModelConfig, OptimConfig, ParallelConfig
     from cancerllm.train.optim import build_optimizer
     from cancerllm.train.parallel import Dist, build_mesh
     from cancerllm.train.step import train_step
+    if device.type == "cpu":        # as train.py does
+        keep_freed_memory()
     if not dist.is_initialized():   # one process group serves every model a process builds
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
