@@ -2,15 +2,17 @@
 
 glibc hands blocks above its mmap threshold (128 KB at start, raised up to 32 MB as such blocks are freed) straight
 back to the kernel on free, and trims the heap's free top above 128 KB: a training step, which frees and
-re-allocates the same activation-sized tensors every step, then faults every page of them in again: ~50,000 minor
-faults and 0.09-0.16 s of system time per SmolLM2 LoRA step (2 x 512 tokens) on the development VM, ~0.01 s with
-the memory kept (docs/experiments.md, 2026-12-02). Peak RSS is unchanged: the step re-uses what it freed.
+re-allocates the same activation-sized tensors every step, then faults every page of them in again, a few percent
+of a small model's step in system time (docs/experiments.md, 2026-12-02). Peak RSS is unchanged: the step re-uses
+what it freed.
 """
 import ctypes
 import ctypes.util
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3     # mallopt's parameter numbers (malloc.h)
-MMAP_THRESHOLD = 64 * 2**20                     # blocks this large or larger still map and unmap on their own
+# Past the largest blocks a small model's step re-allocates (SmolLM2's fp32 embedding gradient, 113 MB, in full
+# fine-tuning); larger ones still map and unmap on their own.
+MMAP_THRESHOLD = 512 * 2**20
 TRIM_THRESHOLD = 2**31 - 1                      # mallopt takes an int: never trim the heap's free top
 
 
@@ -24,5 +26,7 @@ def keep_freed_memory() -> bool:
     """Tell glibc's malloc to keep freed blocks below MMAP_THRESHOLD for re-use instead of returning them to the
     kernel. True when set; False where the C library has no mallopt (nothing to do there)."""
     mallopt = glibc_mallopt()
-    return mallopt is not None and bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    if mallopt is None:
+        return False
+    mapped, trimmed = mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+    return bool(mapped and trimmed)
