@@ -7,10 +7,8 @@ import pytest
 
 from cancerllm.train.allocator import glibc_mallopt
 
-# A step's pattern: blocks allocated, all freed, and allocated again. 40 MB blocks are past glibc's largest dynamic
-# mmap threshold (32 MB): by default each is mapped and unmapped on its own and every round faults all 40,960 pages
-# in again. Kept, the heap grows for a round or two until its free space fits the round, which then re-uses it.
-# The fewest faults of 6 rounds.
+# A step's pattern, in a fresh interpreter: ten 4 MB blocks allocated, all freed, again: the fewest page faults of
+# 6 rounds (10,240 pages a round).
 SCRIPT = """
 import resource, sys, torch
 from cancerllm.train.allocator import keep_freed_memory
@@ -18,7 +16,7 @@ if sys.argv[1] == "keep":
     assert keep_freed_memory()
 def round_faults():
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.empty(40 * 2**20, dtype=torch.uint8).fill_(1) for _ in range(4)]    # touch every page
+    blocks = [torch.empty(4 * 2**20, dtype=torch.uint8).fill_(1) for _ in range(10)]    # touch every page
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 print(min(round_faults() for _ in range(6)))
 """
@@ -32,5 +30,7 @@ def round_faults(mode: str) -> int:
 def test_freed_blocks_are_reused_without_page_faults():
     if glibc_mallopt() is None:
         pytest.skip("the C library is not glibc: no mallopt")
-    assert round_faults("default") > 40_000      # of 40,960 pages
-    assert round_faults("keep") < 100            # kept: the same pages re-used
+    assert all(round_faults("keep") < 100 for _ in range(2))
+    # glibc's defaults trim the freed top of the heap and fault it in again, in most processes (not where the kernel
+    # left the heap no room to grow in place: glibc then extends it by a mapping it never trims)
+    assert any(round_faults("default") > 4000 for _ in range(4))
