@@ -21,9 +21,9 @@ void mask_block_scalar(const Word* x, Word* out, int64_t n, uint32_t key, uint32
 #ifdef CANCERLLM_X86
 // hashed_keep for the 16 indices in `index`, as a lane mask.
 CANCERLLM_AVX512 inline __mmask16 keep16(__m512i index, __m512i key, __m512i threshold) {
-  const __m512i golden = _mm512_set1_epi32(static_cast<int>(0x9E3779B9u));
-  const __m512i mix1 = _mm512_set1_epi32(static_cast<int>(0x85EBCA6Bu));
-  const __m512i mix2 = _mm512_set1_epi32(static_cast<int>(0xC2B2AE35u));
+  const __m512i golden = _mm512_set1_epi32(static_cast<int>(kHashGolden));
+  const __m512i mix1 = _mm512_set1_epi32(static_cast<int>(kHashMix1));
+  const __m512i mix2 = _mm512_set1_epi32(static_cast<int>(kHashMix2));
   __m512i h = _mm512_xor_si512(_mm512_mullo_epi32(_mm512_add_epi32(index, _mm512_set1_epi32(1)), golden), key);
   h = _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 16)), mix1);
   h = _mm512_mullo_epi32(_mm512_xor_si512(h, _mm512_srli_epi32(h, 13)), mix2);

@@ -15,13 +15,16 @@ inline uint32_t hashed_key(uint64_t seed, int64_t first) {
   return static_cast<uint32_t>(seed) + high * 0x27D4EB2Fu;
 }
 
+// The per-element hash's multipliers (dropout.cpp's vector loop uses them too).
+constexpr uint32_t kHashGolden = 0x9E3779B9u, kHashMix1 = 0x85EBCA6Bu, kHashMix2 = 0xC2B2AE35u;
+
 // Whether element i (its low 32 bits; the key carries the rest) is kept: murmur3's finalizer of (i + 1) * 2^32 /
 // golden ratio xor key, its top 24 bits compared with `threshold` (= round(p * 2^24): kept with probability
 // 1 - threshold / 2^24).
 inline bool hashed_keep(uint32_t key, uint32_t i, uint32_t threshold) {
-  uint32_t h = (i + 1u) * 0x9E3779B9u ^ key;
-  h = (h ^ (h >> 16)) * 0x85EBCA6Bu;
-  h = (h ^ (h >> 13)) * 0xC2B2AE35u;
+  uint32_t h = (i + 1u) * kHashGolden ^ key;
+  h = (h ^ (h >> 16)) * kHashMix1;
+  h = (h ^ (h >> 13)) * kHashMix2;
   h ^= h >> 16;
   return (h >> 8) >= threshold;
 }
