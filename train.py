@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from cancerllm.train.allocator import keep_freed_memory
-from cancerllm.train.build import build_loader, build_model, resolve_tokenizer, shards_prompt_settings
+from cancerllm.train.build import build_loader, build_model, export_dtype, resolve_tokenizer, shards_prompt_settings
 from cancerllm.train.checkpointing import CheckpointError, Checkpointer, run_settings
 from cancerllm.train.config import ConfigError, load_config, to_toml
 from cancerllm.train.lora import trainable_summary
@@ -98,7 +98,8 @@ def train(cfg, tokenizer, d, stop: StopSignal):
     trainable, total = trainable_summary(model)
     log.print(f"model {cfg.model.init_from or cfg.model.preset}: {total:,} parameters, {trainable:,} trainable "
               f"({trainable / total:.2%}); AdamW state {2 * 4 * trainable / 2**20:,.1f} MiB in all; "
-              f"{d.world_size} rank(s) on {d.device.type}, mesh {mesh.shape}")
+              f"{d.world_size} rank(s) on {d.device.type} computing in {cfg.parallel.mixed_precision}, "
+              f"mesh {mesh.shape}")
 
     checkpointer = Checkpointer(run_dir, d, keep=cfg.checkpoint.keep,
                                 settings=run_settings(args, cfg.lora, cfg.model.init_from))
@@ -152,7 +153,7 @@ def train(cfg, tokenizer, d, stop: StopSignal):
     if cfg.checkpoint.export:
         prompts = shards_prompt_settings(cfg.data.train, "data.train") if cfg.train.stage == "sft" else None
         path = checkpointer.export(model, args, run_dir / "export", tokenizer=tokenizer,
-                                   dtype=cfg.checkpoint.export_dtype, lora=cfg.lora if cfg.lora.enabled else None,
+                                   dtype=export_dtype(cfg, d.device), lora=cfg.lora if cfg.lora.enabled else None,
                                    prompt_settings=prompts)
         log.print(f"exported a Hugging Face checkpoint to {path}")
     loader.close()

@@ -168,18 +168,11 @@ def flops_per_token(args, seq_len: int, lora: LoraConfig = None, loss_fraction: 
     return 4 * (matmul - head) + 6 * adapters + 4 * head * loss_fraction + attention
 
 
-def block_linear_shapes(args) -> list[tuple[int, int]]:
-    """(in_features, out_features) of one block's linears: q, k, v, o, gate, up, down."""
-    q, kv = args.n_heads * args.head_dim, args.n_kv_heads * args.head_dim
-    return [(args.dim, q), (args.dim, kv), (args.dim, kv), (q, args.dim), (args.dim, args.hidden_dim),
-            (args.dim, args.hidden_dim), (args.hidden_dim, args.dim)]
-
-
 def shape_matmul_tflops(args, rows: int, device, dtype) -> float:
     """The rate the block linears' own matmuls reach at `rows` tokens: the forward (x W^T), grad-input (g W) and
     grad-weight (g^T x) matmul of each, each the fastest of its timed runs; all their FLOPs over all their times."""
     flops = seconds = 0.0
-    for k, n in block_linear_shapes(args):
+    for k, n in args.block_linear_shapes():
         x, w, g = (torch.randn(*shape, device=device, dtype=dtype) for shape in ((rows, k), (n, k), (rows, n)))
         for matmul in (lambda: x @ w.t(), lambda: g @ w, lambda: g.t() @ x):
             seconds += time_fn(matmul, warmup=1, reps=10, best=True) / 1e3
@@ -293,8 +286,9 @@ def main():
     parser.add_argument("--mode", nargs="+", choices=["full", "lora"], default=["full"],
                         help="full fine-tuning and/or LoRA on every block linear (default: full)")
     parser.add_argument("--lora-rank", nargs="+", type=int, default=[8], help="LoRA rank(s) (default: 8)")
-    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32"], default="auto",
-                        help="compute dtype, as parallel.mixed_precision (auto: bf16 on GPU, fp32 on CPU)")
+    parser.add_argument("--mixed-precision", choices=["auto", "bf16", "fp32", "fastest"], default="auto",
+                        help="compute dtype, as parallel.mixed_precision (auto: bf16 on GPU, fp32 on CPU; fastest: "
+                             "bf16 on GPU, on CPU the faster of the two here, measured)")
     parser.add_argument("--loss-fraction", type=float, default=1.0,
                         help="share of each row, at its end, that carries loss (default: 1, every token)")
     parser.add_argument("--batch", type=int, default=4 if gpu else 2)
@@ -311,6 +305,10 @@ def main():
     from cancerllm.train.parallel import param_dtype
     presets = a.preset or ["1b" if gpu else "small"]
     device = torch.device("cuda" if gpu else "cpu")
+    if a.mixed_precision == "fastest":   # resolved once, so that both sides and every child compute in one type
+        from cancerllm.fast_dtype import fastest_dtype
+        fast = fastest_dtype(ModelArgs.preset(presets[0]), a.batch * a.seq_len, device)
+        a.mixed_precision = "bf16" if fast == torch.bfloat16 else "fp32"
     if a.side or a.profile:
         args, lora = ModelArgs.preset(presets[0]), lora_setting(a.mode[0], a.lora_rank[0])
         if a.profile:

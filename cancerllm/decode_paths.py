@@ -87,21 +87,28 @@ def save_cache(path: Path, cache: dict) -> None:
         warnings.warn(f"{path}: the decode-path measurements were not saved ({e}); the next load measures again")
 
 
-def fastest(runs: dict, before=None) -> str:
-    """The name of the fastest of `runs` (name -> function of no arguments): they alternate, so load from other
-    processes hits each alike, and each keeps its best round. `before` (untimed) runs before every timed call."""
+def best_times(runs: dict, before=None, rounds: int = ROUNDS, calls: int = CALLS) -> dict:
+    """Each of `runs`' (name -> function of no arguments) best time in seconds over `rounds` rounds of `calls`
+    calls: they alternate, so load from other processes hits each alike. `before` (untimed) runs before every
+    timed call."""
     best = {name: float("inf") for name in runs}
-    for _ in range(ROUNDS):
+    for _ in range(rounds):
         for name, run in runs.items():
             run()   # warm: the first call may allocate or pick kernels
             spent = 0.0
-            for _ in range(CALLS):
+            for _ in range(calls):
                 if before is not None:
                     before()
                 start = time.perf_counter()
                 run()
                 spent += time.perf_counter() - start
             best[name] = min(best[name], spent)
+    return best
+
+
+def fastest(runs: dict, before=None) -> str:
+    """The name of the fastest of `runs` (best_times)."""
+    best = best_times(runs, before)
     return min(best, key=best.get)
 
 

@@ -42,9 +42,11 @@ RECIPES = ("pretrained", "scratch")
 # The pretrained recipe's stages, and how its eval asks: batches of 16 prompts decode ~1.5x faster per report than 8.
 CPT_CONFIG, PRETRAINED_SFT_CONFIG = "configs/smollm2-cpt.toml", "configs/smollm2-sft.toml"
 PRETRAINED_EVAL_BATCH = 16
-# Every system decodes in bf16, the CPU's fast path: the fine-tunes export bf16 weights, and the imported general
-# model (fp32 after dequantizing its GGUF) decoded ~2.5x slower in fp32 on the batch-invariant row kernels.
-PRETRAINED_EVAL_DTYPE = "bfloat16"
+# Every system decodes in the faster of bf16 and fp32 on this machine (cancerllm/fast_dtype.py), as the fine-tunes
+# trained (parallel.mixed_precision = "fastest") and exported (export_dtype = "compute"), so that their exports decode
+# in that type by default too: bf16 where the CPU multiplies it natively (AMX: the imported general model, fp32 after
+# dequantizing its GGUF, decoded ~2.5x slower in fp32), fp32 where oneDNN emulates bf16 (2.7x faster there).
+PRETRAINED_EVAL_DTYPE = "fastest"
 PRETRAINED_EVAL_PLAN = [  # (task, reports evaluated or None for all, perturbations, compare with the peers)
     ("phenotype-json", None, ("misspell", "counterfactual"), True),
     ("diagnosis", None, (), False),
@@ -291,7 +293,7 @@ def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) 
              f"{mixture.rare_field_passes} more times{field_passes_note(mixture)}); the same SFT from the general "
              "model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
-             f"schema-constrained decoding in {PRETRAINED_EVAL_DTYPE}, each fine-tune withholding the JSON values it "
+             f"schema-constrained decoding in {json_result['decoding']['dtype']}, each fine-tune withholding the JSON values it "
              "is less sure of than per-field thresholds from the validation patients where cross-validation there "
              "kept any (abstention.json; the phenotype-json section lists them); "
              f"training in {info['nproc']} process(es) on the machine's cores.", "",

@@ -428,7 +428,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     `data/{task}/{split}.jsonl`; write the Markdown, JSON and predictions to `out` and return the result dict.
     peers: {name: checkpoint directory (or a list: an ensemble)} scored beside it on the clean examples;
     baseline_checkpoint=DIR adds the peer "zero-shot {DIR's name}". dtype and quantize: how every checkpoint is
-    decoded (Generator.from_pretrained's; default: each checkpoint's own dtype, unquantized), so that a faster
+    decoded (Generator.from_pretrained's, "fastest" resolved for the first checkpoint and recorded as the type it
+    chose; default: each checkpoint's own dtype, unquantized), so that a faster
     decoding can be checked against the task metrics. JSON answers follow the datasets' schema per cancer type
     (their prompt_settings.json's recorded_fields) for every checkpoint alike; open_schema=True, or datasets
     that record none, leaves every field open. Their stage is looked up in the datasets' stage groups (as
@@ -448,6 +449,8 @@ def evaluate(checkpoint, task, split="test", *, data="runs/tasks", out="reports"
     data = Path(data)
     checkpoints = [Path(c) for c in checkpoint] if isinstance(checkpoint, (list, tuple)) else [Path(checkpoint)]
     settings = checked_datasets(data, checkpoints)
+    from .generate import decoding_dtype
+    dtype = decoding_dtype(dtype, checkpoints[0])   # "fastest" measured once, for every checkpoint alike
     templates = settings.templates
     peers = dict(peers or {})
     if baseline_checkpoint:
@@ -594,7 +597,9 @@ def main(argv=None):
     p.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams (1: greedy)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam search: an answer scores its log-probability / its length ** this")
-    p.add_argument("--dtype", default=None, help="decode in float32, bfloat16 or float16 (default: each checkpoint's)")
+    p.add_argument("--dtype", default=None,
+                   help="decode in float32, bfloat16, float16 or fastest (the faster of bf16 and fp32 on this "
+                        "machine); default: each checkpoint's own")
     p.add_argument("--quantize", choices=["int8"], default=None,
                    help="int8: weight-only int8 matmuls, a scale per output row (CPU; Generator's quantize)")
     a = p.parse_args(argv)

@@ -120,6 +120,20 @@ class GenerationResult:
 GREEDY_BELOW = 1e-5
 
 
+FASTEST_ROWS = 256   # the rows dtype="fastest" times a model's linears at: a prefill chunk's (most of decoding's time)
+
+
+def decoding_dtype(dtype, path, device="cpu") -> Optional[torch.dtype]:
+    """from_pretrained's dtype as a torch dtype (None: the checkpoint's own): a name parsed, and "fastest" the
+    faster of bf16 and fp32 for the checkpoint at `path` on this machine (bf16 on GPU; on CPU measured once and
+    cached, cancerllm/fast_dtype.py): bf16 where the CPU multiplies it natively, fp32 where oneDNN emulates it."""
+    if dtype == "fastest":
+        from .checkpoint import CONFIG, read_config
+        from .fast_dtype import fastest_dtype
+        return fastest_dtype(read_config(Path(path) / CONFIG)[0], FASTEST_ROWS, device)
+    return parse_dtype(dtype) if isinstance(dtype, str) else dtype
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Every decoding option of a generate() or stream() call, checked here (ValueError naming the option).
@@ -428,12 +442,11 @@ class Generator:
     def from_pretrained(cls, path, *, device="cpu", dtype=None, **options) -> "Generator":
         """Load a training export or a Hugging Face checkpoint directory (config.json, safetensors weights, and
         tokenizer.model or tokenizer.json); a list of directories loads an ensemble, whose tokenizers must be
-        identical."""
-        if isinstance(dtype, str):
-            dtype = parse_dtype(dtype)
+        identical. dtype: None (the checkpoint's), a dtype or its name, or "fastest" (decoding_dtype)."""
         paths = [Path(p) for p in path] if isinstance(path, (list, tuple)) else [Path(path)]
         if not paths:
             raise ValueError("from_pretrained: an empty list of checkpoint directories")
+        dtype = decoding_dtype(dtype, paths[0], device)
         tokenizer = open_tokenizer(paths[0])
         for other in map(open_tokenizer, paths[1:]):
             if other.fingerprint() != tokenizer.fingerprint():
@@ -744,7 +757,8 @@ def main(argv=None):
     parser.add_argument("--negative-prompt", action="append",
                         help="the unconditional prompt for guidance; one per prompt (default: its last token)")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: the checkpoint's)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 or fastest (the faster of bf16 and "
+                        "fp32 on this machine); default: the checkpoint's")
     parser.add_argument("--prefill-chunk", type=int, default=512)
     parser.add_argument("--no-onednn", action="store_true",
                         help="keep F.linear on CPU (default: per weight shape the path this machine runs faster)")

@@ -105,6 +105,12 @@ class ModelArgs:
         n = self.n_layers * block + self.dim + self.vocab_size * self.dim    # + final norm, output head
         return n + self.vocab_size * self.dim if embedding and not self.tie_word_embeddings else n
 
+    def block_linear_shapes(self) -> list[tuple[int, int]]:
+        """(in_features, out_features) of one block's linears: q, k, v, o, gate, up, down."""
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        return [(self.dim, q), (self.dim, kv), (self.dim, kv), (q, self.dim), (self.dim, self.hidden_dim),
+                (self.dim, self.hidden_dim), (self.hidden_dim, self.dim)]
+
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, PaLM convention: 6N for the weights (N without the embedding lookup) plus
         12·L·H·d·T_eff for attention, T_eff being the mean number of keys a query sees (causal, windowed)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.train import (block_linear_shapes, compare, flops_per_token, lora_setting,  # noqa: E402
+from bench.train import (compare, flops_per_token, lora_setting,  # noqa: E402
                          measure_training, shape_matmul_tflops)
 from cancerllm import ModelArgs, Transformer  # noqa: E402
 from cancerllm.train.lora import apply_lora, trainable_summary  # noqa: E402
@@ -50,7 +50,7 @@ def test_flops_per_token():
 def test_block_linear_shapes_are_the_models():
     block = Transformer(ARGS).layers[0]
     linears = [m for m in block.modules() if isinstance(m, torch.nn.Linear)]
-    assert sorted(block_linear_shapes(ARGS)) == sorted((m.in_features, m.out_features) for m in linears)
+    assert sorted(ARGS.block_linear_shapes()) == sorted((m.in_features, m.out_features) for m in linears)
 
 
 def test_fractions_of_both_rates():

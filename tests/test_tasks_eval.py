@@ -3,6 +3,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from cancerllm.generate import Generator
 from cancerllm.tasks.build import read_reports, task_examples
@@ -12,6 +13,7 @@ from cancerllm.tasks.fields import ALLOWED, FIELDS, json_schema
 from cancerllm.tokenizer import Tokenizer
 from cancerllm.tokenizer import train as train_tokenizer
 from cancerllm import eval as cancer_eval
+from cancerllm import fast_dtype
 from tasks_util import first_reports_datasets, tiny_checkpoint
 
 
@@ -246,10 +248,19 @@ def test_eval_decodes_every_checkpoint_as_asked_and_says_so(checkpoint, data, tm
     cancer_eval.main(["--checkpoint", str(checkpoint), "--task", "phenotype-json", "--data", str(data),
                       "--out", str(tmp_path), "--limit", "1", "--max-new-tokens", "8", "--peer", f"twin={checkpoint}",
                       "--dtype", "bfloat16", "--quantize", "int8"])
-    assert asked == [{"dtype": "bfloat16", "quantize": "int8"}] * 2
+    assert asked == [{"dtype": torch.bfloat16, "quantize": "int8"}] * 2
     result = json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())
     assert result["decoding"] == {"dtype": "bfloat16", "quantize": "int8"}
     assert "decoded with dtype bfloat16, quantize int8" in (tmp_path / "eval_phenotype-json_test.md").read_text()
+    # "fastest": measured once (here fp32 made the faster), the same type for every checkpoint, recorded as chosen
+    monkeypatch.setenv("CANCERLLM_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(fast_dtype, "time_linears", lambda shapes, rows: {"bfloat16": 3.0, "float32": 1.0})
+    asked.clear()
+    cancer_eval.evaluate(checkpoint, "phenotype-json", data=data, out=tmp_path, limit=1, max_new_tokens=8,
+                         peers={"twin": checkpoint}, dtype="fastest", verbose=False)
+    assert asked == [{"dtype": torch.float32, "quantize": None}] * 2
+    result = json.loads((tmp_path / "eval_phenotype-json_test.json").read_text())
+    assert result["decoding"] == {"dtype": "float32", "quantize": None}
     with pytest.raises(ValueError, match="quantize"):
         cancer_eval.evaluate(checkpoint, "phenotype-json", data=data, out=tmp_path, limit=1, quantize="int4",
                              verbose=False)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -266,6 +267,21 @@ def test_lora_under_fsdp_trains_only_adapters_and_export_merges_them(full_run, t
     assert merged_export_adapted(base, run, scale=8.0 / 4) == 2 * 7
     assert "trainable" in proc.stdout and "optimizer state" in proc.stdout
     assert len((run / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_fastest_precision_is_one_type_on_every_rank_and_the_export_is_in_it(full_run, tmp_path):
+    """parallel.mixed_precision = "fastest" is measured by rank 0 and sent to rank 1 (ranks that computed in two
+    types would fail or hang); the run's recorded config, its log and its export_dtype = "compute" name that type."""
+    from safetensors.torch import load_file
+    config, base_run = full_run
+    run = tmp_path / "fastest"
+    (tmp_path / "fastest.toml").write_text(config.read_text().replace(str(base_run), str(run)))
+    proc = run_train(tmp_path / "fastest.toml", "--set", "train.steps=2", "--set", "data.val=[]",
+                     "--set", 'parallel.mixed_precision="fastest"', "--set", 'checkpoint.export_dtype="compute"')
+    chosen = tomllib.loads((run / "config.toml").read_text())["parallel"]["mixed_precision"]
+    assert chosen in ("bf16", "fp32") and f"computing in {chosen}" in proc.stdout
+    dtype = torch.bfloat16 if chosen == "bf16" else torch.float32
+    assert {w.dtype for w in load_file(run / "export/model.safetensors").values()} == {dtype}
 
 
 def test_bad_config_key_is_refused_before_any_work(tmp_path, shards):

@@ -16,7 +16,7 @@ from .checkpointing import load_full_weights
 from .config import Config, DataConfig
 from .lora import apply_lora, is_target, reset_adapters, store_frozen_in
 from .nf4 import check_shardable, quantize, quantize_lora_bases
-from .parallel import Dist, param_dtype, parallelize
+from .parallel import Dist, param_dtype, parallelize, resolve_mixed_precision
 
 
 
@@ -28,9 +28,13 @@ def build_model(cfg: Config, d: Dist, mesh) -> tuple[ModelArgs, Transformer]:
     created on the meta device, sharded, and only then materialised: no rank ever holds a full fp32 copy on GPU.
     With LoRA the frozen base is stored in lora.base_dtype (the checkpoint is read in it too); the adapters are fp32.
     A quantized base (QLoRA) is built whole on every rank instead, then sharded: `build_quantized`.
+    parallel.mixed_precision "fastest" is resolved here for this model and written back into cfg, so that the run's
+    records and its export name the type it computed in.
     """
     args = (read_pretrained_args(cfg.model.init_from) if cfg.model.init_from
             else ModelArgs.preset(cfg.model.preset, **cfg.model.overrides))
+    cfg.parallel.mixed_precision = resolve_mixed_precision(cfg.parallel, args, cfg.data.batch_size * cfg.data.seq_len,
+                                                           d)
     # Here rather than in build_loader: this is the first point that knows both the model's vocabulary and the
     # data, and a mismatch found now costs no weights built.
     check_data(cfg.data, args.vocab_size)
@@ -79,6 +83,13 @@ def build_quantized(cfg: Config, args: ModelArgs, d: Dist) -> Transformer:
     store_frozen_in(model, base_dtype)
     quantize_lora_bases(model)
     return model
+
+
+def export_dtype(cfg: Config, device: torch.device) -> str:
+    """checkpoint.export_dtype, "compute" being the name of the run's compute dtype (after build_model)."""
+    if cfg.checkpoint.export_dtype != "compute":
+        return cfg.checkpoint.export_dtype
+    return str(param_dtype(cfg.parallel, device)).removeprefix("torch.")
 
 
 def lora_base_dtype(cfg: Config, device: torch.device) -> torch.dtype:

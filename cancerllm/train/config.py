@@ -86,14 +86,16 @@ class CheckpointConfig:
     keep: int = 3                             # checkpoints kept (the newest)
     resume: str = "auto"                      # auto (when the run directory has one) | always | never
     export: bool = True                       # write a Hugging Face directory (run_dir/export) at the end
-    export_dtype: str = "bfloat16"            # bfloat16 | float16 | float32
+    export_dtype: str = "bfloat16"            # bfloat16 | float16 | float32 | compute (the run's compute dtype)
 
 
 @dataclass
 class ParallelConfig:
     replicate: int = 1                        # HSDP replicas (e.g. nodes); 1: plain FSDP
     shard: int = -1                           # ranks each replica shards over; -1: world_size / replicate
-    mixed_precision: str = "auto"             # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    # auto: bf16 on GPU, fp32 on CPU | bf16 | fp32 | fastest: bf16 on GPU, on CPU whichever of bf16 and fp32 this
+    # machine multiplies the model's linears faster (cancerllm/fast_dtype.py; native bf16 only with AMX or AVX512-BF16)
+    mixed_precision: str = "auto"
     activation_checkpoint_every: int = 0      # 0: none, 1: every block, k: every k-th block
     compile: bool = False                     # torch.compile each block
     # true: reduce-scatter gradients once per step, after the last micro-batch, instead of after each one. Saves
@@ -129,8 +131,8 @@ CHOICES = {
     ("train", "loss_weighting"): ("token", "example"),
     ("optim", "implementation"): ("auto", "fused", "foreach", "for-loop"),
     ("checkpoint", "resume"): ("auto", "always", "never"),
-    ("checkpoint", "export_dtype"): ("bfloat16", "float16", "float32"),
-    ("parallel", "mixed_precision"): ("auto", "bf16", "fp32"),
+    ("checkpoint", "export_dtype"): ("bfloat16", "float16", "float32", "compute"),
+    ("parallel", "mixed_precision"): ("auto", "bf16", "fp32", "fastest"),
     ("lora", "base_dtype"): ("auto", "bfloat16", "float32"),
     ("lora", "quantize_base"): ("none", "nf4"),
 }

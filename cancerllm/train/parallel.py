@@ -60,15 +60,33 @@ def build_mesh(cfg: ParallelConfig, world_size: int, device: torch.device) -> De
 
 
 def param_dtype(cfg: ParallelConfig, device: torch.device) -> torch.dtype:
-    """Compute dtype of the sharded parameters: bf16 on GPU and fp32 on CPU unless configured."""
+    """Compute dtype of the sharded parameters: bf16 on GPU and fp32 on CPU unless configured ("fastest" must have
+    been resolved for the model first: resolve_mixed_precision)."""
+    if cfg.mixed_precision == "fastest":
+        raise ValueError("parallel.mixed_precision = 'fastest' names no dtype until resolve_mixed_precision has "
+                         "measured it for the model")
     if cfg.mixed_precision == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if cfg.mixed_precision == "fp32":
-        return torch.float32
-    if device.type == "cpu" and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
-        warnings.warn("parallel.mixed_precision = 'bf16' on a CPU without native bf16 (AVX512-BF16 or AMX): "
-                      "oneDNN emulates it, which is slower than fp32")
-    return torch.bfloat16
+    return torch.float32 if cfg.mixed_precision == "fp32" else torch.bfloat16
+
+
+def resolve_mixed_precision(cfg: ParallelConfig, args, rows: int, d: Dist) -> str:
+    """cfg.mixed_precision with "fastest" made "bf16" or "fp32": the type that multiplies a model of `args` at
+    `rows` rows faster on this machine (cancerllm/fast_dtype.py), measured by rank 0 and sent to the others, so
+    every rank computes in the same one. An explicit "bf16" on a CPU that runs it slower than fp32 is kept, with a
+    warning (oneDNN emulates bf16 on CPUs without AVX512-BF16 or AMX)."""
+    from ..fast_dtype import fastest_dtype
+    if cfg.mixed_precision not in ("fastest", "bf16") or d.device.type != "cpu":
+        return "bf16" if cfg.mixed_precision == "fastest" else cfg.mixed_precision
+    choice = [fastest_dtype(args, rows) == torch.bfloat16 if d.is_main else None]
+    if d.world_size > 1:
+        dist.broadcast_object_list(choice, src=0)
+    if cfg.mixed_precision == "bf16":
+        if not choice[0]:
+            warnings.warn("parallel.mixed_precision = 'bf16' on a CPU that multiplies the model's linears faster in "
+                          "fp32 (no native bf16: oneDNN emulates it); 'fastest' would choose fp32 here")
+        return "bf16"
+    return "bf16" if choice[0] else "fp32"
 
 
 def apply_activation_checkpointing(model, every: int):
