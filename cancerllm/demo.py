@@ -293,8 +293,8 @@ def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) 
              f"{mixture.rare_field_passes} more times{field_passes_note(mixture)}); the same SFT from the general "
              "model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
-             f"schema-constrained decoding in {json_result['decoding']['dtype']}, each fine-tune withholding the JSON values it "
-             "is less sure of than per-field thresholds from the validation patients where cross-validation there "
+             f"schema-constrained decoding in {json_result['decoding']['dtype']}, each fine-tune withholding the JSON "
+             "values it is less sure of than per-field thresholds from the validation patients where cross-validation there "
              "kept any (abstention.json; the phenotype-json section lists them); "
              f"training in {info['nproc']} process(es) on the machine's cores.", "",
              "| system | phenotype-JSON micro F1 | the recipe's model minus this system [95% interval], share of "
