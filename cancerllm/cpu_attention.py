@@ -5,6 +5,11 @@ faster, else ours, and always our backward: matmuls at the machine's matmul rate
     out = attention(q, k, v, window)                 # q [L, Hq, D], k and v [L, Hkv, D]: one document
     out = by_document(q, k, v, window, cu_seqlens)   # [B, T, H, D] batches: kernels.attention's CPU path
 
+by_document sends each document through `attention` or, where it measured faster on this machine for documents of
+that shape and length bucket (faster_path: once per machine, cached), through torch's SDPA forward and backward:
+ours wins on a CPU with native bf16, SDPA's flash kernel on one without (where ours multiplies the full square of
+fp32 scores).
+
 Forward, in bf16 without a window shorter than the document (torch's causal mask has none): torch's CPU flash
 attention (oneDNN brgemm; bf16 products summed in fp32), which returns the log-sum-exp too. On an AMX Xeon with 2
 threads it took 1.3 - 1.4x less time than ours at 64 tokens, ~2x less at 512 and ~2.5x at 1,024 (forward and
@@ -33,6 +38,9 @@ from .kernels import reference
 
 OP = "attention_softmax_forward"
 MAX_SCORE_BYTES = 128 * 2**20   # at most 2 x this in fp32 and as much again in q's dtype stay allocated as scratch
+MIN_BUCKET = 64     # faster_path measures documents at their length's power of two, this at least
+SDPA_MARGIN = 1.25  # ... and takes SDPA only this much faster than ours
+_chosen = {}        # faster_path's answers in this process
 
 
 def usable(q: torch.Tensor, length: int) -> bool:
@@ -150,16 +158,57 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window=None, fu
     return CPUAttention.apply(q, k, v, window, fused_backward)
 
 
+def sdpa(q, k, v, window=None) -> torch.Tensor:
+    """One document through the reference: torch's SDPA (its CPU flash kernel, forward and backward, when causal
+    without a shorter window), q [L, Hq, D], k and v [L, Hkv, D] -> [L, Hq, D]."""
+    return reference.attention(q[None], k[None], v[None], window=window)[0]
+
+
+@torch.compiler.disable
+def faster_path(q, k, window) -> str:
+    """"ours" or "sdpa" for a document like q [L, Hq, D], k [L, Hkv, D] with `window`: whichever ran forward and
+    backward faster on this machine at L's power-of-two bucket (cached per machine with decode_paths'
+    measurements). Ours keeps the tie: SDPA must be SDPA_MARGIN faster. On an AMX Xeon in bf16 ours took ~0.7x
+    SDPA's time at 512 tokens; on an Ice Lake without native bf16, in fp32, SDPA took 0.65x ours at 512 and 0.37x
+    at 1,024 (ours computes the full square of scores in fp32 there): a constant would be wrong on one of them."""
+    from .decode_paths import cache_path, load_cache, machine_key, save_cache
+    L, Hq, D = q.shape
+    bucket = max(MIN_BUCKET, 1 << (L - 1).bit_length())
+    shorter = window if window is not None and window < bucket else None
+    shape = (q.dtype, Hq, k.shape[1], D, bucket, shorter, torch.get_num_threads(), str(cache_path()))
+    if shape not in _chosen:   # each layer of each step asks: the file is read once per shape and process
+        key = f"{machine_key()} | attention | {q.dtype} | heads {Hq}/{k.shape[1]} x {D} | {bucket} tokens | {shorter}"
+        choice = load_cache(cache_path()).get(key)
+        if choice not in ("ours", "sdpa"):
+            choice = time_paths(bucket, Hq, k.shape[1], D, q.dtype, shorter)
+            save_cache(cache_path(), {**load_cache(cache_path()), key: choice})
+        _chosen[shape] = choice
+    return _chosen[shape]
+
+
+def time_paths(L, Hq, Hkv, D, dtype, window) -> str:
+    """faster_path's measurement: both paths' forward and backward on random leaves of one document."""
+    from .decode_paths import best_times
+    generator = torch.Generator().manual_seed(0)   # the caller's random stream left as it was
+    q, k, v, grad = (torch.randn(L, H, D, generator=generator).to(dtype) for H in (Hq, Hkv, Hkv, Hq))
+
+    def run(path):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        path(*leaves, window).backward(grad)
+    with torch.inference_mode(False), torch.enable_grad():
+        seconds = best_times({"ours": lambda: run(attention), "sdpa": lambda: run(sdpa)}, rounds=3, calls=1)
+    return "sdpa" if seconds["sdpa"] * SDPA_MARGIN < seconds["ours"] else "ours"
+
+
 def by_document(q, k, v, window=None, cu_seqlens=None) -> torch.Tensor:
     """q [B, T, Hq, D], k and v [B, T, Hkv, D] -> [B, T, Hq, D]: each packed document (each row without
-    `cu_seqlens`) through `attention`, or through the reference's SDPA when it is too long for its scores."""
+    `cu_seqlens`) through `attention`, or through the reference's SDPA where that measured faster on this machine
+    (faster_path) or the document is too long for our scores."""
     B, T, Hq, D = q.shape
     flat = [t.reshape(B * T, t.shape[2], D) for t in (q, k, v)]
     outs = []
     for start, end in reference.segments(B, T, cu_seqlens):
         q_doc, k_doc, v_doc = (t[start:end] for t in flat)
-        if usable(q, end - start):
-            outs.append(attention(q_doc, k_doc, v_doc, window))
-        else:
-            outs.append(reference.attention(q_doc[None], k_doc[None], v_doc[None], window=window)[0])
+        ours = usable(q, end - start) and faster_path(q_doc, k_doc, window) == "ours"
+        outs.append((attention if ours else sdpa)(q_doc, k_doc, v_doc, window))
     return torch.cat(outs).view(B, T, Hq, D)

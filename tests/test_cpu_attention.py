@@ -179,6 +179,7 @@ def test_packed_batches_take_this_path_through_kernels_attention(dtype, window, 
     grad = torch.randn(B, T, Hq, D).to(dtype)
     lengths, real = [], cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda *a: lengths.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(cpu_attention, "faster_path", lambda *a: "ours")
     out = kernels.attention(q, k, v, window=window, cu_seqlens=cu_seqlens)
     assert lengths == [5, 12, 7, 7, 17]                 # every document, cut at the row end
     out.backward(grad)
@@ -194,6 +195,7 @@ def test_a_document_too_long_for_the_score_buffer_goes_to_sdpa(monkeypatch):
     monkeypatch.setattr(cpu_attention, "MAX_SCORE_BYTES", Hq * 10 * 10 * 4)   # the 8-token document fits, not 32
     lengths, real = [], cpu_attention.attention
     monkeypatch.setattr(cpu_attention, "attention", lambda *a: lengths.append(a[0].shape[0]) or real(*a))
+    monkeypatch.setattr(cpu_attention, "faster_path", lambda *a: "ours")
     out = cpu_attention.by_document(q, k, v, cu_seqlens=cu_seqlens)
     assert lengths == [8]
     assert_close("out", out, float64_grads(q, k, v, torch.zeros_like(out), None, cu_seqlens)[0], torch.float32)
@@ -205,3 +207,39 @@ def test_other_dtypes_odd_widths_and_lse_take_the_reference():
     q = torch.randn(1, 5, 2, 4)
     out, lse = kernels.attention(q, q[:, :, :1], q[:, :, :1], lse=True)
     assert lse.shape == (1, 2, 5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_each_document_takes_the_path_this_machine_measured_faster(dtype, monkeypatch, tmp_path):
+    """faster_path: measured once per shape and length bucket (here: SDPA faster at 64 tokens, ours at 128), kept in
+    the process and in the cache file; either path's output and gradients match the float64 reference."""
+    monkeypatch.setenv("CANCERLLM_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(cpu_attention, "_chosen", {})
+    measured = []
+    monkeypatch.setattr(cpu_attention, "time_paths",
+                        lambda L, *shape: measured.append(L) or ("sdpa" if L == 64 else "ours"))
+    lengths, real = [], cpu_attention.attention
+    monkeypatch.setattr(cpu_attention, "attention", lambda *a: lengths.append(a[0].shape[0]) or real(*a))
+    B, T, Hq, Hkv, D = 1, 115, 4, 2, 16
+    q, k, v = leaves((B, T, Hq, D), dtype), leaves((B, T, Hkv, D), dtype), leaves((B, T, Hkv, D), dtype)
+    cu_seqlens = torch.tensor([0, 5, 75, 115], dtype=torch.int32)
+    grad = torch.randn(B, T, Hq, D).to(dtype)
+    out = cpu_attention.by_document(q, k, v, cu_seqlens=cu_seqlens)
+    assert sorted(measured) == [64, 128] and lengths == [70]    # 5 and 40 tokens: the 64 bucket, SDPA
+    out.backward(grad)
+    ref = float64_grads(q, k, v, grad, None, cu_seqlens)
+    for name, actual, expected in zip(("out", "grad q", "grad k", "grad v"), (out, q.grad, k.grad, v.grad), ref):
+        assert_close(name, actual, expected, dtype)
+    cpu_attention.by_document(q, k, v, cu_seqlens=cu_seqlens)
+    monkeypatch.setattr(cpu_attention, "_chosen", {})          # a new process: read from the file, not measured
+    cpu_attention.by_document(q, k, v, cu_seqlens=cu_seqlens)
+    assert sorted(measured) == [64, 128] and lengths == [70] * 3
+
+
+def test_the_measurement_runs_both_paths_and_leaves_the_random_stream_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    with torch.inference_mode():   # as in an evaluation's forward: the measurement still takes gradients
+        choices = {cpu_attention.time_paths(37, 4, 2, 16, dtype, window) for dtype in DTYPES for window in (None, 5)}
+    assert torch.equal(torch.rand(3), expected) and choices <= {"ours", "sdpa"}
