@@ -269,7 +269,8 @@ def pretrained_recipe(args, timings: dict):
     model_args, _ = read_config(recipe / "export" / "config.json")
     info = {"model": "SmolLM2-135M-Instruct", "parameters": model_args.num_params(), "cpt_reports": n_reports,
             "extra_train_patients": manifest["extra_train_reports_used"], "sft_examples": sft_examples,
-            "losses": {name: loss_span(records) for name, records, _ in stages}, "nproc": nproc}
+            "losses": {name: loss_span(records) for name, records, _ in stages}, "nproc": nproc,
+            "compute": tomllib.loads((recipe / "config.toml").read_text())["parallel"]["mixed_precision"]}
     return info, results
 
 
@@ -294,9 +295,10 @@ def pretrained_summary(results: dict, timings: dict, info: dict, reports: Path) 
              "model is the \"SFT only\" "
              "row. Test patients only (never trained on), the same report cut and prompts for every system, "
              f"schema-constrained decoding in {json_result['decoding']['dtype']}, each fine-tune withholding the JSON "
-             "values it is less sure of than per-field thresholds from the validation patients where cross-validation there "
-             "kept any (abstention.json; the phenotype-json section lists them); "
-             f"training in {info['nproc']} process(es) on the machine's cores.", "",
+             "values it is less sure of than per-field thresholds from the validation patients where "
+             "cross-validation there kept any (abstention.json; the phenotype-json section lists them); "
+             f"training in {info['nproc']} process(es) on the machine's cores, computing in {info['compute']} (the "
+             "faster of bf16 and fp32 here, measured).", "",
              "| system | phenotype-JSON micro F1 | the recipe's model minus this system [95% interval], share of "
              "bootstrap draws the recipe's model wins |", "|---|---|---|"]
     for name, scores in systems.items():
