@@ -130,8 +130,9 @@ def test_accumulated_micro_batches_under_fsdp_equal_one_batch_with_sharded_gradi
     micro-batch's gradients reduce-scattered at once (sharded .grad between micro-batches); with
     parallel.defer_gradient_sync too, though FSDP2 then holds them unsharded until the last one."""
     (tmp_path / "worker.py").write_text(ACCUMULATION_WORKER)
-    subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json")], check=True, cwd=ROOT,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, timeout=240)
+    proc = subprocess.run([*TORCHRUN, str(tmp_path / "worker.py"), str(tmp_path / "out.json")], cwd=ROOT,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, f"worker failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     out = json.loads((tmp_path / "out.json").read_text())
     assert out["micro"]["sharded"] == [False, True, True]
     assert out["deferred"]["sharded"] == [False, False, False]
