@@ -302,13 +302,13 @@ def main():
     a = parser.parse_args()
     from cancerllm import ModelArgs
     from cancerllm.train.config import ParallelConfig
-    from cancerllm.train.parallel import param_dtype
+    from cancerllm.train.parallel import Dist, param_dtype, resolve_mixed_precision
     presets = a.preset or ["1b" if gpu else "small"]
     device = torch.device("cuda" if gpu else "cpu")
     if a.mixed_precision == "fastest":   # resolved once, so that both sides and every child compute in one type
-        from cancerllm.fast_dtype import fastest_dtype
-        fast = fastest_dtype(ModelArgs.preset(presets[0]), a.batch * a.seq_len, device)
-        a.mixed_precision = "bf16" if fast == torch.bfloat16 else "fp32"
+        a.mixed_precision = resolve_mixed_precision(ParallelConfig(mixed_precision="fastest"),
+                                                    ModelArgs.preset(presets[0]), a.batch * a.seq_len,
+                                                    Dist(0, 0, 1, device))
     if a.side or a.profile:
         args, lora = ModelArgs.preset(presets[0]), lora_setting(a.mode[0], a.lora_rank[0])
         if a.profile:

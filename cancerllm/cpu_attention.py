@@ -164,25 +164,21 @@ def sdpa(q, k, v, window=None) -> torch.Tensor:
     return reference.attention(q[None], k[None], v[None], window=window)[0]
 
 
-@torch.compiler.disable
 def faster_path(q, k, window) -> str:
     """"ours" or "sdpa" for a document like q [L, Hq, D], k [L, Hkv, D] with `window`: whichever ran forward and
     backward faster on this machine at L's power-of-two bucket (cached per machine with decode_paths'
     measurements). Ours keeps the tie: SDPA must be SDPA_MARGIN faster. On an AMX Xeon in bf16 ours took ~0.7x
     SDPA's time at 512 tokens; on an Ice Lake without native bf16, in fp32, SDPA took 0.65x ours at 512 and 0.37x
     at 1,024 (ours computes the full square of scores in fp32 there): a constant would be wrong on one of them."""
-    from .decode_paths import cache_path, load_cache, machine_key, save_cache
+    from .decode_paths import cache_path, machine_key, remembered
     L, Hq, D = q.shape
+    Hkv = k.shape[1]
     bucket = max(MIN_BUCKET, 1 << (L - 1).bit_length())
     shorter = window if window is not None and window < bucket else None
-    shape = (q.dtype, Hq, k.shape[1], D, bucket, shorter, torch.get_num_threads(), str(cache_path()))
+    shape = (q.dtype, Hq, Hkv, D, bucket, shorter, torch.get_num_threads(), str(cache_path()))
     if shape not in _chosen:   # each layer of each step asks: the file is read once per shape and process
-        key = f"{machine_key()} | attention | {q.dtype} | heads {Hq}/{k.shape[1]} x {D} | {bucket} tokens | {shorter}"
-        choice = load_cache(cache_path()).get(key)
-        if choice not in ("ours", "sdpa"):
-            choice = time_paths(bucket, Hq, k.shape[1], D, q.dtype, shorter)
-            save_cache(cache_path(), {**load_cache(cache_path()), key: choice})
-        _chosen[shape] = choice
+        key = f"{machine_key()} | attention | {q.dtype} | heads {Hq}/{Hkv} x {D} | {bucket} tokens | {shorter}"
+        _chosen[shape] = remembered(key, ("ours", "sdpa"), lambda: time_paths(bucket, Hq, Hkv, D, q.dtype, shorter))
     return _chosen[shape]
 
 

@@ -112,46 +112,53 @@ def fastest(runs: dict, before=None) -> str:
     return min(best, key=best.get)
 
 
+def remembered(key: str, allowed, measure):
+    """The answer cached under `key` (which names the machine: machine_key()) when it is one of `allowed`, else
+    measure()'s, saved under it. Every measured choice of the package goes through here (decoding paths, the
+    compute dtype, the attention path), so they share one file and one way to keep it."""
+    path = cache_path()
+    value = load_cache(path).get(key)
+    if value not in allowed:
+        value = measure()
+        save_cache(path, {**load_cache(path), key: value})   # keep what another process wrote meanwhile
+    return value
+
+
 def choose(weight: torch.Tensor, candidates: tuple, make, rows: tuple = CALIBRATION_ROWS) -> str:
     """The path (one of `candidates`) to multiply `weight` [out, in] on: the only one, or the one this machine ran
     fastest for a weight of this shape and dtype on inputs of `rows` rows (cached). `make(weight, path)` builds the
     linear to time."""
     if len(candidates) == 1:
         return candidates[0]
-    path = cache_path()
-    cache = load_cache(path)
     key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {'/'.join(candidates)}"
     if rows != CALIBRATION_ROWS:
         key += f" | rows {'/'.join(map(str, rows))}"
-    if cache.get(key) in candidates:
-        return cache[key]
-    inputs = [torch.randn(n, weight.shape[1], dtype=weight.dtype, device=weight.device) for n in rows]
-    linears = {name: make(weight, name) for name in candidates}
-    with torch.inference_mode():
-        cache[key] = fastest({name: (lambda f=linear: [f(x) for x in inputs]) for name, linear in linears.items()})
-    save_cache(path, {**load_cache(path), key: cache[key]})   # keep what another process wrote meanwhile
-    return cache[key]
+
+    def measure():
+        inputs = [torch.randn(n, weight.shape[1], dtype=weight.dtype, device=weight.device) for n in rows]
+        linears = {name: make(weight, name) for name in candidates}
+        with torch.inference_mode():
+            return fastest({name: (lambda f=linear: [f(x) for x in inputs]) for name, linear in linears.items()})
+    return remembered(key, candidates, measure)
 
 
 def choose_gemv_rows(weight: torch.Tensor, path: str, make) -> int:
     """Up to how many rows (one of GEMV_ROWS, or 0: none) our small-M kernel multiplies `weight` faster than `path`
     on this machine (cached): timed at each of GEMV_ROWS in turn, up to the first where it loses (its lead shrinks as
     the rows grow: bench/gemv.py). `make(weight, path, gemv_rows)` builds the linear to time."""
-    path_file = cache_path()
-    cache = load_cache(path_file)
     from . import gemv
     key = f"{machine_key()} | {weight.dtype} {tuple(weight.shape)} | {path} | gemv rows, build {gemv.build_id()}"
-    if cache.get(key) in (0,) + GEMV_ROWS:
-        return cache[key]
-    ours, library = make(weight, path, GEMV_ROWS[-1]), make(weight, path, 0)
-    evict = torch.ones(EVICT_BYTES // 4)
-    rows_won = 0
-    with torch.inference_mode():
-        for rows in GEMV_ROWS:
-            x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
-            runs = {"gemv": lambda: ours(x), "library": lambda: library(x)}
-            if fastest(runs, before=evict.sum) != "gemv":
-                break
-            rows_won = rows
-    save_cache(path_file, {**load_cache(path_file), key: rows_won})
-    return rows_won
+
+    def measure():
+        ours, library = make(weight, path, GEMV_ROWS[-1]), make(weight, path, 0)
+        evict = torch.ones(EVICT_BYTES // 4)
+        rows_won = 0
+        with torch.inference_mode():
+            for rows in GEMV_ROWS:
+                x = torch.randn(rows, weight.shape[1], dtype=weight.dtype, device=weight.device)
+                runs = {"gemv": lambda: ours(x), "library": lambda: library(x)}
+                if fastest(runs, before=evict.sum) != "gemv":
+                    break
+                rows_won = rows
+        return rows_won
+    return remembered(key, (0,) + GEMV_ROWS, measure)

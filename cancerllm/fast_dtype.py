@@ -16,7 +16,7 @@ it, the training ranks, the evaluation and an embedding program among them, then
 import torch
 import torch.nn.functional as F
 
-from .decode_paths import best_times, cache_path, load_cache, machine_key, save_cache
+from .decode_paths import best_times, machine_key, remembered
 
 CANDIDATES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 BF16_MARGIN = 1.25
@@ -31,13 +31,8 @@ def fastest_dtype(args, rows: int, device="cpu") -> torch.dtype:
         return torch.bfloat16
     rows = max(1, min(rows, MAX_ROWS))
     shapes = args.block_linear_shapes()
-    path = cache_path()
     key = f"{machine_key()} | compute dtype | {rows} rows | {' '.join(f'{k}x{n}' for k, n in shapes)}"
-    choice = load_cache(path).get(key)
-    if choice not in CANDIDATES:
-        choice = faster_of(time_linears(shapes, rows))
-        save_cache(path, {**load_cache(path), key: choice})   # keep what another process wrote meanwhile
-    return CANDIDATES[choice]
+    return CANDIDATES[remembered(key, CANDIDATES, lambda: faster_of(time_linears(shapes, rows)))]
 
 
 def faster_of(seconds: dict) -> str:
