@@ -6,6 +6,8 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # The decoding form's measured matmul paths (cancerllm/decode_paths.py) are cached for this session only: tests
 # neither read a cache another run left nor write into the user's.
 os.environ["CANCERLLM_CACHE_DIR"] = tempfile.mkdtemp(prefix="cancerllm-test-cache-")
+# A worker process (torchrun, the CLIs) that dies in native code prints its Python stack, which the tests show.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 import pytest
 import torch
