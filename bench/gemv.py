@@ -6,7 +6,8 @@ Each path is a DecodeLinear (model.PATHS) as the decoding form calls it, Python 
 "gemv" (ours: gemv_rows in front of "aten"; AMX tiles where they run) against "gemv-avx512" (ours without AMX),
 "onednn" (prepacked) and "aten" (F.linear); int8 weights with a bf16 scale per row on "int8-gemv" (ours:
 gemv_rows in front of "int8") against "int8" (torch's _weight_int8pack_mm), on fp32 activations as the int8 model
-runs. Every path cycles through copies of the weight that together exceed the last-level cache, so the weight
+runs; fp32 weights (how a CPU without native bf16 decodes) on "gemv" against "onednn" and "aten". Every path
+cycles through copies of the weight that together exceed the last-level cache, so the weight
 streams from memory as in a decode step. Reported: microseconds per matmul, the weight's bytes per second, that as
 a fraction of the copy bandwidth measured here, ours / the fastest of torch's paths (above 1: ours is faster) and,
 for bf16, the AVX512 kernel's time / ours (the gain from AMX). Rows above gemv.MAX_ROWS run the library on every
@@ -33,6 +34,8 @@ PRECISIONS = {   # weight dtype, activations, the paths (ours first) as name: (D
              {"gemv": ("aten", gemv.MAX_ROWS), "gemv-avx512": ("aten", gemv.MAX_ROWS), "onednn": ("onednn", 0),
               "aten": ("aten", 0)}, 2),
     "int8": (torch.float32, torch.float32, {"int8-gemv": ("int8", gemv.MAX_ROWS), "int8": ("int8", 0)}, 1),
+    "fp32": (torch.float32, torch.float32,
+             {"gemv": ("aten", gemv.MAX_ROWS), "onednn": ("onednn", 0), "aten": ("aten", 0)}, 4),
 }
 STREAMED_BYTES = 96 * 2**20   # the copies of a weight a path cycles through: three times a 32 MiB L3
 

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #include "amx.h"
@@ -16,6 +17,18 @@ namespace {
 // every row tile below (8, 6, 4, 2).
 constexpr int64_t kRowBlock = 24;
 constexpr int kMaxRowsOfX = 8;  // rows of x per tile: 8 x 2 accumulators and 8 rows of x fill the 32 registers
+
+// x's fp32 copy starts on a cache line, so that with K a multiple of 16 every 64-byte load of it is one line: from
+// malloc's 16-byte alignment three loads in four were split across two lines, the fp32 kernel's bottleneck.
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U> CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t(64))); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(64)); }
+  template <typename U> bool operator==(const CacheLineAllocator<U>&) const { return true; }
+};
 
 // One result: times its row's scale, stored in y's type (rounded to bf16 first where the contract says so).
 void store(const MatmulArgs& a, int64_t m, int64_t n, float v) {
@@ -200,44 +213,82 @@ void fast_rows(const MatmulArgs& a, const uint16_t* x, int64_t n0, int64_t n1) {
   }
 }
 
-// fp32 weights: one row of W against MT rows of x (from m0) in fp32, 32 values per step in two independent sums.
-template <int MT>
-CANCERLLM_AVX512 void f32_row(const MatmulArgs& a, const float* x, int64_t m0, int64_t n) {
+// fp32 weights: 16 steps along K from k, R rows of W (from row n) and MT rows of x into the MT x R accumulators,
+// each loaded piece of x multiplied by all R rows of W: at several rows of x a one-row tile issued a load of x per
+// multiply-add and ran at a fifth of the cores' fp32 rate (docs/experiments.md). Masked: the last, partial step.
+template <int MT, int R, bool Masked>
+CANCERLLM_AVX512 inline void f32_step(const MatmulArgs& a, const float* x, int64_t n, int64_t k, __mmask16 mask,
+                                      __m512 (&acc)[MT][R]) {
   const int64_t K = a.K;
-  const float* w = static_cast<const float*>(a.w) + n * K;
-  __m512 acc[MT][2];
-  for (int m = 0; m < MT; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 32 <= K; k += 32) {
-    const __m512 w0 = _mm512_loadu_ps(w + k), w1 = _mm512_loadu_ps(w + k + 16);
-    for (int m = 0; m < MT; ++m) {
-      const float* xm = x + (m0 + m) * K + k;
-      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(xm), acc[m][0]);
-      acc[m][1] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xm + 16), acc[m][1]);
-    }
+  const float* w = static_cast<const float*>(a.w);
+  __m512 wv[R];
+  for (int r = 0; r < R; ++r)
+    wv[r] = Masked ? _mm512_maskz_loadu_ps(mask, w + (n + r) * K + k) : _mm512_loadu_ps(w + (n + r) * K + k);
+  for (int m = 0; m < MT; ++m) {
+    __m512 xv = Masked ? _mm512_maskz_loadu_ps(mask, x + m * K + k) : _mm512_loadu_ps(x + m * K + k);
+    asm("" : "+v"(xv));   // kept in a register: GCC otherwise folds the load into each of the R multiply-adds
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
   }
-  for (; k < K; k += 16) {
-    const __mmask16 mask = K - k >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1);
-    const __m512 w0 = _mm512_maskz_loadu_ps(mask, w + k);
-    for (int m = 0; m < MT; ++m)
-      acc[m][0] = _mm512_fmadd_ps(w0, _mm512_maskz_loadu_ps(mask, x + (m0 + m) * K + k), acc[m][0]);
-  }
-  for (int m = 0; m < MT; ++m) store(a, m0 + m, n, sum_lanes(_mm512_add_ps(acc[m][0], acc[m][1])));
 }
 
-// Rows [n0, n1) of y for fp32 weights: each row of W read once, against every tile of up to 8 rows of x.
+// Dot products of R rows of W (from row n) with MT rows of x (from `x`), one fp32 accumulator per output summed
+// along K in steps of 16 and reduced by sum_lanes(4): the same order whatever MT and R are (batch-invariant).
+template <int MT, int R>
+CANCERLLM_AVX512 void f32_tile(const MatmulArgs& a, const float* x, int64_t n, float out[MT][R]) {
+  const int64_t K = a.K;
+  __m512 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  const char* next = reinterpret_cast<const char*>(static_cast<const float*>(a.w) + (n + R) * K);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    if constexpr (R > 1) {   // R short streams the hardware prefetcher does not follow in time (as tile() above)
+      for (int64_t line = 0; line < R * 64; line += 64) _mm_prefetch(next + k * R * 4 + line, _MM_HINT_T0);
+    }
+    f32_step<MT, R, false>(a, x, n, k, 0, acc);
+  }
+  if (k < K) f32_step<MT, R, true>(a, x, n, k, static_cast<__mmask16>((1u << (K - k)) - 1), acc);
+  const __m512* flat = &acc[0][0];
+  float* sums = &out[0][0];
+  int i = 0;
+  for (; i + 4 <= R * MT; i += 4) _mm_storeu_ps(sums + i, sum_lanes4(flat[i], flat[i + 1], flat[i + 2], flat[i + 3]));
+  for (; i < R * MT; ++i) sums[i] = sum_lanes(flat[i]);
+}
+
+// Rows of W per fp32 tile: MT x R accumulators, R pieces of W and one of x within the 32 registers.
+constexpr int f32_rows_per_tile(int mt) { return mt == 1 ? 1 : mt == 2 ? 8 : mt <= 4 ? 6 : mt <= 6 ? 4 : 3; }
+
+template <int MT, int R>
+CANCERLLM_AVX512 int64_t f32_tiles(const MatmulArgs& a, const float* x, int64_t m0, int64_t n, int64_t n1) {
+  float out[MT][R];
+  for (; n + R <= n1; n += R) {
+    f32_tile<MT, R>(a, x + m0 * a.K, n, out);
+    for (int m = 0; m < MT; ++m)
+      for (int r = 0; r < R; ++r) store(a, m0 + m, n + r, out[m][r]);
+  }
+  return n;
+}
+
+template <int MT>
+CANCERLLM_AVX512 void f32_rows_of(const MatmulArgs& a, const float* x, int64_t m0, int64_t n0, int64_t n1) {
+  const int64_t n = f32_tiles<MT, f32_rows_per_tile(MT)>(a, x, m0, n0, n1);
+  f32_tiles<MT, 1>(a, x, m0, n, n1);
+}
+
+// Rows [n0, n1) of y for fp32 weights: block by block of W's rows, every tile of up to 8 rows of x against it.
 CANCERLLM_AVX512 void f32_rows(const MatmulArgs& a, const float* x, int64_t n0, int64_t n1) {
-  for (int64_t n = n0; n < n1; ++n) {
+  for (int64_t block = n0; block < n1; block += kRowBlock) {
+    const int64_t end = std::min(n1, block + kRowBlock);
     for (int64_t m0 = 0; m0 < a.M; m0 += kMaxRowsOfX) {
       switch (std::min<int64_t>(kMaxRowsOfX, a.M - m0)) {
-        case 1: f32_row<1>(a, x, m0, n); break;
-        case 2: f32_row<2>(a, x, m0, n); break;
-        case 3: f32_row<3>(a, x, m0, n); break;
-        case 4: f32_row<4>(a, x, m0, n); break;
-        case 5: f32_row<5>(a, x, m0, n); break;
-        case 6: f32_row<6>(a, x, m0, n); break;
-        case 7: f32_row<7>(a, x, m0, n); break;
-        default: f32_row<8>(a, x, m0, n); break;
+        case 1: f32_rows_of<1>(a, x, m0, block, end); break;
+        case 2: f32_rows_of<2>(a, x, m0, block, end); break;
+        case 3: f32_rows_of<3>(a, x, m0, block, end); break;
+        case 4: f32_rows_of<4>(a, x, m0, block, end); break;
+        case 5: f32_rows_of<5>(a, x, m0, block, end); break;
+        case 6: f32_rows_of<6>(a, x, m0, block, end); break;
+        case 7: f32_rows_of<7>(a, x, m0, block, end); break;
+        default: f32_rows_of<8>(a, x, m0, block, end); break;
       }
     }
   }
@@ -363,7 +414,8 @@ void small_matmul(const MatmulArgs& a, int threads, Kernel kernel) {
   const int64_t blocks = (a.N + kRowBlock - 1) / kRowBlock;
   const int64_t per_thread = (blocks + threads - 1) / std::max(threads, 1) * kRowBlock;
   const int count = static_cast<int>((a.N + per_thread - 1) / per_thread);
-  std::vector<float> x_float, w_rows;
+  std::vector<float, CacheLineAllocator<float>> x_float;
+  std::vector<float> w_rows;
   if (!fast || f32) {
     x_float.resize(MK);
     for (int64_t i = 0; i < MK; ++i) x_float[i] = f32 ? load_float(a.x, a.x_type, i) : bf16_to_float(x[i]);

@@ -91,7 +91,7 @@ def test_the_options_force_the_other_kernels():
 
 
 @pytest.mark.parametrize("kernel", KERNELS)
-@pytest.mark.parametrize("weights", ["bf16", "int8"])
+@pytest.mark.parametrize("weights", ["bf16", "int8", "f32"])
 def test_threads_split_rows_without_changing_results(weights, kernel):
     x, (q, scales), _ = operands(8, 1000, 320, weights)
     previous = torch.get_num_threads()
