@@ -24,7 +24,6 @@ from ..kernels import IGNORE_INDEX
 from .parallel import all_reduce_sum
 
 
-
 def to_device(batch: dict, device: torch.device, loss_weighting: str = "token") -> dict:
     """Loader batch (NumPy) -> model inputs; targets that carry no loss become IGNORE_INDEX. With
     loss_weighting="example", also "target_weights": each example's loss tokens weigh 1 in all."""
