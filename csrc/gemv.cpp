@@ -213,9 +213,10 @@ void fast_rows(const MatmulArgs& a, const uint16_t* x, int64_t n0, int64_t n1) {
   }
 }
 
-// fp32 weights: 16 steps along K from k, R rows of W (from row n) and MT rows of x into the MT x R accumulators,
-// each loaded piece of x multiplied by all R rows of W: at several rows of x a one-row tile issued a load of x per
-// multiply-add and ran at a fifth of the cores' fp32 rate (docs/experiments.md). Masked: the last, partial step.
+// fp32 weights: one step of 16 along K from k, R rows of W (from row n) and MT rows of x into the MT x R
+// accumulators, each loaded piece of x multiplied by all R rows of W: at several rows of x a one-row tile issued a
+// load of x per multiply-add and ran at a quarter of oneDNN's fp32 rate (docs/experiments.md). Masked: the last,
+// partial step.
 template <int MT, int R, bool Masked>
 CANCERLLM_AVX512 inline void f32_step(const MatmulArgs& a, const float* x, int64_t n, int64_t k, __mmask16 mask,
                                       __m512 (&acc)[MT][R]) {
