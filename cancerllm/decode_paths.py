@@ -18,6 +18,8 @@ Cache file: $CANCERLLM_CACHE_DIR/decode-paths.json, else $XDG_CACHE_HOME/cancerl
 A cache that cannot be read is measured again and rewritten; one that cannot be written costs only the time to
 measure at the next load.
 """
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -115,13 +117,38 @@ def fastest(runs: dict, before=None) -> str:
 def remembered(key: str, allowed, measure):
     """The answer cached under `key` (which names the machine: machine_key()) when it is one of `allowed`, else
     measure()'s, saved under it. Every measured choice of the package goes through here (decoding paths, the
-    compute dtype, the attention path), so they share one file and one way to keep it."""
+    compute dtype, the attention path), so they share one file and one way to keep it.
+
+    The first answer saved wins: a process that measured while another saved an answer for the same key takes the
+    saved one. The ranks of a training run measure at once, and timings differ; were each to keep its own, a run
+    resumed from a checkpoint (which reads the file) could take another path than the rank did before it and lose
+    bitwise reproducibility (the paths agree only to rounding)."""
     path = cache_path()
     value = load_cache(path).get(key)
-    if value not in allowed:
-        value = measure()
-        save_cache(path, {**load_cache(path), key: value})   # keep what another process wrote meanwhile
-    return value
+    if value in allowed:
+        return value
+    measured = measure()
+    with cache_lock(path):      # no other process between the re-read and the save
+        cache = load_cache(path)
+        if cache.get(key) in allowed:
+            return cache[key]
+        save_cache(path, {**cache, key: measured})
+    return measured
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """An exclusive lock on `path`'s lock file beside it, held for the block (none where it cannot be made: a
+    read-only cache directory is save_cache's warning to give)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.with_name(f".{path.name}.lock"), "a")
+    except OSError:
+        yield
+        return
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)   # released when the file closes
+        yield
 
 
 def choose(weight: torch.Tensor, candidates: tuple, make, rows: tuple = CALIBRATION_ROWS) -> str:

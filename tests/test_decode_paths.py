@@ -201,6 +201,33 @@ def test_an_unwritable_cache_still_chooses_and_says_it_was_not_saved(tmp_path, m
         assert decode_paths.choose(torch.randn(6, 16), ("onednn", "aten"), make) == "aten"
 
 
+def test_the_first_answer_saved_wins_over_a_later_measurement(tmp_path, monkeypatch):
+    """Two processes measure one key at once (a training run's ranks) and their timings disagree: the one that saves
+    second takes the first one's answer, so both run the same path, as does a later run reading the file."""
+    monkeypatch.setenv("CANCERLLM_CACHE_DIR", str(tmp_path))
+    path = decode_paths.cache_path()
+
+    def measure_while_another_process_saves():
+        decode_paths.save_cache(path, {"key": "sdpa"})   # the other rank finished first
+        return "ours"
+    assert decode_paths.remembered("key", ("ours", "sdpa"), measure_while_another_process_saves) == "sdpa"
+    assert decode_paths.load_cache(path) == {"key": "sdpa"}
+    # An answer that is not one of the allowed ones is measured again and replaced.
+    decode_paths.save_cache(path, {"key": "stale"})
+    assert decode_paths.remembered("key", ("ours", "sdpa"), lambda: "ours") == "ours"
+    assert decode_paths.load_cache(path) == {"key": "ours"}
+
+
+def test_the_cache_lock_excludes_another_process(tmp_path):
+    path = tmp_path / decode_paths.CACHE_FILE
+    try_lock = ("import fcntl, sys; f = open(sys.argv[1], 'a')\n"
+                "try: fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept BlockingIOError: sys.exit(3)")
+    lock_file = str(tmp_path / f".{path.name}.lock")
+    with decode_paths.cache_lock(path):
+        assert subprocess.run([sys.executable, "-c", try_lock, lock_file]).returncode == 3
+    assert subprocess.run([sys.executable, "-c", try_lock, lock_file]).returncode == 0
+
+
 def test_machine_key_without_proc_cpuinfo(monkeypatch):
     monkeypatch.setattr(decode_paths, "cpuinfo_lines", lambda: [])
     assert f"torch:{torch.__version__}" in decode_paths.machine_key()
